@@ -1,0 +1,72 @@
+"""Run the same pipeline on this machine through ``kfp.local`` (SubprocessRunner).
+
+``python -m pipelines.local --profile quick --set data_source=... --set weights=none``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipelines.pipeline import build_pipeline
+from pipelines.profiles import PROFILES, resolve_params
+
+
+def run_local(params: dict, pipeline_root: Path, parallelism: int = 1) -> Path:
+    """Run the whole pipeline locally; returns the path of the comparison report.
+
+    ``parallelism`` defaults to 1: TensorFlow already uses every core, and two large backbones
+    training at once would only fight over memory.
+    """
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    run = build_pipeline(cluster=False, parallelism=parallelism)(**params)
+    return Path(run.output.path)
+
+
+def _parse_set(values: list[str]) -> dict:
+    """``name=value`` pairs, values parsed as YAML (so 5 is an int and [a, b] a list)."""
+    params = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects name=value, got {item!r}")
+        params[name] = yaml.safe_load(value)
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick", choices=sorted(PROFILES),
+                        help="named parameter set (default quick)")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="YAML/JSON file of pipeline parameters (override the profile)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="one pipeline parameter (overrides --params); repeatable")
+    parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
+                        help="where kfp.local keeps artifacts (default ./local_outputs)")
+    parser.add_argument("--parallelism", type=int, default=1,
+                        help="base models run at once (default 1)")
+    args = parser.parse_args(argv)
+    overrides = yaml.safe_load(args.params.read_text()) if args.params else {}
+    overrides.update(_parse_set(args.set))
+    try:
+        params = resolve_params(args.profile, overrides)
+    except ValueError as err:
+        print(f"pipelines.local: error: {err}", file=sys.stderr)
+        return 2
+    print("pipeline parameters:", json.dumps(params), flush=True)
+    report = run_local(params, args.pipeline_root.resolve(), args.parallelism)
+    print(f"\nReport: {report}\nBest model: {report.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

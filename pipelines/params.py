@@ -1,0 +1,185 @@
+"""Runtime parameters of a compiled pipeline: load them from a file and check them against the spec.
+
+KFP itself only rejects a wrong parameter after the run exists (or, for a recurring run, at the
+first trigger at night). Checking names and types against the compiled package first turns that
+into an immediate, one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A parameter file, a parameter or the pipeline package is not usable; message is one line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`); `lr: 1e-3` would otherwise
+    arrive as the string "1e-3" and fail the NUMBER_DOUBLE check for no good reason.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read pipeline arguments from a YAML or JSON file holding one mapping (empty file = none)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"PARAMS file {path} does not exist") from None
+    except OSError as exc:
+        raise ParamsError(f"cannot read PARAMS file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ParamsError(f"PARAMS file {path} is not valid YAML/JSON: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(
+            f"PARAMS file {path} must hold a mapping of parameter names to values, "
+            f"not a {_type_name(data)}"
+        )
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ParamsError(f"PARAMS file {path}: parameter names must be strings, got {bad_keys!r}")
+    return data
+
+
+def read_pipeline_spec(package_path: str | Path) -> dict[str, Any]:
+    """Return the PipelineSpec (first YAML document) of a compiled pipeline package."""
+    path = Path(package_path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ParamsError(f"pipeline package {path} must be a compiled .yaml file")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            # The second document, if any, is the platform (Kubernetes) spec.
+            spec = next(yaml.safe_load_all(fh), None)
+    except FileNotFoundError:
+        raise ParamsError(f"pipeline package {path} does not exist; run `make compile`") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"pipeline package {path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict) or "root" not in spec or "pipelineInfo" not in spec:
+        raise ParamsError(f"{path} is not a compiled KFP pipeline (no root/pipelineInfo)")
+    return spec
+
+
+def declared_parameters(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Root inputs of the pipeline: name -> {parameterType, defaultValue?, isOptional?}."""
+    return dict(spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}) or {})
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    # bool is a subclass of int in Python; a YAML `true` is never a number here.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_value(name: str, ptype: str, value: Any) -> None:
+    """Raise ParamsError if value does not fit the KFP parameterType."""
+    expected = {
+        "STRING": ("a string", lambda v: isinstance(v, str)),
+        "NUMBER_INTEGER": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        "NUMBER_DOUBLE": ("a number", _is_number),
+        "BOOLEAN": ("true or false", lambda v: isinstance(v, bool)),
+        "LIST": ("a list", lambda v: isinstance(v, list)),
+        "STRUCT": ("a mapping", lambda v: isinstance(v, dict)),
+    }
+    if ptype not in expected:
+        raise ParamsError(f"parameter {name!r} has type {ptype} that this tool does not know")
+    what, ok = expected[ptype]
+    if not ok(value):
+        hint = ""
+        if ptype == "STRING" and not isinstance(value, str):
+            hint = " (quote it in YAML)"
+        raise ParamsError(
+            f"parameter {name!r} must be {what} ({ptype}), got {_type_name(value)} {value!r}{hint}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"parameter {name!r} must be a finite number, got {value!r}")
+    try:
+        # LIST/STRUCT travel as JSON: no dates, sets or NaN inside.
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"parameter {name!r} is not JSON-serialisable: {exc}") from None
+
+
+def validate_params(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check names, types and required parameters against the spec; return the params as a dict."""
+    declared = declared_parameters(spec)
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ParamsError(
+            f"unknown pipeline parameter(s) {', '.join(map(repr, unknown))}; "
+            f"the pipeline takes: {', '.join(sorted(declared)) or 'none'}"
+        )
+    for name, value in params.items():
+        _check_value(name, declared[name].get("parameterType", ""), value)
+    missing = sorted(
+        name
+        for name, decl in declared.items()
+        if name not in params and not decl.get("isOptional") and "defaultValue" not in decl
+    )
+    if missing:
+        raise ParamsError(f"missing required pipeline parameter(s): {', '.join(missing)}")
+    return dict(params)
+
+
+def executor_images(spec: Mapping[str, Any]) -> set[str]:
+    """Container images of all executors in the compiled pipeline."""
+    executors = spec.get("deploymentSpec", {}).get("executors", {}) or {}
+    return {
+        ex["container"]["image"]
+        for ex in executors.values()
+        if isinstance(ex, dict) and "image" in ex.get("container", {})
+    }
+
+
+def _repository(image: str) -> str:
+    """Image reference without tag or digest: `host:5001/a/b:tag@sha256:x` -> `host:5001/a/b`."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def check_image(spec: Mapping[str, Any], expected: str) -> None:
+    """Fail if the package was compiled for another tag of the expected image.
+
+    KFP caches steps on the image string, and a stale build/pipeline.yaml would silently run
+    (or reuse cached results of) an older image than the one just built and pushed.
+    """
+    images = executor_images(spec)
+    stale = sorted(i for i in images if _repository(i) == _repository(expected) and i != expected)
+    if stale or expected not in images:
+        found = ", ".join(sorted(images)) or "no container images"
+        raise ParamsError(
+            f"pipeline package was compiled for {found}, not {expected}; run `make compile`"
+        )

@@ -1,0 +1,37 @@
+"""Named sets of pipeline parameters.
+
+- ``quick``: the ``make local`` default, sized for a 2-core laptop CPU (small images, short
+  training, 2 tuning trials per model).
+- ``full``: the accuracy run for a CPU budget of about an hour.
+- ``cluster``: the pipeline's own defaults, meant for GPUs.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from pipelines.pipeline import build_pipeline
+
+PROFILES: dict[str, dict] = {
+    "quick": {"image_size": 32, "epochs": 4, "tune_trials": 2, "tune_epochs": 1,
+              "max_per_split": 0, "batch_size": 32},
+    "full": {"image_size": 64, "epochs": 12, "tune_trials": 4, "tune_epochs": 2,
+             "max_per_split": 0, "batch_size": 32},
+    "cluster": {},
+}
+
+
+def pipeline_defaults() -> dict:
+    """The pipeline's parameters and their defaults, read from the pipeline function."""
+    signature = inspect.signature(build_pipeline().pipeline_func)
+    return {name: p.default for name, p in signature.parameters.items()}
+
+
+def resolve_params(profile: str, overrides: dict | None = None) -> dict:
+    """Defaults, then the profile, then ``overrides``; unknown names are an error."""
+    defaults = pipeline_defaults()
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **PROFILES[profile], **overrides}

@@ -1,0 +1,233 @@
+"""Submit a compiled lungxray pipeline to a Kubeflow Pipelines API server.
+
+    python -m pipelines.submit --host http://localhost:8080 --experiment lungxray \
+        --package build/pipeline.yaml [--params params.yaml] [--run-name NAME]
+
+Parameters are checked against the compiled package before anything is sent; any failure
+(unreachable host, unknown parameter, wrong type, API error) is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pipelines.params import ParamsError, check_image, load_params, read_pipeline_spec
+from pipelines.params import validate_params as _validate_against_spec
+
+HEALTHZ_PATH = "/apis/v2beta1/healthz"
+EXIT_USAGE = 2
+
+
+class KfpError(RuntimeError):
+    """The KFP server is unreachable or refused a request; message is one line."""
+
+
+def normalise_host(host: str) -> str:
+    """KFP endpoint without trailing slash; a bare host:port means http, as port-forwards are."""
+    host = host.strip()
+    if not host:
+        raise KfpError("no KFP host given (set KFP_HOST, e.g. http://localhost:8080)")
+    if "://" not in host:
+        host = "http://" + host
+    return host.rstrip("/")
+
+
+def check_health(host: str, timeout: float = 10.0) -> dict[str, Any]:
+    """GET the v2beta1 healthz endpoint with a timeout; raise KfpError unless it answers JSON.
+
+    kfp.Client probes healthz itself, but without a timeout and with 5 retries 5 s apart on
+    HTTP errors, and a refused connection surfaces as a urllib3 traceback. One quick probe
+    first gives a single clear line instead.
+    """
+    url = host + HEALTHZ_PATH
+    # kfp.Client (urllib3) ignores *_proxy variables; do the same so both reach the same server.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        raise KfpError(
+            f"KFP API at {host} answered HTTP {exc.code} {exc.reason} on {HEALTHZ_PATH}; "
+            "is KFP_HOST the ml-pipeline-ui port-forward?"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise KfpError(
+            f"KFP API at {host} is unreachable ({reason}); run `make kfp-port-forward` "
+            "or set KFP_HOST"
+        ) from None
+    try:
+        info = json.loads(body or b"{}")
+    except ValueError:
+        raise KfpError(f"{url} did not answer with JSON; is {host} a KFP endpoint?") from None
+    if not isinstance(info, dict):
+        raise KfpError(f"{url} answered {info!r}, not a KFP healthz object")
+    return info
+
+
+def connect(host: str, namespace: str | None = None, timeout: float = 10.0):  # -> kfp.Client
+    """Health-check the host, then return a kfp.Client for it."""
+    host = normalise_host(host)
+    check_health(host, timeout)
+    import kfp  # deferred: importing kfp costs a second, not worth it for --help or bad params
+
+    with warnings.catch_warnings():
+        # Printed on every Client(): "This client only works with Kubeflow Pipeline v2.0.0-beta.2
+        # and later versions." We talk to v2beta1 anyway.
+        warnings.simplefilter("ignore", FutureWarning)
+        # kfp.Client's default namespace is "kubeflow", which means "single-user" to it.
+        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+
+
+def describe_api_error(exc: BaseException) -> str:
+    """One line for a kfp_server_api.ApiException or a urllib3 transport error."""
+    status = getattr(exc, "status", None)
+    if status:
+        message = ""
+        body = getattr(exc, "body", None)
+        if body:
+            try:
+                payload = json.loads(body)
+                message = payload.get("message") or payload.get("error") or ""
+            except (ValueError, AttributeError):
+                message = body.decode() if isinstance(body, bytes) else str(body)
+        text = f"KFP API error {status} {getattr(exc, 'reason', '') or ''}: {message}".strip()
+    else:
+        text = f"KFP API request failed: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def validate_params(package_path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check params against the root inputs of the compiled package (names and parameterType)."""
+    return _validate_against_spec(read_pipeline_spec(package_path), params)
+
+
+def get_or_create_experiment(client, name: str, namespace: str | None = None) -> str:
+    """ID of the experiment with this display name, created if missing."""
+    try:
+        return client.get_experiment(experiment_name=name, namespace=namespace).experiment_id
+    except ValueError as exc:
+        # kfp raises ValueError("No experiment is found with name ...") when it does not exist.
+        if "No experiment is found" not in str(exc):
+            raise KfpError(str(exc)) from None
+    return client.create_experiment(name=name, namespace=namespace).experiment_id
+
+
+def default_run_name(package_path: str) -> str:
+    """`<pipeline name> <UTC timestamp>`, readable in the runs list."""
+    name = read_pipeline_spec(package_path)["pipelineInfo"].get("name", "lungxray")
+    return f"{name} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}"
+
+
+def run_url(host: str, run_id: str) -> str:
+    """Link to the run in the KFP UI."""
+    return f"{normalise_host(host)}/#/runs/details/{run_id}"
+
+
+def submit_run(
+    host: str,
+    experiment: str,
+    package_path: str,
+    params: Mapping[str, Any],
+    run_name: str | None = None,
+    namespace: str | None = None,
+    service_account: str | None = None,
+    expect_image: str | None = None,
+) -> tuple[str, str]:
+    """Validate params, then create a run of the package in the experiment; return (run_id, url).
+
+    `expect_image` guards against submitting a package compiled for another image tag.
+    """
+    spec = read_pipeline_spec(package_path)
+    arguments = _validate_against_spec(spec, params)
+    if expect_image:
+        check_image(spec, expect_image)
+    client = connect(host, namespace)
+    experiment_id = get_or_create_experiment(client, experiment, namespace)
+    result = client.create_run_from_pipeline_package(
+        pipeline_file=str(package_path),
+        arguments=arguments,
+        run_name=run_name or default_run_name(package_path),
+        experiment_id=experiment_id,
+        service_account=service_account or None,
+    )
+    url = run_url(host, result.run_id)
+    print(f"Run URL: {url}")
+    return result.run_id, url
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by submit and schedule."""
+    parser.add_argument("--host", required=True, help="KFP endpoint, e.g. http://localhost:8080")
+    parser.add_argument("--experiment", default="lungxray", help="experiment display name")
+    parser.add_argument("--package", required=True, help="compiled pipeline YAML")
+    parser.add_argument("--params", default="", help="YAML/JSON file with pipeline arguments")
+    parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user only)")
+    parser.add_argument("--service-account", default=None, help="Kubernetes SA of the run pods")
+    parser.add_argument(
+        "--expect-image", default=None, help="fail unless the package was compiled for this image"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The message to print for an exception raised while submitting or scheduling."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    if isinstance(exc, ParamsError | KfpError):
+        message = str(exc)
+    elif isinstance(exc, ApiException | urllib3.exceptions.HTTPError):
+        message = describe_api_error(exc)
+    else:  # a bug or an unforeseen failure: say what, point at --verbose for the traceback
+        message = f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for details)"
+    return " ".join(message.split())
+
+
+def run_cli(func: Callable[[], object], verbose: bool = False) -> int:
+    """Call func(); turn any failure into `error: <one line>` on stderr and exit code 2."""
+    try:
+        func()
+    except Exception as exc:
+        if verbose:
+            raise
+        print(f"error: {one_line_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.submit", description="Submit a compiled pipeline to KFP."
+    )
+    add_common_args(parser)
+    parser.add_argument("--run-name", default=None, help="display name of the run")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        params = load_params(args.params) if args.params else {}
+        submit_run(
+            args.host,
+            args.experiment,
+            args.package,
+            params,
+            run_name=args.run_name,
+            namespace=args.namespace,
+            service_account=args.service_account,
+            expect_image=args.expect_image,
+        )
+
+    return run_cli(go, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

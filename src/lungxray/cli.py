@@ -1,0 +1,153 @@
+"""The ``lungxray`` command: one thin subcommand per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
+                "gs:// weights file (.h5 / .weights.h5)")
+
+
+def _preprocess(args: argparse.Namespace) -> dict:
+    from lungxray import data
+
+    return data.preprocess(args.source, args.output, image_size=args.image_size, seed=args.seed,
+                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           max_per_split=args.max_per_split, channels=args.channels,
+                           cache_dir=args.cache_dir)
+
+
+def _tune(args: argparse.Namespace) -> dict:
+    from lungxray import tune
+
+    return tune.tune(args.data, args.model, args.output, max_trials=args.max_trials,
+                     epochs=args.epochs, weights=args.weights, batch_size=args.batch_size,
+                     seed=args.seed, cache_dir=args.cache_dir)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from lungxray import train, tune
+
+    hparams = tune.read_best_hparams(args.hparams) if args.hparams else {}
+    return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
+                       weights=args.weights, batch_size=args.batch_size, seed=args.seed,
+                       cache_dir=args.cache_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from lungxray import evaluate
+
+    return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
+                             cache_dir=args.cache_dir)
+
+
+def _compare(args: argparse.Namespace) -> dict:
+    from lungxray import report
+
+    return report.compare(args.trials, args.output, select_metric=args.select_metric)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from lungxray.models import REGISTRY
+
+    print(f"{'name':<20} {'preprocess':<10} {'default':>7} {'min':>4}")
+    for spec in REGISTRY.values():
+        print(f"{spec.name:<20} {spec.preprocess:<10} {spec.default_size:>7} {spec.min_size:>4}")
+
+
+def _common(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    if seed:
+        parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache for downloads (default ~/.cache/lungxray)")
+
+
+def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    parser.add_argument("--model", required=True, help="Keras Applications name, e.g. VGG16 "
+                        "(`lungxray models` lists them)")
+    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    parser.add_argument("--weights", default="none", help=WEIGHTS_HELP + " (default none)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    _common(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungxray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="prepare splits and manifest.json from a source",
+                       description="Prepare a dataset: SRC is a MedMNIST-style .npz, an image "
+                       "folder <root>/[train|val|test/]<CLASS>/*.png|jpg, either on gs://, or "
+                       "'pneumoniamnist[_64|_128|_224]' (downloaded, checksum-verified, cached). "
+                       "Missing val/test splits are carved from train, stratified and seeded.")
+    p.add_argument("--source", required=True, help="npz file, image folder, gs:// URI or "
+                   "'pneumoniamnist[_SIZE]'")
+    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square side in pixels (default: the npz's own size, 224 for folders)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="1 = grey, 3 = RGB (default: as the source; folders grey)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of train carved as val when the source has none (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of train carved as test when the source has none (default 0.1)")
+    p.add_argument("--max-per-split", type=int, default=0,
+                   help="keep at most N images per split, stratified (0 = all; for quick runs)")
+    _common(p)
+    p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("tune", help="keras-tuner search, objective validation AUC")
+    _training(p, epochs=2)
+    p.add_argument("--max-trials", type=int, default=3, help="trials to run (default 3)")
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)")
+    _training(p, epochs=5)
+    p.add_argument("--hparams", type=Path, default=None,
+                   help="best_hparams.json from `lungxray tune` (default: built-in defaults)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics and plots at the model's validation threshold")
+    p.add_argument("--model", type=Path, required=True, help="`lungxray train` output directory")
+    p.add_argument("--data", required=True, help="prepared dataset dir, or a raw source "
+                   "(npz, folder, gs://) prepared with the model's own settings")
+    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--split", nargs="+", default=["test"], help="split(s) to evaluate "
+                   "(default test); each goes to <output>/<split>/")
+    _common(p, seed=False)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare", help="table, charts, report.html and best_model/",
+                       description="Compare trials. Each trial DIR holds model/ (train output), "
+                       "eval/ (evaluate output with val/ and test/) and optionally tune/.")
+    p.add_argument("--trials", type=Path, nargs="+", required=True, help="trial directories")
+    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--select-metric", default="val_roc_auc",
+                   help="validation metric that picks the best model (default val_roc_auc)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("models", help="list the supported backbones")
+    p.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # Input problems are reported in one line; a bug still shows its traceback.
+        print(f"lungxray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Local and ``gs://`` storage: cached parallel fetch, upload and existence checks.
+
+Objects fetched from Google Cloud Storage land in a local cache laid out as
+``<cache>/<bucket>/<object name>``, so a fetched prefix is an ordinary directory tree. The
+generation of every cached object is recorded in a sidecar index under
+``<cache>/.generations`` (outside the data tree, so dataset loaders never see it); an object is
+downloaded again only when its generation or size changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from google.api_core import exceptions as api_exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError, RefreshError, TransportError
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption
+
+log = logging.getLogger(__name__)
+
+GCS_SCHEME = "gs://"
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+# Both live inside the cache root (same filesystem, so renames are atomic) but outside any
+# bucket directory; bucket names cannot start with a dot, so they cannot collide.
+_GENERATIONS_DIR = ".generations"
+_TMP_DIR = ".tmp"
+
+# GCS bucket naming rules, loosely: 3-222 chars of lowercase letters, digits, '-', '_' and '.',
+# starting and ending with a letter or digit.
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+_CREDENTIALS_HELP = (
+    "no usable Google Cloud credentials to access {uri}: set GOOGLE_APPLICATION_CREDENTIALS to "
+    "a service-account key file, run on GKE/Kubeflow with Workload Identity, or run "
+    "`gcloud auth application-default login`"
+)
+
+
+class StorageError(Exception):
+    """A storage operation failed; the one-line message names the URI involved."""
+
+
+# --------------------------------------------------------------------------------------------
+# URIs
+
+
+def is_gcs(uri: str | os.PathLike[str]) -> bool:
+    """True when ``uri`` is a ``gs://`` URI."""
+    return str(uri).startswith(GCS_SCHEME)
+
+
+def parse_gcs(uri: str) -> tuple[str, str]:
+    """Split ``gs://bucket/some/prefix`` into ``("bucket", "some/prefix")``.
+
+    The object part is returned verbatim (a trailing ``/`` is kept, so callers can tell a
+    prefix from an object name); it is ``""`` for ``gs://bucket`` and ``gs://bucket/``.
+    """
+    if not is_gcs(uri):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, name = uri[len(GCS_SCHEME) :].partition("/")
+    if not bucket:
+        raise ValueError(f"malformed GCS URI {uri!r}: no bucket name (expected gs://BUCKET/PATH)")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ValueError(
+            f"malformed GCS URI {uri!r}: {bucket!r} is not a valid bucket name "
+            "(3-222 characters: lowercase letters, digits, '-', '_', '.')"
+        )
+    return bucket, name
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`fetch` caches objects unless told otherwise: ``~/.cache/lungxray/gcs``."""
+    return Path.home() / ".cache" / "lungxray" / "gcs"
+
+
+# --------------------------------------------------------------------------------------------
+# Client and error translation
+
+
+def _client(uri: str) -> storage.Client:
+    """A storage client; anonymous against an emulator when STORAGE_EMULATOR_HOST is set."""
+    if os.environ.get(EMULATOR_ENV):
+        # The library itself points the client at the emulator endpoint.
+        return storage.Client(project="test", credentials=AnonymousCredentials())
+    try:
+        return storage.Client()
+    except DefaultCredentialsError as err:
+        raise StorageError(_CREDENTIALS_HELP.format(uri=uri)) from err
+    except OSError as err:
+        # Credentials were found but no default project: reads and writes of named buckets
+        # do not need one, so carry on without.
+        log.debug("no default GCP project (%s); continuing without one", err)
+        return storage.Client(project=None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def _gcs_errors(uri: str) -> Iterator[None]:
+    """Turn library exceptions that callers cannot act on into one-line StorageErrors."""
+    try:
+        yield
+    except (DefaultCredentialsError, RefreshError) as err:
+        raise StorageError(f"{_CREDENTIALS_HELP.format(uri=uri)} ({_first_line(err)})") from err
+    except api_exceptions.Forbidden as err:
+        raise StorageError(f"permission denied for {uri}: {_first_line(err)}") from err
+    except (api_exceptions.GoogleAPICallError, api_exceptions.RetryError, TransportError) as err:
+        # RetryError: the library gave up on a flaky network; TransportError: no token.
+        raise StorageError(f"GCS request for {uri} failed: {_first_line(err)}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Cache layout
+
+
+def _check_object_name(name: str, uri: str) -> None:
+    """Refuse names that would not map to a path inside the bucket's cache directory."""
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise StorageError(
+            f"refusing to cache object {name!r} from {uri}: its name has an empty, '.' or '..' "
+            "path component and could escape or alias paths in the cache"
+        )
+
+
+class _Cache:
+    """The on-disk cache of one bucket: data files plus per-object generation records."""
+
+    def __init__(self, root: Path, bucket: str) -> None:
+        self.root = root
+        self.bucket_dir = root / bucket
+        self._generations = root / _GENERATIONS_DIR / bucket
+        self._tmp = root / _TMP_DIR
+
+    def path(self, name: str, uri: str) -> Path:
+        """Local path of object ``name``; raises if it would land outside the bucket dir."""
+        _check_object_name(name, uri)
+        path = self.bucket_dir.joinpath(*name.split("/"))
+        # Belt and braces against symlinks or platform path quirks the name check misses.
+        if not path.resolve().is_relative_to(self.bucket_dir.resolve()):
+            raise StorageError(f"refusing to cache object {name!r} from {uri}: escapes the cache")
+        return path
+
+    def _record_path(self, name: str) -> Path:
+        # Hashed so that records never clash with each other the way "a" and "a/b" would.
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        return self._generations / digest[:2] / f"{digest}.json"
+
+    def is_current(self, blob: storage.Blob, path: Path) -> bool:
+        """True when ``path`` holds exactly this generation of ``blob``."""
+        try:
+            record = json.loads(self._record_path(blob.name).read_text())
+            size = path.stat().st_size
+        except (OSError, ValueError):
+            return False
+        return (
+            path.is_file()
+            and blob.generation is not None
+            and record.get("generation") == str(blob.generation)
+            and (blob.size is None or size == blob.size)
+        )
+
+    def _temp_file(self) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="part-")
+        os.close(fd)
+        return Path(name)
+
+    def _replace(self, src: Path, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+
+    def download(self, blob: storage.Blob, path: Path) -> None:
+        """Download ``blob`` to ``path`` via a temp file, then record its generation."""
+        # Taken from the listing before downloading: the download refreshes the blob's
+        # properties from response headers, which need not carry the generation.
+        record = {"name": blob.name, "generation": str(blob.generation), "size": blob.size}
+        tmp = self._temp_file()
+        try:
+            # The listed blob carries its generation, so this fetches exactly that version.
+            blob.download_to_filename(str(tmp))
+            self._replace(tmp, path)
+        except DataCorruption as err:
+            where = f"{GCS_SCHEME}{blob.bucket.name}/{blob.name}"
+            raise StorageError(f"checksum mismatch downloading {where}; try again") from err
+        finally:
+            tmp.unlink(missing_ok=True)
+        # Written only after the data is in place: a crash in between leaves a stale record,
+        # which just means one more download next time, never a wrong file passed off as fresh.
+        tmp = self._temp_file()
+        try:
+            tmp.write_text(json.dumps(record))
+            self._replace(tmp, self._record_path(blob.name))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A minimal stderr counter: rewrites one line on a terminal, prints every 10% in logs."""
+
+    def __init__(self, label: str, total: int, total_bytes: int, stream: TextIO) -> None:
+        self.label, self.total, self.total_bytes, self.stream = label, total, total_bytes, stream
+        self.done = self.done_bytes = 0
+        self._tty = stream.isatty()
+        self._last_decile = -1
+
+    def advance(self, nbytes: int) -> None:
+        self.done += 1
+        self.done_bytes += nbytes
+        decile = self.done * 10 // max(self.total, 1)
+        if not self._tty and decile == self._last_decile:
+            return  # keeps pod logs short
+        self._last_decile = decile
+        line = (
+            f"{self.label}: {self.done}/{self.total} files, "
+            f"{self.done_bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} MiB"
+        )
+        end = "\n" if not self._tty or self.done == self.total else ""
+        self.stream.write(("\r" if self._tty else "") + line + end)
+        self.stream.flush()
+
+
+def _run_parallel(
+    tasks: Sequence[tuple[Callable[[], None], int]], workers: int, progress: _Progress | None
+) -> None:
+    """Run ``(job, nbytes)`` tasks on a thread pool; the first failure cancels what is queued."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lungxray-gcs")
+    try:
+        futures = {pool.submit(job): nbytes for job, nbytes in tasks}
+        for future in as_completed(futures):
+            future.result()
+            if progress is not None:
+                progress.advance(futures[future])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# fetch
+
+
+def _fetch_local(uri: str | os.PathLike[str]) -> Path:
+    path = Path(uri).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    return path
+
+
+def _list_prefix(client: storage.Client, bucket: str, prefix: str, uri: str) -> list[storage.Blob]:
+    """All objects under ``prefix``, skipping zero-byte "folder" placeholders ending in '/'."""
+    try:
+        blobs = [b for b in client.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+    except api_exceptions.NotFound as err:
+        raise StorageError(f"bucket {bucket!r} not found (while fetching {uri})") from err
+    if not blobs:
+        raise StorageError(f"no objects under {GCS_SCHEME}{bucket}/{prefix}")
+    return blobs
+
+
+def _sync(
+    blobs: Sequence[storage.Blob], cache: _Cache, uri: str, *, workers: int, progress: bool
+) -> int:
+    """Bring every blob's cached copy up to date; returns how many were downloaded."""
+    # Map every name before downloading anything, so one bad name fails the whole fetch early.
+    planned = [(blob, cache.path(blob.name, uri)) for blob in blobs]
+    stale = [(blob, path) for blob, path in planned if not cache.is_current(blob, path)]
+    if stale:
+        total_bytes = sum(blob.size or 0 for blob, _ in stale)
+        bar = _Progress(f"fetch {uri}", len(stale), total_bytes, sys.stderr) if progress else None
+        tasks = [
+            (lambda blob=blob, path=path: cache.download(blob, path), blob.size or 0)
+            for blob, path in stale
+        ]
+        _run_parallel(tasks, workers, bar)
+    log.info("%s: %d downloaded, %d already cached", uri, len(stale), len(blobs) - len(stale))
+    return len(stale)
+
+
+def fetch(
+    uri: str, cache_dir: Path | None = None, *, workers: int = 8, progress: bool = True
+) -> Path:
+    """Return a local path for ``uri``, downloading from GCS into the cache when needed.
+
+    - a local path is returned resolved (FileNotFoundError if it does not exist);
+    - ``gs://bucket/path/file.ext`` names one object and returns its cached file;
+    - ``gs://bucket/prefix/`` (or ``gs://bucket/prefix`` when no object has that exact name)
+      downloads every object under the prefix, in parallel, and returns the directory that
+      mirrors the prefix.
+
+    Cached objects whose generation is unchanged are not downloaded again.
+    """
+    if not is_gcs(uri):
+        return _fetch_local(uri)
+    bucket_name, name = parse_gcs(uri)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = _Cache(root.resolve(), bucket_name)
+
+    # Validates the name before any request (and before credentials are even looked for).
+    local = cache.path(name.rstrip("/"), uri) if name.rstrip("/") else cache.bucket_dir
+    with _gcs_errors(uri):
+        client = _client(uri)
+        if name and not name.endswith("/"):
+            blob = client.bucket(bucket_name).get_blob(name)
+            if blob is not None:
+                _sync([blob], cache, uri, workers=1, progress=progress)
+                return local
+            name += "/"  # not an object: treat it as a directory-like prefix
+        blobs = _list_prefix(client, bucket_name, name, uri)
+        _sync(blobs, cache, uri, workers=workers, progress=progress)
+    return local
+
+
+# --------------------------------------------------------------------------------------------
+# upload / exists
+
+
+def _upload_plan(local: Path, name: str) -> list[tuple[Path, str]]:
+    """Pair each local file with its object name.
+
+    A file goes to ``name`` itself, or to ``name + file name`` when ``name`` is empty or ends
+    in '/'. A directory's files go under ``name`` with their relative paths.
+    """
+    if local.is_file():
+        target = name + local.name if not name or name.endswith("/") else name
+        return [(local, target)]
+    base = name.rstrip("/")
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    return [(p, f"{base}/{p.relative_to(local).as_posix()}".lstrip("/")) for p in files]
+
+
+def _copy_local(src: Path, dest: Path) -> None:
+    dest = dest.expanduser()
+    if src.is_dir():
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+
+
+def upload(local: Path, uri: str, *, workers: int = 8) -> None:
+    """Upload a file or a directory tree to ``uri`` (or copy it there if ``uri`` is local)."""
+    src = Path(local).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    if not is_gcs(uri):
+        _copy_local(src, Path(uri))
+        return
+    bucket_name, name = parse_gcs(uri)
+    plan = _upload_plan(src, name)
+    if not plan:
+        log.warning("nothing to upload: %s contains no files", src)
+        return
+    with _gcs_errors(uri):
+        bucket = _client(uri).bucket(bucket_name)
+        tasks = [
+            (lambda p=path, o=obj: bucket.blob(o).upload_from_filename(str(p)), 0)
+            for path, obj in plan
+        ]
+        try:
+            _run_parallel(tasks, workers, None)
+        except api_exceptions.NotFound as err:
+            msg = f"bucket {bucket_name!r} not found (while uploading to {uri})"
+            raise StorageError(msg) from err
+    log.info("uploaded %d file(s) from %s to %s", len(plan), src, uri)
+
+
+def exists(uri: str) -> bool:
+    """True when ``uri`` names an existing local path, GCS bucket, object, or non-empty prefix."""
+    if not is_gcs(uri):
+        return Path(uri).expanduser().exists()
+    bucket_name, name = parse_gcs(uri)
+    with _gcs_errors(uri):
+        client = _client(uri)
+        bucket = client.bucket(bucket_name)
+        if not name:
+            return bool(bucket.exists())
+        if not name.endswith("/") and bucket.blob(name).exists():
+            return True
+        prefix = name if name.endswith("/") else name + "/"
+        try:
+            return any(True for _ in client.list_blobs(bucket_name, prefix=prefix, max_results=1))
+        except api_exceptions.NotFound:
+            return False

@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.params import ParamsError, check_image, load_params, read_pipeline_spec
 from pipelines.params import validate_params as _validate_against_spec
 from pipelines.submit import (
+    CACHE_CHOICES,
     KfpError,
     add_common_args,
     connect,
@@ -33,7 +34,8 @@ _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT",
 _DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
 _NAMES = {4: {m: i + 1 for i, m in enumerate(_MONTHS)}, 5: {d: i for i, d in enumerate(_DAYS)}}
 _PART = re.compile(r"^(?P<base>\*|\?|[A-Za-z0-9]+(?:-[A-Za-z0-9]+)?)(?:/(?P<step>\d+))?$")
-ENABLED = "ENABLE"
+# Anything but an explicit DISABLE counts as live, so an unset mode is never left running.
+DISABLED = "DISABLE"
 
 
 def _cron_value(token: str, index: int) -> int:
@@ -117,8 +119,13 @@ def schedule(
     namespace: str | None = None,
     service_account: str | None = None,
     expect_image: str | None = None,
+    enable_caching: bool | None = False,
 ) -> str:
     """Create an enabled recurring run (no catch-up, one run at a time); return its id.
+
+    Caching is off by default: every trigger sends the same arguments, so with caching on each
+    scheduled run would be served entirely from the first one's results, even after new data
+    landed under the same URI. Pass None to keep the compiled settings (then vary data_version).
 
     Refuses when an enabled recurring run with the same name already exists in the experiment:
     two copies of a nightly schedule would train twice every night.
@@ -127,12 +134,12 @@ def schedule(
     if not name.strip():
         raise ParamsError("a recurring run needs a name (SCHEDULE_NAME)")
     spec = read_pipeline_spec(package_path)
-    arguments = _validate_against_spec(spec, params)
-    if expect_image:
+    if expect_image:  # first: parameters of a stale package are beside the point
         check_image(spec, expect_image)
+    arguments = _validate_against_spec(spec, params)
     client = connect(host, namespace)
     experiment_id = get_or_create_experiment(client, experiment, namespace)
-    clash = [r for r in find_recurring_runs(client, name, experiment_id) if r.mode == ENABLED]
+    clash = [r for r in find_recurring_runs(client, name, experiment_id) if r.mode != DISABLED]
     if clash:
         raise KfpError(
             f"recurring run {name!r} is already enabled (id {clash[0].recurring_run_id}); "
@@ -144,12 +151,13 @@ def schedule(
         cron_expression=cron,
         # A cluster that was down all weekend should run once on Monday, not three times.
         no_catchup=True,
-        # Runs of one schedule share the tuner state on the cache PVC: never two at once.
+        # A slow run must not overlap the next trigger: both would want the same GPUs.
         max_concurrency=1,
         enabled=True,
         params=arguments,
         pipeline_package_path=str(package_path),
         service_account=service_account or None,
+        enable_caching=enable_caching,
     )
     print(f"Recurring run {name!r} created: {created.recurring_run_id} (cron {cron!r})")
     return created.recurring_run_id
@@ -168,7 +176,7 @@ def unschedule(host: str, name_or_id: str, namespace: str | None = None) -> list
             raise KfpError(f"no recurring run named or with id {name_or_id!r}") from None
     disabled = []
     for run in runs:
-        if run.mode != ENABLED:
+        if run.mode == DISABLED:
             continue
         client.disable_recurring_run(recurring_run_id=run.recurring_run_id)
         disabled.append(run.recurring_run_id)
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create an enabled recurring run")
-    add_common_args(create)
+    add_common_args(create, cache_default="off")
     create.add_argument("--cron", required=True, help="6-field cron, e.g. '0 0 3 * * *'")
     create.add_argument("--name", required=True, help="display name of the recurring run")
     disable = sub.add_parser("disable", help="disable recurring runs by name or id")
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 namespace=args.namespace,
                 service_account=args.service_account,
                 expect_image=args.expect_image,
+                enable_caching=CACHE_CHOICES[args.cache],
             )
 
     else:

@@ -142,15 +142,17 @@ def submit_run(
     namespace: str | None = None,
     service_account: str | None = None,
     expect_image: str | None = None,
+    enable_caching: bool | None = None,
 ) -> tuple[str, str]:
     """Validate params, then create a run of the package in the experiment; return (run_id, url).
 
-    `expect_image` guards against submitting a package compiled for another image tag.
+    `expect_image` guards against submitting a package compiled for another image tag;
+    `enable_caching` None keeps the compiled per-task settings, True/False overrides them all.
     """
     spec = read_pipeline_spec(package_path)
-    arguments = _validate_against_spec(spec, params)
-    if expect_image:
+    if expect_image:  # first: parameters of a stale package are beside the point
         check_image(spec, expect_image)
+    arguments = _validate_against_spec(spec, params)
     client = connect(host, namespace)
     experiment_id = get_or_create_experiment(client, experiment, namespace)
     result = client.create_run_from_pipeline_package(
@@ -159,13 +161,17 @@ def submit_run(
         run_name=run_name or default_run_name(package_path),
         experiment_id=experiment_id,
         service_account=service_account or None,
+        enable_caching=enable_caching,
     )
     url = run_url(host, result.run_id)
     print(f"Run URL: {url}")
     return result.run_id, url
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+CACHE_CHOICES = {"default": None, "on": True, "off": False}
+
+
+def add_common_args(parser: argparse.ArgumentParser, cache_default: str = "default") -> None:
     """Options shared by submit and schedule."""
     parser.add_argument("--host", required=True, help="KFP endpoint, e.g. http://localhost:8080")
     parser.add_argument("--experiment", default="lungxray", help="experiment display name")
@@ -175,6 +181,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-account", default=None, help="Kubernetes SA of the run pods")
     parser.add_argument(
         "--expect-image", default=None, help="fail unless the package was compiled for this image"
+    )
+    parser.add_argument(
+        "--cache",
+        choices=sorted(CACHE_CHOICES),
+        default=cache_default,
+        help=f"KFP step caching: on, off, or as compiled (default: {cache_default})",
     )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
 
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             namespace=args.namespace,
             service_account=args.service_account,
             expect_image=args.expect_image,
+            enable_caching=CACHE_CHOICES[args.cache],
         )
 
     return run_cli(go, args.verbose)

@@ -97,8 +97,13 @@ def load_npz(path: Path, class_names: list[str] | None = None) -> Source:
                                 f"but not its pair")
             if image_key not in keys:
                 continue
-            images = _to_nhwc(archive[image_key], f"{path}:{image_key}")
-            labels = np.asarray(archive[label_key]).reshape(-1)
+            try:
+                images = _to_nhwc(archive[image_key], f"{path}:{image_key}")
+                labels = np.asarray(archive[label_key]).reshape(-1)
+            except DataError:
+                raise
+            except ValueError as err:  # e.g. pickled object arrays, refused on purpose
+                raise DataError(f"{path}: cannot read {image_key}/{label_key}: {err}") from err
             if len(labels) != len(images):
                 raise DataError(f"{path}: {image_key} has {len(images)} images but {label_key} "
                                 f"has {len(labels)} labels")
@@ -232,20 +237,25 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.sha1(image.tobytes()).hexdigest() for image in images])
 
 
-def carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def carve(split: Split, fraction: float, seed: int,
+          keep: set[str] | frozenset[str] = frozenset()) -> tuple[Split, Split]:
     """Stratified, seeded split of ``split`` into (rest, carved).
 
-    Exact duplicates are grouped first so that all copies of an image land on the same side.
+    Exact duplicates are grouped first so that all copies of an image land on the same side;
+    images whose hash is in ``keep`` (they also sit in another split) never go to the carved
+    side, so a carved split shares no image with any other split.
     """
     hashes = image_hashes(split.images)
     unique, first, group = np.unique(hashes, return_index=True, return_inverse=True)
-    group_labels = split.labels[first]
+    candidates = np.flatnonzero(~np.isin(unique, list(keep)))
+    group_labels = split.labels[first][candidates]
     counts = Counter(group_labels.tolist())
     if len(counts) < 2 or min(counts.values()) < 2:
         raise DataError(f"cannot carve a stratified split: class counts {dict(counts)} need at "
                         f"least two distinct images per class")
-    _, carved_groups = train_test_split(np.arange(len(unique)), test_size=fraction,
-                                        random_state=seed, stratify=group_labels)
+    n_carved = int(round(fraction * len(split)))
+    _, carved_groups = train_test_split(candidates, test_size=n_carved, random_state=seed,
+                                        stratify=group_labels)
     carved_mask = np.isin(group, carved_groups)
     return split.subset(np.flatnonzero(~carved_mask)), split.subset(np.flatnonzero(carved_mask))
 
@@ -306,7 +316,9 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
             raise DataError(f"{source}: has no train split to train on or carve from")
         for name, fraction in (("test", test_fraction), ("val", val_fraction)):
             if name not in splits:
-                splits["train"], splits[name] = carve(splits["train"], fraction, seed)
+                elsewhere = {h for other, split in splits.items() if other != "train"
+                             for h in image_hashes(split.images)}
+                splits["train"], splits[name] = carve(splits["train"], fraction, seed, elsewhere)
                 carved[name] = "train"
     splits = {name: stratified_sample(splits[name], max_per_split, seed)
               for name in SPLITS if name in splits}

@@ -30,15 +30,17 @@ DEFAULT_HPARAMS: dict[str, float | int | bool] = {
     "fine_tune_learning_rate": 1e-5,
     "class_weighting": True,
 }
+# Without BatchNorm (VGG) a from-scratch network at 1e-3 collapses to one class; 1e-4 learns.
+SCRATCH_DEFAULTS = {"learning_rate": 1e-4}
 
 
-def merge_hparams(hparams: dict | None) -> dict:
+def merge_hparams(hparams: dict | None, pretrained: bool = True) -> dict:
     """Defaults overridden by ``hparams``; unknown names are an error, not silently ignored."""
     hparams = dict(hparams or {})
     unknown = sorted(set(hparams) - set(DEFAULT_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted(DEFAULT_HPARAMS)}")
-    return {**DEFAULT_HPARAMS, **hparams}
+    return {**DEFAULT_HPARAMS, **({} if pretrained else SCRATCH_DEFAULTS), **hparams}
 
 
 def make_dataset(split: data.Split, num_classes: int, batch_size: int, shuffle: bool = False,
@@ -98,13 +100,13 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     ``output``. Returns the model info (also written as ``model_info.json``)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    hp = merge_hparams(hparams)
+    resolved = models.resolve_weights(weights, cache_dir)
+    hp = merge_hparams(hparams, pretrained=resolved is not None)
     manifest = data.read_manifest(data_dir)
     class_names = manifest["class_names"]
     num_classes = len(class_names)
     train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
     keras.utils.set_random_seed(seed)
-    resolved = models.resolve_weights(weights, cache_dir)
     model = models.build_classifier(
         model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
         dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],

@@ -21,10 +21,12 @@ BEST_FILE = "best_hparams.json"
 TRIALS_FILE = "trials.csv"
 
 
-def define_space(hp: kt.HyperParameters) -> dict:
-    """The search space, in one place: head learning rate and dropout."""
+def define_space(hp: kt.HyperParameters, pretrained: bool) -> dict:
+    """The search space, in one place: learning rate (of the head on a frozen pretrained
+    backbone, or of the whole network from scratch, which needs lower rates) and dropout."""
+    low, high = (1e-4, 1e-2) if pretrained else (1e-5, 1e-3)
     return {
-        "learning_rate": hp.Float("learning_rate", 1e-4, 3e-3, sampling="log"),
+        "learning_rate": hp.Float("learning_rate", low, high, sampling="log"),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1),
     }
 
@@ -40,11 +42,12 @@ class ClassifierHyperModel(kt.HyperModel):
         self.num_classes, self.weights, self.seed = num_classes, weights, seed
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        chosen = merge_hparams(define_space(hp))
+        pretrained = self.weights is not None
+        chosen = merge_hparams(define_space(hp, pretrained), pretrained)
         model = models.build_classifier(
             self.model_name, self.image_size, self.channels, self.num_classes, self.weights,
             dropout=chosen["dropout"], augment=chosen["augment"], seed=self.seed)
-        if self.weights is not None:
+        if pretrained:
             models.set_trainable(model, 0.0)
         compile_model(model, chosen["learning_rate"], chosen["label_smoothing"],
                       self.num_classes)
@@ -83,9 +86,15 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
                  validation_data=make_dataset(val_split, num_classes, batch_size),
                  epochs=epochs, class_weight=class_weights(train_split.labels, num_classes),
                  verbose=2)
-    best_trial = tuner.oracle.get_best_trials(1)[0]
     table = trials_table(tuner)
     table.to_csv(output / TRIALS_FILE, index=False)
+    # Ties (common on tiny budgets) go to the earliest trial, so a resumed search agrees.
+    scored = table.dropna(subset=["score"])
+    if scored.empty:
+        raise RuntimeError(f"all {len(table)} trials of {model_name} failed; see the log above")
+    best_id = scored.sort_values(["score", "trial_id"], ascending=[False, True]).iloc[0][
+        "trial_id"]
+    best_trial = tuner.oracle.trials[best_id]
     best = {
         "model_name": model_name,
         "objective": MONITOR,

@@ -1,0 +1,70 @@
+# lungxray — `make help` lists every target with its one-line description.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Local runs ------------------------------------------------------------------------------------
+DATA ?= pneumoniamnist#            npz / image folder / gs:// URI / pneumoniamnist[_64|_128|_224]
+WEIGHTS ?= imagenet#               imagenet | none | path or gs:// URI of a weights file
+PROFILE ?= quick#                  quick | full | cluster (pipelines/profiles.py)
+MODELS ?=#                         e.g. MODELS='[VGG16, MobileNetV2]' (default: the profile's)
+PARAMS ?=#                         YAML/JSON file of pipeline parameters
+PIPELINE_ROOT ?= local_outputs
+PYTEST_ARGS ?=
+
+# Cluster ---------------------------------------------------------------------------------------
+REGISTRY ?= localhost:5001
+TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+IMAGE ?= $(REGISTRY)/lungxray:$(TAG)
+PIPELINE_YAML := build/pipeline.yaml
+KFP_HOST ?= http://localhost:8080
+KFP_EXPERIMENT ?= lungxray
+
+.PHONY: help install local test test-fast lint format compile bench clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[cpu,dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install lungxray with CPU TensorFlow and the dev tools
+
+local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, WEIGHTS, PROFILE, MODELS, PARAMS)
+	$(PY) -m pipelines.local --profile $(PROFILE) --pipeline-root $(PIPELINE_ROOT) \
+		--set 'data_source=$(DATA)' --set 'weights=$(WEIGHTS)' \
+		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS))
+
+test: $(STAMP) ## Run the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+test-fast: $(STAMP) ## Run the tests without the slow real-training ones
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check on the whole project
+	$(VENV)/bin/ruff check src components pipelines tests
+
+format: $(STAMP) ## ruff format + import sorting
+	$(VENV)/bin/ruff check --select I --fix src components pipelines tests
+	$(VENV)/bin/ruff format src components pipelines tests
+
+compile: $(STAMP) ## Compile the pipeline for a cluster into build/pipeline.yaml (IMAGE)
+	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML)
+
+$(PIPELINE_YAML): $(STAMP) $(wildcard pipelines/*.py components/*.py)
+	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML)
+
+bench: $(STAMP) ## Benchmarks (not part of test): writes bench/results.json and bench/RESULTS.md
+	$(PY) -m bench.run
+
+clean: ## Remove build outputs and local pipeline runs (keeps .venv)
+	rm -rf build $(PIPELINE_ROOT) .pytest_cache .ruff_cache
+
+-include make/cluster.mk

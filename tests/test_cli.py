@@ -1,0 +1,73 @@
+"""The installed `lungxray` command: help, exit codes, one-line errors, real runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lungxray import cli
+
+SUBCOMMANDS = ["preprocess", "tune", "train", "evaluate", "compare", "models"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    exe = shutil.which("lungxray") or f"{sys.executable} -m lungxray.cli"
+    result = subprocess.run([*exe.split(), *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lungxray " + command in capsys.readouterr().out
+
+
+def test_models_lists_the_registry():
+    out = run("models").stdout
+    assert "ResNet152V2" in out and "InceptionV3" in out and "75" in out
+
+
+def test_preprocess_then_evaluate_then_compare(shared_npz, trained_model, tmp_path):
+    data_dir = tmp_path / "data"
+    manifest = json.loads(run("preprocess", "--source", str(shared_npz), "--output",
+                              str(data_dir), "--image-size", "32", "--max-per-split", "80",
+                              "--seed", "3").stdout)
+    assert manifest["splits"]["test"]["n"] == 80 and manifest["image_size"] == 32
+
+    trial = tmp_path / "trials" / "VGG16"
+    shutil.copytree(trained_model, trial / "model")
+    metrics = json.loads(run("evaluate", "--model", str(trial / "model"), "--data",
+                             str(data_dir), "--output", str(trial / "eval"), "--split", "val",
+                             "test").stdout)
+    assert set(metrics) == {"val", "test"}
+    summary = json.loads(run("compare", "--trials", str(trial), "--output",
+                             str(tmp_path / "report")).stdout)
+    assert summary["best_model"] == "VGG16"
+    assert (tmp_path / "report" / "report.html").is_file()
+    assert (tmp_path / "report" / "best_model" / "model.keras").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["preprocess", "--source", "nowhere.npz", "--output", "OUT"], "no such file"),
+    (["tune", "--data", "DATA", "--model", "VGG61", "--output", "OUT"], "unknown model"),
+    (["train", "--data", "DATA", "--model", "VGG16", "--output", "OUT"], "not a prepared"),
+    (["compare", "--trials", "DATA", "--output", "OUT", "--select-metric", "test_roc_auc"],
+     "test"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, tmp_path):
+    args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]
+    (tmp_path / "DATA").mkdir()
+    result = run(*args, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lungxray {args[0]}: error:") and message in last
+    assert not (tmp_path / "OUT").exists()

@@ -1,0 +1,131 @@
+"""Preprocess on the real PneumoniaMNIST file and on image folders made from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lungxray import data
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, shared_npz):
+    output = tmp_path_factory.mktemp("prep") / "full"
+    return output, data.preprocess(str(shared_npz), output, seed=7)
+
+
+def test_carves_stratified_test_and_keeps_given_val(prepared, shared_npz):
+    output, manifest = prepared
+    splits = manifest["splits"]
+    assert manifest["carved"] == {"test": "train"}  # val exists in the file, test does not
+    assert splits["val"]["n"] == 524
+    assert splits["train"]["n"] + splits["test"]["n"] == 4708
+    assert 0.09 < splits["test"]["n"] / 4708 < 0.11
+    # Stratified: the carved test keeps train's pneumonia share (3494 / 4708).
+    share = splits["test"]["counts"]["pneumonia"] / splits["test"]["n"]
+    assert abs(share - 3494 / 4708) < 0.01
+    assert manifest["class_names"] == ["normal", "pneumonia"]
+    assert manifest["image_size"] == 28 and manifest["channels"] == 1
+    assert manifest["source_sha256"] == data.file_sha256(shared_npz)
+    on_disk = json.loads((output / data.MANIFEST).read_text())
+    assert on_disk == manifest
+
+
+def test_no_image_leaks_into_the_carved_test_split(prepared):
+    output, manifest = prepared
+    dups = manifest["cross_split_duplicates"]
+    # The real file has 8 train images that also appear in val; the split we carve adds none.
+    assert dups["train/test"]["count"] == 0
+    assert dups["val/test"]["count"] == 0
+    assert dups["train/val"]["count"] == 8
+    train, test = data.load_split(output, "train"), data.load_split(output, "test")
+    assert not set(data.image_hashes(train.images)) & set(data.image_hashes(test.images))
+
+
+def test_same_seed_same_split_other_seed_other_split(prepared, shared_npz, tmp_path):
+    _, manifest = prepared
+    again = data.preprocess(str(shared_npz), tmp_path / "again", seed=7)
+    other = data.preprocess(str(shared_npz), tmp_path / "other", seed=8)
+    assert again["splits"]["test"]["sha256"] == manifest["splits"]["test"]["sha256"]
+    assert other["splits"]["test"]["sha256"] != manifest["splits"]["test"]["sha256"]
+
+
+def test_resize_and_subsample(small_dataset):
+    manifest = data.read_manifest(small_dataset)
+    assert manifest["image_size"] == 32
+    for name in data.SPLITS:
+        split = data.load_split(small_dataset, name)
+        assert split.images.shape[1:] == (32, 32, 1) and split.images.dtype == np.uint8
+        assert len(split) == manifest["splits"][name]["n"] <= 160
+        assert set(np.unique(split.labels)) == {0, 1}
+
+
+def _write_folder(root, images, labels, names=("NORMAL", "PNEUMONIA")):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.squeeze(-1)).resize((64, 64)).save(folder / f"{i:04d}.png")
+
+
+def test_folder_with_splits(shared_npz, tmp_path):
+    train = data.load_npz(shared_npz).splits["train"]
+    root = tmp_path / "chest_xray"
+    for label in (0, 1):
+        idx = np.flatnonzero(train.labels == label)
+        _write_folder(root / "train", train.images[idx[:40]], train.labels[idx[:40]])
+        _write_folder(root / "test", train.images[idx[40:50]], train.labels[idx[40:50]])
+    manifest = data.preprocess(str(root), tmp_path / "out", image_size=48, seed=1)
+    assert manifest["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert manifest["carved"] == {"val": "train"}
+    assert manifest["splits"]["test"]["counts"] == {"NORMAL": 10, "PNEUMONIA": 10}
+    assert manifest["image_size"] == 48
+    assert data.load_split(tmp_path / "out", "val").images.shape[1:] == (48, 48, 1)
+
+
+def test_folder_classes_must_match_between_splits(tmp_path):
+    for split, cls in (("train", "NORMAL"), ("train", "PNEUMONIA"), ("test", "NORMAL")):
+        (tmp_path / "src" / split / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "src" / split / cls / "a.png")
+    with pytest.raises(data.DataError, match=r"split 'test' lacks class folders \['PNEUMONIA'\]"):
+        data.preprocess(str(tmp_path / "src"), tmp_path / "out")
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, shared_npz):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_images=np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(data.DataError, match="train_images but not its pair"):
+        data.preprocess(str(bad), tmp_path / "out1")
+    assert not (tmp_path / "out1").exists()
+
+    corrupt = tmp_path / "folder" / "train" / "NORMAL"
+    corrupt.mkdir(parents=True)
+    (corrupt / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(data.DataError, match="broken.png"):
+        data.preprocess(str(tmp_path / "folder"), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+    with pytest.raises(data.DataError, match="no such file"):
+        data.preprocess(str(tmp_path / "missing.npz"), tmp_path / "out3")
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, train_images=np.array([object()]), train_labels=np.array([0]))
+    with pytest.raises(data.DataError):
+        data.load_npz(pickled)
+
+
+def test_refuses_to_overwrite_a_foreign_directory(shared_npz, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(data.DataError, match="refusing to overwrite"):
+        data.preprocess(str(shared_npz), precious, max_per_split=50)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_source_is_never_modified(shared_npz, tmp_path):
+    before = data.file_sha256(shared_npz)
+    data.preprocess(str(shared_npz), tmp_path / "out", max_per_split=50)
+    assert data.file_sha256(shared_npz) == before

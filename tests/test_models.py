@@ -1,0 +1,107 @@
+"""Backbone registry, weights handling and the raw-pixels-in classifier."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from lungxray import models
+
+LARGE = {"EfficientNetB5", "EfficientNetB6", "EfficientNetB7", "EfficientNetV2M",
+         "EfficientNetV2L", "ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtXLarge", "NASNetLarge",
+         "ResNet152", "ResNet152V2", "InceptionResNetV2", "DenseNet201", "VGG19"}
+
+
+def test_registry_covers_keras_applications():
+    for required in ("VGG16", "VGG19", "ResNet50", "ResNet101", "ResNet152", "ResNet50V2",
+                     "ResNet101V2", "ResNet152V2", "InceptionV3", "InceptionResNetV2",
+                     "Xception", "DenseNet121", "DenseNet169", "DenseNet201", "MobileNet",
+                     "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0",
+                     "EfficientNetB7", "EfficientNetV2B0", "EfficientNetV2S", "EfficientNetV2L",
+                     "ConvNeXtTiny", "NASNetMobile", "NASNetLarge"):
+        assert required in models.REGISTRY
+        assert hasattr(keras.applications, required)
+    assert models.get_spec("InceptionV3").input_size(28) == 75
+    assert models.get_spec("VGG16").input_size(64) == 64
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(models.ModelError, match="unknown model 'VGG61'.*VGG16.*InceptionV3"):
+        models.get_spec("VGG61")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in models.REGISTRY])
+def test_every_backbone_builds_and_predicts_at_its_minimum_size(name):
+    spec = models.get_spec(name)
+    model = models.build_classifier(name, spec.min_size, 1, 2, None, augment=0.0)
+    probs = model.predict(np.random.default_rng(0).integers(0, 255, (2, spec.min_size,
+                                                                       spec.min_size, 1)),
+                          verbose=0)
+    assert probs.shape == (2, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_saved_model_takes_raw_pixels_and_loads_in_safe_mode(tmp_path):
+    model = models.build_classifier("VGG16", 28, 3, 3, None, augment=1.0)
+    assert model.input_shape == (None, 28, 28, 3)
+    assert any(isinstance(layer, models.ReverseChannels) for layer in model.layers)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = models.load_model(path)
+    x = np.random.default_rng(1).integers(0, 255, (3, 28, 28, 3)).astype("float32")
+    # Augmentation is inactive at inference, so both give identical outputs.
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weights_file_is_loaded_into_the_backbone(tmp_path):
+    source = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(path)
+    model = models.build_classifier("VGG16", 32, 1, 2, models.resolve_weights(str(path)))
+    for mine, theirs in zip(models.backbone_of(model).get_weights(), source.get_weights(),
+                            strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_weights_that_do_not_fit_or_do_not_exist_fail_clearly(tmp_path):
+    other = keras.applications.MobileNetV2(weights=None, include_top=False,
+                                           input_shape=(32, 32, 3))
+    path = tmp_path / "mobilenet.weights.h5"
+    other.save_weights(path)
+    with pytest.raises(models.ModelError, match="does not fit VGG16"):
+        models.build_classifier("VGG16", 32, 1, 2, str(path))
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.resolve_weights(str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_offline_fails_fast_with_advice(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty cache: a download is needed
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    started = time.monotonic()
+    with pytest.raises(models.ModelError, match="--weights none"):
+        models.build_classifier("VGG16", 32, 1, 2, "imagenet")
+    assert time.monotonic() - started < models.IMAGENET_TIMEOUT_S
+
+
+def test_fine_tune_unfreezes_the_top_share_but_never_batchnorm():
+    model = models.build_classifier("ResNet50V2", 32, 1, 2, None)
+    backbone = models.backbone_of(model)
+    models.set_trainable(model, 0.0)
+    assert not backbone.trainable
+    models.set_trainable(model, 0.25)
+    flags = [layer.trainable for layer in backbone.layers]
+    cut = flags.index(True)
+    assert abs(cut / len(flags) - 0.75) < 0.05
+    assert not any(layer.trainable for layer in backbone.layers
+                   if isinstance(layer, keras.layers.BatchNormalization))
+    assert not any(flags[:cut])

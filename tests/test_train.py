@@ -1,0 +1,71 @@
+"""Real (short) training runs on the real PneumoniaMNIST data."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from lungxray import data, models, train
+
+
+def test_scratch_training_writes_a_complete_model_dir(trained_model, small_dataset):
+    info = json.loads((trained_model / train.INFO_FILE).read_text())
+    assert info["model_name"] == "VGG16" and info["weights"] == "none"
+    assert info["class_names"] == ["normal", "pneumonia"] and info["positive_class"] == 1
+    assert 0.0 <= info["threshold"] <= 1.0 and info["threshold_method"] == "youden"
+    assert info["hparams"]["learning_rate"] == train.SCRATCH_DEFAULTS["learning_rate"]
+    assert info["params"] > 14_000_000 and info["epochs"] == 2
+    history = json.loads((trained_model / train.HISTORY_FILE).read_text())
+    assert history["phases"] == [{"name": "scratch", "epochs": 2}]
+    assert len(history["history"]["val_auc"]) == 2
+    assert (trained_model / "curves.png").stat().st_size > 1000
+    model = models.load_model(trained_model / train.MODEL_FILE)
+    val = data.load_split(small_dataset, "val")
+    probs = model.predict(val.images.astype("float32"), verbose=0)
+    assert probs.shape == (len(val), 2)
+
+
+@pytest.mark.slow
+def test_short_real_training_learns(tmp_path, shared_npz):
+    """Two epochs on 600 real images lift validation AUC well above chance."""
+    prepared = tmp_path / "data"
+    data.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=600, seed=3)
+    info = train.train(prepared, "VGG16", tmp_path / "model", epochs=2, weights="none", seed=3)
+    history = json.loads((tmp_path / "model" / train.HISTORY_FILE).read_text())["history"]
+    assert max(history["val_auc"]) > 0.85, history["val_auc"]
+    assert info["threshold"] is not None
+
+
+def test_pretrained_weights_train_in_two_phases(tmp_path, small_dataset):
+    backbone = keras.applications.MobileNetV2(weights=None, include_top=False,
+                                              input_shape=(32, 32, 3))
+    weights = tmp_path / "mobilenetv2.weights.h5"
+    backbone.save_weights(weights)
+    info = train.train(small_dataset, "MobileNetV2", tmp_path / "model", epochs=3,
+                       weights=str(weights), hparams={"unfreeze": 0.2}, seed=1)
+    history = json.loads((tmp_path / "model" / train.HISTORY_FILE).read_text())
+    assert [p["name"] for p in history["phases"]] == ["head", "finetune"]
+    assert [p["epochs"] for p in history["phases"]] == [2, 1]
+    assert info["hparams"]["learning_rate"] == train.DEFAULT_HPARAMS["learning_rate"]
+    model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
+    # The backbone's frozen lower layers kept the weights from the file.
+    first = models.backbone_of(model).layers[1].get_weights()[0]
+    np.testing.assert_array_equal(first, backbone.layers[1].get_weights()[0])
+
+
+def test_bad_hparams_and_epochs_are_refused(small_dataset, tmp_path):
+    with pytest.raises(ValueError, match="unknown hyperparameters \\['learnig_rate'\\]"):
+        train.train(small_dataset, "VGG16", tmp_path / "m", {"learnig_rate": 1e-3})
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train.train(small_dataset, "VGG16", tmp_path / "m", epochs=0)
+    assert not (tmp_path / "m").exists()
+
+
+def test_class_weights_are_balanced():
+    labels = np.array([0] * 10 + [1] * 30)
+    weights = train.class_weights(labels, 2)
+    assert weights[0] * 10 == pytest.approx(weights[1] * 30)
+    assert weights[0] == pytest.approx(40 / (2 * 10))

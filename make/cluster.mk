@@ -103,7 +103,7 @@ lint-docker: $(VENV)/.installed ## hadolint both Dockerfiles (fails on warnings)
 
 # Runs ------------------------------------------------------------------------------------------
 compile-cpu: $(VENV)/.installed ## Compile build/pipeline-cpu.yaml for IMAGE_CPU without GPU requests
-	$(PY) -c 'from pipelines.compile import compile_pipeline; print(compile_pipeline("$(PIPELINE_YAML_CPU)", "$(IMAGE_CPU)", cluster=False))'
+	$(PY) -m pipelines.compile --no-gpu --image $(IMAGE_CPU) --output $(PIPELINE_YAML_CPU)
 
 submit: $(PIPELINE_YAML) $(VENV)/.installed ## Run build/pipeline.yaml on KFP_HOST (KFP_EXPERIMENT, PARAMS, RUN_NAME)
 	$(PY) -m pipelines.submit $(call kfp_run_args,$(PIPELINE_YAML),$(IMAGE)) \

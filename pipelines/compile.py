@@ -10,13 +10,16 @@ from kfp import compiler
 from pipelines.pipeline import build_pipeline
 
 
-def compile_pipeline(output_path: str | Path, image: str, cluster: bool = True,
+RETRIES = 2  # tune and train, for preempted GPU nodes
+
+
+def compile_pipeline(output_path: str | Path, image: str, gpu: bool = True,
                      parallelism: int = 0) -> Path:
     """Write the pipeline spec YAML for components running in ``image``."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image, cluster=cluster, parallelism=parallelism),
-                                str(output_path))
+    pipeline = build_pipeline(image, gpu=gpu, retries=RETRIES, parallelism=parallelism)
+    compiler.Compiler().compile(pipeline, str(output_path))
     return output_path
 
 
@@ -27,8 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="build/pipeline.yaml", help="pipeline YAML path")
     parser.add_argument("--parallelism", type=int, default=0,
                         help="base models trained at once (0 = all)")
+    parser.add_argument("--no-gpu", action="store_true",
+                        help="no GPU request (CPU-only clusters such as kind or minikube)")
     args = parser.parse_args(argv)
-    print(compile_pipeline(args.output, args.image, parallelism=args.parallelism))
+    print(compile_pipeline(args.output, args.image, gpu=not args.no_gpu,
+                           parallelism=args.parallelism))
 
 
 if __name__ == "__main__":

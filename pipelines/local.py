@@ -26,7 +26,7 @@ def run_local(params: dict, pipeline_root: Path, parallelism: int = 1) -> Path:
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
-    run = build_pipeline(cluster=False, parallelism=parallelism)(**params)
+    run = build_pipeline(parallelism=parallelism)(**params)
     return Path(run.output.path)
 
 

@@ -15,19 +15,24 @@ DEFAULT_MODELS = ["VGG16", "ResNet152V2", "InceptionV3"]
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def _on_gpu(task: dsl.PipelineTask, retries: int) -> dsl.PipelineTask:
-    """GPU request (limit 1) and retries with backoff, since preemptible GPU nodes vanish."""
-    from kfp import kubernetes
+def _on_cluster(task: dsl.PipelineTask, gpu: bool, retries: int) -> None:
+    """Retries with backoff (preemptible nodes vanish) and, with ``gpu``, one NVIDIA GPU and
+    the toleration GPU node pools are usually tainted with."""
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
+    if gpu:
+        from kfp import kubernetes
 
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
-    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    return task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists",
+                                  effect="NoSchedule")
 
 
-def build_pipeline(image: str = components.LOCAL_IMAGE, cluster: bool = False,
-                   parallelism: int = 1, retries: int = 2) -> Callable:
-    """The pipeline function for ``image``. ``cluster`` adds the GPU request and retries;
-    ``parallelism`` bounds how many base models train at once (0 = no bound)."""
+def build_pipeline(image: str = components.LOCAL_IMAGE, gpu: bool = False, retries: int = 0,
+                   parallelism: int = 1) -> Callable:
+    """The pipeline function for ``image``. ``gpu`` requests a GPU for tune and train,
+    ``retries`` retries them, ``parallelism`` bounds how many base models run at once
+    (0 = no bound)."""
     ops = components.build(image)
 
     @dsl.pipeline(name=PIPELINE_NAME,
@@ -58,9 +63,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, cluster: bool = False,
             train = ops.train(dataset=dataset, tuning=tune.outputs["tuning"], model_name=name,
                               epochs=epochs, weights=weights, batch_size=batch_size, seed=seed)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"])
-            if cluster:
-                _on_gpu(tune, retries)
-                _on_gpu(train, retries)
+            for task in (tune, train):
+                _on_cluster(task, gpu, retries)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),
                               tunings=dsl.Collected(tune.outputs["tuning"]),

@@ -86,6 +86,10 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
                  validation_data=make_dataset(val_split, num_classes, batch_size),
                  epochs=epochs, class_weight=class_weights(train_split.labels, num_classes),
                  verbose=2)
+    # Trial weights are never reused (train refits with the best values) and weigh hundreds of
+    # MB per trial for large backbones; the oracle state needed to resume stays.
+    for checkpoint in (output / "tuner").glob("trial_*/checkpoint*"):
+        checkpoint.unlink()
     table = trials_table(tuner)
     table.to_csv(output / TRIALS_FILE, index=False)
     # Ties (common on tiny budgets) go to the earliest trial, so a resumed search agrees.

@@ -178,7 +178,7 @@ def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -
     """The project's own pipeline (pipelines/compile.py) goes through submit unchanged."""
     compile_mod = pytest.importorskip("pipelines.compile")
     image = "localhost:5001/lungxray:0123456789ab"
-    package = compile_mod.compile_pipeline(tmp_path / "pipeline.yaml", image, cluster=True)
+    package = compile_mod.compile_pipeline(tmp_path / "pipeline.yaml", image, gpu=True)
 
     run_id, _ = submit_run(
         fake_kfp.url, "lungxray", str(package), {"epochs": 1}, "real", expect_image=image
@@ -191,7 +191,7 @@ def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -
     assert spec["pipelineInfo"]["name"] == "lungxray"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {image}
-    # cluster=True: tune and train ask for one NVIDIA GPU each.
+    # gpu=True: tune and train ask for one NVIDIA GPU each.
     gpu_limits = [
         e["container"].get("resources", {}).get("accelerator", {})
         for e in spec["deploymentSpec"]["executors"].values()

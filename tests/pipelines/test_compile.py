@@ -18,7 +18,7 @@ def load(path):
 
 
 def test_cluster_pipeline_shape(tmp_path):
-    spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, cluster=True))
+    spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=True))
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == {"preprocess", "for-loop-1", "compare"}
     loop = root["for-loop-1"]
@@ -54,11 +54,13 @@ def test_cluster_pipeline_shape(tmp_path):
 
 
 def test_local_pipeline_has_no_gpu_request(tmp_path):
-    spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, cluster=False,
+    spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=False,
                                            parallelism=1))
     assert platform is None
     executors = spec["deploymentSpec"]["executors"]
     assert all("resources" not in e["container"] for e in executors.values())
+    tasks = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert "retryPolicy" in tasks["train"]  # retries stay: CPU clusters preempt too
     assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
 
 

@@ -1,0 +1,47 @@
+"""The whole pipeline through kfp.local on a small real subset (two models, one epoch)."""
+
+from __future__ import annotations
+
+import json
+
+from pipelines.local import run_local
+from pipelines.profiles import resolve_params
+
+MODELS = ["VGG16", "MobileNetV3Small"]
+
+
+def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
+    params = resolve_params("quick", {
+        "data_source": str(shared_npz), "weights": "none", "base_models": MODELS,
+        "image_size": 32, "max_per_split": 120, "epochs": 1, "tune_trials": 1, "tune_epochs": 1,
+    })
+    report = run_local(params, tmp_path / "root")
+    run_dir = report.parent.parent  # <root>/<run>/compare/report
+    html = report.read_text()
+    for name in MODELS:
+        assert name in html
+    assert html.count("data:image/png;base64,") >= 2 * len(MODELS)
+
+    # One tune -> train -> evaluate chain per model, each with real outputs.
+    val_auc = {}
+    for iteration in sorted(run_dir.glob("for-loop-*-iteration-*")):
+        info = json.loads((iteration / "train" / "model" / "model_info.json").read_text())
+        best = json.loads((iteration / "tune" / "tuning" / "best_hparams.json").read_text())
+        assert best["model_name"] == info["model_name"] and best["trials"] == 1
+        val = json.loads((iteration / "evaluate" / "evaluation" / "val" / "metrics.json")
+                         .read_text())
+        test = json.loads((iteration / "evaluate" / "evaluation" / "test" / "metrics.json")
+                          .read_text())
+        assert val["n"] == 120 and test["n"] == 120
+        assert val["threshold"] == test["threshold"] == info["threshold"]
+        val_auc[info["model_name"]] = val["roc_auc"]
+        assert not list((iteration / "tune").rglob("checkpoint*"))
+    assert sorted(val_auc) == sorted(MODELS)
+
+    # The best model is the one with the highest validation AUC (ties: by name).
+    best_info = json.loads((run_dir / "compare" / "best_model" / "model_info.json").read_text())
+    expected = sorted(val_auc, key=lambda name: (-val_auc[name], name))[0]
+    assert best_info["model_name"] == expected
+    executor = json.loads((run_dir / "compare" / "executor_output.json").read_text())
+    best_artifact = executor["artifacts"]["best_model"]["artifacts"][0]
+    assert best_artifact["metadata"]["model_name"] == expected

@@ -11,6 +11,7 @@ def tune(
     weights: str,
     batch_size: int,
     seed: int,
+    train_samples: int,
     tuning: Output[Artifact],
     metrics: Output[Metrics],
 ):
@@ -21,7 +22,7 @@ def tune(
 
     best = tuning_lib.tune(Path(dataset.path), model_name, Path(tuning.path),
                            max_trials=max_trials, epochs=epochs, weights=weights,
-                           batch_size=batch_size, seed=seed)
+                           batch_size=batch_size, seed=seed, train_samples=train_samples)
     tuning.metadata.update({"model_name": model_name, **best["hparams"]})
     metrics.log_metric("tune_best_val_auc", best["best_score"])
     metrics.log_metric("tune_trials", best["trials"])

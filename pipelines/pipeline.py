@@ -46,6 +46,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, gpu: bool = False, retri
         epochs: int = 6,
         tune_trials: int = 3,
         tune_epochs: int = 2,
+        tune_train_samples: int = 0,
         batch_size: int = 32,
         max_per_split: int = 0,
         seed: int = 42,
@@ -59,7 +60,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, gpu: bool = False, retri
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:
             tune = ops.tune(dataset=dataset, model_name=name, max_trials=tune_trials,
                             epochs=tune_epochs, weights=weights, batch_size=batch_size,
-                            seed=seed)
+                            seed=seed, train_samples=tune_train_samples)
             train = ops.train(dataset=dataset, tuning=tune.outputs["tuning"], model_name=name,
                               epochs=epochs, weights=weights, batch_size=batch_size, seed=seed)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"])

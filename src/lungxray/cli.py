@@ -25,7 +25,7 @@ def _tune(args: argparse.Namespace) -> dict:
 
     return tune.tune(args.data, args.model, args.output, max_trials=args.max_trials,
                      epochs=args.epochs, weights=args.weights, batch_size=args.batch_size,
-                     seed=args.seed, cache_dir=args.cache_dir)
+                     seed=args.seed, train_samples=args.train_samples, cache_dir=args.cache_dir)
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="keras-tuner search, objective validation AUC")
     _training(p, epochs=2)
     p.add_argument("--max-trials", type=int, default=3, help="trials to run (default 3)")
+    p.add_argument("--train-samples", type=int, default=0, help="fit each trial on a "
+                   "stratified subset of N training images (0 = all, the default)")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)")

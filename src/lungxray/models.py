@@ -184,6 +184,13 @@ def build_classifier(name: str, image_size: int, channels: int, num_classes: int
         x = layer(x)
     backbone = build_backbone(spec, input_size, weights)
     backbone.name = "backbone"
+    if weights is None:
+        # Keras' 0.99 lets BatchNorm's moving statistics lag for hundreds of steps, so short
+        # from-scratch runs validate on near-initial statistics (AUC ~0.5); 0.9 warms up in
+        # tens of steps (PyTorch's default).
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
     # A pretrained backbone always runs in inference mode, so its BatchNorm statistics survive
     # fine-tuning (keras.io transfer-learning guide); from scratch they must learn.
     x = backbone(x, training=False) if weights is not None else backbone(x)

@@ -64,15 +64,20 @@ def trials_table(tuner: kt.Tuner) -> pd.DataFrame:
 
 
 def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epochs: int = 2,
-         weights: str = "none", batch_size: int = 32, seed: int = 42,
+         weights: str = "none", batch_size: int = 32, seed: int = 42, train_samples: int = 0,
          cache_dir: Path | None = None) -> dict:
-    """Search, then write ``best_hparams.json`` and ``trials.csv`` to ``output``."""
+    """Search, then write ``best_hparams.json`` and ``trials.csv`` to ``output``.
+
+    ``train_samples`` > 0 fits each trial on a stratified subset of train (a budget knob for
+    CPUs); trials are always scored on the whole validation split.
+    """
     if max_trials < 1 or epochs < 1:
         raise ValueError(f"max_trials and epochs must be >= 1, got {max_trials} and {epochs}")
     models.get_spec(model_name)  # fail on a bad name before any work
     manifest = data.read_manifest(data_dir)
     num_classes = len(manifest["class_names"])
-    train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
+    train_split = data.stratified_sample(data.load_split(data_dir, "train"), train_samples, seed)
+    val_split = data.load_split(data_dir, "val")
     keras.utils.set_random_seed(seed)
     hypermodel = ClassifierHyperModel(model_name, manifest["image_size"], manifest["channels"],
                                       num_classes, models.resolve_weights(weights, cache_dir),
@@ -104,6 +109,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
         "objective": MONITOR,
         "best_score": float(best_trial.score),
         "trials": int(len(table)),
+        "train_samples": len(train_split),
         "search_seconds": round(time.time() - started, 2),
         "hparams": dict(best_trial.hyperparameters.values),
     }

@@ -23,6 +23,11 @@ IMAGE ?= $(REGISTRY)/lungxray:$(TAG)
 PIPELINE_YAML := build/pipeline.yaml
 KFP_HOST ?= http://localhost:8080
 KFP_EXPERIMENT ?= lungxray
+GPU_NODE_SELECTOR ?=#              e.g. cloud.google.com/gke-accelerator=nvidia-l4
+GCS_SECRET ?=#                     Secret with key.json for gs:// (not needed with Workload Identity)
+CACHE_PVC ?=#                      PVC for tuner/training state across retries, e.g. lungxray-cache
+COMPILE_FLAGS = $(if $(GPU_NODE_SELECTOR),--gpu-node-selector $(GPU_NODE_SELECTOR)) \
+	$(if $(GCS_SECRET),--gcs-secret $(GCS_SECRET)) $(if $(CACHE_PVC),--cache-pvc $(CACHE_PVC))
 
 .PHONY: help install local test test-fast lint format compile bench clean
 
@@ -55,11 +60,11 @@ format: $(STAMP) ## ruff format + import sorting
 	$(VENV)/bin/ruff check --select I --fix src components pipelines tests
 	$(VENV)/bin/ruff format src components pipelines tests
 
-compile: $(STAMP) ## Compile the pipeline for a cluster into build/pipeline.yaml (IMAGE)
-	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML)
+compile: $(STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, GPU_NODE_SELECTOR, GCS_SECRET, CACHE_PVC)
+	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML) $(COMPILE_FLAGS)
 
 $(PIPELINE_YAML): $(STAMP) $(wildcard pipelines/*.py components/*.py)
-	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML)
+	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML) $(COMPILE_FLAGS)
 
 bench: $(STAMP) ## Benchmarks (not part of test): writes bench/results.json and bench/RESULTS.md
 	$(PY) -m bench.run

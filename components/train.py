@@ -13,16 +13,24 @@ def train(
     seed: int,
     model: Output[Model],
     metrics: Output[Metrics],
+    target_sensitivity: float = 0.0,
+    state_root: str = "",
 ):
-    """Writes model.keras, model_info.json, history.json and curves.png into ``model``."""
+    """Writes model.keras, model_info.json, history.json and curves.png into ``model``.
+    ``target_sensitivity`` 0 picks the threshold by Youden's J; ``state_root`` (a mounted PVC)
+    keeps checkpoints across retries, so a preempted run resumes."""
     from pathlib import Path
 
     from lungxray import train as training
     from lungxray import tune
 
     hparams = tune.read_best_hparams(Path(tuning.path) / tune.BEST_FILE)
+    state_dir = (Path(state_root) / "train" / training.state_key(dataset.uri, model_name, hparams,
+                                                                 epochs, weights, seed)
+                 if state_root else None)
     info = training.train(Path(dataset.path), model_name, Path(model.path), hparams,
-                          epochs=epochs, weights=weights, batch_size=batch_size, seed=seed)
+                          epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
+                          target_sensitivity=target_sensitivity or None, state_dir=state_dir)
     model.metadata.update({k: info[k] for k in ("model_name", "threshold", "params", "weights")})
     model.metadata["framework"] = "keras"
     for key in ("train_seconds", "params", "epochs"):

@@ -5,6 +5,7 @@ Only the graph lives here; everything that reads parameter values runs inside co
 
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kfp import dsl
 
@@ -13,26 +14,54 @@ import components
 PIPELINE_NAME = "lungxray"
 DEFAULT_MODELS = ["VGG16", "ResNet152V2", "InceptionV3"]
 GPU_RESOURCE = "nvidia.com/gpu"
+CACHE_MOUNT = "/mnt/lungxray-cache"
+SECRET_MOUNT = "/var/secrets/gcs"
 
 
-def _on_cluster(task: dsl.PipelineTask, gpu: bool, retries: int) -> None:
-    """Retries with backoff (preemptible nodes vanish) and, with ``gpu``, one NVIDIA GPU and
-    the toleration GPU node pools are usually tainted with."""
-    if retries:
-        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
-    if gpu:
-        from kfp import kubernetes
+@dataclass(frozen=True)
+class Platform:
+    """Kubernetes settings applied at compile time through kfp-kubernetes. The defaults are
+    those of a local run (kfp.local ignores all of them anyway)."""
 
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    gpu: bool = False  # tune and train request nvidia.com/gpu (count: the `gpus` parameter)
+    retries: int = 0  # tune and train, for preempted nodes
+    gpu_node_selector: tuple[str, str] | None = None  # e.g. ("cloud.google.com/gke-accelerator",
+    #                                                         "nvidia-l4")
+    gcs_secret: str | None = None  # Secret holding a service-account `key.json`, if no WI
+    cache_pvc: str | None = None  # PVC for tuner/training state that survives retries
+
+    @property
+    def state_root(self) -> str:
+        return CACHE_MOUNT if self.cache_pvc else ""
+
+
+def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool, gpus) -> None:
+    """Credentials on every step; GPU, node selector, retries and the state volume on the
+    heavy ones (tune, train)."""
+    from kfp import kubernetes
+
+    if platform.gcs_secret:
+        kubernetes.use_secret_as_volume(task, secret_name=platform.gcs_secret,
+                                        mount_path=SECRET_MOUNT)
+        task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{SECRET_MOUNT}/key.json")
+    if not heavy:
+        return
+    if platform.retries:
+        task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
+    if platform.gpu:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists",
                                   effect="NoSchedule")
+        if platform.gpu_node_selector:
+            kubernetes.add_node_selector(task, *platform.gpu_node_selector)
+    if platform.cache_pvc:
+        kubernetes.mount_pvc(task, pvc_name=platform.cache_pvc, mount_path=CACHE_MOUNT)
 
 
-def build_pipeline(image: str = components.LOCAL_IMAGE, gpu: bool = False, retries: int = 0,
+def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Platform(),
                    parallelism: int = 1) -> Callable:
-    """The pipeline function for ``image``. ``gpu`` requests a GPU for tune and train,
-    ``retries`` retries them, ``parallelism`` bounds how many base models run at once
-    (0 = no bound)."""
+    """The pipeline function for ``image`` on ``platform``; ``parallelism`` bounds how many
+    base models run at once (0 = no bound)."""
     ops = components.build(image)
 
     @dsl.pipeline(name=PIPELINE_NAME,
@@ -51,25 +80,30 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, gpu: bool = False, retri
         max_per_split: int = 0,
         seed: int = 42,
         select_metric: str = "val_roc_auc",
+        target_sensitivity: float = 0.0,
+        gpus: int = 1,
         data_version: str = "",
     ) -> dsl.HTML:
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version)
-        prep.set_display_name("preprocess")
+        _apply(prep, platform, heavy=False, gpus=gpus)
         dataset = prep.outputs["dataset"]
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:
             tune = ops.tune(dataset=dataset, model_name=name, max_trials=tune_trials,
                             epochs=tune_epochs, weights=weights, batch_size=batch_size,
                             seed=seed, train_samples=tune_train_samples)
             train = ops.train(dataset=dataset, tuning=tune.outputs["tuning"], model_name=name,
-                              epochs=epochs, weights=weights, batch_size=batch_size, seed=seed)
+                              epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
+                              target_sensitivity=target_sensitivity,
+                              state_root=platform.state_root)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"])
-            for task in (tune, train):
-                _on_cluster(task, gpu, retries)
+            for task, heavy in ((tune, True), (train, True), (evaluate, False)):
+                _apply(task, platform, heavy, gpus)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),
                               tunings=dsl.Collected(tune.outputs["tuning"]),
                               select_metric=select_metric)
+        _apply(compare, platform, heavy=False, gpus=gpus)
         return compare.outputs["report"]
 
     return lungxray

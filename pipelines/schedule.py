@@ -17,14 +17,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.params import ParamsError, check_image, load_params, read_pipeline_spec
-from pipelines.params import validate_params as _validate_against_spec
+from pipelines.params import ParamsError, load_params
 from pipelines.submit import (
     CACHE_CHOICES,
     KfpError,
     add_common_args,
     connect,
-    get_or_create_experiment,
+    prepare,
     run_cli,
 )
 
@@ -133,12 +132,8 @@ def schedule(
     cron = validate_cron(cron)
     if not name.strip():
         raise ParamsError("a recurring run needs a name (SCHEDULE_NAME)")
-    spec = read_pipeline_spec(package_path)
-    if expect_image:  # first: parameters of a stale package are beside the point
-        check_image(spec, expect_image)
-    arguments = _validate_against_spec(spec, params)
-    client = connect(host, namespace)
-    experiment_id = get_or_create_experiment(client, experiment, namespace)
+    client, experiment_id, arguments = prepare(host, experiment, package_path, params,
+                                               expect_image, namespace)
     clash = [r for r in find_recurring_runs(client, name, experiment_id) if r.mode != DISABLED]
     if clash:
         raise KfpError(

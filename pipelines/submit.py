@@ -133,6 +133,18 @@ def run_url(host: str, run_id: str) -> str:
     return f"{normalise_host(host)}/#/runs/details/{run_id}"
 
 
+def prepare(host: str, experiment: str, package_path: str, params: Mapping[str, Any],
+            expect_image: str | None, namespace: str | None) -> tuple[Any, str, dict[str, Any]]:
+    """Everything submit and schedule check before sending: the package's image, the params
+    against its spec, the host; returns (client, experiment id, validated arguments)."""
+    spec = read_pipeline_spec(package_path)
+    if expect_image:  # first: parameters of a stale package are beside the point
+        check_image(spec, expect_image)
+    arguments = _validate_against_spec(spec, params)
+    client = connect(host, namespace)
+    return client, get_or_create_experiment(client, experiment, namespace), arguments
+
+
 def submit_run(
     host: str,
     experiment: str,
@@ -149,12 +161,8 @@ def submit_run(
     `expect_image` guards against submitting a package compiled for another image tag;
     `enable_caching` None keeps the compiled per-task settings, True/False overrides them all.
     """
-    spec = read_pipeline_spec(package_path)
-    if expect_image:  # first: parameters of a stale package are beside the point
-        check_image(spec, expect_image)
-    arguments = _validate_against_spec(spec, params)
-    client = connect(host, namespace)
-    experiment_id = get_or_create_experiment(client, experiment, namespace)
+    client, experiment_id, arguments = prepare(host, experiment, package_path, params,
+                                               expect_image, namespace)
     result = client.create_run_from_pipeline_package(
         pipeline_file=str(package_path),
         arguments=arguments,

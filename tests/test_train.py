@@ -69,3 +69,45 @@ def test_class_weights_are_balanced():
     weights = train.class_weights(labels, 2)
     assert weights[0] * 10 == pytest.approx(weights[1] * 30)
     assert weights[0] == pytest.approx(40 / (2 * 10))
+
+
+def test_a_killed_training_resumes_from_its_last_epoch(small_dataset, tmp_path):
+    """SIGKILL a real `lungxray train` after its first epoch; the re-run goes on from there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    output = tmp_path / "model"
+    command = [sys.executable, "-m", "lungxray.cli", "train", "--data", str(small_dataset),
+               "--model", "VGG16", "--output", str(output), "--epochs", "4", "--patience", "9",
+               "--seed", "2"]
+    log = output / ".state" / "scratch.epochs.csv"
+
+    def epochs_logged() -> int:  # CSVLogger creates the file before it writes a header
+        return len(pd.read_csv(log)) if log.exists() and log.stat().st_size else 0
+
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    while epochs_logged() < 1:
+        assert first.poll() is None, first.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "first epoch never finished"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = epochs_logged()
+    assert 1 <= killed_at < 4 and not (output / train.INFO_FILE).exists()
+    first_epoch = pd.read_csv(log)["val_auc"].iloc[0]
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Epoch 1/4" not in resumed.stdout + resumed.stderr  # not restarted from scratch
+    assert f"Epoch {killed_at + 1}/4" in resumed.stdout + resumed.stderr
+    history = json.loads((output / train.HISTORY_FILE).read_text())
+    assert history["phases"] == [{"name": "scratch", "epochs": 4}]
+    assert history["history"]["val_auc"][0] == pytest.approx(first_epoch)
+    assert not (output / ".state").exists()  # cleaned up once complete

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -45,17 +48,30 @@ def merge_hparams(hparams: dict | None, pretrained: bool = True) -> dict:
 
 def make_dataset(split: data.Split, num_classes: int, batch_size: int, shuffle: bool = False,
                  seed: int = 42) -> tf.data.Dataset:
-    """Batches of (float32 pixels, one-hot labels); one-hot so label smoothing works."""
-    images = split.images.astype(np.float32)
-    onehot = keras.utils.to_categorical(split.labels, num_classes).astype(np.float32)
-    dataset = tf.data.Dataset.from_tensor_slices((images, onehot))
+    """Batches of (float32 pixels, one-hot labels), gathered from the (possibly memory-mapped)
+    arrays in parallel, so a dataset larger than memory streams. One-hot so label smoothing
+    works."""
+    images, labels = split.images, split.labels
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.sort(index)  # in-order reads are much faster on a memory map
+        onehot = np.eye(num_classes, dtype=np.float32)[labels[index]]
+        return images[index].astype(np.float32), onehot
+
+    dataset = tf.data.Dataset.range(len(split))
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    shape = (None, *images.shape[1:])
+    dataset = dataset.batch(batch_size).map(
+        lambda index: tf.numpy_function(gather, [index], (tf.float32, tf.float32)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(lambda x, y: (tf.ensure_shape(x, shape),
+                                        tf.ensure_shape(y, (None, num_classes))))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def compile_model(model: keras.Model, learning_rate: float, label_smoothing: float,
-                  num_classes: int) -> None:
+                  num_classes: int, jit_compile: bool = False) -> None:
     """Adam + cross-entropy; ``auc`` is macro one-vs-rest, which for two softmax outputs equals
     the binary ROC AUC of the positive class."""
     model.compile(
@@ -63,6 +79,7 @@ def compile_model(model: keras.Model, learning_rate: float, label_smoothing: flo
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=True,
                                                num_labels=num_classes)],
+        jit_compile=jit_compile,
     )
 
 
@@ -75,15 +92,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     return {int(c): float(lookup.get(c, 1.0)) for c in classes}
 
 
-def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
-    return [
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.3,
-                                          patience=max(1, patience // 2), min_lr=1e-7),
-    ]
-
-
 def phase_epochs(epochs: int, pretrained: bool) -> list[tuple[str, int]]:
     """Pretrained: head first, then fine-tune (half each, head gets the odd one).
     From scratch: one phase."""
@@ -93,11 +101,90 @@ def phase_epochs(epochs: int, pretrained: bool) -> list[tuple[str, int]]:
     return [("head", head), ("finetune", epochs - head)]
 
 
+def gpu_count() -> int:
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def configure_devices(mixed_precision: bool | None, jit_compile: bool | None
+                      ) -> tuple[tf.distribute.Strategy, bool, bool]:
+    """Mixed precision and XLA default to on with a GPU, off on CPU (where they slow down);
+    several GPUs train data-parallel with MirroredStrategy."""
+    gpus = gpu_count()
+    mixed = gpus > 0 if mixed_precision is None else mixed_precision
+    jit = gpus > 0 if jit_compile is None else jit_compile
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    strategy = tf.distribute.MirroredStrategy() if gpus > 1 else tf.distribute.get_strategy()
+    return strategy, mixed, jit
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to each epoch's logs (so the history and CSV log record it)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
+
+
+class PhaseState:
+    """What survives a killed run: finished phases (weights + history) and, inside a phase,
+    Keras' BackupAndRestore (weights, optimizer state, epoch) plus an appended epoch log."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.record = root / "phases.json"
+
+    def finished(self) -> list[dict]:
+        return json.loads(self.record.read_text()) if self.record.exists() else []
+
+    def weights(self, phase: str) -> Path:
+        return self.root / f"{phase}.weights.h5"
+
+    def best(self, phase: str) -> Path:
+        return self.root / f"{phase}.best.weights.h5"
+
+    def log(self, phase: str) -> Path:
+        return self.root / f"{phase}.epochs.csv"
+
+    def callbacks(self, phase: str, patience: int) -> list[keras.callbacks.Callback]:
+        return [
+            keras.callbacks.BackupAndRestore(str(self.root / f"{phase}.backup")),
+            EpochTimer(),  # before CSVLogger, which writes the logs it adds to
+            keras.callbacks.CSVLogger(str(self.log(phase)), append=True),
+            keras.callbacks.ModelCheckpoint(str(self.best(phase)), monitor=MONITOR, mode="max",
+                                            save_best_only=True, save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience),
+            keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.3,
+                                              patience=max(1, patience // 2), min_lr=1e-7),
+        ]
+
+    def finish(self, phase: str, model: keras.Model) -> dict:
+        """Keep the phase's best epoch and record the phase as done."""
+        if self.best(phase).exists():
+            model.load_weights(self.best(phase))
+        model.save_weights(self.weights(phase))
+        epochs = pd.read_csv(self.log(phase))
+        record = {"name": phase, "epochs": len(epochs),
+                  "history": {k: epochs[k].astype(float).tolist() for k in epochs.columns
+                              if k != "epoch"}}
+        self.record.write_text(json.dumps([*self.finished(), record], indent=2))
+        return record
+
+
 def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = None,
           epochs: int = 5, weights: str = "none", batch_size: int = 32, seed: int = 42,
-          patience: int = 3, cache_dir: Path | None = None) -> dict:
+          patience: int = 3, target_sensitivity: float | None = None,
+          mixed_precision: bool | None = None, jit_compile: bool | None = None,
+          state_dir: Path | None = None, cache_dir: Path | None = None) -> dict:
     """Train ``model_name`` on ``data_dir`` and write the model, its info and curves to
-    ``output``. Returns the model info (also written as ``model_info.json``)."""
+    ``output``. Returns the model info (also written as ``model_info.json``).
+
+    Re-running with the same ``output`` (or ``state_dir``) after a kill resumes from the last
+    finished epoch, optimizer state included. The decision threshold is chosen on validation:
+    Youden's J, or the highest one reaching ``target_sensitivity``.
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     resolved = models.resolve_weights(weights, cache_dir)
@@ -106,57 +193,68 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     class_names = manifest["class_names"]
     num_classes = len(class_names)
     train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
+    output = Path(output)
+    state = PhaseState(Path(state_dir) if state_dir else output / ".state")
+    state.root.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(seed)
-    model = models.build_classifier(
-        model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
-        dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],
-        seed=seed)
-    train_ds = make_dataset(train_split, num_classes, batch_size, shuffle=True, seed=seed)
-    val_ds = make_dataset(val_split, num_classes, batch_size)
+    strategy, mixed, jit = configure_devices(mixed_precision, jit_compile)
+    with strategy.scope():
+        model = models.build_classifier(
+            model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
+            dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],
+            seed=seed)
+    global_batch = batch_size * strategy.num_replicas_in_sync
+    train_ds = make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed)
+    val_ds = make_dataset(val_split, num_classes, global_batch)
     weights_by_class = (class_weights(train_split.labels, num_classes)
                         if hp["class_weighting"] else None)
 
-    history: dict[str, list[float]] = {}
-    phases = []
+    done = {record["name"]: record for record in state.finished()}
     started = time.time()
     for phase, n_epochs in phase_epochs(epochs, resolved is not None):
-        if n_epochs == 0:
+        if n_epochs == 0 or phase in done:
             continue
+        if done:  # resuming after a finished phase: start from its weights
+            model.load_weights(state.weights(list(done)[-1]))
+        learning_rate = hp["learning_rate"]
         if phase == "head":
             models.set_trainable(model, 0.0)
-            learning_rate = hp["learning_rate"]
         elif phase == "finetune":
             models.set_trainable(model, hp["unfreeze"])
             learning_rate = hp["fine_tune_learning_rate"]
-        else:
-            learning_rate = hp["learning_rate"]
         # Changing `trainable` only takes effect after compiling again.
-        compile_model(model, learning_rate, hp["label_smoothing"], num_classes)
-        fitted = model.fit(train_ds, validation_data=val_ds, epochs=n_epochs,
-                           class_weight=weights_by_class, callbacks=_callbacks(patience),
-                           verbose=2)
-        for key, values in fitted.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
-        phases.append({"name": phase, "epochs": len(fitted.history["loss"])})
+        with strategy.scope():
+            compile_model(model, learning_rate, hp["label_smoothing"], num_classes, jit)
+        model.fit(train_ds, validation_data=val_ds, epochs=n_epochs,
+                  class_weight=weights_by_class, callbacks=state.callbacks(phase, patience),
+                  verbose=2)
+        done[phase] = state.finish(phase, model)
+    model.load_weights(state.weights(list(done)[-1]))  # the best epoch of the last phase
     train_seconds = time.time() - started
 
+    phases = [{"name": r["name"], "epochs": r["epochs"]} for r in done.values()]
+    history: dict[str, list[float]] = {}
+    for record in done.values():
+        for key, values in record["history"].items():
+            history.setdefault(key, []).extend(values)
     val_probs = model.predict(val_ds, verbose=0)
     threshold = None
     if num_classes == 2:
-        threshold = metrics.choose_threshold(val_split.labels, val_probs[:, 1])
+        threshold = metrics.choose_threshold(val_split.labels, val_probs[:, 1],
+                                             target_sensitivity=target_sensitivity)
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     model.save(output / MODEL_FILE)
     (output / HISTORY_FILE).write_text(json.dumps({"history": history, "phases": phases},
                                                   indent=2))
     plots.plot_history(history, phases, output / "curves.png", title=model_name)
+    images_seen = len(train_split) * sum(p["epochs"] for p in phases)
     info = {
         "model_name": model_name,
         "class_names": class_names,
         "positive_class": 1 if num_classes == 2 else None,
         "threshold": threshold,
-        "threshold_method": "youden" if threshold is not None else None,
+        "threshold_method": (None if threshold is None else "youden" if target_sensitivity is None
+                             else f"sensitivity>={target_sensitivity}"),
         "image_size": manifest["image_size"],
         "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
         "channels": manifest["channels"],
@@ -164,14 +262,24 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "hparams": hp,
         "params": int(model.count_params()),
         "train_seconds": round(train_seconds, 2),
+        "train_images_per_s": round(images_seen / max(train_seconds, 1e-9), 2),
         "epochs": sum(p["epochs"] for p in phases),
         "batch_size": batch_size,
+        "devices": {"gpus": gpu_count(), "replicas": strategy.num_replicas_in_sync,
+                    "mixed_precision": mixed, "xla": jit},
         "seed": seed,
         "data_sha256": {name: s["sha256"] for name, s in manifest["splits"].items()},
     }
     # Written last: its presence marks a complete model directory.
     (output / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if state.root == output / ".state":
+        shutil.rmtree(state.root)  # the run is complete; the output keeps only the results
     return info
+
+
+def state_key(*parts: object) -> str:
+    """A stable directory name for one training job, so a retry finds its own checkpoints."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_model_info(model_dir: Path) -> dict:

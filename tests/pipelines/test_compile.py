@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from pipelines.compile import compile_pipeline
-from pipelines.pipeline import DEFAULT_MODELS
+from pipelines.pipeline import CACHE_MOUNT, DEFAULT_MODELS, SECRET_MOUNT
 from pipelines.profiles import PROFILES, pipeline_defaults, resolve_params
 
 IMAGE = "registry.example/lungxray:0123456789ab"
@@ -38,7 +38,8 @@ def test_cluster_pipeline_shape(tmp_path):
     for name in ("exec-tune", "exec-train"):
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
-        assert accelerator["resourceCount"] == "1"
+        # The count is the `gpus` pipeline parameter (default 1).
+        assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
         assert "retryPolicy" in inner[name.removeprefix("exec-")]
     for name in ("exec-preprocess", "exec-evaluate", "exec-compare"):
         assert "resources" not in executors[name]["container"]
@@ -50,6 +51,7 @@ def test_cluster_pipeline_shape(tmp_path):
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["base_models"]["defaultValue"] == DEFAULT_MODELS
+    assert params["gpus"]["defaultValue"] == 1
     assert set(params) == set(pipeline_defaults())
 
 
@@ -69,3 +71,24 @@ def test_profiles_only_use_real_parameters():
     for name, profile in PROFILES.items():
         assert set(profile) <= set(defaults), name
         assert resolve_params(name)["base_models"] == DEFAULT_MODELS
+
+
+def test_platform_settings_for_a_managed_cluster(tmp_path):
+    spec, platform = load(compile_pipeline(
+        tmp_path / "p.yaml", IMAGE, gpu_node_selector=("cloud.google.com/gke-accelerator",
+                                                       "nvidia-l4"),
+        gcs_secret="gcs-key", cache_pvc="lungxray-cache"))
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-tune", "exec-train"):
+        assert k8s[name]["nodeSelector"]["labels"] == {
+            "cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert k8s[name]["pvcMount"][0]["mountPath"] == CACHE_MOUNT
+    for name in ("exec-preprocess", "exec-evaluate", "exec-compare", "exec-train"):
+        assert k8s[name]["secretAsVolume"][0]["secretName"] == "gcs-key"
+        env = spec["deploymentSpec"]["executors"][name]["container"]["env"]
+        assert {"name": "GOOGLE_APPLICATION_CREDENTIALS",
+                "value": f"{SECRET_MOUNT}/key.json"} in env
+    assert "pvcMount" not in k8s.get("exec-evaluate", {})
+    # train gets the mounted state root, so a retried (preempted) run resumes.
+    train_inputs = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]["inputs"]
+    assert train_inputs["parameters"]["state_root"]["runtimeValue"]["constant"] == CACHE_MOUNT

@@ -1,6 +1,6 @@
-"""KFP component: prepare the dataset (splits + manifest) from the pipeline's data source."""
+"""KFP component: prepare the dataset (splits + manifest + data report) from the data source."""
 
-from kfp.dsl import Dataset, Markdown, Output
+from kfp.dsl import HTML, Dataset, Markdown, Output
 
 
 def preprocess(
@@ -11,14 +11,24 @@ def preprocess(
     data_version: str,
     dataset: Output[Dataset],
     summary: Output[Markdown],
+    report: Output[HTML],
+    skip_bad: bool = False,
+    keep_aspect: bool = False,
 ):
     """Prepare ``source``; ``image_size`` 0 keeps the source's size. ``data_version`` is not read:
-    it is part of the cache key, so new data under the same URI is never served from cache."""
+    it is part of the cache key, so new data under the same URI is never served from cache.
+    ``skip_bad`` leaves unusable files out (listed in the report) instead of failing;
+    ``keep_aspect`` pads images to square instead of stretching them."""
+    import shutil
     from pathlib import Path
 
-    from lungxray import data
+    from lungxray import data, datareport
 
     manifest = data.preprocess(source, Path(dataset.path), image_size=image_size or None,
-                               seed=seed, max_per_split=max_per_split)
+                               seed=seed, max_per_split=max_per_split, skip_bad=skip_bad,
+                               keep_aspect=keep_aspect)
     dataset.metadata.update(data.manifest_metadata(manifest))
-    Path(summary.path).write_text(data.describe_manifest(manifest))
+    # The same files also stay inside the dataset, so the report travels with the data.
+    for name, artifact in ((datareport.MARKDOWN_FILE, summary), (datareport.HTML_FILE, report)):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(dataset.path) / name, artifact.path)

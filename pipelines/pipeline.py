@@ -71,6 +71,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         data_source: str = "pneumoniamnist",
         base_models: list = DEFAULT_MODELS,  # noqa: B006 - KFP reads the default from here
         image_size: int = 0,
+        keep_aspect: bool = False,
+        skip_bad: bool = False,
         weights: str = "imagenet",
         epochs: int = 6,
         tune_trials: int = 3,
@@ -85,7 +87,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         data_version: str = "",
     ) -> dsl.HTML:
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
-                              max_per_split=max_per_split, data_version=data_version)
+                              max_per_split=max_per_split, data_version=data_version,
+                              skip_bad=skip_bad, keep_aspect=keep_aspect)
         _apply(prep, platform, heavy=False, gpus=gpus)
         dataset = prep.outputs["dataset"]
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -129,3 +131,86 @@ def test_source_is_never_modified(shared_npz, tmp_path):
     before = data.file_sha256(shared_npz)
     data.preprocess(str(shared_npz), tmp_path / "out", max_per_split=50)
     assert data.file_sha256(shared_npz) == before
+
+
+def test_within_split_duplicates_of_the_shared_file(prepared):
+    _, manifest = prepared
+    within = manifest["within_split_duplicates"]
+    # The real train split holds 18 extra copies; grouped, every pair stays on one side.
+    assert within["train"]["count"] + within["test"]["count"] == 18
+    assert within["val"]["count"] == 0
+    assert all(w["label_conflicts"] == 0 for w in within.values())
+    output, _ = prepared
+    train = data.load_split(output, "train")
+    i, j = within["train"]["examples"][0]
+    np.testing.assert_array_equal(train.images[i], train.images[j])
+
+
+def test_prepared_layout_is_memory_mapped_and_indexed(prepared):
+    output, manifest = prepared
+    train = data.load_split(output, "train")
+    assert isinstance(train.images, np.memmap) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int64
+    files = pd.read_csv(output / data.FILES_INDEX)
+    assert files.groupby("split").size().to_dict() == {
+        name: split["n"] for name, split in manifest["splits"].items()}
+    row = files[(files["split"] == "train") & (files["index"] == 0)].iloc[0]
+    assert row["file"].startswith("train_images[")
+    source = data.load_npz(Path(manifest["source"])).splits["train"]
+    n = int(row["file"].split("[")[1].rstrip("]"))
+    np.testing.assert_array_equal(source.images[n], train.images[0])
+    assert (output / "data_report.html").is_file() and (output / "data_report.md").is_file()
+
+
+def test_folder_duplicates_are_grouped_and_seeded(shared_npz, tmp_path):
+    train = data.load_npz(shared_npz).splits["train"]
+    idx = np.concatenate([np.flatnonzero(train.labels == c)[:40] for c in (0, 1)])
+    images, labels = train.images[idx], train.labels[idx]
+    root = tmp_path / "dups"
+    _write_folder(root, images, labels)
+    # Ten exact copies under other names: they must never straddle two splits.
+    for i in range(0, 80, 8):
+        name = ("NORMAL", "PNEUMONIA")[labels[i]]
+        (root / name / f"copy{i:04d}.png").write_bytes((root / name / f"{i:04d}.png").read_bytes())
+    first = data.preprocess(str(root), tmp_path / "a", image_size=28, seed=5,
+                            val_fraction=0.2, test_fraction=0.2)
+    again = data.preprocess(str(root), tmp_path / "b", image_size=28, seed=5,
+                            val_fraction=0.2, test_fraction=0.2)
+    assert all(info["count"] == 0 for info in first["cross_split_duplicates"].values())
+    assert sum(w["count"] for w in first["within_split_duplicates"].values()) == 10
+    assert again["splits"] == first["splits"] and again["source_sha256"] == first["source_sha256"]
+    assert (tmp_path / "a" / data.FILES_INDEX).read_bytes() == (
+        tmp_path / "b" / data.FILES_INDEX).read_bytes()
+
+
+def _peak_memory(source, output, size: int) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        data.preprocess(str(source), output, image_size=size, seed=0, workers=2)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_number_of_images(shared_npz, tmp_path, monkeypatch):
+    train = data.load_npz(shared_npz).splits["train"]
+    size = 128
+    monkeypatch.setattr(data, "CHUNK_BYTES", 16 * size * size)  # 16 images per step
+    peaks = {}
+    for n in (150, 450):  # 2.5 MB and 7.4 MB of prepared pixels
+        idx = np.concatenate([np.flatnonzero(train.labels == c)[:n // 2] for c in (0, 1)])
+        _write_folder(tmp_path / f"src{n}", train.images[idx], train.labels[idx])
+        peaks[n] = _peak_memory(tmp_path / f"src{n}", tmp_path / f"out{n}", size)
+    # Held in memory, three times the images would add about 5 MB.
+    assert peaks[450] - peaks[150] < 1_000_000, peaks
+
+
+def test_datasets_prepared_in_the_old_npz_format_still_load(tmp_path):
+    images, labels = np.zeros((3, 8, 8, 1), np.uint8), np.array([0, 1, 0])
+    np.savez(tmp_path / "val.npz", images=images, labels=labels)
+    (tmp_path / data.MANIFEST).write_text(json.dumps(
+        {"format": "lungxray-dataset/1", "splits": {"val": {"n": 3}}}))
+    assert data.is_prepared(tmp_path)
+    np.testing.assert_array_equal(data.load_split(tmp_path, "val").labels, labels)

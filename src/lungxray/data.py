@@ -1,8 +1,15 @@
-"""Read image sources, make leakage-free seeded splits and write a prepared dataset.
+"""Prepare a raw source into leakage-free seeded splits, streamed chunk by chunk to disk.
 
-A prepared dataset is a directory with one ``<split>.npz`` per split (``images`` uint8
-``(N, H, W, C)``, ``labels`` int64 ``(N,)``) and a ``manifest.json`` that records where the data
-came from and how it was split, so any later step can be reproduced or audited.
+A prepared dataset is a directory with, per split, ``<split>_images.npy`` (uint8
+``(N, H, W, C)``, loaded memory-mapped) and ``<split>_labels.npy`` (int64 ``(N,)``); a
+``manifest.json`` that records where the data came from and how it was split, so any later step
+can be reproduced or audited; ``files.csv`` (which source file became which row); and the data
+report ``data_report.html`` / ``data_report.md``.
+
+Preparing runs in two passes so that no split ever has to fit in memory: every given split is
+decoded at the prepared size into a memory-mapped pool (hashing each image on the way), then
+splits are decided on labels, hashes and patient ids alone, and rows are copied from the pools
+into the output files a chunk at a time.
 """
 
 from __future__ import annotations
@@ -10,27 +17,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+import shutil
 import tempfile
-from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
+import pandas as pd
 
-SPLITS = ("train", "val", "test")
+from lungxray import datareport, sources
+from lungxray import images as imaging
+from lungxray import splits as splitting
+from lungxray.sources import MEDMNIST_CLASS_NAMES, SPLITS, DataError
+
+__all__ = ["DEFAULT_FOLDER_SIZE", "FORMAT", "MANIFEST", "MEDMNIST_CLASS_NAMES", "MIN_IMAGE_SIZE",
+           "SPLITS", "DataError", "Split", "describe_manifest", "image_hashes", "is_prepared",
+           "load_npz", "load_split", "manifest_metadata", "preprocess", "read_manifest",
+           "stratified_sample"]
+
 MANIFEST = "manifest.json"
-FORMAT = "lungxray-dataset/1"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+FORMAT = "lungxray-dataset/2"  # /1 stored <split>.npz, read still for older prepared datasets
+_FORMAT_NPZ = "lungxray-dataset/1"
+FILES_INDEX = "files.csv"
 DEFAULT_FOLDER_SIZE = 224
-# MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
-MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
-
-
-class DataError(ValueError):
-    """Input data that cannot be used, with a message naming what and where."""
+MIN_IMAGE_SIZE = imaging.MIN_SIZE
+# Prepared pixels decoded or copied per step: memory stays a few times this, whatever the size
+# of the dataset.
+CHUNK_BYTES = 32 << 20
 
 
 @dataclass
@@ -49,17 +63,12 @@ class Split:
 
 @dataclass
 class Source:
-    """A loaded raw source: its splits, class names and a fingerprint of the raw bytes."""
+    """A whole ``.npz`` source loaded into memory (:func:`load_npz`), for small files and tests."""
 
     splits: dict[str, Split]
     class_names: list[str]
     sha256: str
-    flat: bool = False  # a folder without split folders: all images in one set
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading sources
-# ---------------------------------------------------------------------------------------------
+    flat: bool = False
 
 
 def file_sha256(path: Path) -> str:
@@ -70,312 +79,417 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _to_nhwc(images: np.ndarray, where: str) -> np.ndarray:
-    if images.ndim == 3:
-        images = images[..., np.newaxis]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{where}: expected images shaped (N, H, W) or (N, H, W, 1|3), "
-                        f"got {images.shape}")
-    if images.dtype != np.uint8:
-        raise DataError(f"{where}: expected uint8 pixels, got {images.dtype}")
-    return images
-
-
 def load_npz(path: Path, class_names: list[str] | None = None) -> Source:
-    """Load a MedMNIST-style ``.npz`` (``<split>_images`` / ``<split>_labels`` keys)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
-    with archive:
-        keys = set(archive.files)
-        splits: dict[str, Split] = {}
-        for name in SPLITS:
-            image_key, label_key = f"{name}_images", f"{name}_labels"
-            if (image_key in keys) != (label_key in keys):
-                raise DataError(f"{path}: has {image_key if image_key in keys else label_key} "
-                                f"but not its pair")
-            if image_key not in keys:
-                continue
-            try:
-                images = _to_nhwc(archive[image_key], f"{path}:{image_key}")
-                labels = np.asarray(archive[label_key]).reshape(-1)
-            except DataError:
-                raise
-            except ValueError as err:  # e.g. pickled object arrays, refused on purpose
-                raise DataError(f"{path}: cannot read {image_key}/{label_key}: {err}") from err
-            if len(labels) != len(images):
-                raise DataError(f"{path}: {image_key} has {len(images)} images but {label_key} "
-                                f"has {len(labels)} labels")
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise DataError(f"{path}:{label_key}: labels must be integers, got {labels.dtype}")
-            splits[name] = Split(images, labels.astype(np.int64))
-    if "train" not in splits and "test" not in splits:
-        raise DataError(f"{path}: no train_images/train_labels or test_images/test_labels keys "
-                        f"(found: {', '.join(sorted(keys)) or 'nothing'})")
-    n_classes = int(max(split.labels.max() for split in splits.values() if len(split)) + 1)
-    if class_names is None:
-        stem = path.name.split(".")[0].split("_")[0].lower()
-        class_names = MEDMNIST_CLASS_NAMES.get(stem, [str(i) for i in range(n_classes)])
-    if n_classes > len(class_names):
-        raise DataError(f"{path}: labels go up to {n_classes - 1} but only {len(class_names)} "
-                        f"class names are known ({class_names})")
-    return Source(splits, list(class_names), file_sha256(path))
-
-
-def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from err
-    return array.reshape(size, size, channels)
-
-
-def _class_dirs(root: Path) -> dict[str, list[Path]]:
-    classes = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        classes[class_dir.name] = files
-    return classes
-
-
-def load_folder(root: Path, image_size: int, channels: int = 1) -> Source:
-    """Load ``<root>/[train|val|test/]<CLASS>/*.png|jpg`` into memory at ``image_size``."""
-    split_dirs = {name: root / name for name in SPLITS if (root / name).is_dir()}
-    layout = {name: _class_dirs(d) for name, d in split_dirs.items()} or {"train": _class_dirs(root)}
-    class_names = sorted({name for classes in layout.values() for name in classes})
-    if not class_names:
-        raise DataError(f"{root}: no class folders found (expected <root>/[train|val|test/]<CLASS>/)")
-    for split, classes in layout.items():
-        if sorted(classes) != class_names:
-            missing = sorted(set(class_names) - set(classes))
-            raise DataError(f"{root}: split '{split}' lacks class folders {missing}")
-    digest = hashlib.sha256()
-    splits = {}
-    for split, classes in layout.items():
-        images, labels = [], []
-        for label, name in enumerate(class_names):
-            for path in classes[name]:
-                images.append(_load_image(path, image_size, channels))
-                labels.append(label)
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(file_sha256(path).encode())
-        if not images:
-            raise DataError(f"{root}: split '{split}' holds no .png/.jpg images")
-        splits[split] = Split(np.stack(images), np.asarray(labels, dtype=np.int64))
-    return Source(splits, class_names, digest.hexdigest(), flat=not split_dirs)
-
-
-def load_source(source: str, image_size: int | None = None, channels: int | None = None,
-                class_names: list[str] | None = None, cache_dir: Path | None = None) -> Source:
-    """Load a ``.npz`` file, an image folder, either of them on ``gs://``, or the name of a
-    published dataset (``pneumoniamnist`` or ``pneumoniamnist_<64|128|224>``, downloaded with
-    checksum verification and cached)."""
-    if source.startswith("gs://"):
-        from lungxray import storage  # google-cloud-storage only loads for gs:// sources
-
-        path = storage.fetch(source, cache_dir)
-    elif re.fullmatch(r"pneumoniamnist(_\d+)?", source) and not Path(source).exists():
-        from lungxray import download
-
-        size = int(source.rpartition("_")[2]) if "_" in source else 28
-        path = download.fetch_pneumoniamnist(size, cache_dir)
-    else:
-        path = Path(source)
-    if not path.exists():
-        raise DataError(f"{source}: no such file or directory")
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise DataError(f"{source}: a file source must be a MedMNIST-style .npz")
-        loaded = load_npz(path, class_names)
-        return _reshape(loaded, image_size, channels, source)
-    loaded = load_folder(path, image_size or DEFAULT_FOLDER_SIZE, channels or 1)
-    if class_names is not None and class_names != loaded.class_names:
-        raise DataError(f"{source}: class folders {loaded.class_names} differ from the expected "
-                        f"{class_names}")
-    return loaded
-
-
-def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
-    out = np.empty((len(images), size, size, images.shape[-1]), dtype=np.uint8)
-    for i, image in enumerate(images):
-        pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
-        out[i] = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)).reshape(
-            size, size, -1)
-    return out
-
-
-def _reshape(loaded: Source, image_size: int | None, channels: int | None, where: str) -> Source:
-    """Bring npz images to the requested size and channel count."""
-    for name, split in loaded.splits.items():
-        images = split.images
-        if channels == 3 and images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
-        elif channels == 1 and images.shape[-1] == 3:
-            weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL
-            images = np.round(images @ weights)[..., np.newaxis].astype(np.uint8)
-        if image_size and images.shape[1:3] != (image_size, image_size):
-            if image_size < 8:
-                raise DataError(f"{where}: image size {image_size} is too small")
-            images = _resize_all(images, image_size)
-        loaded.splits[name] = Split(images, split.labels)
-    return loaded
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting
-# ---------------------------------------------------------------------------------------------
+    """Load a MedMNIST-style ``.npz`` (``<split>_images`` / ``<split>_labels``) into memory."""
+    scanned = sources.scan_npz(Path(path), class_names)
+    splits = {name: Split(np.concatenate([np.empty((0, *s.shape[1:]), np.uint8),
+                                          *s.chunks(max(len(s), 1))]), s.labels)
+              for name, s in scanned.splits.items()}
+    return Source(splits, scanned.class_names, file_sha256(path))
 
 
 def image_hashes(images: np.ndarray) -> np.ndarray:
-    """Content hash per image, to find exact duplicates."""
+    """Content hash (sha1 of the pixels) per image, to find exact duplicates."""
     return np.array([hashlib.sha1(image.tobytes()).hexdigest() for image in images])
-
-
-def carve(split: Split, fraction: float, seed: int,
-          keep: set[str] | frozenset[str] = frozenset()) -> tuple[Split, Split]:
-    """Stratified, seeded split of ``split`` into (rest, carved).
-
-    Exact duplicates are grouped first so that all copies of an image land on the same side;
-    images whose hash is in ``keep`` (they also sit in another split) never go to the carved
-    side, so a carved split shares no image with any other split.
-    """
-    hashes = image_hashes(split.images)
-    unique, first, group = np.unique(hashes, return_index=True, return_inverse=True)
-    candidates = np.flatnonzero(~np.isin(unique, list(keep)))
-    group_labels = split.labels[first][candidates]
-    counts = Counter(group_labels.tolist())
-    if len(counts) < 2 or min(counts.values()) < 2:
-        raise DataError(f"cannot carve a stratified split: class counts {dict(counts)} need at "
-                        f"least two distinct images per class")
-    n_carved = int(round(fraction * len(split)))
-    _, carved_groups = train_test_split(candidates, test_size=n_carved, random_state=seed,
-                                        stratify=group_labels)
-    carved_mask = np.isin(group, carved_groups)
-    return split.subset(np.flatnonzero(~carved_mask)), split.subset(np.flatnonzero(carved_mask))
 
 
 def stratified_sample(split: Split, limit: int, seed: int) -> Split:
     """At most ``limit`` samples, keeping class proportions (for quick local runs)."""
     if limit <= 0 or len(split) <= limit:
         return split
-    keep, _ = train_test_split(np.arange(len(split)), train_size=limit, random_state=seed,
-                               stratify=split.labels)
-    return split.subset(np.sort(keep))
+    return split.subset(splitting.stratified_indices(split.labels, limit, seed))
 
 
-def cross_split_duplicates(splits: dict[str, Split], examples: int = 5) -> dict:
-    """Images that appear pixel-identical in two splits, per pair of splits."""
-    hashes = {name: image_hashes(split.images) for name, split in splits.items()}
-    report = {}
-    names = list(splits)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = np.intersect1d(hashes[a], hashes[b])
-            pairs = [[int(np.flatnonzero(hashes[a] == h)[0]), int(np.flatnonzero(hashes[b] == h)[0])]
-                     for h in shared[:examples]]
-            report[f"{a}/{b}"] = {"count": int(sum(np.isin(hashes[b], shared))),
-                                  "examples": pairs}
-    return report
+# ---------------------------------------------------------------------------------------------
+# Pass 1: decode every given split into a memory-mapped pool
+# ---------------------------------------------------------------------------------------------
 
 
-def split_digest(split: Split) -> str:
+@dataclass
+class _Pool:
+    """One given split at the prepared size, on disk, with per-image metadata."""
+
+    path: Path | None  # .npy of shape (N, S, S, C); None when the split has no images
+    labels: np.ndarray
+    hashes: np.ndarray  # sha1 of the prepared pixels, "" for a skipped file
+    groups: np.ndarray  # patient ids, "" when unknown
+    origins: list[str]  # how reports name each image
+    ok: np.ndarray  # False for files that could not be used
+
+    def images(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    size: int
+    channels: int
+    keep_aspect: bool
+    min_size: int
+    workers: int
+
+    @property
+    def rows(self) -> int:
+        return max(1, CHUNK_BYTES // (self.size * self.size * self.channels))
+
+
+def _new_pool_file(path: Path, n: int, settings: _Settings) -> np.memmap | None:
+    if n == 0:
+        return None
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                     shape=(n, settings.size, settings.size, settings.channels))
+
+
+def _read_one(item: sources.Item, settings: _Settings) -> tuple[np.ndarray | None, str, str, str]:
+    """(pixels or None, sha1 of the pixels, sha256 of the file bytes, problem or ""); bad input
+    is reported, never raised, so one run can name every bad file."""
+    try:
+        data = item.path.read_bytes()  # read once: hashed for the source digest, then decoded
+    except FileNotFoundError:
+        return None, "", "missing", "no such file"
+    except OSError as err:
+        return None, "", "unreadable", f"cannot read ({err.strerror or err})"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        pixels = imaging.decode(data, item.path.name, settings.size, settings.channels,
+                                settings.keep_aspect, settings.min_size)
+    except imaging.ImageError as err:
+        return None, "", digest, str(err)
+    return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), digest, ""
+
+
+def _decode_files(split: sources.FileSet, path: Path,
+                  settings: _Settings) -> tuple[_Pool, list[str], list[tuple[str, str]]]:
+    """Decode a FileSet into a pool on a thread pool (PIL and hashlib release the GIL).
+    Returns the pool, the sha256 of every file and the (file, problem) list of unusable ones."""
+    n = len(split)
+    pool = _new_pool_file(path, n, settings)
+    hashes = np.full(n, "", dtype=object)
+    ok = np.zeros(n, dtype=bool)
+    file_digests: list[str] = []
+    bad: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=settings.workers) as executor:
+        for start in range(0, n, settings.rows):
+            batch = split.items[start:start + settings.rows]
+            results = executor.map(lambda item: _read_one(item, settings), batch)
+            for i, (item, (pixels, pixel_hash, file_digest, problem)) in enumerate(
+                    zip(batch, results, strict=True), start=start):
+                file_digests.append(file_digest)
+                if problem:
+                    bad.append((item.origin, problem))
+                    continue
+                pool[i] = pixels
+                hashes[i] = pixel_hash
+                ok[i] = True
+            if pool is not None:
+                pool.flush()  # hands written pages back to the OS: memory stays flat
+    del pool
+    groups = np.array([item.group for item in split.items], dtype=object)
+    return (_Pool(path if n else None, split.labels, hashes.astype(str), groups.astype(str),
+                  [item.origin for item in split.items], ok), file_digests, bad)
+
+
+def _decode_arrays(split: sources.ArraySet, path: Path, settings: _Settings) -> _Pool:
+    """Convert an npz member into a pool a chunk at a time."""
+    n = len(split)
+    pool = _new_pool_file(path, n, settings)
+    hashes = []
+    start = 0
+    for chunk in split.chunks(settings.rows):
+        converted = imaging.convert_array(chunk, settings.size, settings.channels,
+                                          settings.keep_aspect)
+        pool[start:start + len(converted)] = converted
+        hashes += [hashlib.sha1(image.tobytes()).hexdigest() for image in converted]
+        start += len(converted)
+        pool.flush()
+    del pool
+    return _Pool(path if n else None, split.labels, np.array(hashes, dtype=str),
+                 np.full(n, "", dtype=str), [split.origin(i) for i in range(n)],
+                 np.ones(n, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: decide the splits on metadata, then copy rows out
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan(pools: dict[str, _Pool], carve_missing: bool, fractions: dict[str, float], seed: int,
+          max_per_split: int, by_patient: bool) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
+    """Per output split: (pool name, sorted row indices), and which splits were carved."""
+    plan = {name: (name, np.flatnonzero(pool.ok)) for name, pool in pools.items()}
+    carved: dict[str, str] = {}
+    if carve_missing:
+        for name in ("test", "val"):
+            if name in plan:
+                continue
+            train = pools["train"]
+            rows = plan["train"][1]
+            others = [pools[p].hashes[i] for split, (p, i) in plan.items() if split != "train"]
+            forced = np.isin(train.hashes[rows], np.concatenate(others) if others else [])
+            patients = train.groups[rows] if by_patient else None
+            if by_patient:
+                other_ids = [pools[p].groups[i] for s, (p, i) in plan.items() if s != "train"]
+                forced |= np.isin(patients, np.concatenate(other_ids) if other_ids else [])
+            groups = splitting.group_ids(train.hashes[rows], patients)
+            mask = splitting.carve(train.labels[rows], groups, fractions[name], seed, forced,
+                                   by_patient, name)
+            plan["train"], plan[name] = ("train", rows[~mask]), ("train", rows[mask])
+            carved[name] = "train"
+    ordered = {}
+    for name in SPLITS:
+        if name in plan:
+            pool_name, rows = plan[name]
+            keep = splitting.stratified_indices(pools[pool_name].labels[rows], max_per_split, seed)
+            ordered[name] = (pool_name, rows[keep])
+    return ordered, carved
+
+
+def _write_split(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, out: Path,
+                 settings: _Settings, histograms: np.ndarray) -> str:
+    """Copy ``images[rows]`` into ``out`` chunk by chunk; returns the split's sha256 (pixels
+    then labels, as for an in-memory array) and adds pixel counts per class to histograms."""
+    target = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                       shape=(len(rows), *images.shape[1:]))
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(split.images).tobytes())
-    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    for start in range(0, len(rows), settings.rows):
+        block = np.ascontiguousarray(images[rows[start:start + settings.rows]])
+        block_labels = labels[start:start + len(block)]
+        target[start:start + len(block)] = block
+        target.flush()
+        digest.update(block.tobytes())
+        datareport.add_histograms(histograms, block, block_labels)
+    del target
+    digest.update(np.ascontiguousarray(labels).tobytes())
     return digest.hexdigest()
 
 
+def _write_index(path: Path, written: dict[str, dict], class_names: list[str]) -> None:
+    """files.csv: which source file (or npz row) became which row of which split."""
+    frames = [pd.DataFrame({"split": name, "index": np.arange(len(info["labels"])),
+                            "label": info["labels"],
+                            "class": [class_names[i] for i in info["labels"]],
+                            "file": info["origins"], "sha1": info["hashes"],
+                            "patient_id": info["groups"]})
+              for name, info in written.items()]
+    pd.concat(frames).to_csv(path, index=False)
+
+
 # ---------------------------------------------------------------------------------------------
-# Writing and reading prepared datasets
+# preprocess
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()) and not (output / MANIFEST).exists():
+        raise DataError(f"{output}: exists, is not empty and is not a prepared dataset; "
+                        f"refusing to overwrite it")
+
+
+def _check_sizes(where: str, src: sources.Source, size: int, floor: int) -> None:
+    """The prepared size must be at least 8 px; source images at least ``floor`` px."""
+    if size < MIN_IMAGE_SIZE:
+        raise DataError(f"{where}: image size {size} px is below the minimum of "
+                        f"{MIN_IMAGE_SIZE} px")
+    small = [f"{s.key}: {s.shape[1]}x{s.shape[2]} px" for s in src.splits.values()
+             if isinstance(s, sources.ArraySet) and min(s.shape[1:3]) < floor]
+    if small:
+        raise sources.problems_error(where, f"field(s) with images below the minimum of "
+                                     f"{floor} px", small)
+
+
+def _check_classes(where: str, train: _Pool, class_names: list[str]) -> None:
+    """A training set needs at least two classes, and no class without images."""
+    present = set(np.unique(train.labels[train.ok]).tolist())
+    if len(present) < 2:
+        only = [class_names[i] for i in sorted(present)]
+        raise DataError(f"{where}: only one class {only} has training images; a classifier "
+                        f"needs at least two (classes: {class_names})")
+    empty = [name for i, name in enumerate(class_names) if i not in present]
+    if empty:
+        raise DataError(f"{where}: class(es) {empty} have no training images")
 
 
 def preprocess(source: str, output: Path, image_size: int | None = None, seed: int = 42,
                val_fraction: float = 0.1, test_fraction: float = 0.1,
                max_per_split: int = 0, channels: int | None = None,
                class_names: list[str] | None = None, carve_missing: bool = True,
-               cache_dir: Path | None = None) -> dict:
+               cache_dir: Path | None = None, *, skip_bad: bool = False,
+               keep_aspect: bool = False, min_size: int = MIN_IMAGE_SIZE,
+               workers: int = 0) -> dict:
     """Prepare ``source`` into ``output`` and return the manifest.
 
-    Missing val/test splits are carved from train (stratified, seeded, duplicate-grouped)
-    unless ``carve_missing`` is False (evaluation of an external set uses the splits as given).
+    Missing val/test splits are carved from train (stratified, seeded, duplicate- and
+    patient-grouped) unless ``carve_missing`` is False (evaluation of an external set uses the
+    splits as given; a source without splits becomes one ``test`` set). Bad files stop the run
+    with an error naming every one of them, or with ``skip_bad`` are left out and listed in the
+    manifest and report. ``keep_aspect`` pads instead of stretching; source images whose
+    smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below 8, are
+    refused. ``workers`` decode threads
+    (0: one per CPU, at most 8). Nothing is written unless everything succeeds.
     """
-    loaded = load_source(source, image_size, channels, class_names, cache_dir)
-    splits = dict(loaded.splits)
-    carved = {}
-    if not carve_missing and loaded.flat:
-        splits = {"test": splits.pop("train")}  # an external set is evaluated as a whole
-    if carve_missing:
-        if "train" not in splits:
-            raise DataError(f"{source}: has no train split to train on or carve from")
-        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
-            if name not in splits:
-                elsewhere = {h for other, split in splits.items() if other != "train"
-                             for h in image_hashes(split.images)}
-                splits["train"], splits[name] = carve(splits["train"], fraction, seed, elsewhere)
-                carved[name] = "train"
-    splits = {name: stratified_sample(splits[name], max_per_split, seed)
-              for name in SPLITS if name in splits}
-    for name, split in splits.items():
-        if len(split) == 0:
-            raise DataError(f"{source}: split '{name}' is empty")
-    first = next(iter(splits.values()))
-    manifest = {
-        "format": FORMAT,
-        "source": source,
-        "source_sha256": loaded.sha256,
-        "class_names": loaded.class_names,
-        "image_size": int(first.images.shape[1]),
-        "channels": int(first.images.shape[-1]),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "max_per_split": max_per_split,
-        "carved": carved,
-        "splits": {
-            name: {
-                "n": len(split),
-                "counts": {cls: int((split.labels == i).sum())
-                           for i, cls in enumerate(loaded.class_names)},
-                "sha256": split_digest(split),
-            }
-            for name, split in splits.items()
-        },
-        "cross_split_duplicates": cross_split_duplicates(splits),
-    }
-    _write_atomically(output, splits, manifest)
+    output = Path(output)
+    _check_output(output)
+    src = sources.open_source(source, class_names, cache_dir)
+    floor = max(MIN_IMAGE_SIZE, min_size)
+    settings = _Settings(size=image_size or src.native_size or DEFAULT_FOLDER_SIZE,
+                         channels=channels or src.native_channels or 1,
+                         keep_aspect=keep_aspect, min_size=floor,
+                         workers=workers or min(8, os.cpu_count() or 1))
+    _check_sizes(source, src, settings.size, floor)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=output.parent))
+    try:
+        manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
+                            carve_missing=carve_missing, max_per_split=max_per_split,
+                            fractions={"val": val_fraction, "test": test_fraction})
+        _check_output(output)  # still ours to replace after the (long) preparation
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
 
 
-def _write_atomically(output: Path, splits: dict[str, Split], manifest: dict) -> None:
-    """Write everything into a temp dir beside ``output`` and rename it into place last,
-    so a failure never leaves a directory that looks like a valid dataset."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.exists() and any(output.iterdir()):
-        if not (output / MANIFEST).exists():
-            raise DataError(f"{output}: exists, is not empty and is not a prepared dataset; "
-                            f"refusing to overwrite it")
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=output.parent))
-    for name, split in splits.items():
-        np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels)
+def _prepare(src: sources.Source, source: str, staging: Path, settings: _Settings, *,
+             seed: int, skip_bad: bool, carve_missing: bool, max_per_split: int,
+             fractions: dict[str, float]) -> dict:
+    """Both passes into ``staging``; returns the manifest (written last)."""
+    empty = [name for name, split in src.splits.items() if len(split) == 0]
+    if empty and not skip_bad:
+        raise sources.problems_error(source, "empty split(s)", [
+            f"split '{name}' holds no images" for name in empty],
+            " (pass skip_bad=True / --skip-bad to drop them)")
+    pools, bad, source_sha = _decode_all(src, staging / ".pools", settings)
+    if bad and not skip_bad:
+        raise sources.problems_error(source, "unusable file(s)", [
+            f"{b['file']}: {b['reason']}" for b in bad],
+            " (pass skip_bad=True / --skip-bad to skip them and list them in the report)")
+    dropped = [name for name, pool in pools.items() if not pool.ok.any()]
+    if dropped and not skip_bad:
+        raise sources.problems_error(source, "split(s) without usable images", [
+            f"split '{name}'" for name in dropped])
+    pools = {name: pool for name, pool in pools.items() if name not in dropped}
+    if not carve_missing and src.flat and "train" in pools:
+        pools = {"test": pools.pop("train")}  # an external set is evaluated as a whole
+    if carve_missing:
+        if "train" not in pools:
+            raise DataError(f"{source}: has no train split to train on or carve from")
+        _check_classes(source, pools["train"], src.class_names)
+    by_patient = any((pool.groups != "").any() for pool in pools.values())
+    plan, carved = _plan(pools, carve_missing, fractions, seed, max_per_split, by_patient)
+    written, histograms = _write_all(pools, plan, staging, settings, len(src.class_names))
+    shutil.rmtree(staging / ".pools")
+    _write_index(staging / FILES_INDEX, written, src.class_names)
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        "source_kind": src.kind,
+        "source_sha256": source_sha,
+        "class_names": src.class_names,
+        "image_size": settings.size,
+        "channels": settings.channels,
+        "keep_aspect": settings.keep_aspect,
+        "min_size": settings.min_size,
+        "seed": seed,
+        "val_fraction": fractions["val"],
+        "test_fraction": fractions["test"],
+        "max_per_split": max_per_split,
+        "skip_bad": skip_bad,
+        "grouped_by": "patient_id" if by_patient else "content",
+        "carved": carved,
+        "splits": {
+            name: {"n": len(info["labels"]),
+                   "counts": {cls: int((info["labels"] == i).sum())
+                              for i, cls in enumerate(src.class_names)},
+                   "sha256": info["sha256"]}
+            for name, info in written.items()
+        },
+        **_duplicates(written, by_patient),
+        "skipped": bad,
+        "skipped_splits": dropped,
+        "ignored": src.ignored,
+        "files": FILES_INDEX,
+        "report": {"html": datareport.HTML_FILE, "markdown": datareport.MARKDOWN_FILE},
+    }
+    loaded = {name: load_split_files(staging, name) for name in written}
+    datareport.write_report(staging, manifest, loaded, histograms, seed)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if output.exists():
-        for child in output.iterdir():
-            child.unlink()
-        output.rmdir()
-    os.replace(staging, output)
+    return manifest
+
+
+def _decode_all(src: sources.Source, pools_dir: Path,
+                settings: _Settings) -> tuple[dict[str, _Pool], list[dict], str]:
+    """Pass 1: every given split into a pool. Returns the pools, the unusable files and the
+    source's sha256 (of the npz file, or of every file's path and bytes, good or bad)."""
+    pools_dir.mkdir()
+    digest = hashlib.sha256()
+    for path in src.extra_hashed:
+        digest.update(file_sha256(path).encode())
+    pools: dict[str, _Pool] = {}
+    bad: list[dict] = []
+    for name, split in src.splits.items():
+        path = pools_dir / f"{name}.npy"
+        if isinstance(split, sources.ArraySet):
+            pools[name] = _decode_arrays(split, path, settings)
+            continue
+        pools[name], file_digests, problems = _decode_files(split, path, settings)
+        bad += [{"split": name, "file": f, "reason": r} for f, r in problems]
+        for item, file_digest in zip(split.items, file_digests, strict=True):
+            digest.update(item.origin.encode() + b"\0" + file_digest.encode())
+    source_sha = file_sha256(src.root) if src.kind == "npz" else digest.hexdigest()
+    return pools, bad, source_sha
+
+
+def _write_all(pools: dict[str, _Pool], plan: dict[str, tuple[str, np.ndarray]], staging: Path,
+               settings: _Settings, n_classes: int) -> tuple[dict[str, dict], np.ndarray]:
+    """Pass 2: each output split's rows out of its pool. Returns per split its labels, hashes,
+    patient ids, origins and sha256, and the per-class intensity histograms."""
+    histograms = np.zeros((n_classes, 256), dtype=np.int64)
+    written: dict[str, dict] = {}
+    for name, (pool_name, rows) in plan.items():
+        pool = pools[pool_name]
+        if len(rows) == 0:
+            raise DataError(f"split '{name}' would be empty")
+        labels = pool.labels[rows].astype(np.int64)
+        np.save(staging / f"{name}_labels.npy", labels)
+        sha = _write_split(pool.images(), rows, labels, staging / f"{name}_images.npy",
+                           settings, histograms)
+        written[name] = {"labels": labels, "hashes": pool.hashes[rows],
+                         "groups": pool.groups[rows], "sha256": sha,
+                         "origins": [pool.origins[i] for i in rows]}
+    return written, histograms
+
+
+def _duplicates(written: dict[str, dict], by_patient: bool) -> dict:
+    """The manifest's leakage reports: identical images across and within splits, and
+    patients in two splits when the source names patients."""
+    report = {
+        "cross_split_duplicates": splitting.cross_split_duplicates(
+            {n: info["hashes"] for n, info in written.items()},
+            {n: info["origins"] for n, info in written.items()}),
+        "within_split_duplicates": {
+            n: splitting.within_split_duplicates(info["hashes"], info["labels"], info["origins"])
+            for n, info in written.items()},
+    }
+    if by_patient:
+        report["cross_split_patients"] = splitting.cross_split_groups(
+            {n: np.unique(info["groups"]) for n, info in written.items()})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading prepared datasets
+# ---------------------------------------------------------------------------------------------
 
 
 def is_prepared(path: str | Path) -> bool:
     manifest = Path(path) / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
+    try:
+        return json.loads(manifest.read_text()).get("format") in (FORMAT, _FORMAT_NPZ)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -384,44 +498,42 @@ def read_manifest(data_dir: Path) -> dict:
         raise DataError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); "
                         f"run `lungxray preprocess` first")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, _FORMAT_NPZ):
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
 
 
+def load_split_files(data_dir: Path, split: str) -> Split:
+    """The arrays of one split, images memory-mapped (read-only): nothing is read until used."""
+    data_dir = Path(data_dir)
+    images = np.load(data_dir / f"{split}_images.npy", mmap_mode="r", allow_pickle=False)
+    labels = np.load(data_dir / f"{split}_labels.npy", allow_pickle=False)
+    return Split(images, labels)
+
+
 def load_split(data_dir: Path, split: str) -> Split:
-    """Load one split of a prepared dataset."""
+    """Load one split of a prepared dataset (images memory-mapped)."""
     manifest = read_manifest(data_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{data_dir}: has no '{split}' split "
                         f"(available: {', '.join(manifest['splits'])})")
-    with np.load(Path(data_dir) / f"{split}.npz", allow_pickle=False) as archive:
-        return Split(archive["images"], archive["labels"])
+    if manifest["format"] == _FORMAT_NPZ:
+        with np.load(Path(data_dir) / f"{split}.npz", allow_pickle=False) as archive:
+            return Split(archive["images"], archive["labels"])
+    return load_split_files(data_dir, split)
 
 
 def manifest_metadata(manifest: dict) -> dict:
     """Flat key facts of a manifest (for artifact metadata shown in the Kubeflow UI)."""
     meta = {"class_names": manifest["class_names"], "image_size": manifest["image_size"],
             "channels": manifest["channels"], "seed": manifest["seed"],
-            "source_sha256": manifest["source_sha256"]}
+            "source_sha256": manifest["source_sha256"],
+            "n_skipped": len(manifest.get("skipped", []))}
     meta.update({f"n_{name}": split["n"] for name, split in manifest["splits"].items()})
     return meta
 
 
 def describe_manifest(manifest: dict) -> str:
-    """A Markdown summary: counts per split and class, carved splits, duplicates across splits."""
-    classes = manifest["class_names"]
-    lines = [f"# Dataset from `{manifest['source']}`", "",
-             f"{manifest['image_size']}×{manifest['image_size']} px, "
-             f"{manifest['channels']} channel(s), seed {manifest['seed']}, "
-             f"source sha256 `{manifest['source_sha256'][:16]}…`", "",
-             "| split | n | " + " | ".join(classes) + " |",
-             "|---|---:|" + "---:|" * len(classes)]
-    for name, split in manifest["splits"].items():
-        carved = f" (carved from {manifest['carved'][name]})" if name in manifest["carved"] else ""
-        counts = " | ".join(str(split["counts"][c]) for c in classes)
-        lines.append(f"| {name}{carved} | {split['n']} | {counts} |")
-    lines += ["", "Images shared between splits (pixel-identical):", ""]
-    lines += [f"- {pair}: {info['count']}" for pair, info in
-              manifest["cross_split_duplicates"].items()]
-    return "\n".join(lines) + "\n"
+    """The Markdown data report: counts per split and class, carved splits, duplicates within
+    and across splits, skipped files."""
+    return datareport.markdown(manifest)

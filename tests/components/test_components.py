@@ -20,8 +20,10 @@ def artifact(cls, tmp_path: Path, name: str):
 
 def test_preprocess_component_writes_dataset_and_summary(shared_npz, tmp_path):
     dataset, summary = artifact(Dataset, tmp_path, "dataset"), artifact(Markdown, tmp_path, "md")
+    report = artifact(HTML, tmp_path, "report")
     preprocess(source=str(shared_npz), image_size=0, seed=1, max_per_split=60,
-               data_version="v1", dataset=dataset, summary=summary)
+               data_version="v1", dataset=dataset, summary=summary, report=report)
+    assert "data:image/png;base64," in Path(report.path).read_text()
     manifest = json.loads((Path(dataset.path) / "manifest.json").read_text())
     assert manifest["image_size"] == 28  # 0 keeps the source's size
     assert dataset.metadata["n_test"] == 60 and dataset.metadata["image_size"] == 28

@@ -1,0 +1,77 @@
+"""Builders for raw sources made from the real PneumoniaMNIST pixels (folders, CSV, DICOM)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def real_images(shared_npz: Path, per_class: int, offset: int = 0,
+                split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` distinct real images of each class, (N, 28, 28) uint8 and labels."""
+    with np.load(shared_npz, allow_pickle=False) as archive:
+        images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
+    # Skip exact duplicates so tests control every duplicate themselves.
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    unique = np.zeros(len(images), bool)
+    unique[first] = True
+    picked = [np.flatnonzero((labels == c) & unique)[offset:offset + per_class] for c in (0, 1)]
+    index = np.concatenate(picked)
+    return images[index], labels[index].astype(np.int64)
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, size: int = 64,
+                 names: tuple[str, ...] = CLASSES, prefix: str = "img",
+                 ext: str = "png") -> list[Path]:
+    """One image file per image under ``root/<class>/``, upscaled to ``size``."""
+    paths = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{prefix}{i:04d}.{ext}"
+        Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR).save(path)
+        paths.append(path)
+    return paths
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mode of every file under ``root``: equal before and after = untouched."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                             p.stat().st_mode)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                bits_stored: int = 12, window: tuple[float, float] | None = None,
+                rescale: tuple[float, float] | None = None) -> Path:
+    """A single-frame 16-bit DICOM file written by pydicom itself."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID = "anon"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

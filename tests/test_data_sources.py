@@ -1,0 +1,193 @@
+"""Every kind of source through data.preprocess: npz variants, folder trees, CSV manifests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lungxray import data
+from tests.data_helpers import real_images, tree_digest, write_folder
+
+
+@pytest.fixture(scope="module")
+def pictures(shared_npz) -> tuple[np.ndarray, np.ndarray]:
+    return real_images(shared_npz, 30)
+
+
+def rows_by_pixels(output, name: str) -> dict[bytes, int]:
+    split = data.load_split(output, name)
+    return {img.tobytes(): int(lab) for img, lab in zip(split.images, split.labels, strict=True)}
+
+
+# ------------------------------------------------------------------------------------- npz
+
+
+def test_rgb_npz_with_only_a_train_split_gets_val_and_test(pictures, tmp_path):
+    grey, labels = pictures
+    rgb = np.stack([grey, 255 - grey, grey // 2], axis=-1)  # (N, 28, 28, 3)
+    np.savez_compressed(tmp_path / "rgb.npz", train_images=rgb, train_labels=labels[:, None])
+    manifest = data.preprocess(str(tmp_path / "rgb.npz"), tmp_path / "out", seed=1,
+                               val_fraction=0.2, test_fraction=0.2)
+    assert manifest["channels"] == 3 and manifest["image_size"] == 28
+    assert manifest["carved"] == {"test": "train", "val": "train"}
+    assert manifest["class_names"] == ["0", "1"]  # no names known for an unknown file
+    train = data.load_split(tmp_path / "out", "train")
+    assert isinstance(train.images, np.memmap)  # streamed from disk, not loaded
+    assert train.images.shape[1:] == (28, 28, 3)
+    every = {}
+    for name in data.SPLITS:
+        every.update(rows_by_pixels(tmp_path / "out", name))
+    assert every == {img.tobytes(): int(lab) for img, lab in zip(rgb, labels, strict=True)}
+
+
+def test_npz_at_64px_with_test_only_is_kept_as_given_for_evaluation(pictures, tmp_path):
+    grey, labels = pictures
+    big = np.stack([np.kron(g, np.ones((2, 2), np.uint8))[..., None] for g in grey])
+    np.savez(tmp_path / "pneumoniamnist_64.npz", test_images=big, test_labels=labels)
+    manifest = data.preprocess(str(tmp_path / "pneumoniamnist_64.npz"), tmp_path / "out",
+                               carve_missing=False, image_size=32, channels=3)
+    assert list(manifest["splits"]) == ["test"] and manifest["carved"] == {}
+    assert manifest["class_names"] == ["normal", "pneumonia"]  # the MedMNIST names
+    test = data.load_split(tmp_path / "out", "test")
+    assert test.images.shape == (len(grey), 32, 32, 3)
+    np.testing.assert_array_equal(test.labels, labels)
+
+
+def test_npz_is_read_in_chunks(shared_npz, monkeypatch, tmp_path):
+    whole = data.preprocess(str(shared_npz), tmp_path / "whole", max_per_split=300, seed=2)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 28 * 28 * 7)  # 7 images per step
+    chunked = data.preprocess(str(shared_npz), tmp_path / "chunked", max_per_split=300, seed=2)
+    assert chunked["splits"] == whole["splits"]
+
+
+# ----------------------------------------------------------------------------------- folders
+
+
+def test_flat_folder_with_three_classes_nested_files_and_litter(pictures, tmp_path):
+    grey, labels = pictures
+    root = tmp_path / "xray"
+    names = ("covid", "normal", "viral")
+    three = labels + (np.arange(len(labels)) % 3 == 0)  # labels 0, 1, 2
+    write_folder(root, grey, three, names=names)
+    write_folder(root / "viral" / "2024", grey[:6], np.zeros(6, int), names=("batch",),
+                 prefix="nested")
+    (root / "README.md").write_text("where these came from")
+    (root / "normal" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "normal" / "Thumbs.db").write_bytes(b"\0\1")
+    manifest = data.preprocess(str(root), tmp_path / "out", image_size=32, seed=0,
+                               val_fraction=0.2, test_fraction=0.2)
+    assert manifest["class_names"] == list(names)
+    assert manifest["ignored"] == ["README.md"]
+    total = {c: sum(s["counts"][c] for s in manifest["splits"].values()) for c in names}
+    assert total == {"covid": int((three == 0).sum()), "normal": int((three == 1).sum()),
+                     "viral": int((three == 2).sum()) + 6}
+    files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)
+    assert "viral/2024/batch/nested0000.png" in set(files["file"])
+    assert not files["file"].str.contains("DS_Store|Thumbs").any()
+
+
+def test_folder_split_layout_keeps_given_splits(pictures, tmp_path):
+    grey, labels = pictures
+    root = tmp_path / "chest_xray"
+    write_folder(root / "train", grey[::2], labels[::2])
+    write_folder(root / "val", grey[1::4], labels[1::4])
+    write_folder(root / "test", grey[3::4], labels[3::4])
+    manifest = data.preprocess(str(root), tmp_path / "out", image_size=28)
+    assert manifest["carved"] == {}
+    assert [manifest["splits"][s]["n"] for s in data.SPLITS] == [30, 15, 15]
+
+
+def test_folder_mixing_split_and_class_folders_is_refused(pictures, tmp_path):
+    grey, labels = pictures
+    write_folder(tmp_path / "src" / "train", grey, labels)
+    write_folder(tmp_path / "src", grey[[0, -1]], labels[[0, -1]])
+    with pytest.raises(data.DataError, match=r"mixes split folders \['train'\] with other "
+                                             r"folders \['NORMAL', 'PNEUMONIA'\]"):
+        data.preprocess(str(tmp_path / "src"), tmp_path / "out")
+
+
+def test_external_folder_may_lack_a_class_of_the_model(pictures, tmp_path):
+    grey, labels = pictures
+    write_folder(tmp_path / "ext", grey[labels == 1], labels[labels == 1],
+                 names=("normal", "pneumonia"))
+    manifest = data.preprocess(str(tmp_path / "ext"), tmp_path / "out", image_size=28,
+                               class_names=["normal", "pneumonia"], carve_missing=False)
+    assert manifest["splits"]["test"]["counts"] == {"normal": 0, "pneumonia": 30}
+    assert set(data.load_split(tmp_path / "out", "test").labels) == {1}
+
+
+# --------------------------------------------------------------------------------------- CSV
+
+
+def write_csv_source(root, grey, labels, patients=None, splits=None):
+    paths = write_folder(root / "images", grey, labels)
+    table = pd.DataFrame({"path": [p.relative_to(root).as_posix() for p in paths],
+                          "label": np.array(["normal", "pneumonia"])[labels]})
+    if splits is not None:
+        table["split"] = splits
+    if patients is not None:
+        table["patient_id"] = patients
+    table.to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+def test_csv_without_splits_is_carved(pictures, tmp_path):
+    grey, labels = pictures
+    csv = write_csv_source(tmp_path / "src", grey, labels)
+    before = tree_digest(tmp_path / "src")
+    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=4,
+                               val_fraction=0.2, test_fraction=0.2)
+    assert tree_digest(tmp_path / "src") == before
+    assert manifest["source_kind"] == "csv" and manifest["class_names"] == ["normal", "pneumonia"]
+    assert manifest["carved"] == {"test": "train", "val": "train"}
+    assert sum(s["n"] for s in manifest["splits"].values()) == 60
+    assert manifest["splits"]["test"]["counts"] == {"normal": 6, "pneumonia": 6}
+
+
+def test_csv_with_split_column_and_windows_separators(pictures, tmp_path):
+    grey, labels = pictures
+    splits = np.array(["train", "train", "val", "test"])[np.arange(60) % 4]
+    csv = write_csv_source(tmp_path / "src", grey, labels, splits=splits)
+    table = pd.read_csv(csv)
+    table["path"] = table["path"].str.replace("/", "\\")
+    table.to_csv(csv, index=False)
+    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28)
+    assert manifest["carved"] == {}
+    assert [manifest["splits"][s]["n"] for s in data.SPLITS] == [30, 15, 15]
+
+
+def test_csv_patient_groups_never_span_two_splits(pictures, tmp_path):
+    grey, labels = pictures
+    # 20 patients with 3 images each, one label per patient.
+    order = np.argsort(labels, kind="stable")
+    grey, labels = grey[order], labels[order]
+    patients = np.array([f"P{i // 3:03d}" for i in range(60)])
+    csv = write_csv_source(tmp_path / "src", grey, labels, patients=patients)
+    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=3,
+                               val_fraction=0.2, test_fraction=0.2)
+    assert manifest["grouped_by"] == "patient_id"
+    files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)
+    owners = files.groupby("patient_id")["split"].nunique()
+    assert (owners == 1).all(), owners[owners > 1]
+    assert files.groupby("patient_id").size().eq(3).all()  # every image of every patient
+    assert all(info["count"] == 0 for info in manifest["cross_split_patients"].values())
+    for name in ("val", "test"):  # stratified: both classes in every carved split
+        assert min(manifest["splits"][name]["counts"].values()) >= 3
+
+
+def test_csv_given_splits_sharing_a_patient_are_reported(pictures, tmp_path):
+    grey, labels = pictures
+    i = np.arange(60)
+    splits = np.where(i % 3 == 0, "test", "train")
+    # Test images 0, 3, ..., 27 share their patient with train images 1, 4, ..., 28.
+    patients = np.where(i < 30, np.char.add("S", (i - i % 3).astype(str)),
+                        np.char.add("U", i.astype(str)))
+    csv = write_csv_source(tmp_path / "src", grey, labels, patients=patients, splits=splits)
+    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=0,
+                               val_fraction=0.2)
+    assert manifest["cross_split_patients"]["train/test"]["count"] == 10
+    assert manifest["cross_split_patients"]["train/test"]["examples"][0] == "S0"
+    files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)
+    val, test = (set(files.loc[files["split"] == s, "patient_id"]) for s in ("val", "test"))
+    assert len(val) >= 3 and not val & test  # the carved val takes no patient of test

@@ -12,10 +12,16 @@ def compare(
     select_metric: str,
     report: Output[HTML],
     summary: Output[Markdown],
+    model_card: Output[Markdown],
     best_model: Output[Model],
     metrics: Output[Metrics],
+    ensemble_k: int = 2,
+    target_sensitivity: float = 0.0,
 ):
-    """Writes the self-contained report.html, the Markdown table and a copy of the best model."""
+    """Writes the self-contained report.html, report.md, the model card and a copy of the best
+    model (an ensemble of the top ``ensemble_k`` competes too; 0 or 1 = none).
+    ``target_sensitivity`` (0 = as the members did) sets how the ensemble's threshold is chosen
+    on validation."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -27,10 +33,17 @@ def compare(
                                        [Path(e.path) for e in evaluations],
                                        [Path(t.path) for t in tunings], Path(workdir) / "trials")
         output = Path(workdir) / "compare"
-        result = reporting.compare(trials, output, select_metric=select_metric)
+        result = reporting.compare(trials, output, select_metric=select_metric,
+                                   ensemble_k=ensemble_k,
+                                   target_sensitivity=target_sensitivity or None)
         shutil.copyfile(output / "report.html", report.path)
-        shutil.copyfile(output / "results.md", summary.path)
+        shutil.copyfile(output / "report.md", summary.path)
+        shutil.copyfile(output / "model_card.md", model_card.path)
         shutil.copytree(output / "best_model", best_model.path)
     best_model.metadata.update({"model_name": result["best_model"],
-                                select_metric: result["select_value"]})
+                                select_metric: result["select_value"],
+                                "ensemble": result["best_is_ensemble"]})
+    if result["best_is_ensemble"]:
+        best_model.metadata["members"] = result["ensemble"]["members"]
     metrics.log_metric(f"best_{select_metric}", result["select_value"])
+    metrics.log_metric("n_models", result["n_models"])

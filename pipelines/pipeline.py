@@ -78,10 +78,16 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         tune_trials: int = 3,
         tune_epochs: int = 2,
         tune_train_samples: int = 0,
+        tune_algorithm: str = "hyperband",
+        tune_hyperband_factor: int = 3,
+        tune_fine_tune_trials: int = 2,
         batch_size: int = 32,
         max_per_split: int = 0,
         seed: int = 42,
         select_metric: str = "val_roc_auc",
+        ensemble_k: int = 2,
+        external_data: str = "",
+        class_map: str = "",
         target_sensitivity: float = 0.0,
         gpus: int = 1,
         data_version: str = "",
@@ -94,18 +100,23 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:
             tune = ops.tune(dataset=dataset, model_name=name, max_trials=tune_trials,
                             epochs=tune_epochs, weights=weights, batch_size=batch_size,
-                            seed=seed, train_samples=tune_train_samples)
+                            seed=seed, train_samples=tune_train_samples,
+                            algorithm=tune_algorithm, hyperband_factor=tune_hyperband_factor,
+                            fine_tune_trials=tune_fine_tune_trials,
+                            state_root=platform.state_root)
             train = ops.train(dataset=dataset, tuning=tune.outputs["tuning"], model_name=name,
                               epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
                               target_sensitivity=target_sensitivity,
                               state_root=platform.state_root)
-            evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"])
+            evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"],
+                                    external_data=external_data, class_map=class_map)
             for task, heavy in ((tune, True), (train, True), (evaluate, False)):
                 _apply(task, platform, heavy, gpus)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),
                               tunings=dsl.Collected(tune.outputs["tuning"]),
-                              select_metric=select_metric)
+                              select_metric=select_metric, ensemble_k=ensemble_k,
+                              target_sensitivity=target_sensitivity)
         _apply(compare, platform, heavy=False, gpus=gpus)
         return compare.outputs["report"]
 

@@ -2,7 +2,8 @@
 
 - ``quick``: the ``make local`` default, sized for a 2-core laptop CPU (32 px, 2 epochs on the
   whole train split, 2 one-epoch tuning trials on 1000 training images per model).
-- ``full``: the accuracy run for a CPU budget of about an hour.
+- ``full``: longer training and tuning for accuracy on a CPU (not timed yet; expect about an
+  hour on 2 cores with the three default models).
 - ``cluster``: the pipeline's own defaults, meant for GPUs.
 """
 
@@ -14,9 +15,11 @@ from pipelines.pipeline import build_pipeline
 
 PROFILES: dict[str, dict] = {
     "quick": {"image_size": 32, "epochs": 2, "tune_trials": 2, "tune_epochs": 1,
-              "tune_train_samples": 1000, "max_per_split": 0, "batch_size": 32},
-    "full": {"image_size": 64, "epochs": 12, "tune_trials": 4, "tune_epochs": 2,
-             "max_per_split": 0, "batch_size": 32},
+              "tune_train_samples": 1000, "tune_fine_tune_trials": 1, "max_per_split": 0,
+              "batch_size": 32},
+    "full": {"image_size": 32, "epochs": 5, "tune_trials": 3, "tune_epochs": 2,
+             "tune_train_samples": 2000, "tune_fine_tune_trials": 2, "max_per_split": 0,
+             "batch_size": 32},
     "cluster": {},
 }
 

@@ -8,8 +8,16 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
-from lungxray.metrics import choose_threshold, compute_metrics
+from lungxray.metrics import (
+    HEADLINE,
+    bootstrap_indices,
+    choose_threshold,
+    compute_metrics,
+    expected_calibration_error,
+    reliability,
+)
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -36,6 +44,17 @@ def hand_average_precision(y: np.ndarray, s: np.ndarray) -> float:
             hits += 1
             total += hits / rank
     return total / y.sum()
+
+
+def step_average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    """AP with ties: one step per distinct score, precision of everything scoring >= it."""
+    total, previous_recall = 0.0, 0.0
+    for t in sorted(set(s.tolist()), reverse=True):
+        called = s >= t
+        recall = (called & (y == 1)).sum() / (y == 1).sum()
+        total += (recall - previous_recall) * (called & (y == 1)).sum() / called.sum()
+        previous_recall = recall
+    return total
 
 
 def test_binary_metrics_match_hand_counts() -> None:
@@ -212,8 +231,243 @@ def test_choose_threshold_rejects_one_class() -> None:
         (Y, P1),  # 1-D probs
         (Y[:5], PROBS),  # row mismatch
         (np.array([0, 1, 2, 0, 1, 0, 0, 0, 0, 0]), PROBS),  # label outside the classes
+        (Y, np.column_stack([-P1, P1])),  # logits, not probabilities
+        (Y, np.column_stack([P1, P1])),  # rows do not sum to 1
     ],
 )
 def test_compute_metrics_rejects_bad_input(y: np.ndarray, probs: np.ndarray) -> None:
     with pytest.raises(ValueError):
         compute_metrics(y, probs, CLASSES, 0.5)
+
+
+# --------------------------------------------------------------------------- threshold targets
+
+
+def test_choose_threshold_target_sensitivity() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.45, 0.4, 0.6, 0.7, 0.8, 0.9])
+    # Positives score .9 .8 .7 .6 .4: sensitivity 4/5 is first reached at 0.6, 5/5 at 0.4.
+    assert choose_threshold(y, s, target_sensitivity=0.8) == pytest.approx(0.6)
+    assert choose_threshold(y, s, target_sensitivity=0.81) == pytest.approx(0.4)
+    assert choose_threshold(y, s, target_sensitivity=1.0) == pytest.approx(0.4)
+    assert choose_threshold(y, s, target_sensitivity=0.2) == pytest.approx(0.9)
+
+    # Brute force: the highest observed score whose sensitivity reaches the target.
+    def brute(target: float) -> float:
+        return max(t for t in s if np.mean(s[y == 1] >= t) >= target)
+
+    for target in (0.1, 0.35, 0.5, 0.79, 0.95):
+        assert choose_threshold(y, s, target_sensitivity=target) == pytest.approx(brute(target))
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 1.01])
+def test_choose_threshold_rejects_bad_target(target: float) -> None:
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        choose_threshold(Y, P1, target_sensitivity=target)
+
+
+# --------------------------------------------------------------------------- at 0.5
+
+
+def test_metrics_at_half_sit_beside_the_chosen_threshold() -> None:
+    m = compute_metrics(Y, PROBS, CLASSES, 0.65)
+    half = m["at_0.5"]
+    # At 0.5 (see the top of this file): TP=3, FN=1, FP=2, TN=4.
+    assert half["confusion_matrix"] == [[4, 2], [1, 3]]
+    assert half["threshold"] == 0.5
+    assert half["sensitivity"] == pytest.approx(3 / 4)
+    assert half["specificity"] == pytest.approx(4 / 6)
+    assert half["precision"] == pytest.approx(3 / 5)
+    assert half["npv"] == pytest.approx(4 / 5)
+    assert half["accuracy"] == pytest.approx(0.7) == m["accuracy_at_0.5"]
+    assert half["mcc"] == pytest.approx((3 * 4 - 2 * 1) / math.sqrt(5 * 4 * 6 * 5))
+    assert m["sensitivity"] == pytest.approx(2 / 4)  # the chosen threshold's own figures
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_ece_by_hand() -> None:
+    # One sample per bin: ECE = mean |outcome - p|.
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.05, 0.35, 0.65, 0.95])
+    ece = expected_calibration_error(y, np.column_stack([1 - p1, p1]))
+    assert ece == pytest.approx((0.05 + 0.35 + 0.35 + 0.05) / 4)
+    # Two samples share the 0.6-0.7 bin: observed 1/2 vs mean confidence .65 -> gap .15 for
+    # half of the samples; the other two are alone: gaps .1 and .1.
+    y = np.array([1, 0, 0, 1])
+    p1 = np.array([0.62, 0.68, 0.1, 0.9])
+    ece = expected_calibration_error(y, np.column_stack([1 - p1, p1]))
+    assert ece == pytest.approx(0.5 * 0.15 + 0.25 * 0.1 + 0.25 * 0.1)
+    # Perfect calibration: everything at 0.5, half positive.
+    flat = np.full((4, 2), 0.5)
+    assert expected_calibration_error(np.array([0, 1, 0, 1]), flat) == pytest.approx(0.0)
+    assert compute_metrics(Y, PROBS, CLASSES, 0.5)["ece"] == pytest.approx(
+        expected_calibration_error(Y, PROBS))
+
+
+def test_ece_multiclass_uses_top_label_confidence() -> None:
+    # P3 top-label confidences .7 .5 .6 .8 .5 .8 .4; right: yes no yes yes no yes no.
+    # Bins: [.3,.4]: .4 wrong; (.4,.5]: .5 wrong, .5 wrong; (.5,.6]: .6 right; (.6,.7]: .7 right;
+    # (.7,.8]: .8, .8 right.
+    expected = (abs(0 - 0.4) + 2 * abs(0 - 0.5) + abs(1 - 0.6) + abs(1 - 0.7)
+                + 2 * abs(1 - 0.8)) / 7
+    assert expected_calibration_error(Y3, P3) == pytest.approx(expected)
+    assert compute_metrics(Y3, P3, C3, None)["ece"] == pytest.approx(expected)
+
+
+def test_reliability_bins() -> None:
+    y = np.array([1, 0, 0, 1])
+    p1 = np.array([0.62, 0.68, 0.1, 0.9])
+    bins = reliability(y, np.column_stack([1 - p1, p1]))
+    assert bins["count"] == [1, 2, 1]
+    assert bins["confidence"] == pytest.approx([0.1, 0.65, 0.9])
+    assert bins["observed"] == pytest.approx([0.0, 0.5, 1.0])
+
+
+# --------------------------------------------------------------------------- multiclass extras
+
+
+def test_multiclass_specificity_npv_brier_by_hand() -> None:
+    m = compute_metrics(Y3, P3, C3, None)
+    # Confusion [[2,1,0],[0,1,1],[0,1,1]]: per class (TN, FP, FN): normal (4, 0, 1),
+    # bacterial (3, 2, 1), viral (4, 1, 1).
+    spec = [4 / 4, 3 / 5, 4 / 5]
+    npv = [4 / 5, 3 / 4, 4 / 5]
+    for i, name in enumerate(C3):
+        assert m["per_class"][name]["specificity"] == pytest.approx(spec[i])
+        assert m["per_class"][name]["npv"] == pytest.approx(npv[i])
+        truth = (i == Y3).astype(int)
+        assert m["per_class"][name]["roc_auc"] == pytest.approx(pair_auc(truth, P3[:, i]))
+        assert m["per_class"][name]["pr_auc"] == pytest.approx(
+            step_average_precision(truth, P3[:, i]))
+    assert m["specificity"] == pytest.approx(np.mean(spec))
+    assert m["npv"] == pytest.approx(np.mean(npv))
+    onehot = np.eye(3)[Y3]
+    assert m["brier"] == pytest.approx(np.mean(((P3 - onehot) ** 2).sum(axis=1)))
+    assert m["pr_auc"] == pytest.approx(np.mean(
+        [step_average_precision((i == Y3).astype(int), P3[:, i]) for i in range(3)]))
+
+
+# --------------------------------------------------------------------------- bootstrap CIs
+
+
+def _sklearn_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None) -> dict:
+    """The headline metrics of one materialised resample, straight from sklearn (and ECE from
+    its definition), independently of lungxray.metrics."""
+    k = p.shape[1]
+    if k == 2:
+        pred = (p[:, 1] >= threshold).astype(int)
+        out = {
+            "roc_auc": skm.roc_auc_score(y, p[:, 1]),
+            "pr_auc": skm.average_precision_score(y, p[:, 1]),
+            "precision": skm.precision_score(y, pred, zero_division=0),
+            "sensitivity": skm.recall_score(y, pred, zero_division=0),
+            "specificity": skm.recall_score(y, pred, pos_label=0, zero_division=0),
+            "npv": skm.precision_score(y, pred, pos_label=0, zero_division=0),
+            "f1": skm.f1_score(y, pred, zero_division=0),
+            "brier": skm.brier_score_loss(y, p[:, 1]),
+        }
+        conf, hit = p[:, 1], (y == 1)
+    else:
+        pred = p.argmax(axis=1)
+        binar = np.eye(k)[y]
+        out = {
+            "roc_auc": skm.roc_auc_score(y, p, multi_class="ovr"),
+            "pr_auc": skm.average_precision_score(binar, p, average="macro"),
+            "precision": skm.precision_score(y, pred, average="macro", zero_division=0),
+            "sensitivity": skm.recall_score(y, pred, average="macro", zero_division=0),
+            "specificity": np.mean([skm.recall_score(y != c, pred != c) for c in range(k)]),
+            "npv": np.mean([skm.precision_score(y != c, pred != c, zero_division=0)
+                            for c in range(k)]),
+            "f1": skm.f1_score(y, pred, average="macro", zero_division=0),
+            "brier": np.mean(((p - binar) ** 2).sum(axis=1)),
+        }
+        conf, hit = p.max(axis=1), (pred == y)
+    out["accuracy"] = skm.accuracy_score(y, pred)
+    out["balanced_accuracy"] = skm.balanced_accuracy_score(y, pred)
+    out["mcc"] = skm.matthews_corrcoef(y, pred)
+    # Ten equal-width bins, right-closed, with calibration_curve's float edges.
+    bins = np.searchsorted(np.linspace(0.0, 1.0, 11)[1:-1], conf)
+    out["ece"] = sum(abs(hit[bins == b].sum() - conf[bins == b].sum()) for b in range(10)) / len(y)
+    return out
+
+
+@pytest.mark.parametrize("multiclass", [False, True])
+def test_bootstrap_ci_equals_percentiles_of_sklearn_on_each_resample(multiclass: bool) -> None:
+    rng = np.random.default_rng(3)
+    n, k = 90, 3 if multiclass else 2
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    # Rounded to 2 decimals so scores tie, as real softmax outputs often do.
+    p = np.round(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), 2)
+    p[:, -1] = 1 - p[:, :-1].sum(axis=1)
+    p = np.clip(p, 0, 1)
+    threshold = None if multiclass else 0.42
+    b, seed = 60, 11
+    m = compute_metrics(y, p, ["a", "b", "c"][:k], threshold, n_bootstrap=b, seed=seed)
+    resamples = list(bootstrap_indices(y, b, seed))
+    assert len(resamples) == b and all(len(idx) == n for idx in resamples)
+    replicates = [_sklearn_metrics(y[idx], p[idx], threshold) for idx in resamples]
+    for metric in HEADLINE:
+        values = np.array([r[metric] for r in replicates], dtype=float)
+        assert m["ci"][metric] == pytest.approx(np.percentile(values, [2.5, 97.5])), metric
+    assert m["n_bootstrap"] == b and m["bootstrap_seed"] == seed and m["ci_level"] == 0.95
+    if multiclass:
+        for c, name in enumerate("abc"):
+            recalls = [skm.recall_score(y[idx] == c, p[idx].argmax(1) == c)
+                       for idx in resamples]
+            assert m["per_class"][name]["ci"]["recall"] == pytest.approx(
+                np.percentile(recalls, [2.5, 97.5]))
+
+
+def test_bootstrap_is_stratified_and_seeded() -> None:
+    y = np.array([0] * 7 + [1] * 3)
+    resamples = np.array(list(bootstrap_indices(y, 200, seed=5)))
+    assert ((y[resamples] == 0).sum(axis=1) == 7).all()  # class counts fixed in every resample
+    assert np.array_equal(resamples, np.array(list(bootstrap_indices(y, 200, seed=5))))
+    assert not np.array_equal(resamples, np.array(list(bootstrap_indices(y, 200, seed=6))))
+    a = compute_metrics(Y, PROBS, CLASSES, 0.5, n_bootstrap=200, seed=1)
+    assert a == compute_metrics(Y, PROBS, CLASSES, 0.5, n_bootstrap=200, seed=1)
+    assert a["ci"] != compute_metrics(Y, PROBS, CLASSES, 0.5, n_bootstrap=200, seed=2)["ci"]
+
+
+def test_ci_narrows_with_more_data_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        s = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, n), 0, 1)
+        return y, np.column_stack([1 - s, s])
+
+    widths = []
+    for n in (100, 1600):
+        y, p = sample(n)
+        m = compute_metrics(y, p, CLASSES, 0.5)
+        lo, hi = m["ci"]["roc_auc"]
+        assert lo <= m["roc_auc"] <= hi
+        widths.append(hi - lo)
+        assert m["n_bootstrap"] == 200  # the default
+    # Width shrinks like 1/sqrt(n): 16x the data, about a quarter of the width.
+    assert widths[1] < widths[0] / 2.5
+
+
+def test_no_bootstrap_and_undefined_cis() -> None:
+    assert compute_metrics(Y, PROBS, CLASSES, 0.5, n_bootstrap=0)["ci"] == {}
+    y = np.zeros(4, dtype=int)
+    p1 = np.array([0.1, 0.6, 0.2, 0.3])
+    m = compute_metrics(y, np.column_stack([1 - p1, p1]), CLASSES, 0.5)
+    assert m["ci"]["roc_auc"] is None and m["ci"]["pr_auc"] is None
+    assert m["ci"]["specificity"] is not None
+    json.dumps(m, allow_nan=False)
+    _assert_plain_json(m)
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        compute_metrics(Y, PROBS, CLASSES, 0.5, n_bootstrap=1)
+
+
+def test_multiclass_is_plain_json_with_cis() -> None:
+    m = compute_metrics(Y3, P3, C3, None)
+    _assert_plain_json(m)
+    assert set(m["ci"]) == set(HEADLINE)
+    assert "at_0.5" not in m  # argmax has no threshold to vary
+    assert set(m["per_class"]["viral"]["ci"]) >= {"recall", "specificity", "roc_auc"}

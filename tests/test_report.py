@@ -45,6 +45,7 @@ def make_trial(
     lr: float = 1e-3,
     classes: list[str] = CLASSES,
     labels: dict[str, np.ndarray] | None = None,
+    info_extra: dict | None = None,
 ) -> Path:
     """Write ``root/name/{model,eval}`` exactly as train and evaluate do."""
     trial = root / name
@@ -56,7 +57,7 @@ def make_trial(
         "threshold": 0.5 if binary else None, "threshold_method": "youden" if binary else None,
         "image_size": 32, "input_size": 32, "channels": 1, "weights": "none",
         "hparams": {"learning_rate": lr, "dropout": 0.3, "dense": {"units": 64}},
-        "params": 1000 + len(name), "train_seconds": 12.5, "epochs": 3,
+        "params": 1000 + len(name), "train_seconds": 12.5, "epochs": 3, **(info_extra or {}),
     }
     (model / "model_info.json").write_text(json.dumps(info))
     (model / "model.keras").write_bytes(f"fake keras model {name}".encode())
@@ -77,8 +78,8 @@ def make_trial(
         pred = pd.DataFrame({"y_true": y, **{f"prob_{c}": probs[:, i]
                                              for i, c in enumerate(classes)}})
         pred.to_csv(d / "predictions.csv", index=False)
-        (d / "confusion_matrix.png").write_bytes(PNG)
-        (d / "roc.png").write_bytes(PNG)
+        for plot in ("confusion_matrix", "roc", "pr", "reliability"):
+            (d / f"{plot}.png").write_bytes(PNG)
     return trial
 
 
@@ -99,8 +100,11 @@ def test_compare_selects_on_validation_not_test(trials: list[Path], tmp_path: Pa
     assert summary["best_model"] == "VGG16"
     assert summary["select_metric"] == "val_roc_auc"
     assert summary["select_value"] == pytest.approx(1.0)
-    assert [r["model_name"] for r in summary["ranking"]] == ["VGG16", "ResNet152V2", "InceptionV3"]
-    assert [r["value"] for r in summary["ranking"]] == pytest.approx([1.0, 8 / 9, 6 / 9])
+    # The top-2 ensemble (VGG16 + ResNet152V2) ties VGG16 at 1.0; the single model wins the tie.
+    assert [r["model_name"] for r in summary["ranking"]] == [
+        "VGG16", "Ensemble-top2", "ResNet152V2", "InceptionV3"]
+    assert [r["value"] for r in summary["ranking"]] == pytest.approx([1.0, 1.0, 8 / 9, 6 / 9])
+    assert summary["best_is_ensemble"] is False
     # The test split would have chosen another model.
     assert summary["best_model_scores"]["test_roc_auc"] == pytest.approx(6 / 9)
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -110,8 +114,9 @@ def test_compare_writes_table(trials: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
     compare(trials, out)
     df = pd.read_csv(out / "results.csv")
-    assert df["model_name"].tolist() == ["VGG16", "ResNet152V2", "InceptionV3"]
-    assert df["rank"].tolist() == [1, 2, 3]
+    assert df["model_name"].tolist() == ["VGG16", "Ensemble-top2", "ResNet152V2", "InceptionV3"]
+    assert df["rank"].tolist() == [1, 2, 3, 4]
+    assert df["members"].fillna("").tolist() == ["", "VGG16+ResNet152V2", "", ""]
     for col in ("weights", "params", "train_seconds", "hp_learning_rate", "hp_dropout",
                 "hp_dense_units", "val_accuracy", "val_roc_auc", "val_sensitivity",
                 "val_specificity", "val_threshold", "test_roc_auc", "test_f1", "test_precision"):
@@ -134,8 +139,9 @@ def test_report_html_is_self_contained(trials: list[Path], tmp_path: Path) -> No
     assert "Best model: VGG16" in page
     assert "chosen on validation, never on test" in page
     srcs = re.findall(r'src\s*=\s*["\']([^"\']*)', page)
-    # 3 models x (curves + 2 splits x (confusion + roc)) + the bar chart.
-    assert len(srcs) == 3 * 5 + 1
+    # 3 models x (curves + 2 splits x (confusion, roc, pr, reliability)), the ensemble's 2 x 4
+    # (no curves, no Grad-CAM), bar chart, 2 ROC overlays, training curves side by side.
+    assert len(srcs) == 3 * 9 + 8 + 4
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
@@ -189,8 +195,10 @@ def test_ties_are_broken_by_name(tmp_path: Path) -> None:
     root = tmp_path / "trials"
     dirs = [make_trial(root, n, {"val": GOOD, "test": GOOD}) for n in ("Zeta", "Alpha", "Mid")]
     summary = compare(dirs, tmp_path / "report")
-    assert [r["model_name"] for r in summary["ranking"]] == ["Alpha", "Mid", "Zeta"]
-    assert [r["rank"] for r in summary["ranking"]] == [1, 2, 3]
+    # Single models before the (equally good) ensemble, then by name.
+    assert [r["model_name"] for r in summary["ranking"]] == ["Alpha", "Mid", "Zeta",
+                                                             "Ensemble-top2"]
+    assert [r["rank"] for r in summary["ranking"]] == [1, 2, 3, 4]
 
 
 def test_undefined_select_metric_ranks_last(tmp_path: Path) -> None:
@@ -211,15 +219,26 @@ def test_model_names_are_escaped(tmp_path: Path) -> None:
     assert "Net<b>" not in page
 
 
+def _section_images(page: str, name: str) -> list[bytes]:
+    section = page.split(f'<h3 id="model-{name}">')[1].split("</section>")[0]
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]*)"',
+                                                     section)]
+
+
 def test_missing_pngs_are_redrawn(trials: list[Path], tmp_path: Path) -> None:
     (trials[0] / "model" / "curves.png").unlink()
     (trials[0] / "eval" / "val" / "roc.png").write_text("not a png")
+    (trials[1] / "eval" / "test" / "reliability.png").unlink()  # an older evaluate's output
     compare(trials, tmp_path / "report")
     page = (tmp_path / "report" / "report.html").read_text()
-    srcs = re.findall(r'src="data:image/png;base64,([^"]*)"', page)
-    assert len(srcs) == 16
-    sizes = {len(base64.b64decode(s)) for s in srcs}
-    assert max(sizes) > len(PNG)  # real plots were drawn for the two bad images
+    # Per model: curves, then per split confusion matrix, ROC, PR, reliability.
+    vgg, resnet = _section_images(page, "VGG16"), _section_images(page, "ResNet152V2")
+    assert len(vgg) == len(resnet) == 9
+    assert vgg[0] == PNG and vgg[1] == PNG and vgg[2] == PNG  # the trial's own files, as is
+    assert resnet[1] == PNG  # its confusion matrix was fine
+    for redrawn in (resnet[0], resnet[2]):  # curves deleted, val ROC corrupt: drawn from data
+        assert redrawn.startswith(b"\x89PNG") and len(redrawn) > 5000
+    assert len(vgg[8]) > 5000 and vgg[7] == PNG  # test reliability drawn, test PR as is
 
 
 def test_multiclass_trials(tmp_path: Path) -> None:
@@ -385,3 +404,159 @@ def test_precreated_empty_output_dir_is_used(trials: list[Path], tmp_path: Path)
     compare(trials, out)
     assert (out / "report.html").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["report"]
+
+
+# --------------------------------------------------------------------------- CIs and outputs
+
+
+def test_table_has_cis_latency_and_size(trials: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    compare(trials, out, ensemble_k=0)
+    df = pd.read_csv(out / "results.csv").set_index("model_name")
+    for name in ("VGG16", "ResNet152V2", "InceptionV3"):
+        for split in ("val", "test"):
+            saved = json.loads((tmp_path / "trials" / name / "eval" / split / "metrics.json")
+                               .read_text())
+            for metric in ("roc_auc", "sensitivity", "specificity", "brier", "ece"):
+                lo, hi = saved["ci"][metric]
+                assert df.loc[name, f"{split}_{metric}_ci_lo"] == pytest.approx(lo)
+                assert df.loc[name, f"{split}_{metric}_ci_hi"] == pytest.approx(hi)
+        size = (tmp_path / "trials" / name / "model" / "model.keras").stat().st_size
+        assert df.loc[name, "size_mb"] == pytest.approx(size / 1e6, abs=1e-3)
+    # The fake trials carry no latency (older evaluate output): missing, not zero.
+    assert df["latency_ms"].isna().all()
+    page = (out / "report.html").read_text()
+    vgg_test = json.loads((tmp_path / "trials/VGG16/eval/test/metrics.json").read_text())
+    lo, hi = vgg_test["ci"]["roc_auc"]
+    assert f"{vgg_test['roc_auc']:.4f} [{lo:.4f}, {hi:.4f}]" in page
+    assert f"{vgg_test['roc_auc']:.4f} [{lo:.4f}, {hi:.4f}]" in (out / "report.md").read_text()
+
+
+def test_report_md_and_model_card(trials: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    compare(trials, out)
+    md = (out / "report.md").read_text()
+    assert "**Best model: VGG16**" in md and "not a medical device" in md
+    assert "### val (n=6" in md and "### test (n=6" in md
+    card = (out / "model_card.md").read_text()
+    assert card.startswith("# Model card: VGG16")
+    for heading in ("## Intended use", "## Data", "## Limitations", "## Model details"):
+        assert heading in card
+    assert card.lower().count("not a medical device") >= 2
+    test = json.loads((tmp_path / "trials/VGG16/eval/test/metrics.json").read_text())
+    lo, hi = test["ci"]["sensitivity"]
+    assert f"| Sensitivity (recall) | {test['sensitivity']:.4f} | {lo:.4f} – {hi:.4f} |" in card
+    assert "Not externally validated" in card
+    assert "normal 3, pneumonia 3" in card  # counts from predictions.csv
+
+
+# --------------------------------------------------------------------------- ensemble
+
+# A and B each mis-rank one (negative, positive) pair on validation (AUC 8/9); their mean ranks
+# every positive above every negative (AUC 1), so the ensemble wins on validation.
+ENS_A = [0.1, 0.2, 0.65, 0.6, 0.8, 0.9]
+ENS_B = [0.1, 0.55, 0.2, 0.5, 0.7, 0.9]
+
+
+def test_ensemble_is_the_members_mean_with_its_own_val_threshold(
+    trials: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    compare(trials, out)
+    ens_val = json.loads((out / "ensemble" / "val" / "metrics.json").read_text())
+    ens_test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
+    # Top 2 on val_roc_auc: VGG16 (GOOD) and ResNet152V2 (MID). Mean on val:
+    # [.1, .2, .525, .7, .8, .9] -> perfect split, most conservative threshold 0.7.
+    assert ens_val["threshold"] == pytest.approx(0.7)
+    assert ens_val["roc_auc"] == pytest.approx(1.0)
+    # Mean on test of POOR (VGG16) and GOOD (ResNet152V2): [.1, .525, .525, .7, .8, .9];
+    # at 0.7 every sample is right.
+    assert ens_test["threshold"] == pytest.approx(0.7)
+    assert ens_test["confusion_matrix"] == [[3, 0], [0, 3]]
+    preds = pd.read_csv(out / "ensemble" / "test" / "predictions.csv")
+    assert preds["prob_pneumonia"].tolist() == pytest.approx([.1, .525, .525, .7, .8, .9])
+    assert ens_test["ci"]["roc_auc"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ensemble"]["members"] == ["VGG16", "ResNet152V2"]
+
+
+def test_winning_ensemble_becomes_best_model(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "A", {"val": ENS_A, "test": ENS_A}),
+            make_trial(root, "B", {"val": ENS_B, "test": ENS_B}),
+            make_trial(root, "C", {"val": POOR, "test": POOR})]
+    out = tmp_path / "report"
+    summary = compare(dirs, out)
+    assert summary["best_model"] == "Ensemble-top2" and summary["best_is_ensemble"]
+    assert summary["select_value"] == pytest.approx(1.0)
+    best = out / "best_model"
+    spec = json.loads((best / "ensemble.json").read_text())
+    assert spec["members"] == ["A", "B"] and spec["kind"] == "mean_probability"
+    assert spec["class_names"] == CLASSES and spec["image_size"] == 32
+    # Threshold chosen on the ensemble's own val probabilities (both classes perfectly split:
+    # negatives up to 0.425, positives from 0.55 -> the highest perfect threshold is 0.55).
+    assert spec["threshold"] == pytest.approx(0.55)
+    for name in ("A", "B"):
+        member = best / "members" / name
+        assert (member / "model.keras").read_bytes() == f"fake keras model {name}".encode()
+        assert json.loads((member / "model_info.json").read_text())["model_name"] == name
+    assert json.loads((best / "model_info.json").read_text()) == spec
+    assert (out / "model_card.md").read_text().startswith("# Model card: Ensemble-top2")
+
+
+def test_ensemble_threshold_can_target_a_sensitivity(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "A", {"val": ENS_A}), make_trial(root, "B", {"val": ENS_B})]
+    summary = compare(dirs, tmp_path / "report", ensemble_k=2, target_sensitivity=0.6)
+    # Ensemble val positives score .55, .75, .9: sensitivity 2/3 >= 0.6 first at 0.75.
+    assert summary["ensemble"]["threshold"] == pytest.approx(0.75)
+    assert summary["ensemble"]["target_sensitivity"] == 0.6
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        compare(dirs, tmp_path / "r2", target_sensitivity=1.5)
+    # Members whose thresholds were chosen for a target sensitivity pass it on.
+    extra = {"threshold_method": "sensitivity>=0.6"}
+    dirs = [make_trial(root / "t", "A", {"val": ENS_A}, info_extra=extra),
+            make_trial(root / "t", "B", {"val": ENS_B}, info_extra=extra)]
+    inherited = compare(dirs, tmp_path / "r3")["ensemble"]
+    assert inherited["threshold"] == pytest.approx(0.75)
+    assert inherited["threshold_method"] == "sensitivity>=0.6"
+
+
+def test_ensemble_skipped_with_reason(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    a = make_trial(root, "A", {"val": ENS_A})
+    # Same labels, other order: rows of the two predictions.csv do not describe the same images.
+    b = make_trial(root, "B", {"val": ENS_B}, labels={"val": np.array([1, 0, 0, 0, 1, 1])})
+    summary = compare([a, b], tmp_path / "report")
+    assert "same order" in summary["ensemble"]["skipped"]
+    # B on its labels: positive 0.1 loses to all three negatives -> AUC 6/9, below A's 8/9.
+    assert [r["model_name"] for r in summary["ranking"]] == ["A", "B"]
+    assert not (tmp_path / "report" / "ensemble").exists()
+    assert compare([a], tmp_path / "r1")["ensemble"] == {"skipped": "only one model"}
+    off = compare([a, b], tmp_path / "r0", ensemble_k=0)["ensemble"]["skipped"]
+    assert "ensemble_k=0" in off
+    page = (tmp_path / "r0" / "report.html").read_text()
+    assert "No ensemble candidate" in page
+
+
+def test_ensemble_multiclass(tmp_path: Path) -> None:
+    classes = ["normal", "bacterial", "viral"]
+    y = np.array([0, 1, 2, 0, 1, 2])
+    eye = np.eye(3) * 0.7 + 0.1
+    labels = {"val": y, "test": y}
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "Good", {"val": eye[y], "test": eye[y]}, classes=classes,
+                       labels=labels),
+            make_trial(root, "Bad", {"val": eye[(y + 1) % 3], "test": eye[y]}, classes=classes,
+                       labels=labels)]
+    summary = compare(dirs, tmp_path / "report", select_metric="val_accuracy")
+    assert summary["best_model"] == "Good"
+    ens = json.loads((tmp_path / "report/ensemble/val/metrics.json").read_text())
+    assert ens["threshold"] is None
+    # Mean of the right one-hot-ish rows and the shifted ones: true class .45, next class .45,
+    # the third .1 -> argmax ties go to the lower index.
+    expected = (eye[y] + eye[(y + 1) % 3]) / 2
+    pred = expected.argmax(axis=1)
+    assert ens["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert set(ens["per_class"]) == set(classes)
+    assert ens["per_class"]["viral"]["ci"]["recall"] is not None

@@ -17,7 +17,9 @@ def _preprocess(args: argparse.Namespace) -> dict:
     return data.preprocess(args.source, args.output, image_size=args.image_size, seed=args.seed,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            max_per_split=args.max_per_split, channels=args.channels,
-                           cache_dir=args.cache_dir)
+                           cache_dir=args.cache_dir, skip_bad=args.skip_bad,
+                           keep_aspect=args.keep_aspect, min_size=args.min_size,
+                           workers=args.workers)
 
 
 def _tune(args: argparse.Namespace) -> dict:
@@ -25,7 +27,10 @@ def _tune(args: argparse.Namespace) -> dict:
 
     return tune.tune(args.data, args.model, args.output, max_trials=args.max_trials,
                      epochs=args.epochs, weights=args.weights, batch_size=args.batch_size,
-                     seed=args.seed, train_samples=args.train_samples, cache_dir=args.cache_dir)
+                     seed=args.seed, train_samples=args.train_samples, cache_dir=args.cache_dir,
+                     algorithm=args.algorithm, hyperband_factor=args.hyperband_factor,
+                     fine_tune_trials=args.fine_tune_trials, state_dir=args.state_dir,
+                     feature_cache=args.feature_cache)
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -34,6 +39,8 @@ def _train(args: argparse.Namespace) -> dict:
     hparams = tune.read_best_hparams(args.hparams) if args.hparams else {}
     return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
                        weights=args.weights, batch_size=args.batch_size, seed=args.seed,
+                       patience=args.patience, target_sensitivity=args.target_sensitivity,
+                       mixed_precision=args.mixed_precision, jit_compile=args.xla,
                        cache_dir=args.cache_dir)
 
 
@@ -41,13 +48,15 @@ def _evaluate(args: argparse.Namespace) -> dict:
     from lungxray import evaluate
 
     return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
-                             cache_dir=args.cache_dir)
+                             cache_dir=args.cache_dir, class_map=args.class_map,
+                             explain=not args.no_gradcam)
 
 
 def _compare(args: argparse.Namespace) -> dict:
     from lungxray import report
 
-    return report.compare(args.trials, args.output, select_metric=args.select_metric)
+    return report.compare(args.trials, args.output, select_metric=args.select_metric,
+                          ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity)
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -82,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="prepare splits and manifest.json from a source",
                        description="Prepare a dataset: SRC is a MedMNIST-style .npz, an image "
-                       "folder <root>/[train|val|test/]<CLASS>/*.png|jpg, either on gs://, or "
-                       "'pneumoniamnist[_64|_128|_224]' (downloaded, checksum-verified, cached). "
-                       "Missing val/test splits are carved from train, stratified and seeded.")
-    p.add_argument("--source", required=True, help="npz file, image folder, gs:// URI or "
-                   "'pneumoniamnist[_SIZE]'")
+                       "folder <root>/[train|val|test/]<CLASS>/* (PNG, JPEG, DICOM, ...), a CSV "
+                       "manifest path,label[,split][,patient_id] with paths relative to its "
+                       "folder, any of them on gs://, or 'pneumoniamnist[_64|_128|_224]' "
+                       "(downloaded, checksum-verified, cached). Missing val/test splits are "
+                       "carved from train, stratified, seeded, grouped by duplicate image and "
+                       "patient. Writes manifest.json, files.csv and data_report.html/.md.")
+    p.add_argument("--source", required=True, help="npz file, image folder, CSV file, gs:// URI "
+                   "of any of them, or 'pneumoniamnist[_SIZE]'")
     p.add_argument("--output", type=Path, required=True, help="output directory")
     p.add_argument("--image-size", type=int, default=None,
                    help="square side in pixels (default: the npz's own size, 224 for folders)")
@@ -98,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train carved as test when the source has none (default 0.1)")
     p.add_argument("--max-per-split", type=int, default=0,
                    help="keep at most N images per split, stratified (0 = all; for quick runs)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unusable files (corrupt, empty, "
+                   "not an image, too small) and list them in the report, instead of failing")
+    p.add_argument("--keep-aspect", action="store_true",
+                   help="keep the aspect ratio: scale the long side and pad with black")
+    p.add_argument("--min-size", type=int, default=8,
+                   help="refuse images whose smaller side is below N px (default 8, the minimum)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decoding threads (default 0: one per CPU, at most 8)")
     _common(p)
     p.set_defaults(func=_preprocess)
 
@@ -106,12 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, default=3, help="trials to run (default 3)")
     p.add_argument("--train-samples", type=int, default=0, help="fit each trial on a "
                    "stratified subset of N training images (0 = all, the default)")
+    p.add_argument("--algorithm", choices=["hyperband", "bayesian", "random"],
+                   default="hyperband", help="keras-tuner search (default hyperband)")
+    p.add_argument("--hyperband-factor", type=int, default=3,
+                   help="Hyperband's reduction factor (default 3)")
+    p.add_argument("--fine-tune-trials", type=int, default=2, help="pretrained weights: "
+                   "full-model trials searching the fine-tuning after the head (default 2)")
+    p.add_argument("--state-dir", type=Path, default=None, help="tuner state, resumed when "
+                   "the same search runs again (default: the output directory)")
+    p.add_argument("--feature-cache", type=Path, default=None, help="cached backbone features "
+                   "(default <cache-dir>/features with --cache-dir, else <state>/features)")
     p.set_defaults(func=_tune)
 
-    p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)")
+    p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)",
+                       description="Train; re-running with the same --output after a kill "
+                       "resumes from the last finished epoch.")
     _training(p, epochs=5)
     p.add_argument("--hparams", type=Path, default=None,
                    help="best_hparams.json from `lungxray tune` (default: built-in defaults)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="epochs without validation-AUC gain before stopping (default 3)")
+    p.add_argument("--target-sensitivity", type=float, default=None, help="choose the decision "
+                   "threshold on validation to reach this sensitivity (default: Youden's J)")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 compute (default: on with a GPU, off on CPU)")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
+                   help="XLA-compile the training step (default: on with a GPU, off on CPU)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics and plots at the model's validation threshold")
@@ -121,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="output directory")
     p.add_argument("--split", nargs="+", default=["test"], help="split(s) to evaluate "
                    "(default test); each goes to <output>/<split>/")
+    p.add_argument("--class-map", default=None, metavar="SRC=CLASS,...",
+                   help="map the source's class names onto the model's, e.g. "
+                   "'COVID-19=pneumonia,NORMAL=normal'; SRC=- leaves a class out "
+                   "(default: the classes must match)")
+    p.add_argument("--no-gradcam", action="store_true",
+                   help="skip the Grad-CAM grid (true/false positives, false negatives)")
     _common(p, seed=False)
     p.set_defaults(func=_evaluate)
 
@@ -131,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="output directory")
     p.add_argument("--select-metric", default="val_roc_auc",
                    help="validation metric that picks the best model (default val_roc_auc)")
+    p.add_argument("--ensemble-k", type=int, default=2,
+                   help="also compare the mean-probability ensemble of the top K models on the "
+                   "selection metric (default 2; 0 = none)")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the ensemble's threshold as the highest reaching this "
+                   "validation sensitivity (default: as its members, else Youden's J)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("models", help="list the supported backbones")

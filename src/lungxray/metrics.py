@@ -1,21 +1,44 @@
-"""Classification metrics and operating-threshold choice (scikit-learn only).
+"""Classification metrics, bootstrap confidence intervals and operating-threshold choice.
 
-Every number here comes from scikit-learn so that what the report shows is what a reviewer can
+Every point estimate comes from scikit-learn, so that what the report shows is what a reviewer can
 reproduce with a one-liner; this module only validates inputs, picks the right sklearn call and
 turns the results into plain JSON-serialisable Python values.
+
+Confidence intervals are stratified percentile bootstraps (each class resampled within itself, as
+pROC's ``ci.auc`` does by default): the class mix of the split stays fixed, so AUC is defined in
+every resample and PPV/NPV keep the split's prevalence. Each resample goes through the same
+sklearn calls as the point estimate.
+
+Expected calibration error is not in sklearn: it is the bin-size-weighted gap between the observed
+frequencies and mean confidences that ``sklearn.calibration.calibration_curve`` returns.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.preprocessing import label_binarize
 
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_N_BOOTSTRAP = 200  # sklearn per resample: ~20 ms each for a binary split
+DEFAULT_SEED = 0
+CI_LEVEL = 0.95
+ECE_BINS = 10
+PROB_TOLERANCE = 1e-3
+# Metrics with a bootstrap CI (the headline figures), in display order.
+HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision", "sensitivity",
+            "specificity", "npv", "f1", "mcc", "brier", "ece")
+# Threshold-dependent metrics repeated at 0.5 under ``at_0.5`` (MedMNIST papers report those).
+AT_HALF = ("accuracy", "balanced_accuracy", "precision", "sensitivity", "specificity", "npv", "f1",
+           "mcc")
+PER_CLASS = ("precision", "recall", "specificity", "npv", "f1", "roc_auc", "pr_auc")
 
 
 def _as_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
@@ -40,11 +63,14 @@ def _float_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def choose_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Pick the decision threshold maximising Youden's J (TPR - FPR) on the ROC curve.
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
+                     target_sensitivity: float | None = None) -> float:
+    """Pick the decision threshold on (validation) scores.
 
-    ``scores`` are P(positive); a sample is predicted positive when ``score >= threshold``, which is
-    the convention ``roc_curve`` uses, so the returned value reproduces the chosen ROC point.
+    Default: maximise Youden's J (TPR - FPR). With ``target_sensitivity`` (e.g. 0.95): the highest
+    threshold whose sensitivity reaches the target, i.e. the best specificity that still misses at
+    most the allowed share of positives. ``scores`` are P(positive); a sample is positive when
+    ``score >= threshold``, the convention ``roc_curve`` uses, so the value reproduces its point.
     """
     y = _as_labels(y_true, 2)
     s = np.asarray(scores, dtype=float)
@@ -55,13 +81,20 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
     if np.unique(y).size < 2:
         raise ValueError(
             "choose_threshold needs both classes in y_true (only "
-            f"class {int(y[0])} present): Youden's J is undefined"
+            f"class {int(y[0])} present): the ROC curve is undefined"
         )
+    if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     # Keep every point: dropping collinear ones never removes the optimum, but keeping them makes
     # the tie-break (first = highest threshold = most conservative) independent of sklearn's
     # pruning heuristics.
     fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
-    best = int(np.argmax(tpr - fpr))
+    if target_sensitivity is None:
+        best = int(np.argmax(tpr - fpr))
+    else:
+        # tpr never decreases along the curve: the first point reaching the target has the highest
+        # threshold. The tolerance absorbs float error in k/n (0.95 * 20 positives = 19).
+        best = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))
     # thresholds[0] is +inf ("predict nothing positive"); a probability threshold lives in [0, 1].
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
@@ -78,7 +111,98 @@ def _check_probs(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
         raise ValueError("need at least two classes")
     if not np.all(np.isfinite(p)):
         raise ValueError("probs contain NaN or inf")
+    # Catch logits or one column of scores passed by mistake; float32 softmax rounding is fine.
+    if p.size and (p.min() < -PROB_TOLERANCE or p.max() > 1 + PROB_TOLERANCE):
+        raise ValueError(f"probs must lie in [0, 1] (class probabilities), got values from "
+                         f"{p.min():.4g} to {p.max():.4g}")
+    sums = p.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > PROB_TOLERANCE)
+    if bad.size:
+        raise ValueError(f"probs rows must sum to 1 (softmax outputs); row {int(bad[0])} sums to "
+                         f"{sums[bad[0]]:.6g} ({bad.size} such rows)")
     return p
+
+
+def _confidence(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs that calibration is judged on: P(positive) vs being positive
+    for two classes; the top-label probability vs being right for more (Guo et al. 2017)."""
+    # float32 softmax can overshoot 1 by an ulp; calibration_curve refuses anything outside [0, 1].
+    p = np.clip(p, 0.0, 1.0)
+    if p.shape[1] == 2:
+        return p[:, 1], (y == 1).astype(int)
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(int)
+
+
+def _bin_ids(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Uniform bins exactly as ``calibration_curve(strategy="uniform")`` assigns them."""
+    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], confidence)
+
+
+def reliability(y_true: np.ndarray, probs: np.ndarray,
+                n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Non-empty bins of the reliability diagram: mean confidence, observed frequency, count."""
+    p = np.asarray(probs, dtype=float)
+    y = _as_labels(y_true, p.shape[1])
+    confidence, outcome = _confidence(y, p)
+    observed, predicted = calibration_curve(outcome, confidence, n_bins=n_bins, strategy="uniform")
+    counts = np.bincount(_bin_ids(confidence, n_bins), minlength=n_bins)
+    counts = counts[counts > 0]
+    return {"confidence": predicted.tolist(), "observed": observed.tolist(),
+            "count": counts.astype(int).tolist()}
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray,
+                               n_bins: int = ECE_BINS) -> float:
+    """ECE: sum over equal-width confidence bins of (bin share) * |observed - mean confidence|.
+
+    Binary: on P(positive) (the reliability diagram's axis); more classes: top-label confidence.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    bins = reliability(y_true, probs, n_bins)
+    counts = np.asarray(bins["count"], dtype=float)
+    gaps = np.abs(np.asarray(bins["observed"]) - np.asarray(bins["confidence"]))
+    return float(np.sum(counts / counts.sum() * gaps))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_indices(y_true: np.ndarray, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+                      seed: int = DEFAULT_SEED) -> Iterator[np.ndarray]:
+    """Stratified bootstrap resamples as index arrays: each class drawn with replacement from
+    itself, as many times as it has members."""
+    y = np.asarray(y_true).astype(int)
+    rng = np.random.default_rng(seed)
+    classes = [np.flatnonzero(y == c) for c in np.unique(y)]
+    for _ in range(n_bootstrap):
+        yield np.concatenate([rng.choice(members, members.size) for members in classes])
+
+
+def _interval(values: list[float | None]) -> list[float] | None:
+    finite = np.array([v for v in values if v is not None and math.isfinite(v)])
+    if finite.size == 0:
+        return None
+    tail = (1.0 - CI_LEVEL) / 2 * 100
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def _bootstrap(y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: float | None,
+               n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
+    """The same sklearn metrics on every resample (at the same threshold)."""
+    return [_point_metrics(y[idx], p[idx], class_names, threshold, at_half=False)[0]
+            for idx in bootstrap_indices(y, n_bootstrap, seed)]
+
+
+def _check_bootstrap(n_bootstrap: int, seed: int) -> None:
+    if n_bootstrap != 0 and n_bootstrap < 2:
+        raise ValueError(f"n_bootstrap must be 0 (no CIs) or >= 2, got {n_bootstrap}")
+    if not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+# --------------------------------------------------------------------------- metrics
 
 
 def compute_metrics(
@@ -86,38 +210,56 @@ def compute_metrics(
     probs: np.ndarray,
     class_names: list[str],
     threshold: float | None,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
-    """Compute the evaluation metrics for one split.
+    """Compute the evaluation metrics for one split, with bootstrap 95% CIs.
 
     Binary (K == 2): class 1 is positive and ``probs[:, 1] >= threshold`` (0.5 when None) is the
-    prediction. Multiclass (K > 2): argmax prediction, macro averages and a per-class breakdown.
-    Metrics that are undefined on the split (AUC with a single class present) are None; ratios with
-    an empty denominator (e.g. precision with no positive prediction) follow sklearn's
-    ``zero_division=0`` convention.
+    prediction; the threshold-dependent metrics are repeated at 0.5 under ``at_0.5``. Multiclass
+    (K > 2): argmax prediction, macro averages and a ``per_class`` breakdown (one-vs-rest).
+    ``ci[metric] = [lo, hi]`` (None when undefined); ``n_bootstrap=0`` skips the CIs. Metrics that
+    are undefined on the split (AUC with a single class present) are None; ratios with an empty
+    denominator (e.g. precision with no positive prediction) follow sklearn's ``zero_division=0``.
     """
     p = _check_probs(probs, class_names)
     y = _as_labels(y_true, p.shape[1])
     if y.shape[0] != p.shape[0]:
         raise ValueError(f"y_true has {y.shape[0]} rows but probs has {p.shape[0]}")
+    _check_bootstrap(n_bootstrap, seed)
+    result, _ = _point_metrics(y, p, list(class_names), threshold)
+    result.update({"ci_level": CI_LEVEL, "n_bootstrap": int(n_bootstrap),
+                   "bootstrap_seed": int(seed),
+                   "ci_method": "stratified percentile bootstrap", "ci": {}})
+    if n_bootstrap:
+        reps = _bootstrap(y, p, list(class_names), threshold, n_bootstrap, int(seed))
+        # A CI only where the point estimate exists: an undefined metric has no interval.
+        result["ci"] = {m: _interval([r[m] for r in reps]) if result.get(m) is not None
+                        else None for m in HEADLINE}
+        for name, per in (result.get("per_class") or {}).items():
+            per["ci"] = {m: _interval([r["per_class"][name][m] for r in reps])
+                         if per.get(m) is not None else None for m in PER_CLASS}
+    return result
+
+
+def _point_metrics(y: np.ndarray, p: np.ndarray, class_names: list[str],
+                   threshold: float | None, at_half: bool = True
+                   ) -> tuple[dict[str, Any], np.ndarray]:
+    """Point estimates of every metric (sklearn), plus ECE."""
     # Undefined-metric warnings are expected on tiny/one-class splits and are handled explicitly.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="No positive class found in y_true")
         if p.shape[1] == 2:
-            return _binary_metrics(y, p, list(class_names), threshold)
-        return _multiclass_metrics(y, p, list(class_names))
+            result, pred = _binary_metrics(y, p, class_names, threshold, at_half)
+        else:
+            result, pred = _multiclass_metrics(y, p, class_names)
+    result["ece"] = expected_calibration_error(y, p)
+    return result, pred
 
 
-def _binary_metrics(
-    y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: float | None
-) -> dict[str, Any]:
-    thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    if not math.isfinite(thr):
-        raise ValueError(f"threshold must be finite, got {threshold}")
-    score = p[:, 1]
-    pred = (score >= thr).astype(int)
-    both_present = np.unique(y).size == 2
-    has_positive = bool(np.any(y == 1))
+def _binary_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     labels = [0, 1]
 
     def prec(pos: int) -> float:
@@ -129,65 +271,106 @@ def _binary_metrics(
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-        "roc_auc": _float_or_none(skm.roc_auc_score(y, score)) if both_present else None,
-        # Average precision is the area under the PR curve for the positive class: undefined
-        # without positives, well defined (1.0) when every sample is positive.
-        "pr_auc": _float_or_none(skm.average_precision_score(y, score)) if has_positive else None,
         "precision": prec(1),
         "sensitivity": rec(1),
         "specificity": rec(0),
         "npv": prec(0),
         "f1": float(skm.f1_score(y, pred, labels=labels, pos_label=1, zero_division=0)),
         "mcc": float(skm.matthews_corrcoef(y, pred)),
-        "brier": float(skm.brier_score_loss(y, score, labels=labels)),
-        "threshold": thr,
-        "accuracy_at_0.5": float(skm.accuracy_score(y, (score >= 0.5).astype(int))),
         "confusion_matrix": _confusion(y, pred, 2),
-        "n": int(y.shape[0]),
-        "class_names": class_names,
     }
 
 
-def _multiclass_metrics(y: np.ndarray, p: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+def _binary_metrics(
+    y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: float | None,
+    at_half: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if not math.isfinite(thr):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    score = p[:, 1]
+    pred = (score >= thr).astype(int)
+    both_present = np.unique(y).size == 2
+    has_positive = bool(np.any(y == 1))
+    counts = _binary_counts(y, pred)
+    half = _binary_counts(y, (score >= DEFAULT_THRESHOLD).astype(int)) if at_half else None
+    result = {
+        **{k: v for k, v in counts.items() if k != "confusion_matrix"},
+        "roc_auc": _float_or_none(skm.roc_auc_score(y, score)) if both_present else None,
+        # Average precision is the area under the PR curve for the positive class: undefined
+        # without positives, well defined (1.0) when every sample is positive.
+        "pr_auc": _float_or_none(skm.average_precision_score(y, score)) if has_positive else None,
+        "brier": float(skm.brier_score_loss(y, score, labels=[0, 1])),
+        "threshold": thr,
+        "confusion_matrix": counts["confusion_matrix"],
+        "n": int(y.shape[0]),
+        "class_names": class_names,
+    }
+    if half is not None:
+        result["accuracy_at_0.5"] = half["accuracy"]
+        result["at_0.5"] = {**{k: half[k] for k in AT_HALF}, "threshold": DEFAULT_THRESHOLD,
+                            "confusion_matrix": half["confusion_matrix"]}
+    return result, pred
+
+
+def _one_vs_rest(y: np.ndarray, pred: np.ndarray, p: np.ndarray, c: int) -> dict[str, Any]:
+    """Per-class figures of class ``c`` against all others (sklearn on binarised labels)."""
+    truth, called = (y == c).astype(int), (pred == c).astype(int)
+    both = 0 < truth.sum() < truth.size
+    return {
+        "precision": float(skm.precision_score(truth, called, zero_division=0)),
+        "recall": float(skm.recall_score(truth, called, zero_division=0)),
+        "specificity": float(skm.recall_score(truth, called, pos_label=0, zero_division=0)),
+        "npv": float(skm.precision_score(truth, called, pos_label=0, zero_division=0)),
+        "f1": float(skm.f1_score(truth, called, zero_division=0)),
+        "support": int(truth.sum()),
+        "roc_auc": _float_or_none(skm.roc_auc_score(truth, p[:, c])) if both else None,
+        "pr_auc": (_float_or_none(skm.average_precision_score(truth, p[:, c]))
+                   if truth.any() else None),
+    }
+
+
+def _multiclass_metrics(
+    y: np.ndarray, p: np.ndarray, class_names: list[str]
+) -> tuple[dict[str, Any], np.ndarray]:
     k = p.shape[1]
     labels = list(range(k))
     pred = np.argmax(p, axis=1)
-    prec, rec, f1, support = skm.precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
     macro_p, macro_r, macro_f1, _ = skm.precision_recall_fscore_support(
         y, pred, labels=labels, average="macro", zero_division=0
     )
+    per_class = {name: _one_vs_rest(y, pred, p, i) for i, name in enumerate(class_names)}
     # One-vs-rest AUC of an absent class is undefined, and so is their macro mean.
     all_present = np.unique(y).size == k
-    roc_auc = None
+    roc_auc = pr_auc = None
     if all_present:
         roc_auc = _float_or_none(
             skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
         )
-    per_class = {
-        name: {
-            "precision": float(prec[i]),
-            "recall": float(rec[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(class_names)
-    }
-    return {
+        pr_auc = _float_or_none(skm.average_precision_score(
+            label_binarize(y, classes=labels), p, average="macro"))
+    result = {
         "accuracy": float(skm.accuracy_score(y, pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
         "precision": float(macro_p),
         "sensitivity": float(macro_r),
+        "specificity": float(np.mean([c["specificity"] for c in per_class.values()])),
+        "npv": float(np.mean([c["npv"] for c in per_class.values()])),
         "f1": float(macro_f1),
         "mcc": float(skm.matthews_corrcoef(y, pred)),
         "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+        # Multiclass Brier sums over classes (range 0..2), sklearn's convention. sklearn wants
+        # rows summing to 1 at float64 precision; float32 softmax rows are off by ~1e-7.
+        "brier": float(skm.brier_score_loss(y, p / p.sum(axis=1, keepdims=True),
+                                            labels=labels)),
         "confusion_matrix": _confusion(y, pred, k),
         "n": int(y.shape[0]),
         "class_names": class_names,
         "threshold": None,
         "per_class": per_class,
     }
+    return result, pred
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> list[list[int]]:

@@ -1,9 +1,12 @@
 """Compare trained trials and write the report that tells the user which model to trust.
 
 A *trial dir* holds ``model/`` (train output), ``eval/<split>/`` (evaluate output) and optionally
-``tune/``. :func:`compare` reads several trials, ranks them on a validation metric only, and writes
-``results.csv``, ``results.md``, ``metrics_bars.png``, a self-contained ``report.html``,
-``summary.json`` and ``best_model/`` (a copy of the winner's ``model/``).
+``tune/``. :func:`compare` reads several trials, adds an ensemble candidate (mean probability of
+the top-k models on the selection metric), ranks everything on a validation metric only, and
+writes ``results.csv``, ``results.md`` (full table), ``report.md`` and a self-contained
+``report.html`` (headline metrics with 95% CIs, charts, per-model plots), ``model_card.md``,
+``summary.json`` and ``best_model/`` (a copy of the winner's ``model/``; for an ensemble,
+``ensemble.json`` + ``model_info.json`` + ``members/<name>/``, which ``lungxray evaluate`` reads).
 """
 
 from __future__ import annotations
@@ -23,21 +26,43 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungxray.plots import plot_confusion_matrix, plot_history, plot_metric_bars, plot_roc
+from lungxray import metrics as metrics_lib
+from lungxray.modelcard import model_card
+from lungxray.plots import (
+    plot_confusion_matrix,
+    plot_history,
+    plot_history_grid,
+    plot_metric_bars,
+    plot_pr,
+    plot_reliability,
+    plot_roc,
+    plot_roc_overlay,
+)
 
 # Per-split metrics copied into the table, in display order (absent ones are skipped).
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision", "sensitivity",
-    "specificity", "npv", "f1", "mcc", "brier", "accuracy_at_0.5", "threshold", "n",
+    "specificity", "npv", "f1", "mcc", "brier", "ece", "accuracy_at_0.5", "threshold", "n",
 )
 # Metrics a model may be selected on; threshold and n describe the split, they are not scores.
 SELECTABLE = frozenset(TABLE_METRICS) - {"threshold", "n"}
-LOWER_IS_BETTER = frozenset({"brier"})
+LOWER_IS_BETTER = frozenset({"brier", "ece"})
 BAR_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+# The headline table: each with its 95% CI.
+HEADLINE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "npv",
+                    "balanced_accuracy", "f1", "mcc", "brier", "ece")
+HEADLINE_LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "sensitivity": "sensitivity",
+                   "specificity": "specificity", "precision": "PPV", "npv": "NPV",
+                   "balanced_accuracy": "bal. accuracy", "f1": "F1", "mcc": "MCC",
+                   "brier": "Brier", "ece": "ECE"}
 SELECT_SPLIT = "val"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Files whose presence marks an existing directory as an earlier report we may replace.
 REPORT_MARKERS = ("summary.json", "report.html")
+SPLIT_PLOTS = ("confusion_matrix", "roc", "pr", "reliability", "gradcam")
+ENSEMBLE_DIR = "ensemble"
+ENSEMBLE_FILE = "ensemble.json"  # same names as lungxray.evaluate, which reads them
+MEMBERS_DIR = "members"
 
 
 # --------------------------------------------------------------------------- loading
@@ -213,6 +238,8 @@ def pair_trials(
 # --------------------------------------------------------------------------- table & ranking
 
 
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -223,35 +250,61 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _held_out_value(trial: dict[str, Any], key: str) -> Any:
+    """A per-split fact (latency) from the test split, else the first split."""
+    splits = trial["splits"]
+    return splits["test" if "test" in splits else next(iter(splits))]["metrics"].get(key)
+
+
+def _model_size_mb(trial: dict[str, Any]) -> float | None:
+    if trial.get("members"):
+        return trial["model_info"].get("size_mb")
+    path = Path(trial["model_dir"]) / "model.keras"
+    return round(path.stat().st_size / 1e6, 3) if path.is_file() else None
+
+
 def _row(trial: dict[str, Any]) -> dict[str, Any]:
     info = trial["model_info"]
     row: dict[str, Any] = {
         "model_name": info["model_name"],
+        "members": "+".join(trial.get("members") or []),
         "weights": info.get("weights"),
         "params": info.get("params"),
+        "size_mb": _model_size_mb(trial),
         "train_seconds": info.get("train_seconds"),
         "epochs": info.get("epochs"),
+        "latency_ms": _held_out_value(trial, "latency_ms"),
+        "latency_device": _held_out_value(trial, "latency_device"),
     }
     hp: dict[str, Any] = {}
     _flatten("hp", info.get("hparams") or {}, hp)
     row.update(hp)
     for split, data in trial["splits"].items():
+        cis = data["metrics"].get("ci") or {}
         for metric in TABLE_METRICS:
             if metric in data["metrics"]:
                 value = data["metrics"][metric]
                 row[f"{split}_{metric}"] = np.nan if value is None else value
+            if metric in cis:
+                lo, hi = cis[metric] or (np.nan, np.nan)
+                row[f"{split}_{metric}_ci_lo"], row[f"{split}_{metric}_ci_hi"] = lo, hi
     return row
 
 
+FIXED_COLUMNS = ["model_name", "members", "weights", "params", "size_mb", "train_seconds",
+                 "epochs", "latency_ms", "latency_device"]
+
+
 def build_table(trials: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per trial: identity, hparams (``hp_*``) and ``<split>_<metric>`` columns."""
+    """One row per trial: identity, size and speed, hparams (``hp_*``) and ``<split>_<metric>``
+    columns, each followed by ``_ci_lo``/``_ci_hi`` where the metric has a CI."""
     rows = [_row(t) for t in trials]
-    fixed = ["model_name", "weights", "params", "train_seconds", "epochs"]
     hp_cols = sorted({k for r in rows for k in r if k.startswith("hp_")})
     splits = sorted({s for t in trials for s in t["splits"]}, key=_split_order)
-    metric_cols = [f"{s}_{m}" for s in splits for m in TABLE_METRICS
-                   if any(f"{s}_{m}" in r for r in rows)]
-    return pd.DataFrame(rows, columns=fixed + hp_cols + metric_cols)
+    metric_cols = [c for s in splits for m in TABLE_METRICS
+                   for c in (f"{s}_{m}", f"{s}_{m}_ci_lo", f"{s}_{m}_ci_hi")
+                   if any(c in r for r in rows)]
+    return pd.DataFrame(rows, columns=FIXED_COLUMNS + hp_cols + metric_cols)
 
 
 def _check_select_metric(select_metric: str) -> str:
@@ -270,7 +323,8 @@ def _check_select_metric(select_metric: str) -> str:
 
 
 def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
-    """Sort best first on ``select_metric``; ties by model name, undefined values last."""
+    """Sort best first on ``select_metric``; undefined values last; ties go to a single model
+    over an ensemble (simpler and faster for the same score), then by model name."""
     metric = _check_select_metric(select_metric)
     if select_metric not in table.columns:
         raise ValueError(f"no trial reports {select_metric!r}; columns: {list(table.columns)}")
@@ -278,9 +332,11 @@ def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
     if values.isna().all():
         raise ValueError(f"{select_metric!r} is undefined for every trial; cannot select")
     sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    members = table["members"] if "members" in table.columns else pd.Series("", table.index)
     key = pd.DataFrame({"missing": values.isna(), "score": sign * values.fillna(0.0),
+                        "ensemble": members.fillna("").astype(str) != "",
                         "name": table["model_name"].astype(str)})
-    order = key.sort_values(["missing", "score", "name"], kind="mergesort").index
+    order = key.sort_values(["missing", "score", "ensemble", "name"], kind="mergesort").index
     ranked = table.loc[order].reset_index(drop=True)
     ranked.insert(0, "rank", range(1, len(ranked) + 1))
     return ranked
@@ -318,9 +374,150 @@ def _validate_trials(trials: list[dict[str, Any]], select_metric: str) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def _png_b64(path: Path) -> str | None:
+# --------------------------------------------------------------------------- ensemble
+
+
+class EnsembleSkipped(ValueError):
+    """Why no ensemble candidate could be built (reported, not fatal)."""
+
+
+def _member_target(info: dict) -> float | None:
+    """The target sensitivity a member's threshold was chosen for (train records it in
+    ``threshold_method`` as ``sensitivity>=X``), or None for Youden's J."""
+    if info.get("target_sensitivity") is not None:
+        return float(info["target_sensitivity"])
+    method = str(info.get("threshold_method") or "")
+    return float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
+
+
+def _common_target_sensitivity(infos: list[dict], given: float | None) -> float | None:
+    """The target sensitivity for the ensemble's threshold: the one given, else the members'
+    own when they all used the same, else None (Youden's J)."""
+    if given:
+        return float(given)
+    targets = {_member_target(info) for info in infos}
+    return targets.pop() if len(targets) == 1 else None
+
+
+def build_ensemble(trials: list[dict[str, Any]], ranked: pd.DataFrame, select_metric: str,
+                   k: int = 2, target_sensitivity: float | None = None,
+                   n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP,
+                   seed: int = metrics_lib.DEFAULT_SEED) -> dict[str, Any]:
+    """An ensemble candidate shaped like a loaded trial (no files yet).
+
+    Members: the ``k`` best single models on ``select_metric`` (validation). Probabilities: the
+    members' mean, from their saved predictions.csv. Threshold: chosen on the ensemble's own
+    validation predictions, like any trial's. Raises EnsembleSkipped with the reason when it
+    cannot be built.
+    """
+    if k < 2:
+        raise EnsembleSkipped(f"ensemble_k={k}: an ensemble needs at least 2 members")
+    defined = ranked[pd.to_numeric(ranked[select_metric], errors="coerce").notna()]
+    if len(defined) < 2:
+        raise EnsembleSkipped(f"fewer than 2 models with a defined {select_metric}")
+    names = [str(n) for n in defined["model_name"].head(k)]
+    by_name = {t["model_info"]["model_name"]: t for t in trials}
+    members = [by_name[n] for n in names]
+    infos = [m["model_info"] for m in members]
+    classes = list(infos[0]["class_names"])
+    for key in ("image_size", "channels"):
+        if len({json.dumps(i.get(key)) for i in infos}) > 1:
+            raise EnsembleSkipped(f"members differ in {key}: "
+                                  f"{ {i['model_name']: i.get(key) for i in infos} }")
+    splits = [s for s in members[0]["splits"] if all(s in m["splits"] for m in members)]
+    labels = {s: members[0]["splits"][s]["predictions"]["y_true"].to_numpy() for s in splits}
+    for member in members[1:]:
+        for s in splits:
+            if not np.array_equal(member["splits"][s]["predictions"]["y_true"].to_numpy(),
+                                  labels[s]):
+                raise EnsembleSkipped(
+                    f"predictions of {member['model_info']['model_name']} on {s!r} are not in "
+                    f"the same order as {names[0]}'s; cannot average them row by row")
+    cols = [f"prob_{c}" for c in classes]
+    probs = {s: np.mean([m["splits"][s]["predictions"][cols].to_numpy() for m in members],
+                        axis=0) for s in splits}
+    target = _common_target_sensitivity(infos, target_sensitivity)
+    threshold, method = None, None
+    if len(classes) == 2:
+        threshold = metrics_lib.choose_threshold(labels[SELECT_SPLIT], probs[SELECT_SPLIT][:, 1],
+                                                 target_sensitivity=target)
+        method = f"sensitivity>={target}" if target else "youden"  # train's naming
+    name = f"Ensemble-top{len(names)}"
+    if name in by_name:
+        raise EnsembleSkipped(f"a single model is already called {name!r}")
+    info = {
+        "model_name": name, "ensemble": True, "kind": "mean_probability", "members": names,
+        "class_names": classes, "positive_class": 1 if len(classes) == 2 else None,
+        "threshold": threshold, "threshold_method": method, "target_sensitivity": target,
+        "image_size": infos[0].get("image_size"), "channels": infos[0].get("channels"),
+        "weights": "members", "hparams": {},
+        "params": _sum_or_none(i.get("params") for i in infos),
+        "train_seconds": _sum_or_none(i.get("train_seconds") for i in infos),
+        "size_mb": _sum_or_none(_model_size_mb(m) for m in members),
+        "epochs": None, "select_metric": select_metric, "k": len(names),
+    }
+    split_data = {}
+    for s in splits:
+        m = metrics_lib.compute_metrics(labels[s], probs[s], classes, threshold,
+                                        n_bootstrap=n_bootstrap, seed=seed)
+        latency = _sum_or_none(x["splits"][s]["metrics"].get("latency_ms") for x in members)
+        m.update({"split": s, "model_name": name, "threshold_method": method,
+                  "latency_ms": latency, "gradcam": None,
+                  **{k: members[0]["splits"][s]["metrics"].get(k)
+                     for k in ("latency_batch_size", "latency_device")}})
+        preds = pd.DataFrame({"y_true": labels[s], **{c: probs[s][:, i]
+                                                      for i, c in enumerate(cols)}})
+        split_data[s] = {"dir": None, "metrics": m, "predictions": preds}
+    return {"trial_dir": None, "model_dir": None, "eval_dir": None, "tune_dir": None,
+            "model_info": info, "history": None, "phases": [], "splits": split_data,
+            "members": names}
+
+
+def _sum_or_none(values: Any) -> float | None:
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return float(sum(values))
+
+
+def _write_ensemble_eval(ensemble: dict[str, Any], directory: Path) -> None:
+    """The ensemble's per-split files, as evaluate writes them for a single model."""
+    info = ensemble["model_info"]
+    classes = info["class_names"]
+    for split, data in ensemble["splits"].items():
+        out = directory / split
+        out.mkdir(parents=True)
+        data["dir"] = out
+        preds = data["predictions"]
+        y = preds["y_true"].to_numpy()
+        probs = preds[[f"prob_{c}" for c in classes]].to_numpy()
+        title = f"{info['model_name']} — {split}"
+        (out / "metrics.json").write_text(json.dumps(data["metrics"], indent=2))
+        preds.to_csv(out / "predictions.csv", index=False)
+        plot_confusion_matrix(data["metrics"]["confusion_matrix"], classes,
+                              out / "confusion_matrix.png", title)
+        plot_roc(y, probs, classes, out / "roc.png", threshold=info["threshold"], title=title)
+        plot_pr(y, probs, classes, out / "pr.png", threshold=info["threshold"], title=title)
+        plot_reliability(y, probs, classes, out / "reliability.png", title=title)
+
+
+def _write_ensemble_model(ensemble: dict[str, Any], trials: list[dict[str, Any]],
+                          dest: Path) -> None:
+    """best_model/ for an ensemble: ensemble.json, model_info.json and members/<name>/."""
+    info = ensemble["model_info"]
+    by_name = {t["model_info"]["model_name"]: t for t in trials}
+    dest.mkdir()
+    for name in info["members"]:
+        _check_dir_name(name)
+        shutil.copytree(by_name[name]["model_dir"], dest / MEMBERS_DIR / name, symlinks=False)
+    text = json.dumps(info, indent=2) + "\n"
+    (dest / ENSEMBLE_FILE).write_text(text)
+    (dest / "model_info.json").write_text(text)
+
+
+def _png_b64(path: Path | None) -> str | None:
     """Base64 of a PNG file, or None if it is missing or not a PNG (so it gets redrawn)."""
-    if not path.is_file():
+    if path is None or not path.is_file():
         return None
     data = path.read_bytes()
     if not data.startswith(PNG_MAGIC):
@@ -328,7 +525,7 @@ def _png_b64(path: Path) -> str | None:
     return base64.b64encode(data).decode("ascii")
 
 
-def _image(path: Path, redraw: Any, scratch: Path) -> str:
+def _image(path: Path | None, redraw: Any, scratch: Path) -> str:
     """The trial's own PNG if valid, else redraw it from the raw data into scratch."""
     found = _png_b64(path)
     if found is not None:
@@ -337,37 +534,47 @@ def _image(path: Path, redraw: Any, scratch: Path) -> str:
     return base64.b64encode(Path(out).read_bytes()).decode("ascii")
 
 
+def _split_arrays(trial: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
+    preds = trial["splits"][split]["predictions"]
+    classes = list(trial["model_info"]["class_names"])
+    return preds["y_true"].to_numpy(), preds[[f"prob_{c}" for c in classes]].to_numpy()
+
+
 def _trial_images(trial: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """Base64 PNGs of one candidate: its training curves and each split's plots. Missing or
+    broken plots are redrawn from metrics.json/predictions.csv, except Grad-CAM (it needs the
+    model), which is shown only when evaluate drew it."""
     info = trial["model_info"]
     name, classes = info["model_name"], list(info["class_names"])
-    curves = partial(plot_history, trial["history"], trial["phases"], title=f"{name} training")
-    images: dict[str, Any] = {
-        "curves": _image(trial["model_dir"] / "curves.png", curves, scratch),
-        "splits": {},
-    }
+    images: dict[str, Any] = {"curves": None, "splits": {}}
+    if trial.get("history") is not None:
+        curves = partial(plot_history, trial["history"], trial["phases"], title=f"{name} training")
+        images["curves"] = _image(Path(trial["model_dir"]) / "curves.png", curves, scratch)
     for split, data in trial["splits"].items():
-        m, preds = data["metrics"], data["predictions"]
-        y = preds["y_true"].to_numpy()
-        probs = preds[[f"prob_{c}" for c in classes]].to_numpy()
-        draw_cm = partial(_redraw_cm, m, classes, title=f"{name} — {split}")
-        draw_roc = partial(_redraw_roc, y, probs, classes, threshold=m.get("threshold"),
-                           title=f"{name} — {split} ROC")
-        images["splits"][split] = {
-            "confusion_matrix": _image(data["dir"] / "confusion_matrix.png", draw_cm, scratch),
-            "roc": _image(data["dir"] / "roc.png", draw_roc, scratch),
+        m = data["metrics"]
+        y, probs = _split_arrays(trial, split)
+        title = f"{name} — {split}"
+        redraw = {
+            "confusion_matrix": partial(_redraw_cm, m, classes, title=title),
+            "roc": partial(plot_roc, y, probs, classes, threshold=m.get("threshold"),
+                           title=f"{title} ROC"),
+            "pr": partial(plot_pr, y, probs, classes, threshold=m.get("threshold"), title=title),
+            "reliability": partial(plot_reliability, y, probs, classes, title=title),
         }
+        directory = Path(data["dir"]) if data.get("dir") is not None else None
+        shown = {}
+        for key in SPLIT_PLOTS:
+            path = directory / f"{key}.png" if directory is not None else None
+            if key in redraw:
+                shown[key] = _image(path, redraw[key], scratch)
+            elif (found := _png_b64(path)) is not None:
+                shown[key] = found
+        images["splits"][split] = shown
     return images
 
 
 def _redraw_cm(metrics: dict, classes: list[str], path: Path, title: str) -> Path:
     return plot_confusion_matrix(metrics["confusion_matrix"], classes, path, title)
-
-
-def _redraw_roc(
-    y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path,
-    threshold: float | None, title: str,
-) -> Path:
-    return plot_roc(y, probs, classes, path, threshold=threshold, title=title)
 
 
 # --------------------------------------------------------------------------- writers
@@ -381,12 +588,18 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return str(value)
 
 
+def _spec(col: str) -> str:
+    if col.startswith("hp_"):
+        return "g"
+    return {"train_seconds": ".1f", "size_mb": ".1f", "latency_ms": ".2f"}.get(col, ".4f")
+
+
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """Strings for humans: scores to 4 decimals, hparams in general format (1e-05 stays
     readable instead of rounding to 0.0000), missing values as a dash."""
     shown = pd.DataFrame(index=df.index)
     for col in df.columns:
-        spec = "g" if col.startswith("hp_") else ".1f" if col == "train_seconds" else ".4f"
+        spec = _spec(col)
         shown[col] = [_fmt(v, spec) for v in df[col].astype(object)]
     return shown
 
@@ -407,6 +620,47 @@ def to_markdown(df: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
+def _with_ci(row: pd.Series, col: str) -> str:
+    """``0.9123 [0.8801, 0.9402]`` from a table row's value and CI columns."""
+    value = row.get(col)
+    text = _fmt(None if value is None or pd.isna(value) else float(value))
+    lo, hi = row.get(f"{col}_ci_lo"), row.get(f"{col}_ci_hi")
+    if text != "—" and lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)):
+        text += f" [{float(lo):.4f}, {float(hi):.4f}]"
+    return text
+
+
+def headline_table(ranked: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rank, model and the headline metrics of ``split`` with their 95% CIs, as strings."""
+    cols = [m for m in HEADLINE_METRICS if f"{split}_{m}" in ranked.columns]
+    rows = []
+    for _, row in ranked.iterrows():
+        if pd.isna(row.get(f"{split}_n", np.nan)):
+            continue  # this candidate was not evaluated on the split
+        out = {"rank": str(row["rank"]), "model": str(row["model_name"]),
+               "threshold": _fmt(row.get(f"{split}_threshold"))}
+        out.update({HEADLINE_LABELS[m]: _with_ci(row, f"{split}_{m}") for m in cols})
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def facts_table(ranked: pd.DataFrame) -> pd.DataFrame:
+    """Size, speed and training cost per candidate, as strings."""
+    rows = []
+    for _, row in ranked.iterrows():
+        device = row.get("latency_device")
+        latency = _fmt(row.get("latency_ms"), ".2f")
+        rows.append({
+            "rank": str(row["rank"]), "model": str(row["model_name"]),
+            "members": str(row.get("members") or "—"), "weights": _fmt(row.get("weights")),
+            "parameters": _fmt(None if pd.isna(row.get("params")) else int(row["params"])),
+            "size MB": _fmt(row.get("size_mb"), ".1f"),
+            "training s": _fmt(row.get("train_seconds"), ".1f"),
+            "latency ms/image": latency + (f" ({device})" if isinstance(device, str) else ""),
+        })
+    return pd.DataFrame(rows)
+
+
 def _img_tag(b64: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
@@ -416,7 +670,21 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}
 th{background:#f0f0f0}.best{background:#e8f5e9;padding:1em;border-left:4px solid #2e7d32}
 .scroll{overflow-x:auto}img{max-width:100%;margin:4px}.splits{display:flex;flex-wrap:wrap}
+.note{color:#555;font-size:13px}.warn{background:#fff3e0;padding:.6em;border-left:4px solid #ef6c00}
 """
+NOT_A_DEVICE = ("Research software, not a medical device: not for diagnosis, triage or any "
+                "clinical decision.")
+
+
+def _ensemble_text(summary: dict[str, Any]) -> str:
+    ens = summary.get("ensemble") or {}
+    if ens.get("model_name"):
+        return (f"Ensemble candidate {ens['model_name']}: mean probability of "
+                f"{', '.join(ens['members'])} (top {len(ens['members'])} on "
+                f"{summary['select_metric']}), threshold chosen on its own validation "
+                "predictions. Its members were picked on validation, so its validation score "
+                "is slightly optimistic.")
+    return f"No ensemble candidate: {ens.get('skipped', 'not requested')}."
 
 
 def _summary_html(summary: dict[str, Any], ranked: pd.DataFrame) -> str:
@@ -441,7 +709,8 @@ def _summary_html(summary: dict[str, Any], ranked: pd.DataFrame) -> str:
     if held_out:
         parts.append(f"<p>Best model on the other splits: {'; '.join(held_out)}.</p>")
     parts.append(f"<p>Ranking on <code>{html.escape(metric)}</code>:</p><ol>{ranking}</ol>")
-    parts.append(f"<p>{len(ranked)} models compared.</p></section>")
+    parts.append(f"<p>{len(ranked)} models compared. {html.escape(_ensemble_text(summary))}"
+                 "</p></section>")
     return "\n".join(parts)
 
 
@@ -455,43 +724,105 @@ def _model_html(trial: dict[str, Any], images: dict[str, Any]) -> str:
         if k in info
     )
     hps = html.escape(json.dumps(info.get("hparams") or {}, sort_keys=True))
-    parts = [
-        f'<section><h3 id="model-{html.escape(name)}">{html.escape(name)}</h3>',
-        f"<p>{facts}</p><p>hparams: <code>{hps}</code></p>",
-        _img_tag(images["curves"], f"{name} training curves"),
-        '<div class="splits">',
-    ]
+    parts = [f'<section><h3 id="model-{html.escape(name)}">{html.escape(name)}</h3>',
+             f"<p>{facts}</p>"]
+    if trial.get("members"):
+        parts.append(f"<p>members: {html.escape(', '.join(trial['members']))}</p>")
+    else:
+        parts.append(f"<p>hparams: <code>{hps}</code></p>")
+    if images["curves"]:
+        parts.append(_img_tag(images["curves"], f"{name} training curves"))
+    parts.append('<div class="splits">')
     for split, imgs in images["splits"].items():
-        parts.append(f"<div><h4>{html.escape(split)}</h4>"
-                     f"{_img_tag(imgs['confusion_matrix'], f'{name} {split} confusion matrix')}"
-                     f"{_img_tag(imgs['roc'], f'{name} {split} ROC')}</div>")
+        tags = "".join(_img_tag(imgs[k], f"{name} {split} {k.replace('_', ' ')}")
+                       for k in SPLIT_PLOTS if k in imgs)
+        parts.append(f"<div><h4>{html.escape(split)}</h4>{tags}</div>")
     parts.append("</div></section>")
     return "\n".join(parts)
 
 
+def _split_n(trials: list[dict[str, Any]], split: str) -> int | None:
+    for t in trials:
+        if split in t["splits"]:
+            return int(t["splits"][split]["metrics"]["n"])
+    return None
+
+
+def _split_title(split: str, trials: list[dict[str, Any]]) -> str:
+    role = {"val": "validation: selection happens here",
+            "test": "test: held out, the unbiased estimate"}.get(split, "external / other data")
+    return f"{split} (n={_split_n(trials, split)}; {role})"
+
+
+def _ci_note(trials: list[dict[str, Any]]) -> str:
+    m = next(iter(trials[0]["splits"].values()))["metrics"]
+    return (f"Values at each model's decision threshold (chosen on validation) with 95% "
+            f"{m.get('ci_method', 'bootstrap')} confidence intervals "
+            f"({m.get('n_bootstrap', '?')} resamples, seed {m.get('bootstrap_seed', '?')}). "
+            "Brier and ECE: lower is better.")
+
+
 def _report_html(
     summary: dict[str, Any], ranked: pd.DataFrame, trials: list[dict[str, Any]],
-    images: dict[str, dict[str, Any]], bars_b64: str,
+    images: dict[str, dict[str, Any]], charts: dict[str, str],
 ) -> str:
-    table = display_table(ranked).to_html(index=False, escape=True)
     order = {str(n): i for i, n in enumerate(ranked["model_name"])}
     models = "\n".join(
         _model_html(t, images[t["model_info"]["model_name"]])
         for t in sorted(trials, key=lambda t: order[str(t["model_info"]["model_name"])])
     )
+    splits = sorted({s for t in trials for s in t["splits"]}, key=_split_order)
+    headline = [f"<h3>{html.escape(_split_title(s, trials))}</h3>"
+                f'<div class="scroll">{headline_table(ranked, s).to_html(index=False)}</div>'
+                for s in splits]
+    rocs = [_img_tag(charts[f"roc_{s}"], f"ROC curves of all models on {s}") for s in splits
+            if f"roc_{s}" in charts]
+    full = display_table(ranked).to_html(index=False, escape=True)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>lungxray model comparison</title>',
         f"<style>{CSS}</style></head><body>",
         "<h1>lungxray model comparison</h1>",
+        f'<p class="warn">{html.escape(NOT_A_DEVICE)}</p>',
         _summary_html(summary, ranked),
-        f'<h2>Results</h2><div class="scroll">{table}</div>',
+        "<h2>Headline metrics</h2>",
+        f'<p class="note">{html.escape(_ci_note(trials))}</p>',
+        *headline,
+        "<h2>Size, speed and cost</h2>",
+        f'<div class="scroll">{facts_table(ranked).to_html(index=False)}</div>',
+        '<p class="note">Latency: wall-clock model.predict time per image after a warm-up, on '
+        "the device shown; an ensemble's is the sum of its members'.</p>",
+        "<h2>Metric comparison</h2>",
+        _img_tag(charts["bars"], "metric comparison bar chart"),
+        "<h2>ROC curves</h2>",
+        *rocs,
+        "<h2>Training curves</h2>",
+        _img_tag(charts["curves"], "training curves of all models") if "curves" in charts else "",
         "<h2>Models</h2>",
         models,
-        "<h2>Metric comparison</h2>",
-        _img_tag(bars_b64, "metric comparison bar chart"),
+        "<h2>All columns</h2>",
+        f'<details><summary>full table (also results.csv)</summary><div class="scroll">{full}'
+        "</div></details>",
+        f'<p class="note">{html.escape(NOT_A_DEVICE)}</p>',
         "</body></html>",
     ]) + "\n"
+
+
+def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame,
+                    trials: list[dict[str, Any]]) -> str:
+    """The report's text: summary, headline tables with CIs, size and speed."""
+    metric = summary["select_metric"]
+    splits = sorted({s for t in trials for s in t["splits"]}, key=_split_order)
+    lines = ["# lungxray model comparison", "", f"> {NOT_A_DEVICE}", "",
+             f"**Best model: {summary['best_model']}**, selected on `{metric}` = "
+             f"{_fmt(summary['select_value'])} (chosen on validation, never on test).", "",
+             _ensemble_text(summary), "", "## Headline metrics", "", _ci_note(trials), ""]
+    for split in splits:
+        lines += [f"### {_split_title(split, trials)}", "",
+                  to_markdown(headline_table(ranked, split))]
+    lines += ["## Size, speed and cost", "", to_markdown(facts_table(ranked)),
+              "All columns: `results.csv` / `results.md`.", ""]
+    return "\n".join(lines)
 
 
 def _json_value(value: Any) -> Any:
@@ -579,29 +910,55 @@ def _publish(build: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_auc") -> dict:
-    """Compare trials, pick the best on a validation metric, write the report; return summary.
 
-    Everything is loaded and validated before anything is written, and the report is assembled in
-    a sibling temp dir that replaces ``output`` only when complete, so a failure never leaves a
-    half-written report behind.
+
+def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_auc",
+            ensemble_k: int = 2, target_sensitivity: float | None = None) -> dict:
+    """Compare trials (plus an ensemble of the top ``ensemble_k``), pick the best on a
+    validation metric, write the report; return the summary.
+
+    ``target_sensitivity`` sets how the ensemble's threshold is chosen on validation (default:
+    as its members' were, else Youden's J). Everything is loaded and validated before anything
+    is written, and the report is assembled in a sibling temp dir that replaces ``output`` only
+    when complete, so a failure never leaves a half-written report behind.
     """
     _check_select_metric(select_metric)
     if not trial_dirs:
         raise ValueError("compare needs at least one trial dir")
+    if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     output = Path(output)
     _check_output(output)
     trials = [load_trial(Path(d)) for d in trial_dirs]
     _validate_trials(trials, select_metric)
-    ranked = rank_models(build_table(trials), select_metric)
-    splits = sorted({s for t in trials for s in t["splits"]}, key=_split_order)
+    singles = rank_models(build_table(trials), select_metric)
+    ensemble, ensemble_note = None, {}
+    if ensemble_k < 2:
+        ensemble_note = {"skipped": f"ensemble_k={ensemble_k} (an ensemble needs 2 or more)"}
+    elif len(trials) < 2:
+        ensemble_note = {"skipped": "only one model"}
+    else:
+        try:
+            ensemble = build_ensemble(trials, singles, select_metric, ensemble_k,
+                                      target_sensitivity)
+        except EnsembleSkipped as err:
+            ensemble_note = {"skipped": str(err)}
+        else:
+            info = ensemble["model_info"]
+            ensemble_note = {k: info[k] for k in ("model_name", "members", "threshold",
+                                                  "threshold_method", "target_sensitivity")}
+    candidates = trials + ([ensemble] if ensemble else [])
+    ranked = rank_models(build_table(candidates), select_metric)
+    splits = sorted({s for t in candidates for s in t["splits"]}, key=_split_order)
     summary = _summary(ranked, select_metric, splits)
-    best_trial = next(t for t in trials if t["model_info"]["model_name"] == summary["best_model"])
+    summary["ensemble"] = ensemble_note
+    best = next(t for t in candidates if t["model_info"]["model_name"] == summary["best_model"])
+    summary["best_is_ensemble"] = bool(best.get("members"))
 
     output.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{output.name}.build-", dir=output.parent))
     try:
-        _write_report(build, trials, ranked, summary, best_trial)
+        _write_report(build, candidates, trials, ranked, summary, best)
         _publish(build, output)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
@@ -609,21 +966,47 @@ def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_
     return summary
 
 
+def _charts(build: Path, candidates: list[dict[str, Any]], trials: list[dict[str, Any]],
+            ranked: pd.DataFrame, summary: dict[str, Any]) -> dict[str, str]:
+    """The cross-model figures, written into the report dir; returns them as base64."""
+    paths = {"bars": plot_metric_bars(
+        ranked, _bar_columns(ranked, summary["select_metric"]), build / "metrics_bars.png",
+        title=f"Model comparison with 95% CIs (selection on {summary['select_metric']})")}
+    classes = list(trials[0]["model_info"]["class_names"])
+    for split in sorted({s for t in candidates for s in t["splits"]}, key=_split_order):
+        having = [t for t in candidates if split in t["splits"]]
+        curves = {t["model_info"]["model_name"]: _split_arrays(t, split) for t in having}
+        thresholds = {t["model_info"]["model_name"]: t["model_info"].get("threshold")
+                      for t in having}
+        paths[f"roc_{split}"] = plot_roc_overlay(curves, classes, build / f"roc_{split}.png",
+                                                 thresholds, title=f"ROC on {split}")
+    histories = {t["model_info"]["model_name"]: (t["history"], t["phases"]) for t in trials
+                 if t.get("history") is not None}
+    if histories:
+        paths["curves"] = plot_history_grid(histories, build / "training_curves.png")
+    return {k: base64.b64encode(Path(p).read_bytes()).decode("ascii") for k, p in paths.items()}
+
+
 def _write_report(
-    build: Path, trials: list[dict[str, Any]], ranked: pd.DataFrame, summary: dict[str, Any],
-    best_trial: dict[str, Any],
+    build: Path, candidates: list[dict[str, Any]], trials: list[dict[str, Any]],
+    ranked: pd.DataFrame, summary: dict[str, Any], best: dict[str, Any],
 ) -> None:
+    for candidate in candidates:
+        if candidate.get("members"):
+            _write_ensemble_eval(candidate, build / ENSEMBLE_DIR)
     ranked.to_csv(build / "results.csv", index=False)
     (build / "results.md").write_text(to_markdown(ranked))
-    bars = plot_metric_bars(
-        ranked, _bar_columns(ranked, summary["select_metric"]), build / "metrics_bars.png",
-        title=f"Model comparison (selection on {summary['select_metric']})",
-    )
-    # copytree follows the top-level link and, with symlinks=False, copies linked files' content.
-    shutil.copytree(best_trial["model_dir"], build / "best_model", symlinks=False)
+    charts = _charts(build, candidates, trials, ranked, summary)
+    if best.get("members"):
+        _write_ensemble_model(best, trials, build / "best_model")
+    else:
+        # copytree follows the top-level link and, with symlinks=False, copies linked files.
+        shutil.copytree(best["model_dir"], build / "best_model", symlinks=False)
     with tempfile.TemporaryDirectory(dir=build) as scratch:
-        images = {t["model_info"]["model_name"]: _trial_images(t, Path(scratch)) for t in trials}
-    bars_b64 = base64.b64encode(bars.read_bytes()).decode("ascii")
-    page = _report_html(summary, ranked, trials, images, bars_b64)
+        images = {t["model_info"]["model_name"]: _trial_images(t, Path(scratch))
+                  for t in candidates}
+    page = _report_html(summary, ranked, candidates, images, charts)
+    (build / "report.md").write_text(report_markdown(summary, ranked, candidates))
+    (build / "model_card.md").write_text(model_card(best, summary))
     (build / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (build / "report.html").write_text(page, encoding="utf-8")

@@ -255,6 +255,7 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "threshold": threshold,
         "threshold_method": (None if threshold is None else "youden" if target_sensitivity is None
                              else f"sensitivity>={target_sensitivity}"),
+        "target_sensitivity": target_sensitivity,
         "image_size": manifest["image_size"],
         "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
         "channels": manifest["channels"],

@@ -37,7 +37,8 @@ def test_evaluate_and_compare_components(trained_model, small_dataset, tmp_path)
     metrics = artifact(Metrics, tmp_path, "metrics")
     classification = artifact(ClassificationMetrics, tmp_path, "classification")
     evaluate(dataset=dataset, model=model, evaluation=evaluation, metrics=metrics,
-             test_classification=classification, summary=artifact(Markdown, tmp_path, "md"))
+             test_classification=classification, summary=artifact(Markdown, tmp_path, "md"),
+             report=artifact(HTML, tmp_path, "eval_html"))
     expected = json.loads((Path(evaluation.path) / "test" / "metrics.json").read_text())
     assert metrics.metadata["test_roc_auc"] == expected["roc_auc"]
     assert set(metrics.metadata) >= {"val_accuracy", "val_roc_auc", "test_accuracy"}
@@ -53,7 +54,7 @@ def test_evaluate_and_compare_components(trained_model, small_dataset, tmp_path)
     summary, scores = artifact(Markdown, tmp_path, "summary"), artifact(Metrics, tmp_path, "m2")
     compare(models=[model], evaluations=[evaluation], tunings=[tuning],
             select_metric="val_roc_auc", report=report, summary=summary, best_model=best,
-            metrics=scores)
+            metrics=scores, model_card=artifact(Markdown, tmp_path, "card"))
     assert "VGG16" in Path(report.path).read_text()
     assert (Path(best.path) / "model.keras").is_file()
     assert best.metadata["model_name"] == "VGG16"

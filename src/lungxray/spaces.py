@@ -1,0 +1,99 @@
+"""The hyperparameter search spaces, in one place.
+
+Every name is a key of ``train.DEFAULT_HPARAMS``: tune hands its choice to train through
+``best_hparams.json`` and train refuses unknown names. Each space's default values are train's
+defaults, so a space's first (default) point is what an untuned run would use.
+
+Three spaces, used by three kinds of search (see ``lungxray.tune``):
+
+- **head** (pretrained backbone, frozen): ``dense_units``, ``dropout``, ``learning_rate``,
+  ``label_smoothing``, ``class_weighting``. Searched on cached backbone features, so it has no
+  augmentation: augmentation acts on pixels, before the frozen backbone.
+- **fine-tune** (pretrained backbone, after the head search): ``unfreeze``,
+  ``fine_tune_learning_rate``, ``augment``. Searched on the full model, starting from the best
+  head. ``unfreeze=0`` is allowed: the search may find that fine-tuning does not pay.
+- **scratch** (``weights=none``): the head space with the lower learning rates a whole network
+  trained from scratch needs, plus ``augment``. There is nothing to freeze or fine-tune.
+"""
+
+from __future__ import annotations
+
+import keras_tuner as kt
+
+from lungxray.train import DEFAULT_HPARAMS
+
+HEAD_UNITS = [0, 64, 128, 256]  # 0: no hidden layer, pooled features straight to softmax
+# Pretrained heads learn fast on fixed features; a whole network from scratch needs lower
+# rates (train.SCRATCH_DEFAULTS uses 1e-4).
+HEAD_LR = {"pretrained": (1e-4, 1e-2), "scratch": (1e-5, 1e-3)}
+FINE_TUNE_LR = (1e-6, 1e-4)  # low, so fine-tuning does not wreck the pretrained features
+SCRATCH_LR_DEFAULT = 1e-4
+
+
+def head_space(hp: kt.HyperParameters, pretrained: bool = True) -> dict:
+    """Head (and, from scratch, optimiser) hyperparameters."""
+    low, high = HEAD_LR["pretrained" if pretrained else "scratch"]
+    lr_default = DEFAULT_HPARAMS["learning_rate"] if pretrained else SCRATCH_LR_DEFAULT
+    return {
+        "dense_units": hp.Choice("dense_units", HEAD_UNITS,
+                                 default=int(DEFAULT_HPARAMS["dense_units"])),
+        "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1,
+                            default=DEFAULT_HPARAMS["dropout"]),
+        "learning_rate": hp.Float("learning_rate", low, high, sampling="log",
+                                  default=lr_default),
+        "label_smoothing": hp.Float("label_smoothing", 0.0, 0.2, step=0.05,
+                                    default=DEFAULT_HPARAMS["label_smoothing"]),
+        "class_weighting": hp.Boolean("class_weighting",
+                                      default=bool(DEFAULT_HPARAMS["class_weighting"])),
+    }
+
+
+def augment_space(hp: kt.HyperParameters) -> dict:
+    """Augmentation strength (0 = none; 1 = train's default rotation/zoom/shift/contrast)."""
+    return {"augment": hp.Float("augment", 0.0, 1.5, step=0.5,
+                                default=DEFAULT_HPARAMS["augment"])}
+
+
+def fine_tune_space(hp: kt.HyperParameters) -> dict:
+    """Fine-tuning of a pretrained backbone, plus augmentation (it needs the pixels)."""
+    return {
+        "unfreeze": hp.Float("unfreeze", 0.0, 0.5, step=0.1,
+                             default=DEFAULT_HPARAMS["unfreeze"]),
+        "fine_tune_learning_rate": hp.Float("fine_tune_learning_rate", *FINE_TUNE_LR,
+                                            sampling="log",
+                                            default=DEFAULT_HPARAMS["fine_tune_learning_rate"]),
+        **augment_space(hp),
+    }
+
+
+def scratch_space(hp: kt.HyperParameters) -> dict:
+    """Training a whole network from scratch: head, learning rate and augmentation."""
+    return {**head_space(hp, pretrained=False), **augment_space(hp)}
+
+
+SPACES = {
+    "head": lambda hp: head_space(hp, pretrained=True),
+    "fine_tune": fine_tune_space,
+    "scratch": scratch_space,
+}
+
+
+def describe(space: str) -> list[dict]:
+    """One row per hyperparameter of ``space`` (name, kind, range or values, sampling, default),
+    read from keras-tuner itself so the documentation cannot drift from the search."""
+    hp = kt.HyperParameters()
+    SPACES[space](hp)
+    rows = []
+    for param in hp.space:
+        config = param.get_config()
+        if isinstance(param, kt.engine.hyperparameters.Choice):
+            values = ", ".join(str(v) for v in config["values"])
+        elif isinstance(param, kt.engine.hyperparameters.Boolean):
+            values = "True, False"
+        else:
+            step = f" step {config['step']:g}" if config.get("step") else ""
+            values = f"{config['min_value']:g} – {config['max_value']:g}{step}"
+        rows.append({"space": space, "name": param.name, "type": type(param).__name__,
+                     "values": values, "sampling": config.get("sampling") or "",
+                     "default": param.default})
+    return rows

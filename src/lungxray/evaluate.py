@@ -7,7 +7,6 @@ its classes differently: ``class_map`` maps its class names onto the model's.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import tempfile
@@ -369,10 +368,8 @@ def describe(results: dict[str, dict]) -> str:
 
 
 def _png_tag(path: Path, alt: str) -> str:
-    if not path.is_file():
-        return ""
-    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
+    b64 = plots.png_base64(path)
+    return plots.img_tag(b64, alt) if b64 else ""
 
 
 def report_html(results: dict[str, dict], output: Path) -> str:

@@ -6,6 +6,8 @@ memory) and returns the path written.
 
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,22 @@ from sklearn import metrics as skm  # noqa: E402
 from lungxray.metrics import expected_calibration_error, reliability  # noqa: E402
 
 DPI = 110
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_base64(path: Path | None) -> str | None:
+    """Base64 of a PNG file, or None if it is missing or not a PNG."""
+    if path is None or not Path(path).is_file():
+        return None
+    data = Path(path).read_bytes()
+    return base64.b64encode(data).decode("ascii") if data.startswith(PNG_MAGIC) else None
+
+
+def img_tag(b64: str, alt: str) -> str:
+    """An <img> with the PNG embedded, for self-contained HTML reports."""
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
 
 def _save(fig: plt.Figure, path: Path | str) -> Path:

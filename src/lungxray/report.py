@@ -11,7 +11,6 @@ writes ``results.csv``, ``results.md`` (full table), ``report.md`` and a self-co
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -29,6 +28,7 @@ import pandas as pd
 from lungxray import metrics as metrics_lib
 from lungxray.modelcard import model_card
 from lungxray.plots import (
+    img_tag,
     plot_confusion_matrix,
     plot_history,
     plot_history_grid,
@@ -37,6 +37,7 @@ from lungxray.plots import (
     plot_reliability,
     plot_roc,
     plot_roc_overlay,
+    png_base64,
 )
 
 # Per-split metrics copied into the table, in display order (absent ones are skipped).
@@ -56,7 +57,6 @@ HEADLINE_LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "sensitivity": "sen
                    "balanced_accuracy": "bal. accuracy", "f1": "F1", "mcc": "MCC",
                    "brier": "Brier", "ece": "ECE"}
 SELECT_SPLIT = "val"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Files whose presence marks an existing directory as an earlier report we may replace.
 REPORT_MARKERS = ("summary.json", "report.html")
 SPLIT_PLOTS = ("confusion_matrix", "roc", "pr", "reliability", "gradcam")
@@ -515,23 +515,13 @@ def _write_ensemble_model(ensemble: dict[str, Any], trials: list[dict[str, Any]]
     (dest / "model_info.json").write_text(text)
 
 
-def _png_b64(path: Path | None) -> str | None:
-    """Base64 of a PNG file, or None if it is missing or not a PNG (so it gets redrawn)."""
-    if path is None or not path.is_file():
-        return None
-    data = path.read_bytes()
-    if not data.startswith(PNG_MAGIC):
-        return None
-    return base64.b64encode(data).decode("ascii")
-
-
 def _image(path: Path | None, redraw: Any, scratch: Path) -> str:
     """The trial's own PNG if valid, else redraw it from the raw data into scratch."""
-    found = _png_b64(path)
+    found = png_base64(path)
     if found is not None:
         return found
     out = redraw(scratch / f"{uuid.uuid4().hex}.png")
-    return base64.b64encode(Path(out).read_bytes()).decode("ascii")
+    return png_base64(Path(out))
 
 
 def _split_arrays(trial: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -567,7 +557,7 @@ def _trial_images(trial: dict[str, Any], scratch: Path) -> dict[str, Any]:
             path = directory / f"{key}.png" if directory is not None else None
             if key in redraw:
                 shown[key] = _image(path, redraw[key], scratch)
-            elif (found := _png_b64(path)) is not None:
+            elif (found := png_base64(path)) is not None:
                 shown[key] = found
         images["splits"][split] = shown
     return images
@@ -661,10 +651,6 @@ def facts_table(ranked: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _img_tag(b64: str, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
-
-
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}
@@ -731,10 +717,10 @@ def _model_html(trial: dict[str, Any], images: dict[str, Any]) -> str:
     else:
         parts.append(f"<p>hparams: <code>{hps}</code></p>")
     if images["curves"]:
-        parts.append(_img_tag(images["curves"], f"{name} training curves"))
+        parts.append(img_tag(images["curves"], f"{name} training curves"))
     parts.append('<div class="splits">')
     for split, imgs in images["splits"].items():
-        tags = "".join(_img_tag(imgs[k], f"{name} {split} {k.replace('_', ' ')}")
+        tags = "".join(img_tag(imgs[k], f"{name} {split} {k.replace('_', ' ')}")
                        for k in SPLIT_PLOTS if k in imgs)
         parts.append(f"<div><h4>{html.escape(split)}</h4>{tags}</div>")
     parts.append("</div></section>")
@@ -775,7 +761,7 @@ def _report_html(
     headline = [f"<h3>{html.escape(_split_title(s, trials))}</h3>"
                 f'<div class="scroll">{headline_table(ranked, s).to_html(index=False)}</div>'
                 for s in splits]
-    rocs = [_img_tag(charts[f"roc_{s}"], f"ROC curves of all models on {s}") for s in splits
+    rocs = [img_tag(charts[f"roc_{s}"], f"ROC curves of all models on {s}") for s in splits
             if f"roc_{s}" in charts]
     full = display_table(ranked).to_html(index=False, escape=True)
     return "\n".join([
@@ -793,11 +779,11 @@ def _report_html(
         '<p class="note">Latency: wall-clock model.predict time per image after a warm-up, on '
         "the device shown; an ensemble's is the sum of its members'.</p>",
         "<h2>Metric comparison</h2>",
-        _img_tag(charts["bars"], "metric comparison bar chart"),
+        img_tag(charts["bars"], "metric comparison bar chart"),
         "<h2>ROC curves</h2>",
         *rocs,
         "<h2>Training curves</h2>",
-        _img_tag(charts["curves"], "training curves of all models") if "curves" in charts else "",
+        img_tag(charts["curves"], "training curves of all models") if "curves" in charts else "",
         "<h2>Models</h2>",
         models,
         "<h2>All columns</h2>",
@@ -984,7 +970,7 @@ def _charts(build: Path, candidates: list[dict[str, Any]], trials: list[dict[str
                  if t.get("history") is not None}
     if histories:
         paths["curves"] = plot_history_grid(histories, build / "training_curves.png")
-    return {k: base64.b64encode(Path(p).read_bytes()).decode("ascii") for k, p in paths.items()}
+    return {k: png_base64(Path(p)) for k, p in paths.items()}
 
 
 def _write_report(

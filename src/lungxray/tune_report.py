@@ -3,7 +3,6 @@ self-contained HTML summary of a search."""
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from lungxray import spaces  # noqa: E402
+from lungxray import plots, spaces  # noqa: E402
 from lungxray.train import DEFAULT_HPARAMS  # noqa: E402
 
 PHASE_COLOURS = {"head": "tab:blue", "fine_tune": "tab:orange", "scratch": "tab:green"}
@@ -89,7 +88,7 @@ def summary_html(best: dict, table: pd.DataFrame, plot: Path,
     """One self-contained page (the plot is embedded): the choice, the budget, each phase, the
     feature cache, every trial and the search spaces."""
     esc = html.escape
-    png = base64.b64encode(Path(plot).read_bytes()).decode()
+    png = plots.png_base64(Path(plot)) or ""
     chosen = [{"hyperparameter": k, "value": v} for k, v in best["hparams"].items()]
     setup = {k: best.get(k) for k in ("algorithm", "hyperband_factor", "max_trials", "epochs",
                                       "fine_tune_trials", "weights", "train_samples",
@@ -118,7 +117,7 @@ def summary_html(best: dict, table: pd.DataFrame, plot: Path,
                   f"<p>{cache['dim']}-dimensional pooled features in "
                   f"<code>{esc(cache['dir'])}</code>.</p>", _table(rows)]
     parts += [
-        "<h2>Trials</h2>", f"<img alt='tuning plot' src='data:image/png;base64,{png}'>",
+        "<h2>Trials</h2>", plots.img_tag(png, "tuning plot"),
         _table(table),
         "<h2>Search spaces</h2>", _table(space_rows),
         "</body></html>",

@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipelines.profiles import PROFILES
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -48,48 +49,131 @@ def machine() -> dict:
 
 
 def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> dict:
-    """`make local` as a user runs it; wall time and the peak RSS of its largest process."""
+    """`make local` as a user runs it: wall time and peak RSS of its largest process (each run
+    in its own wrapper process, so one run's peak never leaks into the next one's)."""
+    command = ["make", "-C", str(ROOT), "local", f"PROFILE={profile}", f"DATA={data}",
+               f"WEIGHTS={weights}", f"PIPELINE_ROOT={pipeline_root}"]
+    wrapper = ("import resource, subprocess, sys\n"
+               "subprocess.run(sys.argv[1:], check=True)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     started = time.time()
-    subprocess.run(["make", "-C", str(ROOT), "local", f"PROFILE={profile}", f"DATA={data}",
-                    f"WEIGHTS={weights}", f"PIPELINE_ROOT={pipeline_root}"], check=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], check=True,
+                          stdout=subprocess.PIPE, text=True)
+    wall = time.time() - started
+    sys.stdout.write(done.stdout)
+    peak_kib = int(done.stdout.strip().splitlines()[-1])
     runs = sorted(pipeline_root.glob("lungxray-*"), key=lambda p: p.stat().st_mtime)
     return {"profile": profile, "weights": weights, "data": str(data),
-            "wall_seconds": round(time.time() - started, 1),
-            "peak_rss_mib": round(peak_kib / 1024), "run_dir": str(runs[-1])}
+            "params": PROFILES[profile], "wall_seconds": round(wall, 1),
+            "wall_minutes": round(wall / 60, 1), "peak_rss_mib": round(peak_kib / 1024),
+            "run_dir": str(runs[-1])}
 
 
-def accuracy(run_dir: Path) -> dict:
-    """Per model: ACC at 0.5, ACC at the validation threshold, ROC AUC (95% CI when recorded),
-    on val and on the carved test split; and which model the pipeline picked (on val)."""
+def _split_row(metrics: dict) -> dict:
+    ci = metrics.get("ci", {}).get("roc_auc")
+    return {"acc_at_0.5": metrics.get("accuracy_at_0.5"), "acc": metrics["accuracy"],
+            "auc": metrics["roc_auc"], "auc_ci": ci, "n": metrics["n"]}
+
+
+def accuracy(run_dir: Path, workdir: Path) -> dict:
+    """Per model and for the pipeline's pick (an ensemble included): ACC at 0.5, ACC at the
+    validation threshold and ROC AUC (95% bootstrap CI) on val and on the carved test split.
+    The pick is re-evaluated from ``compare/best_model`` exactly as a user would."""
+    from lungxray import evaluate
+
     rows = []
     for iteration in sorted(run_dir.glob("for-loop-*-iteration-*")):
         info = json.loads((iteration / "train" / "model" / "model_info.json").read_text())
-        row = {"model": info["model_name"], "threshold": info["threshold"]}
-        for split in ("val", "test"):
-            path = iteration / "evaluate" / "evaluation" / split / "metrics.json"
-            metrics = json.loads(path.read_text())
-            row[f"{split}_acc_at_0.5"] = metrics.get("accuracy_at_0.5")
-            row[f"{split}_acc"] = metrics["accuracy"]
-            row[f"{split}_auc"] = metrics["roc_auc"]
-            row[f"{split}_auc_ci"] = metrics.get("ci", {}).get("roc_auc")
-            row[f"{split}_n"] = metrics["n"]
-        rows.append(row)
-    best = json.loads((run_dir / "compare" / "best_model" / "model_info.json").read_text())
-    return {"models": rows, "pick": best["model_name"], "published_test": PUBLISHED}
+        splits = {split: _split_row(json.loads(
+            (iteration / "evaluate" / "evaluation" / split / "metrics.json").read_text()))
+            for split in ("val", "test")}
+        rows.append({"model": info["model_name"], "threshold": info["threshold"],
+                     "epochs": info.get("epochs"), "train_seconds": info.get("train_seconds"),
+                     **splits})
+    best_dir = run_dir / "compare" / "best_model"
+    best = json.loads((best_dir / "model_info.json").read_text())
+    dataset = run_dir / "preprocess" / "dataset"
+    picked = evaluate.evaluate(best_dir, str(dataset), workdir / "pick", ["val", "test"],
+                               explain=False)
+    pick = {"model": best["model_name"], "threshold": best["threshold"],
+            **{split: _split_row(picked[split]) for split in ("val", "test")}}
+    return {"models": rows, "pick": pick, "published_test": PUBLISHED}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _auc(split: dict) -> str:
+    ci = split.get("auc_ci")
+    return _fmt(split["auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def accuracy_markdown(section: dict) -> list[str]:
+    """One table: every model, the pick, then the published official-test numbers."""
+    lines = ["| model | val ACC@0.5 | val ACC@thr | val AUC [95% CI] | test ACC@0.5 | "
+             "test ACC@thr | test AUC [95% CI] | threshold |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pick = section["pick"]
+    for row in [*section["models"], {**pick, "model": f"**pick: {pick['model']}**"}]:
+        v, t = row["val"], row["test"]
+        lines.append(f"| {row['model']} | {_fmt(v['acc_at_0.5'])} | {_fmt(v['acc'])} | "
+                     f"{_auc(v)} | {_fmt(t['acc_at_0.5'])} | {_fmt(t['acc'])} | {_auc(t)} | "
+                     f"{_fmt(row['threshold'])} |")
+    for ref in section["published_test"]:
+        lines.append(f"| published: {ref['method']} (official test) | | | | "
+                     f"{ref['accuracy']:.3f} | | {ref['roc_auc']:.3f} | |")
+    n_val, n_test = pick["val"]["n"], pick["test"]["n"]
+    return lines + ["", f"val n={n_val} (selection and threshold happen here); carved test "
+                        f"n={n_test} (stratified, seeded, carved from train; never used to choose "
+                        "anything). The published rows are on the official test split (n=624), "
+                        "which is shifted from train/val and not available here."]
 
 
 def markdown(results: dict) -> str:
-    """RESULTS.md from results.json."""
+    """RESULTS.md from results.json: a table per section, settings beside each."""
     m = results["machine"]
     lines = ["# Benchmarks", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpus']} GPU(s); Python "
              f"{m['python']}, TensorFlow {m['tensorflow']}; {m['date']}. "
-             "Produced by `make bench` (bench/run.py); raw numbers in results.json.", ""]
-    for name, section in results.items():
-        if name == "machine":
-            continue
-        lines += [f"## {name}", "", "```json", json.dumps(section, indent=2), "```", ""]
+             "Produced by `make bench` (bench/run.py) in one run; raw numbers in results.json.",
+             ""]
+    if "preprocess" in results:
+        p = results["preprocess"]
+        lines += ["## Preprocess", "",
+                  f"`lungxray preprocess` of {p['images']} generated PNGs: "
+                  f"**{p['images_per_s']} images/s** ({p['seconds']} s). Settings: "
+                  f"`{json.dumps(p['settings'])}`.",
+                  ""]
+    if "tuning" in results:
+        from bench.tuning_bench import markdown as tuning_markdown
+
+        lines += ["## Tuning: cached features vs naive keras-tuner loop", "",
+                  tuning_markdown(results["tuning"]), ""]
+    if "input_pipeline" in results:
+        i = results["input_pipeline"]
+        lines += ["## Input pipeline", "",
+                  f"{i['model']} at {i['image_size']} px, batch {i['batch_size']}, "
+                  f"{i['steps']} steps, tracing excluded.", "",
+                  "| delivered images/s (tf.data alone) | consumed images/s (train step) | "
+                  "share of step time waiting for input |", "|---:|---:|---:|",
+                  f"| {i['delivered_images_per_s']} | {i['consumed_images_per_s']} | "
+                  f"{i['input_wait_share']:.1%} |", ""]
+    if "train_throughput" in results:
+        lines += ["## Training throughput (whole network trainable, tracing excluded)", "",
+                  "| model | prepared px | model input px | batch | images/s |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['image_size']} | {r['input_size']} | "
+                  f"{r['batch_size']} | {r['images_per_s']} |"
+                  for r in results["train_throughput"]]
+        lines.append("")
+    for profile, run in results.get("make_local", {}).items():
+        lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}`", "",
+                  f"Wall time **{run['wall_minutes']} min** ({run['wall_seconds']} s), peak RSS "
+                  f"of the largest process **{run['peak_rss_mib']} MiB**. Data: `{run['data']}`. "
+                  f"Profile parameters: `{json.dumps(run['params'])}`.", ""]
+        if profile in results.get("accuracy", {}):
+            lines += accuracy_markdown(results["accuracy"][profile]) + [""]
     return "\n".join(lines)
 
 
@@ -98,14 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PneumoniaMNIST .npz")
     parser.add_argument("--only", nargs="*", default=None,
                         help="sections to run (preprocess tuning input training local)")
-    parser.add_argument("--profile", default="quick", help="profile of the `make local` run")
-    parser.add_argument("--weights", default="none", help="weights of the `make local` run")
+    parser.add_argument("--profiles", nargs="*", default=["quick", "full"],
+                        help="profiles of the `make local` runs (default quick full)")
+    parser.add_argument("--weights", default="none", help="weights of the `make local` runs")
     parser.add_argument("--output", type=Path, default=BENCH)
     args = parser.parse_args(argv)
     wanted = set(args.only or ["preprocess", "tuning", "input", "training", "local"])
     results_path = args.output / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["machine"] = machine()
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a late failure keeps the earlier numbers
+        results_path.write_text(json.dumps(results, indent=2))
+        (args.output / "RESULTS.md").write_text(markdown(results))
 
     from lungxray import data
 
@@ -117,27 +207,30 @@ def main(argv: list[str] | None = None) -> int:
             from bench.preprocess_bench import bench_preprocess
 
             results["preprocess"] = bench_preprocess(3000, 512, work / "preprocess")
+            save()
         if "tuning" in wanted:
             from bench.tuning_bench import bench_tuning
 
             results["tuning"] = bench_tuning_default(bench_tuning, args.data, work)
+            save()
         if "input" in wanted:
             from bench.training_bench import bench_input_pipeline
 
             results["input_pipeline"] = bench_input_pipeline(prepared)
+            save()
         if "training" in wanted:
             from bench.training_bench import bench_train_throughput
 
             results["train_throughput"] = bench_train_throughput(prepared, workdir=work)
+            save()
         if "local" in wanted:
-            local = run_local(args.profile, args.data, args.weights, work / "runs")
-            results["make_local"] = {k: v for k, v in local.items() if k != "run_dir"}
-            results["accuracy"] = {"settings": f"make local PROFILE={args.profile} "
-                                               f"WEIGHTS={args.weights}",
-                                   **accuracy(Path(local["run_dir"]))}
-        args.output.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2))
-        (args.output / "RESULTS.md").write_text(markdown(results))
+            for profile in args.profiles:
+                local = run_local(profile, args.data, args.weights, work / f"runs-{profile}")
+                results.setdefault("make_local", {})[profile] = {
+                    k: v for k, v in local.items() if k != "run_dir"}
+                results.setdefault("accuracy", {})[profile] = accuracy(
+                    Path(local["run_dir"]), work / f"accuracy-{profile}")
+                save()
     print(f"wrote {results_path} and {args.output / 'RESULTS.md'}")
     return 0
 

@@ -57,6 +57,7 @@ def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> di
                "subprocess.run(sys.argv[1:], check=True)\n"
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     started = time.time()
+    start_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     done = subprocess.run([sys.executable, "-c", wrapper, *command], check=True,
                           stdout=subprocess.PIPE, text=True)
     wall = time.time() - started
@@ -64,7 +65,7 @@ def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> di
     peak_kib = int(done.stdout.strip().splitlines()[-1])
     runs = sorted(pipeline_root.glob("lungxray-*"), key=lambda p: p.stat().st_mtime)
     return {"profile": profile, "weights": weights, "data": str(data),
-            "params": PROFILES[profile], "wall_seconds": round(wall, 1),
+            "params": PROFILES[profile], "started": start_utc, "wall_seconds": round(wall, 1),
             "wall_minutes": round(wall / 60, 1), "peak_rss_mib": round(peak_kib / 1024),
             "run_dir": str(runs[-1])}
 
@@ -169,6 +170,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     for profile, run in results.get("make_local", {}).items():
         lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}`", "",
+                  f"Started {run.get('started', '?')}. "
                   f"Wall time **{run['wall_minutes']} min** ({run['wall_seconds']} s), peak RSS "
                   f"of the largest process **{run['peak_rss_mib']} MiB**. Data: `{run['data']}`. "
                   f"Profile parameters: `{json.dumps(run['params'])}`.", ""]

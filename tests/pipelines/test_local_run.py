@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from bench.run import accuracy
 from pipelines.local import run_local
 from pipelines.profiles import resolve_params
 
@@ -45,3 +46,15 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     executor = json.loads((run_dir / "compare" / "executor_output.json").read_text())
     best_artifact = executor["artifacts"]["best_model"]["artifacts"][0]
     assert best_artifact["metadata"]["model_name"] == expected
+
+    # make bench's accuracy table reads the same run: a row per model, and the pick,
+    # re-evaluated from compare/best_model, reproduces what its own evaluate step measured.
+    table = accuracy(run_dir, tmp_path / "bench")
+    rows = {row["model"]: row for row in table["models"]}
+    assert sorted(rows) == sorted(MODELS)
+    assert rows[expected]["val"]["auc"] == val_auc[expected]
+    assert table["pick"]["model"] == expected
+    for split in ("val", "test"):
+        assert table["pick"][split]["n"] == 120
+        assert abs(table["pick"][split]["auc"] - rows[expected][split]["auc"]) < 1e-6
+        assert abs(table["pick"][split]["acc"] - rows[expected][split]["acc"]) < 1e-6

@@ -15,6 +15,7 @@ MODELS ?=#                         e.g. MODELS='[VGG16, MobileNetV2]' (default: 
 PARAMS ?=#                         YAML/JSON file of pipeline parameters
 PIPELINE_ROOT ?= local_outputs
 PYTEST_ARGS ?=
+BENCH_ARGS ?=#                     e.g. --only tuning input, --profiles full
 
 # Cluster ---------------------------------------------------------------------------------------
 REGISTRY ?= localhost:5001
@@ -66,8 +67,8 @@ compile: $(STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, 
 $(PIPELINE_YAML): $(STAMP) $(wildcard pipelines/*.py components/*.py)
 	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML) $(COMPILE_FLAGS)
 
-bench: $(STAMP) ## Benchmarks (not part of test): writes bench/results.json and bench/RESULTS.md
-	$(PY) -m bench.run
+bench: $(STAMP) ## Benchmarks (not part of test): bench/results.json and bench/RESULTS.md (BENCH_ARGS)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean: ## Remove build outputs and local pipeline runs (keeps .venv)
 	rm -rf build $(PIPELINE_ROOT) .pytest_cache .ruff_cache

@@ -137,7 +137,9 @@ def markdown(results: dict) -> str:
     lines = ["# Benchmarks", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpus']} GPU(s); Python "
              f"{m['python']}, TensorFlow {m['tensorflow']}; {m['date']}. "
-             "Produced by `make bench` (bench/run.py) in one run; raw numbers in results.json.",
+             "Produced by `make bench` (bench/run.py); raw numbers in results.json. Machine and "
+             "date are those of the latest invocation; each `make local` section has its own "
+             "start.",
              ""]
     if "preprocess" in results:
         p = results["preprocess"]

@@ -2,7 +2,8 @@
 
 Every name is a key of ``train.DEFAULT_HPARAMS``: tune hands its choice to train through
 ``best_hparams.json`` and train refuses unknown names. Each space's default values are train's
-defaults, so a space's first (default) point is what an untuned run would use.
+defaults, i.e. what an untuned run uses. keras-tuner draws even the first trial at random, so
+a short search may never evaluate that default point.
 
 Three spaces, used by three kinds of search (see ``lungxray.tune``):
 

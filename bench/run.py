@@ -66,7 +66,7 @@ def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> di
     runs = sorted(pipeline_root.glob("lungxray-*"), key=lambda p: p.stat().st_mtime)
     return {"profile": profile, "weights": weights, "data": str(data),
             "params": PROFILES[profile], "started": start_utc, "wall_seconds": round(wall, 1),
-            "wall_minutes": round(wall / 60, 1), "peak_rss_mib": round(peak_kib / 1024),
+            "peak_rss_mib": round(peak_kib / 1024),
             "run_dir": str(runs[-1])}
 
 
@@ -173,8 +173,8 @@ def markdown(results: dict) -> str:
     for profile, run in results.get("make_local", {}).items():
         lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}`", "",
                   f"Started {run.get('started', '?')}. "
-                  f"Wall time **{run['wall_minutes']} min** ({run['wall_seconds']} s), peak RSS "
-                  f"of the largest process **{run['peak_rss_mib']} MiB**. Data: `{run['data']}`. "
+                  f"Wall time **{run['wall_seconds'] / 60:.1f} min** ({run['wall_seconds']} s), "
+                  f"peak RSS of the largest process **{run['peak_rss_mib']} MiB**. Data: `{run['data']}`. "
                   f"Profile parameters: `{json.dumps(run['params'])}`.", ""]
         if profile in results.get("accuracy", {}):
             lines += accuracy_markdown(results["accuracy"][profile]) + [""]

@@ -174,7 +174,8 @@ def markdown(results: dict) -> str:
         lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}`", "",
                   f"Started {run.get('started', '?')}. "
                   f"Wall time **{run['wall_seconds'] / 60:.1f} min** ({run['wall_seconds']} s), "
-                  f"peak RSS of the largest process **{run['peak_rss_mib']} MiB**. Data: `{run['data']}`. "
+                  f"peak RSS of the largest process **{run['peak_rss_mib']} MiB**. "
+                  f"Data: `{run['data']}`. "
                   f"Profile parameters: `{json.dumps(run['params'])}`.", ""]
         if profile in results.get("accuracy", {}):
             lines += accuracy_markdown(results["accuracy"][profile]) + [""]

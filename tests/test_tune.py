@@ -65,6 +65,14 @@ def test_every_algorithm_runs_exactly_max_trials(algorithm, tmp_path):
     if algorithm == "hyperband":
         assert set(table["epochs"]) <= {1, 3}  # ceil(3 / 3**k) epochs per trial
     assert all(t["starts"] == 1 and t["seconds"] > 0 for t in tune.trial_times(tuner).values())
+    # The first trial is the space's default point (train's untuned values), then draws;
+    # Hyperband's continuations (tuner/trial_id) reuse a drawn point by design.
+    fresh = [t.hyperparameters.values for _, t in sorted(tuner.oracle.trials.items())
+             if "tuner/trial_id" not in t.hyperparameters.values]
+    defaults = spaces.head_space(kt.HyperParameters())
+    first, *drawn = [{k: v for k, v in values.items() if not k.startswith("tuner/")}
+                     for values in fresh]
+    assert first == defaults and drawn and defaults not in drawn
 
 
 def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(

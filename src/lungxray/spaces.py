@@ -2,8 +2,9 @@
 
 Every name is a key of ``train.DEFAULT_HPARAMS``: tune hands its choice to train through
 ``best_hparams.json`` and train refuses unknown names. Each space's default values are train's
-defaults, i.e. what an untuned run uses. keras-tuner draws even the first trial at random, so
-a short search may never evaluate that default point.
+defaults, i.e. what an untuned run uses, and every search's first trial is that default point
+(``lungxray.tune`` makes keras-tuner start there instead of drawing it), so no search ends
+without having tried what an untuned run would use.
 
 Three spaces, used by three kinds of search (see ``lungxray.tune``):
 

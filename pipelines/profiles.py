@@ -2,7 +2,7 @@
 
 - ``quick``: the ``make local`` default, sized for a 2-core laptop CPU (32 px, 2 epochs on the
   whole train split, 2 one-epoch tuning trials on 1000 training images per model).
-- ``full``: the accuracy run on a CPU: 6 epochs (early stopping on val AUC may end sooner) and
+- ``full``: the accuracy run on a CPU: 9 epochs (early stopping on val AUC may end sooner) and
   3 one-epoch tuning trials on 1500 training images per model; within an hour on 2 cores with
   the three seed models (measured in bench/RESULTS.md).
 - ``cluster``: the pipeline's own defaults, meant for GPUs.
@@ -18,7 +18,7 @@ PROFILES: dict[str, dict] = {
     "quick": {"image_size": 32, "epochs": 2, "tune_trials": 2, "tune_epochs": 1,
               "tune_train_samples": 1000, "tune_fine_tune_trials": 1, "max_per_split": 0,
               "batch_size": 32},
-    "full": {"image_size": 32, "epochs": 6, "tune_trials": 3, "tune_epochs": 1,
+    "full": {"image_size": 32, "epochs": 9, "tune_trials": 3, "tune_epochs": 1,
              "tune_train_samples": 1500, "tune_fine_tune_trials": 2, "max_per_split": 0,
              "batch_size": 32},
     "cluster": {},

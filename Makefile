@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Local runs ------------------------------------------------------------------------------------
-DATA ?= pneumoniamnist#            npz / image folder / gs:// URI / pneumoniamnist[_64|_128|_224]
-WEIGHTS ?= imagenet#               imagenet | none | path or gs:// URI of a weights file
+DATA ?=#                           npz / image folder / gs:// URI / pneumoniamnist[_64|_128|_224]
+WEIGHTS ?=#                        imagenet | none | path or gs:// URI of a weights file
 PROFILE ?= quick#                  quick | full | cluster (pipelines/profiles.py)
 MODELS ?=#                         e.g. MODELS='[VGG16, MobileNetV2]' (default: the profile's)
 PARAMS ?=#                         YAML/JSON file of pipeline parameters
@@ -44,7 +44,7 @@ install: $(STAMP) ## Create .venv and install lungxray with CPU TensorFlow and t
 
 local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, WEIGHTS, PROFILE, MODELS, PARAMS)
 	$(PY) -m pipelines.local --profile $(PROFILE) --pipeline-root $(PIPELINE_ROOT) \
-		--set 'data_source=$(DATA)' --set 'weights=$(WEIGHTS)' \
+		$(if $(DATA),--set 'data_source=$(DATA)') $(if $(WEIGHTS),--set 'weights=$(WEIGHTS)') \
 		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS))
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)

@@ -3,7 +3,8 @@
 # train CLIs), recording per-epoch time, images/s and GPU utilisation.
 #   bench/gpu.sh [DATA] [OUT]      e.g. bench/gpu.sh ../shared/data/pneumoniamnist_28_trainval.npz
 # WEIGHTS=imagenet uses ImageNet weights when Keras has them cached (or pre-baked); the default
-# trains from scratch. EPOCHS (default 3) and MODELS override the run.
+# trains from scratch. EPOCHS (default 3), MODELS, IMAGE_SIZE (default 224) and MAX_PER_SPLIT
+# (default 0 = all images) override the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/pneumoniamnist_28_trainval.npz}
@@ -11,24 +12,35 @@ OUT=${2:-bench/gpu}
 WEIGHTS=${WEIGHTS:-none}
 EPOCHS=${EPOCHS:-3}
 MODELS=${MODELS:-VGG16 ResNet152V2 InceptionV3}
+IMAGE_SIZE=${IMAGE_SIZE:-224}
+MAX_PER_SPLIT=${MAX_PER_SPLIT:-0}
 PY=${PY:-.venv/bin/python}
 command -v nvidia-smi >/dev/null || { echo "bench/gpu.sh: nvidia-smi not found: no NVIDIA GPU here" >&2; exit 2; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv"
-[ -d "$OUT/data224" ] || "$PY" -m lungxray.cli preprocess --source "$DATA" --output "$OUT/data224" --image-size 224 > /dev/null
+DATA_DIR="$OUT/data$IMAGE_SIZE"
+"$PY" -m lungxray.cli preprocess --source "$DATA" --output "$DATA_DIR" \
+  --image-size "$IMAGE_SIZE" --max-per-split "$MAX_PER_SPLIT" > /dev/null  # never a stale copy
+monitor=
+trap '[ -z "$monitor" ] || kill "$monitor" 2>/dev/null || true' EXIT  # no orphaned sampler
 for model in $MODELS; do
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/$model.util.csv" &
   monitor=$!
-  "$PY" -m lungxray.cli train --data "$OUT/data224" --model "$model" --output "$OUT/$model" \
-    --epochs "$EPOCHS" --weights "$WEIGHTS" --patience 99 > "$OUT/$model.log" 2>&1
-  kill "$monitor"
+  "$PY" -m lungxray.cli train --data "$DATA_DIR" --model "$model" --output "$OUT/$model" \
+    --epochs "$EPOCHS" --weights "$WEIGHTS" --patience 99 > "$OUT/$model.log" 2>&1 \
+    || { echo "bench/gpu.sh: training $model failed; the end of $OUT/$model.log:" >&2
+         tail -20 "$OUT/$model.log" >&2; exit 1; }
+  kill "$monitor" 2>/dev/null || true; monitor=
 done
-"$PY" - "$OUT" $MODELS <<'PY'
+"$PY" - "$OUT" "$DATA_DIR" $MODELS <<'PY'
 import csv, json, sys
 from pathlib import Path
-out, models = Path(sys.argv[1]), sys.argv[2:]
-n_train = json.loads((out / "data224" / "manifest.json").read_text())["splits"]["train"]["n"]
-summary = {"gpu": (out / "gpu.csv").read_text().splitlines()[-1], "train_images": n_train, "models": {}}
+out, data_dir, models = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+manifest = json.loads((data_dir / "manifest.json").read_text())
+n_train = manifest["splits"]["train"]["n"]
+summary = {"gpu": (out / "gpu.csv").read_text().splitlines()[-1], "train_images": n_train,
+           "image_size": manifest["image_size"], "models": {},
+           "note": "epoch seconds include the validation pass; images/s = train images / them"}
 for model in models:
     info = json.loads((out / model / "model_info.json").read_text())
     seconds = json.loads((out / model / "history.json").read_text())["history"]["epoch_seconds"]

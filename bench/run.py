@@ -182,17 +182,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("preprocess", "tuning", "input", "training", "local")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PneumoniaMNIST .npz")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="sections to run (preprocess tuning input training local)")
-    parser.add_argument("--profiles", nargs="*", default=["quick", "full"],
+    parser.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        metavar="SECTION",
+                        help=f"sections to run (default all: {' '.join(SECTIONS)})")
+    parser.add_argument("--profiles", nargs="+", default=["quick", "full"],
+                        choices=["quick", "full"],
                         help="profiles of the `make local` runs (default quick full)")
     parser.add_argument("--weights", default="none", help="weights of the `make local` runs")
     parser.add_argument("--output", type=Path, default=BENCH)
     args = parser.parse_args(argv)
-    wanted = set(args.only or ["preprocess", "tuning", "input", "training", "local"])
+    wanted = set(args.only)
     results_path = args.output / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["machine"] = machine()
@@ -207,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lungxray-bench-") as tmp:
         work = Path(tmp)
         prepared = work / "data32"
-        data.preprocess(str(args.data), prepared, image_size=32)
+        if wanted & {"input", "training"}:
+            data.preprocess(str(args.data), prepared, image_size=32)
         if "preprocess" in wanted:
             from bench.preprocess_bench import bench_preprocess
 

@@ -26,7 +26,7 @@ def train(
 
     hparams = tune.read_best_hparams(Path(tuning.path) / tune.BEST_FILE)
     state_dir = (Path(state_root) / "train" / training.state_key(dataset.uri, model_name, hparams,
-                                                                 epochs, weights, seed)
+                                                                 epochs, weights, batch_size, seed)
                  if state_root else None)
     info = training.train(Path(dataset.path), model_name, Path(model.path), hparams,
                           epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,

@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from pipelines.params import ParamsError, load_params, parse_value
 from pipelines.pipeline import build_pipeline
 from pipelines.profiles import PROFILES, resolve_params
 
@@ -30,15 +29,16 @@ def run_local(params: dict, pipeline_root: Path, parallelism: int = 1) -> Path:
     return Path(run.output.path)
 
 
-def _parse_set(values: list[str]) -> dict:
-    """``name=value`` pairs, values parsed as YAML (so 5 is an int and [a, b] a list)."""
-    params = {}
-    for item in values:
+def cli_params(profile: str, params_file: Path | None, sets: list[str]) -> dict:
+    """The run's parameters: pipeline defaults, then the profile, then the PARAMS file, then each
+    ``--set name=value`` (parsed like the file's values)."""
+    overrides = load_params(params_file) if params_file else {}
+    for item in sets:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects name=value, got {item!r}")
-        params[name] = yaml.safe_load(value)
-    return params
+            raise ParamsError(f"--set expects name=value, got {item!r}")
+        overrides[name] = parse_value(value)
+    return resolve_params(profile, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallelism", type=int, default=1,
                         help="base models run at once (default 1)")
     args = parser.parse_args(argv)
-    overrides = yaml.safe_load(args.params.read_text()) if args.params else {}
-    overrides.update(_parse_set(args.set))
     try:
-        params = resolve_params(args.profile, overrides)
-    except ValueError as err:
+        params = cli_params(args.profile, args.params, args.set)
+    except ValueError as err:  # ParamsError is one
         print(f"pipelines.local: error: {err}", file=sys.stderr)
         return 2
     print("pipeline parameters:", json.dumps(params), flush=True)

@@ -43,6 +43,12 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str) -> Any:
+    """One parameter value given as text (``--set name=value``): 5 is an int, 1e-3 a float,
+    [a, b] a list, as in a PARAMS file."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path) -> dict[str, Any]:
     """Read pipeline arguments from a YAML or JSON file holding one mapping (empty file = none)."""
     path = Path(path)

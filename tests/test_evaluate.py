@@ -210,6 +210,38 @@ def test_saved_ensemble_is_evaluated_as_the_mean_of_its_members(
     shutil.rmtree(broken / "members" / "NetB")
     with pytest.raises(FileNotFoundError, match="NetB"):
         evaluate.evaluate(broken, str(small_dataset), tmp_path / "b")
+    # A member named in ensemble.json cannot be a model elsewhere on disk.
+    escaping = tmp_path / "escaping"
+    shutil.copytree(best, escaping)
+    (escaping / evaluate.ENSEMBLE_FILE).write_text(json.dumps(
+        {**spec, "members": ["NetA", "../../trials/NetB/model"]}))
+    with pytest.raises(ValueError, match="member '../../trials/NetB/model' is not a directory in"):
+        evaluate.evaluate(escaping, str(small_dataset), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_re_evaluation_replaces_splits_whole_and_a_failure_changes_nothing(
+    trained_model, small_dataset, tmp_path, monkeypatch
+):
+    out = tmp_path / "eval"
+    evaluate.evaluate(trained_model, str(small_dataset), out, ["val", "test"])
+    assert (out / "test" / "gradcam.png").is_file()
+    evaluate.evaluate(trained_model, str(small_dataset), out, ["test"], explain=False)
+    assert not (out / "test" / "gradcam.png").exists()  # no stale grid beside "no grid"
+    assert (out / "val" / "gradcam.png").is_file()  # a split not re-evaluated is kept
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = evaluate.evaluate_split
+
+    def fails_on_test(predictor, split, name, *args, **kwargs):  # e.g. a full disk
+        if name == "test":
+            raise OSError("No space left on device")
+        return real(predictor, split, name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_split", fails_on_test)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.evaluate(trained_model, str(small_dataset), out, ["val", "test"])
+    # val was evaluated again before the failure, but nothing of it reached the output.
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # --------------------------------------------------------------------------- three classes

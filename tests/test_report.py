@@ -560,3 +560,33 @@ def test_ensemble_multiclass(tmp_path: Path) -> None:
     assert ens["accuracy"] == pytest.approx(np.mean(pred == y))
     assert set(ens["per_class"]) == set(classes)
     assert ens["per_class"]["viral"]["ci"]["recall"] is not None
+
+
+def test_a_failed_copy_fallback_puts_the_previous_report_back(tmp_path, monkeypatch):
+    """On a mount that cannot rename directories the report is copied; if that copy fails
+    half-way, the previous report comes back whole and no partial one is left."""
+    output, build = tmp_path / "report", tmp_path / ".report.build"
+    output.mkdir()
+    (output / "summary.json").write_text("old summary")
+    build.mkdir()
+    for name in ("a_chart.png", "summary.json", "report.html"):
+        (build / name).write_text(f"new {name}")
+    real_replace, real_copy = report.os.replace, report.shutil.copy2
+
+    def no_dir_rename(src, dst):
+        if Path(src) == build:
+            raise OSError("Operation not supported")
+        return real_replace(src, dst)
+
+    def disk_full_after_first(src, dst):
+        if Path(src).name != "a_chart.png":
+            raise OSError("No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", no_dir_rename)
+    monkeypatch.setattr(report.shutil, "copy2", disk_full_after_first)
+    with pytest.raises(OSError, match="No space left"):
+        report._publish(build, output)
+    assert sorted(p.name for p in output.iterdir()) == ["summary.json"]
+    assert (output / "summary.json").read_text() == "old summary"
+    assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name] == []

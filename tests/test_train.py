@@ -61,7 +61,35 @@ def test_bad_hparams_and_epochs_are_refused(small_dataset, tmp_path):
         train.train(small_dataset, "VGG16", tmp_path / "m", {"learnig_rate": 1e-3})
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         train.train(small_dataset, "VGG16", tmp_path / "m", epochs=0)
+    # Checked before training, not after it when the threshold is chosen.
+    with pytest.raises(ValueError, match="target_sensitivity must be in \\(0, 1\\], got 1.5"):
+        train.train(small_dataset, "VGG16", tmp_path / "m", target_sensitivity=1.5)
     assert not (tmp_path / "m").exists()
+
+
+def test_state_of_another_training_job_is_refused(small_dataset, tmp_path):
+    """Checkpoints left by a different job (here: another model) must not be resumed into this
+    one; a state dir of unknown origin is not touched either."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / train.JOB_FILE).write_text(json.dumps({"model_name": "ResNet50", "epochs": 1}))
+    with pytest.raises(ValueError, match="different training job .*epochs.*model_name"):
+        train.train(small_dataset, "VGG16", tmp_path / "m", epochs=2, state_dir=other)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"{unknown} holds state without job.json"):
+        train.train(small_dataset, "VGG16", tmp_path / "m", epochs=2, state_dir=unknown)
+    assert (unknown / "notes.txt").read_text() == "mine"
+
+
+def test_resumed_phase_keeps_the_best_epoch_from_before_the_kill(tmp_path):
+    state = train.PhaseState(tmp_path)
+    assert state.best_so_far("scratch") is None
+    state.log("scratch").write_text("epoch,val_auc,loss\n0,0.7,1.0\n1,0.9,0.8\n2,0.8,0.7\n")
+    (checkpoint,) = [c for c in state.callbacks("scratch", patience=3)
+                     if isinstance(c, keras.callbacks.ModelCheckpoint)]
+    assert checkpoint.best == pytest.approx(0.9)  # a worse first epoch after resuming is not saved
 
 
 def test_class_weights_are_balanced():

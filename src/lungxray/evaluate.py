@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,9 +109,14 @@ def load_predictor(model_dir: Path | str) -> Predictor:
     names = spec.get("members")
     if not isinstance(names, list) or len(names) < 2:
         raise ValueError(f"{spec_path}: 'members' must list at least two member model dirs")
+    members_root = (model_dir / MEMBERS_DIR).resolve()
     loaded = []
     for name in names:
         member_dir = model_dir / MEMBERS_DIR / str(name)
+        # The spec is input like any other: a member cannot point outside members/.
+        if str(name) in {"", "."} or members_root not in member_dir.resolve().parents:
+            raise ValueError(f"{spec_path}: member {name!r} is not a directory in "
+                             f"{model_dir / MEMBERS_DIR}")
         info = read_model_info(member_dir)
         for key in ("class_names", "image_size", "channels"):
             if info.get(key) != spec.get(key):
@@ -304,9 +311,18 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
         # Everything is loaded and checked before the first output is written.
         sets = _eval_sets(str(source), predictor.info, Path(workdir), splits, class_map,
                           cache_dir, merge_as)
-        results = {name: evaluate_split(predictor, split, name, output / name, prov, explain)
-                   for name, (split, prov) in sets.items()}
-    write_report(results, output)
+        output.mkdir(parents=True, exist_ok=True)
+        # Written into a staging dir and moved into place once complete: a failure leaves no
+        # half-evaluated split, a re-run no stale file (an old Grad-CAM grid).
+        with tempfile.TemporaryDirectory(prefix=".eval-build-", dir=output) as build:
+            results = {name: evaluate_split(predictor, split, name, Path(build) / name, prov,
+                                            explain)
+                       for name, (split, prov) in sets.items()}
+            write_report(results, Path(build))
+            for name in [*results, REPORT_FILE]:  # the report, which lists them, last
+                if (output / name).is_dir():
+                    shutil.rmtree(output / name)
+                os.replace(Path(build) / name, output / name)
     return results
 
 

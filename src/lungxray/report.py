@@ -889,8 +889,9 @@ def _publish(build: Path, output: Path) -> None:
     try:
         _move_or_copy(build, output)
     except BaseException:
-        if old is not None and not output.exists():
-            os.replace(old, output)  # put the previous report back rather than lose it
+        if old is not None:  # put the previous report back rather than lose it
+            shutil.rmtree(output, ignore_errors=True)  # a partial copy, if any
+            os.replace(old, output)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

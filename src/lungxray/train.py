@@ -14,11 +14,12 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from lungxray import data, metrics, models, plots
+from lungxray import data, features, metrics, models, plots
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 HISTORY_FILE = "history.json"
+JOB_FILE = "job.json"  # in the state dir: what the saved checkpoints belong to
 MONITOR = "val_auc"
 
 # One place for the defaults of every hyperparameter train understands; tune searches a subset
@@ -148,13 +149,22 @@ class PhaseState:
     def log(self, phase: str) -> Path:
         return self.root / f"{phase}.epochs.csv"
 
+    def best_so_far(self, phase: str) -> float | None:
+        """The phase's best validation AUC before a kill, so a resumed run's first epoch does
+        not replace a better checkpoint."""
+        if not self.log(phase).is_file():
+            return None
+        logged = pd.read_csv(self.log(phase))
+        return float(logged[MONITOR].max()) if MONITOR in logged and len(logged) else None
+
     def callbacks(self, phase: str, patience: int) -> list[keras.callbacks.Callback]:
         return [
             keras.callbacks.BackupAndRestore(str(self.root / f"{phase}.backup")),
             EpochTimer(),  # before CSVLogger, which writes the logs it adds to
             keras.callbacks.CSVLogger(str(self.log(phase)), append=True),
             keras.callbacks.ModelCheckpoint(str(self.best(phase)), monitor=MONITOR, mode="max",
-                                            save_best_only=True, save_weights_only=True),
+                                            save_best_only=True, save_weights_only=True,
+                                            initial_value_threshold=self.best_so_far(phase)),
             keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience),
             keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.3,
                                               patience=max(1, patience // 2), min_lr=1e-7),
@@ -187,6 +197,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if target_sensitivity is not None and not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     resolved = models.resolve_weights(weights, cache_dir)
     hp = merge_hparams(hparams, pretrained=resolved is not None)
     manifest = data.read_manifest(data_dir)
@@ -195,7 +207,13 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
     output = Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
-    state.root.mkdir(parents=True, exist_ok=True)
+    check_state(state.root, {
+        "model_name": model_name, "hparams": hp, "epochs": epochs, "batch_size": batch_size,
+        "seed": seed, "weights": features.weights_identity(resolved) if resolved else "none",
+        "image_size": manifest["image_size"], "channels": manifest["channels"],
+        "data_sha256": {name: s["sha256"] for name, s in manifest["splits"].items()},
+    }, JOB_FILE, "training job")
+    (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
     keras.utils.set_random_seed(seed)
     strategy, mixed, jit = configure_devices(mixed_precision, jit_compile)
     with strategy.scope():
@@ -273,9 +291,28 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     }
     # Written last: its presence marks a complete model directory.
     (output / INFO_FILE).write_text(json.dumps(info, indent=2))
-    if state.root == output / ".state":
-        shutil.rmtree(state.root)  # the run is complete; the output keeps only the results
+    shutil.rmtree(state.root)  # complete: the output keeps the results, a PVC does not fill up
     return info
+
+
+def check_state(state: Path, config: dict, config_file: str, what: str) -> None:
+    """Refuse to resume from a state dir that belongs to a different ``what`` (other data, model,
+    settings); a fresh dir gets ``config`` written into it."""
+    path = state / config_file
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != config:
+            changed = sorted(k for k in set(previous) | set(config)
+                             if previous.get(k) != config.get(k))
+            raise ValueError(
+                f"{state} holds the state of a different {what} (differs in: "
+                f"{', '.join(changed)}); use another output or state dir, or delete {state}")
+        return
+    if state.is_dir() and any(state.iterdir()):
+        raise ValueError(f"{state} holds state without {config_file} (another version?); "
+                         f"use another output or state dir, or delete {state}")
+    state.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def state_key(*parts: object) -> str:

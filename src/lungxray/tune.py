@@ -42,7 +42,14 @@ import numpy as np
 import pandas as pd
 
 from lungxray import data, features, models, spaces, tune_report
-from lungxray.train import MONITOR, class_weights, compile_model, make_dataset, merge_hparams
+from lungxray.train import (
+    MONITOR,
+    check_state,
+    class_weights,
+    compile_model,
+    make_dataset,
+    merge_hparams,
+)
 
 BEST_FILE = "best_hparams.json"
 TRIALS_FILE = "trials.csv"
@@ -349,25 +356,6 @@ def remove_checkpoints(state: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_state(state: Path, config: dict) -> None:
-    """Refuse to resume a different search (other data, model, weights or budget)."""
-    path = state / CONFIG_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != config:
-            changed = sorted(k for k in set(previous) | set(config)
-                             if previous.get(k) != config.get(k))
-            raise ValueError(
-                f"{state} holds the state of a different search (differs in: "
-                f"{', '.join(changed)}); use another output or state dir, or delete {state}")
-        return
-    if state.is_dir() and any(state.iterdir()):
-        raise ValueError(f"{state} holds tuner state without {CONFIG_FILE} (another version?); "
-                         f"use another output or state dir, or delete {state}")
-    state.mkdir(parents=True, exist_ok=True)
-    (state / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-
 def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epochs: int = 2,
          weights: str = "none", batch_size: int = 32, seed: int = 42, train_samples: int = 0,
          cache_dir: Path | None = None, *, algorithm: str = "hyperband",
@@ -419,7 +407,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
               "hyperband_factor": hyperband_factor if algorithm == "hyperband" else None,
               "fine_tune_trials": fine_tune_trials if pretrained else None,
               "batch_size": batch_size, "seed": seed, "train_samples": train_samples}
-    _check_state(state, config)
+    check_state(state, config, CONFIG_FILE, "search")
 
     keras.utils.set_random_seed(seed)
     weights_by_class = class_weights(train_split.labels, num_classes)

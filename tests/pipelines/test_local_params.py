@@ -1,0 +1,60 @@
+"""How `make local` / `python -m pipelines.local` put the run's parameters together:
+defaults < profile < PARAMS file < DATA/WEIGHTS/MODELS (only when given) and --set."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipelines.local import cli_params, main
+from pipelines.profiles import PROFILES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_params_file_then_set_override_the_profile(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("data_source: /data/xrays\nweights: none\ntarget_sensitivity: 9e-1\n")
+    params = cli_params("full", params_file, [])
+    assert params["epochs"] == PROFILES["full"]["epochs"]
+    assert params["data_source"] == "/data/xrays" and params["weights"] == "none"
+    assert params["target_sensitivity"] == pytest.approx(0.9)  # 9e-1 is a number, not text
+    params = cli_params("full", params_file, ["weights=imagenet", "target_sensitivity=1e-1",
+                                              "base_models=[VGG16, MobileNetV2]"])
+    assert params["weights"] == "imagenet" and params["data_source"] == "/data/xrays"
+    assert params["target_sensitivity"] == pytest.approx(0.1)
+    assert params["base_models"] == ["VGG16", "MobileNetV2"]
+    params_file.write_text("")  # an empty file sets nothing
+    assert cli_params("quick", params_file, []) == cli_params("quick", None, [])
+
+
+def test_bad_params_exit_with_a_message(tmp_path, capsys):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("- just\n- a list\n")
+    assert main(["--params", str(params_file)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+    assert main(["--set", "epochs"]) == 2
+    assert "--set expects name=value, got 'epochs'" in capsys.readouterr().err
+    assert main(["--set", "epoch=3"]) == 2
+    assert "unknown pipeline parameter(s) ['epoch']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(("variables", "expected", "absent"), [
+    ([], [], ["data_source=", "weights="]),  # a PARAMS file or the profile decides
+    (["DATA=x.npz", "WEIGHTS=none", "PARAMS=p.yaml"],
+     ["--set 'data_source=x.npz'", "--set 'weights=none'", "--params p.yaml"], []),
+])
+def test_make_local_passes_only_what_was_given(variables, expected, absent):
+    # -n prints the recipe without running it; the venv stamp is taken as up to date.
+    command = subprocess.run(["make", "-n", "-o", ".venv/.installed", "local", *variables],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+    recipe = command.replace("\\\n", " ")  # one command over continued lines
+    line = next(x for x in recipe.splitlines() if "pipelines.local" in x)
+    for text in expected:
+        assert text in line
+    for text in absent:
+        assert text not in line

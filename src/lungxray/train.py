@@ -207,11 +207,12 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
     output = Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
+    digests = {name: split["sha256"] for name, split in manifest["splits"].items()}
     check_state(state.root, {
         "model_name": model_name, "hparams": hp, "epochs": epochs, "batch_size": batch_size,
         "seed": seed, "weights": features.weights_identity(resolved) if resolved else "none",
         "image_size": manifest["image_size"], "channels": manifest["channels"],
-        "data_sha256": {name: s["sha256"] for name, s in manifest["splits"].items()},
+        "data_sha256": digests,
     }, JOB_FILE, "training job")
     (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
     keras.utils.set_random_seed(seed)
@@ -287,7 +288,7 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "devices": {"gpus": gpu_count(), "replicas": strategy.num_replicas_in_sync,
                     "mixed_precision": mixed, "xla": jit},
         "seed": seed,
-        "data_sha256": {name: s["sha256"] for name, s in manifest["splits"].items()},
+        "data_sha256": digests,
     }
     # Written last: its presence marks a complete model directory.
     (output / INFO_FILE).write_text(json.dumps(info, indent=2))

@@ -27,10 +27,17 @@ KFP_EXPERIMENT ?= lungxray
 GPU_NODE_SELECTOR ?=#              e.g. cloud.google.com/gke-accelerator=nvidia-l4
 GCS_SECRET ?=#                     Secret with key.json for gs:// (not needed with Workload Identity)
 CACHE_PVC ?=#                      PVC for tuner/training state across retries, e.g. lungxray-cache
-COMPILE_FLAGS = $(if $(GPU_NODE_SELECTOR),--gpu-node-selector $(GPU_NODE_SELECTOR)) \
-	$(if $(GCS_SECRET),--gcs-secret $(GCS_SECRET)) $(if $(CACHE_PVC),--cache-pvc $(CACHE_PVC))
+GPUS ?= 1#                         GPUs per tune/train pod
+PARALLELISM ?=#                    base models at once (0 = all; default all, 1 with CACHE_PVC)
+# Flags of every cluster package; GPU_FLAGS only for the GPU one.
+PLATFORM_FLAGS = $(if $(GCS_SECRET),--gcs-secret $(GCS_SECRET)) \
+	$(if $(CACHE_PVC),--cache-pvc $(CACHE_PVC)) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
+GPU_FLAGS = --gpus $(GPUS) $(if $(GPU_NODE_SELECTOR),--gpu-node-selector $(GPU_NODE_SELECTOR))
+COMPILE_ARGS = --image $(IMAGE) --output $(PIPELINE_YAML) $(PLATFORM_FLAGS) $(GPU_FLAGS)
+# The package is rebuilt when these arguments change, not only when the code does.
+COMPILE_STAMP := build/.compile-args
 
-.PHONY: help install local test test-fast lint format compile bench clean
+.PHONY: help install local test test-fast lint format compile bench clean FORCE
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,11 +68,18 @@ format: $(STAMP) ## ruff format + import sorting
 	$(VENV)/bin/ruff check --select I --fix src components pipelines tests
 	$(VENV)/bin/ruff format src components pipelines tests
 
-compile: $(STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, GPU_NODE_SELECTOR, GCS_SECRET, CACHE_PVC)
-	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML) $(COMPILE_FLAGS)
+compile: $(STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, GPUS, GPU_NODE_SELECTOR, GCS_SECRET, CACHE_PVC, PARALLELISM)
+	$(PY) -m pipelines.compile $(COMPILE_ARGS)
+	@echo '$(COMPILE_ARGS)' > $(COMPILE_STAMP)
 
-$(PIPELINE_YAML): $(STAMP) $(wildcard pipelines/*.py components/*.py)
-	$(PY) -m pipelines.compile --image $(IMAGE) --output $(PIPELINE_YAML) $(COMPILE_FLAGS)
+FORCE:
+
+$(COMPILE_STAMP): FORCE
+	@mkdir -p $(@D)
+	@echo '$(COMPILE_ARGS)' | cmp -s - $@ || echo '$(COMPILE_ARGS)' > $@
+
+$(PIPELINE_YAML): $(STAMP) $(COMPILE_STAMP) $(wildcard pipelines/*.py components/*.py)
+	$(PY) -m pipelines.compile $(COMPILE_ARGS)
 
 bench: $(STAMP) ## Benchmarks (not part of test): bench/results.json and bench/RESULTS.md (BENCH_ARGS)
 	$(PY) -m bench.run $(BENCH_ARGS)

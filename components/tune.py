@@ -42,12 +42,16 @@ def tune(
     else:
         state_dir, feature_cache = None, Path(tempfile.mkdtemp(prefix="lungxray-features-"))
 
-    best = tuning_lib.tune(Path(dataset.path), model_name, Path(tuning.path),
-                           max_trials=max_trials, epochs=epochs, weights=weights,
-                           batch_size=batch_size, seed=seed, train_samples=train_samples,
-                           algorithm=algorithm, hyperband_factor=hyperband_factor,
-                           fine_tune_trials=fine_tune_trials,
-                           state_dir=state_dir, feature_cache=feature_cache)
+    try:
+        best = tuning_lib.tune(Path(dataset.path), model_name, Path(tuning.path),
+                               max_trials=max_trials, epochs=epochs, weights=weights,
+                               batch_size=batch_size, seed=seed, train_samples=train_samples,
+                               algorithm=algorithm, hyperband_factor=hyperband_factor,
+                               fine_tune_trials=fine_tune_trials,
+                               state_dir=state_dir, feature_cache=feature_cache)
+    finally:
+        if not state_root:
+            shutil.rmtree(feature_cache, ignore_errors=True)
     tuning.metadata.update({"model_name": model_name, "algorithm": algorithm,
                             **best["hparams"]})
     metrics.log_metric("tune_best_val_auc", best["best_score"])
@@ -55,5 +59,3 @@ def tune(
     metrics.log_metric("tune_seconds", best["search_seconds"])
     Path(summary.path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(tuning.path) / tuning_lib.SUMMARY_FILE, summary.path)
-    if not state_root:
-        shutil.rmtree(feature_cache, ignore_errors=True)

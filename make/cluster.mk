@@ -102,8 +102,9 @@ lint-docker: $(VENV)/.installed ## hadolint both Dockerfiles (fails on warnings)
 	$(HADOLINT) --failure-threshold warning docker/Dockerfile docker/Dockerfile.cpu
 
 # Runs ------------------------------------------------------------------------------------------
-compile-cpu: $(VENV)/.installed ## Compile build/pipeline-cpu.yaml for IMAGE_CPU without GPU requests
-	$(PY) -m pipelines.compile --no-gpu --image $(IMAGE_CPU) --output $(PIPELINE_YAML_CPU)
+compile-cpu: $(VENV)/.installed ## Compile build/pipeline-cpu.yaml for IMAGE_CPU without GPU requests (GCS_SECRET, CACHE_PVC, PARALLELISM)
+	$(PY) -m pipelines.compile --no-gpu --image $(IMAGE_CPU) --output $(PIPELINE_YAML_CPU) \
+		$(PLATFORM_FLAGS)
 
 submit: $(PIPELINE_YAML) $(VENV)/.installed ## Run build/pipeline.yaml on KFP_HOST (KFP_EXPERIMENT, PARAMS, RUN_NAME)
 	$(PY) -m pipelines.submit $(call kfp_run_args,$(PIPELINE_YAML),$(IMAGE)) \

@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-from pipelines.params import ParamsError, load_params, parse_value
+from kfp import compiler
+
+from pipelines.params import (
+    ParamsError,
+    load_params,
+    parse_value,
+    read_pipeline_spec,
+    validate_params,
+)
 from pipelines.pipeline import build_pipeline
 from pipelines.profiles import PROFILES, resolve_params
 
@@ -31,14 +41,20 @@ def run_local(params: dict, pipeline_root: Path, parallelism: int = 1) -> Path:
 
 def cli_params(profile: str, params_file: Path | None, sets: list[str]) -> dict:
     """The run's parameters: pipeline defaults, then the profile, then the PARAMS file, then each
-    ``--set name=value`` (parsed like the file's values)."""
+    ``--set name=value`` (parsed like the file's values); names, types and values checked as
+    submit checks them, before anything runs."""
     overrides = load_params(params_file) if params_file else {}
     for item in sets:
         name, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set expects name=value, got {item!r}")
-        overrides[name] = parse_value(value)
-    return resolve_params(profile, overrides)
+        overrides[name] = parse_value(value, name)
+    params = resolve_params(profile, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(build_pipeline(), str(package))
+        spec = read_pipeline_spec(package)
+    return validate_params(spec, params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipelines.local: error: {err}", file=sys.stderr)
         return 2
     print("pipeline parameters:", json.dumps(params), flush=True)
-    report = run_local(params, args.pipeline_root.resolve(), args.parallelism)
-    print(f"\nReport: {report}\nBest model: {report.parent}")
+    try:
+        report = run_local(params, args.pipeline_root.resolve(), args.parallelism)
+    except RuntimeError as err:  # kfp.local: "Task ... finished with status FAILURE"
+        message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())  # no colours
+        print(f"pipelines.local: error: {message} (the step's own error is in its log above)",
+              file=sys.stderr)
+        return 1
+    print(f"\nReport: {report}\nBest model: {report.parent / 'best_model'}")
     return 0
 
 

@@ -43,10 +43,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, name: str = "value") -> Any:
     """One parameter value given as text (``--set name=value``): 5 is an int, 1e-3 a float,
     [a, b] a list, as in a PARAMS file."""
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ParamsError(f"{name}={text!r} is not a valid YAML value: {detail}") from None
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
@@ -125,6 +129,8 @@ def _check_value(name: str, ptype: str, value: Any) -> None:
         hint = ""
         if ptype == "STRING" and not isinstance(value, str):
             hint = " (quote it in YAML)"
+        elif ptype == "LIST" and isinstance(value, str):
+            hint = f" (write a list: [{value}])"
         raise ParamsError(
             f"parameter {name!r} must be {what} ({ptype}), got {_type_name(value)} {value!r}{hint}"
         )
@@ -155,7 +161,23 @@ def validate_params(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
     )
     if missing:
         raise ParamsError(f"missing required pipeline parameter(s): {', '.join(missing)}")
+    check_values(params)
     return dict(params)
+
+
+def check_values(params: Mapping[str, Any]) -> None:
+    """Values the steps would refuse only hours into a run (compare runs last), refused now."""
+    if "select_metric" in params:
+        from lungxray.report import check_select_metric
+
+        try:
+            check_select_metric(params["select_metric"])
+        except ValueError as exc:
+            raise ParamsError(str(exc)) from None
+    target = params.get("target_sensitivity", 0.0)
+    if _is_number(target) and not 0.0 <= target <= 1.0:
+        raise ParamsError(f"parameter 'target_sensitivity' must be in [0, 1] (0 = Youden's J), "
+                          f"got {target!r}")
 
 
 def executor_images(spec: Mapping[str, Any]) -> set[str]:

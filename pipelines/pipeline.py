@@ -23,7 +23,11 @@ class Platform:
     """Kubernetes settings applied at compile time through kfp-kubernetes. The defaults are
     those of a local run (kfp.local ignores all of them anyway)."""
 
-    gpu: bool = False  # tune and train request nvidia.com/gpu (count: the `gpus` parameter)
+    gpu: bool = False  # tune and train request nvidia.com/gpu
+    # GPUs per tune/train pod. A compile-time constant, not a pipeline parameter: KFP 2.17's
+    # compiler does not pass a parameter used only by set_accelerator_limit into a ParallelFor,
+    # and the driver then refuses the task ("parent DAG does not have input parameter").
+    gpus: int = 1
     retries: int = 0  # tune and train, for preempted nodes
     gpu_node_selector: tuple[str, str] | None = None  # e.g. ("cloud.google.com/gke-accelerator",
     #                                                         "nvidia-l4")
@@ -35,7 +39,7 @@ class Platform:
         return CACHE_MOUNT if self.cache_pvc else ""
 
 
-def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool, gpus) -> None:
+def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool) -> None:
     """Credentials on every step; GPU, node selector, retries and the state volume on the
     heavy ones (tune, train)."""
     from kfp import kubernetes
@@ -49,7 +53,7 @@ def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool, gpus) -> Non
     if platform.retries:
         task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
     if platform.gpu:
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(platform.gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists",
                                   effect="NoSchedule")
         if platform.gpu_node_selector:
@@ -89,13 +93,12 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         external_data: str = "",
         class_map: str = "",
         target_sensitivity: float = 0.0,
-        gpus: int = 1,
         data_version: str = "",
     ) -> dsl.HTML:
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version,
                               skip_bad=skip_bad, keep_aspect=keep_aspect)
-        _apply(prep, platform, heavy=False, gpus=gpus)
+        _apply(prep, platform, heavy=False)
         dataset = prep.outputs["dataset"]
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:
             tune = ops.tune(dataset=dataset, model_name=name, max_trials=tune_trials,
@@ -111,13 +114,13 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"],
                                     external_data=external_data, class_map=class_map)
             for task, heavy in ((tune, True), (train, True), (evaluate, False)):
-                _apply(task, platform, heavy, gpus)
+                _apply(task, platform, heavy)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),
                               tunings=dsl.Collected(tune.outputs["tuning"]),
                               select_metric=select_metric, ensemble_k=ensemble_k,
                               target_sensitivity=target_sensitivity)
-        _apply(compare, platform, heavy=False, gpus=gpus)
+        _apply(compare, platform, heavy=False)
         return compare.outputs["report"]
 
     return lungxray

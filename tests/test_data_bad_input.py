@@ -276,3 +276,112 @@ def test_csv_bad_columns_and_rows_are_named(folder, tmp_path):
     assert "line 2: split 'validation' is not one of ['train', 'val', 'test']" in message
     assert "line 43: empty label" in message
     assert f"path '{rows[1][0]}' is listed more than once" in message
+
+
+# ------------------------------------------------------------------ output and source safety
+
+
+def test_a_folder_with_a_stray_manifest_is_never_replaced(folder, tmp_path):
+    """Only a prepared dataset, and nothing else, may be replaced by a new preparation."""
+    user = tmp_path / "user"
+    (user / "src").mkdir(parents=True)
+    (user / "manifest.json").write_text('{"name": "my web app"}')
+    (user / "src" / "notes.txt").write_text("keep me")
+    before = tree_digest(user)
+    with pytest.raises(data.DataError, match="is not a prepared dataset; refusing to overwrite"):
+        prepare(folder, user)
+    prepared = tmp_path / "prepared"
+    prepare(folder, prepared)
+    (prepared / "my_notes.txt").write_text("written by hand")
+    with pytest.raises(data.DataError, match=r"also holds \['my_notes.txt'\] which preprocess "
+                                             r"did not write; refusing to overwrite it"):
+        prepare(folder, prepared)
+    assert tree_digest(user) == before
+    assert (prepared / "my_notes.txt").read_text() == "written by hand"
+
+
+def test_the_source_is_never_inside_the_output_nor_the_output_inside_it(pictures, folder,
+                                                                        tmp_path):
+    grey, labels = pictures
+    prepared = tmp_path / "prepared"
+    np.savez(tmp_path / "small.npz", train_images=grey, train_labels=labels)
+    prepare(tmp_path / "small.npz", prepared)
+    os.replace(tmp_path / "small.npz", prepared / "small.npz")
+    with pytest.raises(data.DataError, match="lies inside the output"):
+        prepare(prepared / "small.npz", prepared)
+    assert (prepared / "small.npz").is_file()
+    before = tree_digest(folder)
+    with pytest.raises(data.DataError, match="lies inside the source folder"):
+        prepare(folder, folder / "prepared")
+    assert tree_digest(folder) == before and not (folder / "prepared").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"val_fraction": 0.0}, "val_fraction must be between 0 and 1"),
+    ({"test_fraction": -0.1}, "test_fraction must be between 0 and 1"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must be below 1"),
+    ({"workers": -1}, "must be 0 or more"),
+])
+def test_impossible_split_settings_are_refused(folder, tmp_path, options, message):
+    settings = {"image_size": 28, "val_fraction": 0.2, "test_fraction": 0.2, **options}
+    with pytest.raises(data.DataError, match=message):
+        data.preprocess(str(folder), tmp_path / "out", **settings)
+    assert_no_output(tmp_path, tmp_path / "out")
+
+
+def test_both_fractions_are_shares_of_the_given_train(pictures, tmp_path):
+    grey, labels = pictures
+    write_folder(tmp_path / "flat", grey, labels, size=32)
+    manifest = data.preprocess(str(tmp_path / "flat"), tmp_path / "out", image_size=28,
+                               val_fraction=0.25, test_fraction=0.25, seed=0)
+    # 10 and 10 of 40; val as a share of what test left would be 8.
+    assert manifest["splits"]["test"]["n"] == manifest["splits"]["val"]["n"] == 10
+
+
+def test_npz_val_without_a_class_is_refused(pictures, tmp_path):
+    grey, labels = pictures
+    np.savez(tmp_path / "one.npz", train_images=grey, train_labels=labels,
+             val_images=grey[labels == 1], val_labels=labels[labels == 1])
+    with pytest.raises(data.DataError, match=r"split 'val' has no images of class\(es\) "
+                                             r"\['0'\]"):
+        prepare(tmp_path / "one.npz", tmp_path / "out")
+    assert_no_output(tmp_path, tmp_path / "out")
+
+
+def test_malformed_npz_labels_are_named(pictures, tmp_path):
+    grey, labels = pictures
+    np.savez(tmp_path / "scalar.npz", train_images=grey, train_labels=np.int64(3))
+    with pytest.raises(data.DataError, match=r"train_labels: expected shape \(N,\) or \(N, 1\), "
+                                             r"got \(\)"):
+        prepare(tmp_path / "scalar.npz", tmp_path / "out")
+    np.savez(tmp_path / "scalar_images.npz", train_images=np.uint8(3), train_labels=labels)
+    with pytest.raises(data.DataError, match="train_images: expected images shaped"):
+        prepare(tmp_path / "scalar_images.npz", tmp_path / "out")
+    huge = labels.copy()
+    huge[0] = 3_000_000
+    np.savez(tmp_path / "huge.npz", train_images=grey, train_labels=huge)
+    with pytest.raises(data.DataError, match="labels go up to 3000000; at most 1000 classes"):
+        prepare(tmp_path / "huge.npz", tmp_path / "out")
+    assert_no_output(tmp_path, tmp_path / "out")
+
+
+def test_an_image_pil_cannot_convert_is_named_or_skipped(folder, tmp_path):
+    from PIL import Image
+
+    Image.new("LAB", (40, 40)).save(folder / "NORMAL" / "lab.tif")
+    with pytest.raises(data.DataError, match="NORMAL/lab.tif: cannot convert LAB image to grey"):
+        prepare(folder, tmp_path / "out")
+    manifest = prepare(folder, tmp_path / "out", skip_bad=True)
+    assert [s["file"] for s in manifest["skipped"]] == ["NORMAL/lab.tif"]
+
+
+def test_split_folders_are_matched_whatever_their_case(pictures, tmp_path):
+    grey, labels = pictures
+    write_folder(tmp_path / "src" / "Train", grey, labels, size=32)
+    write_folder(tmp_path / "src" / "Test", grey[::2], labels[::2], size=32, prefix="t")
+    manifest = prepare(tmp_path / "src", tmp_path / "out")
+    assert manifest["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert manifest["carved"] == {"val": "train"}
+    write_folder(tmp_path / "high" / "data" / "train", grey, labels, size=32)
+    with pytest.raises(data.DataError, match="split folders inside class folders"):
+        prepare(tmp_path / "high", tmp_path / "out2")

@@ -311,6 +311,7 @@ def test_three_classes_end_to_end(three_class_model, three_class_data, tmp_path)
     for name in classes:
         assert test["per_class"][name]["ci"]["recall"] is not None
     assert set(test["ci"]) >= {"roc_auc", "balanced_accuracy", "specificity", "ece"}
+    assert test["ci"]["ece"] is None  # biased: no percentile interval
     assert not (tmp_path / "eval" / "test" / evaluate.ROC_FILE).exists()  # binary only
     assert len(test["gradcam"]["cases"]) == 9  # TP/FP/FN for each class
     assert (tmp_path / "eval" / "test" / "gradcam.png").stat().st_size > 1000

@@ -55,7 +55,7 @@ def test_per_image_class_index_and_feature_size(classifier, images):
                                atol=1e-5)
     np.testing.assert_allclose(both[2], gradcam.gradcam(classifier, images[2:3], 0)[0],
                                atol=1e-5)
-    assert gradcam.feature_map_size(classifier) == (3, 3)
+    assert gradcam.feature_map(classifier) == ("block5_pool", 3, 3)  # the backbone's own output
     with pytest.raises(ValueError, match="class_index"):
         gradcam.gradcam(classifier, images, 2)
 
@@ -106,3 +106,42 @@ def test_select_cases_binary_and_multiclass():
     by_label = {c["label"].replace("\n", " "): c["indices"] for c in cases}
     assert by_label["false positive b"] == [2] and by_label["false negative c"] == [2]
     assert by_label["true positive c"] == [3] and by_label["false positive a"] == []
+
+
+def test_a_1x1_backbone_output_is_explained_on_the_last_larger_block():
+    """VGG16 at 32 px (the local profiles) ends in 1x1: Grad-CAM moves to block5_conv3 (2x2).
+    Reference without the sub-model: block5_pool is a 2x2 max-pool, so d logit_c / d F[h, w, k]
+    is W[k, c] where F[..., k] peaks and 0 elsewhere; the weights are that gradient's mean."""
+    keras.utils.set_random_seed(0)
+    model = models.build_classifier("VGG16", 32, 1, 2, None, augment=0.0, seed=0)
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 1)).astype(np.float32)
+    assert gradcam.feature_map(model) == ("block5_conv3", 2, 2)
+    backbone, inner_input, _ = gradcam._backbone_call(model)
+    prepared = keras.Model(model.inputs[0], inner_input)(images, training=False)
+    features = keras.Model(backbone.inputs[0], backbone.get_layer("block5_conv3").output)(
+        prepared, training=False).numpy()
+    kernel = model.get_layer("probs").kernel.numpy()
+    flat = features.reshape(3, 4, -1)
+    peak = flat == flat.max(axis=1, keepdims=True)
+    for c in (0, 1):
+        weights = (peak * kernel[:, c]).mean(axis=1)  # (N, K)
+        cam = np.maximum(np.einsum("nhwk,nk->nhw", features, weights), 0)
+        cam = tf.image.resize(cam[..., None], (32, 32), method="bilinear")[..., 0].numpy()
+        cam /= np.where(cam.max(axis=(1, 2)) > 0, cam.max(axis=(1, 2)), 1)[:, None, None]
+        heat = gradcam.gradcam(model, images, c)
+        np.testing.assert_allclose(heat, cam, atol=1e-4)
+        assert (heat.reshape(3, -1).std(axis=1) > 0).any()  # a map, not one constant
+    # The sub-model's head input reproduces the classifier's own probabilities.
+    _, pooled = gradcam.gradcam_model(model)(images, training=False)
+    head = model.get_layer("probs")
+    logits = pooled.numpy() @ head.kernel.numpy() + head.bias.numpy()
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), model.predict(images, verbose=0),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "layer"), [("ResNet50V2", "conv4_block5_out"),
+                                             ("InceptionV3", "mixed7"),
+                                             ("MobileNetV2", "block_13_expand_relu")])
+def test_the_explained_map_is_a_block_output_not_a_branch_or_padding(name, layer):
+    model = models.build_classifier(name, 32, 1, 2, None, augment=0.0, seed=0)
+    assert gradcam.feature_map(model)[0] == layer

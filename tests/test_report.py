@@ -417,7 +417,7 @@ def test_table_has_cis_latency_and_size(trials: list[Path], tmp_path: Path) -> N
         for split in ("val", "test"):
             saved = json.loads((tmp_path / "trials" / name / "eval" / split / "metrics.json")
                                .read_text())
-            for metric in ("roc_auc", "sensitivity", "specificity", "brier", "ece"):
+            for metric in ("roc_auc", "sensitivity", "specificity", "brier"):
                 lo, hi = saved["ci"][metric]
                 assert df.loc[name, f"{split}_{metric}_ci_lo"] == pytest.approx(lo)
                 assert df.loc[name, f"{split}_{metric}_ci_hi"] == pytest.approx(hi)

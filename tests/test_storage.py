@@ -223,6 +223,25 @@ def test_new_generation_is_downloaded_again(bucket: Bucket, tmp_path: Path) -> N
     }
 
 
+def test_objects_gone_from_the_bucket_leave_the_cache(bucket: Bucket, tmp_path: Path) -> None:
+    """A moved (relabelled) image must not come back under its old class on the next fetch."""
+    root = fetch(bucket.uri("data/"), tmp_path, progress=False)
+    single = fetch(bucket.uri("data2/x.bin"), tmp_path, progress=False)
+    bucket.put("data/train/pneumonia/a.png", TREE["data/train/normal/a.png"])
+    bucket.handle.blob("data/train/normal/a.png").delete()
+
+    assert fetch(bucket.uri("data/"), tmp_path, progress=False) == root
+
+    expected = {k.removeprefix("data/"): v for k, v in TREE.items()
+                if k != "data/train/normal/a.png"}
+    expected["train/pneumonia/a.png"] = TREE["data/train/normal/a.png"]
+    assert _files(root) == expected
+    assert not (root / "train" / "normal").exists()  # no empty class folder either
+    assert single.read_bytes() == NEIGHBOURS["data2/x.bin"]  # other prefixes are left alone
+    records = [p for p in tmp_path.rglob("*.json") if p.parent.parent.name == bucket.name]
+    assert len(records) == len(TREE) + 1  # the gone object's generation record went with it
+
+
 def test_tampered_cache_file_is_replaced(bucket: Bucket, tmp_path: Path) -> None:
     uri = bucket.uri("data/labels.csv")
     fetch(uri, tmp_path, progress=False).write_bytes(b"truncated")  # size no longer matches

@@ -145,6 +145,10 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
     with pytest.raises(ValueError, match="different search .*max_trials"):
         tune.tune(small_dataset, "VGG16", output, max_trials=3, epochs=1, seed=5,
                   algorithm="random")
+    # The refused search changed nothing; its result is for VGG16 only.
+    assert tune.read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
+    with pytest.raises(ValueError, match="tuned for VGG16, not ResNet50"):
+        tune.read_best_hparams(output / tune.BEST_FILE, "ResNet50")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -152,8 +156,26 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
     ({"hyperband_factor": 1}, "hyperband_factor"),
     ({"max_trials": 0}, "max_trials"),
     ({"fine_tune_trials": -1}, "fine_tune_trials"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"train_samples": -1}, "train_samples >= 0"),
 ])
 def test_bad_settings_are_refused_before_any_work(kwargs, message, small_dataset, tmp_path):
     with pytest.raises(ValueError, match=message):
         tune.tune(small_dataset, "VGG16", tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_search_leaves_no_earlier_result_behind(small_dataset, tmp_path, monkeypatch):
+    output = tmp_path / "tune"
+    output.mkdir()
+    (output / tune.BEST_FILE).write_text(json.dumps({"model_name": "VGG16",
+                                                     "hparams": {"dropout": 0.5}}))
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("node preempted")
+
+    monkeypatch.setattr(tune, "run_phase", interrupted)
+    with pytest.raises(RuntimeError, match="preempted"):
+        tune.tune(small_dataset, "VGG16", output, max_trials=1, epochs=1,
+                  state_dir=tmp_path / "state")
+    assert not (output / tune.BEST_FILE).exists()  # train cannot pick up the old search

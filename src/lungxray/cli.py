@@ -36,7 +36,7 @@ def _tune(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> dict:
     from lungxray import train, tune
 
-    hparams = tune.read_best_hparams(args.hparams) if args.hparams else {}
+    hparams = tune.read_best_hparams(args.hparams, args.model) if args.hparams else {}
     return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
                        weights=args.weights, batch_size=args.batch_size, seed=args.seed,
                        patience=args.patience, target_sensitivity=args.target_sensitivity,
@@ -67,18 +67,28 @@ def _models(args: argparse.Namespace) -> None:
         print(f"{spec.name:<20} {spec.preprocess:<10} {spec.default_size:>7} {spec.min_size:>4}")
 
 
+def _local_path(text: str) -> Path:
+    """A local path argument: ``gs://b/x`` would silently become the local folder ``gs:/b/x``."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is a URI; this option takes a local path "
+                                         "(copy results to a bucket afterwards, e.g. with "
+                                         "`gcloud storage cp -r`)")
+    return Path(text)
+
+
 def _common(parser: argparse.ArgumentParser, seed: bool = True) -> None:
     if seed:
         parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=_local_path, default=None,
                         help="cache for downloads (default ~/.cache/lungxray)")
 
 
 def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    parser.add_argument("--data", type=_local_path, required=True,
+                        help="prepared dataset directory")
     parser.add_argument("--model", required=True, help="Keras Applications name, e.g. VGG16 "
                         "(`lungxray models` lists them)")
-    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--output", type=_local_path, required=True, help="output directory")
     parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     parser.add_argument("--weights", default="none", help=WEIGHTS_HELP + " (default none)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
@@ -99,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "patient. Writes manifest.json, files.csv and data_report.html/.md.")
     p.add_argument("--source", required=True, help="npz file, image folder, CSV file, gs:// URI "
                    "of any of them, or 'pneumoniamnist[_SIZE]'")
-    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
     p.add_argument("--image-size", type=int, default=None,
                    help="square side in pixels (default: the npz's own size, 224 for folders)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -132,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hyperband's reduction factor (default 3)")
     p.add_argument("--fine-tune-trials", type=int, default=2, help="pretrained weights: "
                    "full-model trials searching the fine-tuning after the head (default 2)")
-    p.add_argument("--state-dir", type=Path, default=None, help="tuner state, resumed when "
+    p.add_argument("--state-dir", type=_local_path, default=None, help="tuner state, resumed when "
                    "the same search runs again (default: the output directory)")
-    p.add_argument("--feature-cache", type=Path, default=None, help="cached backbone features "
+    p.add_argument("--feature-cache", type=_local_path, default=None,
+                   help="cached backbone features "
                    "(default <cache-dir>/features with --cache-dir, else <state>/features)")
     p.set_defaults(func=_tune)
 
@@ -142,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train; re-running with the same --output after a kill "
                        "resumes from the last finished epoch.")
     _training(p, epochs=5)
-    p.add_argument("--hparams", type=Path, default=None,
+    p.add_argument("--hparams", type=_local_path, default=None,
                    help="best_hparams.json from `lungxray tune` (default: built-in defaults)")
     p.add_argument("--patience", type=int, default=3,
                    help="epochs without validation-AUC gain before stopping (default 3)")
@@ -155,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics and plots at the model's validation threshold")
-    p.add_argument("--model", type=Path, required=True, help="`lungxray train` output directory")
+    p.add_argument("--model", type=_local_path, required=True,
+                   help="`lungxray train` output directory")
     p.add_argument("--data", required=True, help="prepared dataset dir, or a raw source "
                    "(npz, folder, gs://) prepared with the model's own settings")
-    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
     p.add_argument("--split", nargs="+", default=["test"], help="split(s) to evaluate "
                    "(default test); each goes to <output>/<split>/")
     p.add_argument("--class-map", default=None, metavar="SRC=CLASS,...",
@@ -173,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="table, charts, report.html and best_model/",
                        description="Compare trials. Each trial DIR holds model/ (train output), "
                        "eval/ (evaluate output with val/ and test/) and optionally tune/.")
-    p.add_argument("--trials", type=Path, nargs="+", required=True, help="trial directories")
-    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--trials", type=_local_path, nargs="+", required=True, help="trial directories")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
     p.add_argument("--select-metric", default="val_roc_auc",
                    help="validation metric that picks the best model (default val_roc_auc)")
     p.add_argument("--ensemble-k", type=int, default=2,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungxray import datareport, sources
+from lungxray import datareport, download, sources
 from lungxray import images as imaging
 from lungxray import splits as splitting
 from lungxray.sources import MEDMNIST_CLASS_NAMES, SPLITS, DataError
@@ -58,6 +59,7 @@ class Split:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Split:
+        """The rows at ``index``, as a new Split."""
         return Split(self.images[index], self.labels[index])
 
 
@@ -72,11 +74,8 @@ class Source:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a file's bytes."""
+    return download.file_digests(path, ["sha256"])["sha256"]
 
 
 def load_npz(path: Path, class_names: list[str] | None = None) -> Source:
@@ -219,6 +218,7 @@ def _plan(pools: dict[str, _Pool], carve_missing: bool, fractions: dict[str, flo
     plan = {name: (name, np.flatnonzero(pool.ok)) for name, pool in pools.items()}
     carved: dict[str, str] = {}
     if carve_missing:
+        given = len(plan["train"][1])  # each fraction is a share of train as given
         for name in ("test", "val"):
             if name in plan:
                 continue
@@ -231,7 +231,8 @@ def _plan(pools: dict[str, _Pool], carve_missing: bool, fractions: dict[str, flo
                 other_ids = [pools[p].groups[i] for s, (p, i) in plan.items() if s != "train"]
                 forced |= np.isin(patients, np.concatenate(other_ids) if other_ids else [])
             groups = splitting.group_ids(train.hashes[rows], patients)
-            mask = splitting.carve(train.labels[rows], groups, fractions[name], seed, forced,
+            mask = splitting.carve(train.labels[rows], groups,
+                                   fractions[name] * given / len(rows), seed, forced,
                                    by_patient, name)
             plan["train"], plan[name] = ("train", rows[~mask]), ("train", rows[mask])
             carved[name] = "train"
@@ -279,10 +280,40 @@ def _write_index(path: Path, written: dict[str, dict], class_names: list[str]) -
 # ---------------------------------------------------------------------------------------------
 
 
+_PREPARED_FILE = re.compile(r"^(?:[A-Za-z0-9_-]+_(?:images|labels)\.npy|[A-Za-z0-9_-]+\.npz)$")
+
+
 def _check_output(output: Path) -> None:
-    if output.exists() and any(output.iterdir()) and not (output / MANIFEST).exists():
+    """``output`` may be replaced only if it is empty or holds a prepared dataset and nothing
+    else: a stray ``manifest.json`` must not get a user's folder deleted."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise DataError(f"{output}: exists and is not a directory; refusing to overwrite it")
+    entries = list(output.iterdir())
+    if not entries:
+        return
+    if not is_prepared(output):
         raise DataError(f"{output}: exists, is not empty and is not a prepared dataset; "
                         f"refusing to overwrite it")
+    known = {MANIFEST, FILES_INDEX, datareport.HTML_FILE, datareport.MARKDOWN_FILE}
+    foreign = sorted(e.name for e in entries
+                     if not e.is_file() or not (e.name in known or _PREPARED_FILE.match(e.name)))
+    if foreign:
+        raise DataError(f"{output}: a prepared dataset, but it also holds {foreign[:5]} which "
+                        f"preprocess did not write; refusing to overwrite it")
+
+
+def _check_apart(source: str, root: Path, output: Path) -> None:
+    """Replacing ``output`` must never delete the source, nor land inside a source folder
+    (the next scan would read the prepared files as images of a class)."""
+    root, out = root.resolve(), output.resolve()
+    if root == out or root.is_relative_to(out):
+        raise DataError(f"{source}: lies inside the output {output}, which preprocess replaces; "
+                        f"choose another output")
+    if root.is_dir() and out.is_relative_to(root):
+        raise DataError(f"{output}: lies inside the source folder {source}; choose an output "
+                        f"outside it")
 
 
 def _check_sizes(where: str, src: sources.Source, size: int, floor: int) -> None:
@@ -309,6 +340,20 @@ def _check_classes(where: str, train: _Pool, class_names: list[str]) -> None:
         raise DataError(f"{where}: class(es) {empty} have no training images")
 
 
+def _check_coverage(where: str, pools: dict[str, _Pool], class_names: list[str]) -> None:
+    """A given val or test split must hold every class: val chooses the model and its
+    threshold (AUC is undefined on one class), test reports per-class errors."""
+    problems = []
+    for name in ("val", "test"):
+        if name in pools:
+            present = set(np.unique(pools[name].labels[pools[name].ok]).tolist())
+            missing = [c for i, c in enumerate(class_names) if i not in present]
+            if missing:
+                problems.append(f"split '{name}' has no images of class(es) {missing}")
+    if problems:
+        raise sources.problems_error(where, "split(s) missing a class", problems)
+
+
 def preprocess(source: str, output: Path, image_size: int | None = None, seed: int = 42,
                val_fraction: float = 0.1, test_fraction: float = 0.1,
                max_per_split: int = 0, channels: int | None = None,
@@ -327,9 +372,19 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     refused. ``workers`` decode threads
     (0: one per CPU, at most 8). Nothing is written unless everything succeeds.
     """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DataError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(f"val_fraction + test_fraction must be below 1 (train keeps the rest), "
+                        f"got {val_fraction} + {test_fraction}")
+    if max_per_split < 0 or workers < 0:
+        raise DataError(f"max_per_split and workers must be 0 or more, got {max_per_split} and "
+                        f"{workers}")
     output = Path(output)
     _check_output(output)
     src = sources.open_source(source, class_names, cache_dir)
+    _check_apart(source, src.root, output)
     floor = max(MIN_IMAGE_SIZE, min_size)
     settings = _Settings(size=image_size or src.native_size or DEFAULT_FOLDER_SIZE,
                          channels=channels or src.native_channels or 1,
@@ -377,6 +432,7 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: _Setting
         if "train" not in pools:
             raise DataError(f"{source}: has no train split to train on or carve from")
         _check_classes(source, pools["train"], src.class_names)
+        _check_coverage(source, pools, src.class_names)
     by_patient = any((pool.groups != "").any() for pool in pools.values())
     plan, carved = _plan(pools, carve_missing, fractions, seed, max_per_split, by_patient)
     written, histograms = _write_all(pools, plan, staging, settings, len(src.class_names))
@@ -485,6 +541,7 @@ def _duplicates(written: dict[str, dict], by_patient: bool) -> dict:
 
 
 def is_prepared(path: str | Path) -> bool:
+    """True when ``path`` holds a manifest of a prepared dataset this version can read."""
     manifest = Path(path) / MANIFEST
     try:
         return json.loads(manifest.read_text()).get("format") in (FORMAT, _FORMAT_NPZ)
@@ -493,11 +550,17 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def read_manifest(data_dir: Path) -> dict:
+    """The manifest of a prepared dataset; a clear DataError when it is missing or unreadable."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); "
                         f"run `lungxray preprocess` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the manifest ({err})") from err
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a lungxray manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") not in (FORMAT, _FORMAT_NPZ):
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest

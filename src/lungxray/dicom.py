@@ -8,7 +8,6 @@ values) is inverted so every image comes out with MONOCHROME2's "bright = dense"
 from __future__ import annotations
 
 import io
-from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -16,18 +15,9 @@ from PIL import Image
 from lungxray.images import ImageError, stretch
 
 
-def _pydicom() -> ModuleType:
-    try:
-        import pydicom
-    except ImportError as err:  # an optional dependency until pyproject lists it
-        raise ImageError("not an image PIL can read; reading it as DICOM needs pydicom "
-                         "(pip install pydicom==3.0.2)") from err
-    return pydicom
-
-
 def read(data: bytes) -> Image.Image:
     """Decode a DICOM file's bytes into an ``L`` (or ``RGB``) PIL image."""
-    pydicom = _pydicom()
+    import pydicom  # only when a file is DICOM (or nothing PIL can read)
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 

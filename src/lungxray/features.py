@@ -22,7 +22,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers
 
 from lungxray import data, models
 
@@ -153,12 +152,8 @@ def build_head(feature_dim: int, num_classes: int, dense_units: int = 0,
     """Pooled features in, class probabilities out: the head of ``models.build_classifier``
     with the same layer names, so :func:`copy_head` can move its weights."""
     inputs = keras.Input((feature_dim,), name="features")
-    x = inputs
-    if dense_units:
-        x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
-    x = layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
-    return keras.Model(inputs, outputs, name="head")
+    return keras.Model(inputs, models.add_head(inputs, num_classes, dense_units, dropout),
+                       name="head")
 
 
 def head_weights(model: keras.Model) -> dict[str, list[np.ndarray]]:

@@ -1,12 +1,14 @@
-"""Grad-CAM (Selvaraju et al. 2017) on the backbone's last feature map of a lungxray classifier.
+"""Grad-CAM (Selvaraju et al. 2017) on a feature map of a lungxray classifier's backbone.
 
 The classifier (``models.build_classifier``) nests its Keras Applications backbone as one layer
-named ``backbone``, so the backbone's *inner* convolution layers are not reachable from the outer
-model's input. What is reachable is the backbone's output as a tensor of the outer graph: the
-input of the pooling layer that follows it. A sub-model from the outer input to [that feature map,
-the input of the ``probs`` layer] runs the same layers as the classifier (augmentation and dropout
-inactive), and the class score is the pre-softmax logit recomputed from the ``probs`` layer's own
-kernel and bias, as the paper prescribes (softmax gradients vanish on confident images).
+named ``backbone``. The explained feature map is the backbone's output when that is at least
+2x2; at the small sizes of local runs it is 1x1 (VGG16 at 32 px, InceptionV3 at 75 px), where a
+heatmap would be one constant, so the map is then the deepest block output that is still 2x2 or
+larger: a layer every path through the backbone passes (``block5_conv3``, a ResNet stage's
+``*_out``, an Inception ``mixed*``), not a branch. A sub-model from the outer input to [that
+map, the input of the ``probs`` layer] runs the classifier's own layers (augmentation and
+dropout inactive), and the class score is the pre-softmax logit recomputed from the ``probs``
+layer's kernel and bias, as the paper prescribes (softmax gradients vanish on confident images).
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ class GradCamError(ValueError):
     """A model Grad-CAM cannot be computed for, with what is missing."""
 
 
-def _feature_tensor(model: keras.Model) -> Any:
-    """The backbone's output as a tensor of the outer model's graph."""
+# Layers of models.build_classifier between the backbone and ``probs``, in order.
+_AFTER_BACKBONE = ("pool", "head_dense", "head_dropout")
+MIN_MAP = 2  # a 1x1 map has no spatial information
+
+
+def _backbone_call(model: keras.Model) -> tuple[keras.Model, Any, Any]:
+    """(backbone, its input tensor, its output tensor), tensors of the outer model's graph."""
     try:
         backbone = models.backbone_of(model)
     except ValueError as err:
@@ -38,11 +45,55 @@ def _feature_tensor(model: keras.Model) -> Any:
              if any(t is i for t in node.input_tensors for i in _graph_tensors(model))]
     if not outer:
         raise GradCamError(f"model {model.name!r}: cannot find the backbone's call in its graph")
-    tensors = outer[-1].output_tensors
-    if len(tensors) != 1 or len(tensors[0].shape) != 4:
+    inputs, outputs = outer[-1].input_tensors, outer[-1].output_tensors
+    if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0].shape) != 4:
         raise GradCamError(f"model {model.name!r}: the backbone's output is not one (N, H, W, C) "
-                           f"feature map: {[t.shape for t in tensors]}")
-    return tensors[0]
+                           f"feature map: {[t.shape for t in outputs]}")
+    return backbone, inputs[0], outputs[0]
+
+
+def explained_layer(backbone: keras.Model) -> keras.layers.Layer:
+    """The deepest layer of ``backbone`` that every path through it passes and whose output is
+    a feature map of at least 2x2 (the backbone's last layer when its map is that large)."""
+    index = {id(layer): i for i, layer in enumerate(backbone.layers)}
+    last_use = list(range(len(backbone.layers)))  # the latest layer reading each one's output
+    for j, layer in enumerate(backbone.layers):
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                i = index.get(id(tensor._keras_history.operation))
+                if i is not None:
+                    last_use[i] = max(last_use[i], j)
+    chosen, reach = None, -1
+    for i, layer in enumerate(backbone.layers):
+        shape = layer.output.shape
+        # No earlier layer's output skips over this one: all information flows through it.
+        # Padding layers are skipped: their border is zeros, not evidence.
+        if (reach <= i and len(shape) == 4 and min(shape[1], shape[2]) >= MIN_MAP
+                and not isinstance(layer, keras.layers.ZeroPadding2D)):
+            chosen = layer
+        reach = max(reach, last_use[i])
+    if chosen is None:
+        raise GradCamError(f"{backbone.name}: no feature map of at least {MIN_MAP}x{MIN_MAP} "
+                           f"(the images are too small to explain)")
+    return chosen
+
+
+def _feature_and_head_input(model: keras.Model) -> tuple[Any, Any]:
+    """The explained feature map and the input of ``probs``, as tensors of one graph from the
+    classifier's input."""
+    backbone, inner_input, output = _backbone_call(model)
+    head = model.get_layer(HEAD_LAYER)
+    layer = explained_layer(backbone)
+    if layer is backbone.layers[-1]:
+        return output, head.input
+    # The backbone again, now also returning the earlier map (same layers, same weights), and
+    # the classifier's own head layers on its output.
+    both = keras.Model(backbone.inputs[0], [layer.output, backbone.outputs[0]])
+    feature, x = both(inner_input)
+    for name in _AFTER_BACKBONE:
+        if any(other.name == name for other in model.layers):
+            x = model.get_layer(name)(x)
+    return feature, x
 
 
 def _graph_tensors(model: keras.Model) -> list[Any]:
@@ -55,16 +106,16 @@ def _graph_tensors(model: keras.Model) -> list[Any]:
 
 
 def gradcam_model(model: keras.Model) -> keras.Model:
-    """Sub-model: classifier input -> [backbone feature map, input of the ``probs`` layer]."""
-    feature = _feature_tensor(model)
+    """Sub-model: classifier input -> [explained feature map, input of the ``probs`` layer]."""
     try:
-        head = model.get_layer(HEAD_LAYER)
+        model.get_layer(HEAD_LAYER)
     except ValueError as err:
         raise GradCamError(f"model {model.name!r} has no {HEAD_LAYER!r} output layer") from err
     if len(model.inputs) != 1:
         raise GradCamError(f"model {model.name!r} has {len(model.inputs)} inputs; expected one")
+    feature, head_input = _feature_and_head_input(model)
     # One input tensor, not a list of one: the sub-model is then called with a plain array.
-    return keras.Model(model.inputs[0], [feature, head.input], name=f"{model.name}_gradcam")
+    return keras.Model(model.inputs[0], [feature, head_input], name=f"{model.name}_gradcam")
 
 
 def gradcam(model: keras.Model, images: np.ndarray, class_index: np.ndarray | int,
@@ -109,10 +160,11 @@ def gradcam(model: keras.Model, images: np.ndarray, class_index: np.ndarray | in
     return (cams_all / scale[:, None, None]).astype(np.float32)
 
 
-def feature_map_size(model: keras.Model) -> tuple[int, int]:
-    """(h, w) of the backbone's feature map: the resolution a heatmap really has."""
-    shape = _feature_tensor(model).shape
-    return int(shape[1]), int(shape[2])
+def feature_map(model: keras.Model) -> tuple[str, int, int]:
+    """(layer name, h, w) of the explained feature map: h x w is the resolution a heatmap
+    really has."""
+    layer = explained_layer(_backbone_call(model)[0])
+    return layer.name, int(layer.output.shape[1]), int(layer.output.shape[2])
 
 
 def select_cases(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
@@ -154,14 +206,14 @@ def gradcam_grid(model: keras.Model, images: np.ndarray, y_true: np.ndarray, pro
                  per_category: int = 4, title: str = "Grad-CAM") -> dict[str, Any]:
     """Draw the true positive / false positive / false negative Grad-CAM grid to ``path``.
 
-    Returns ``{"path", "feature_map", "cases": [{"label", "indices"}]}`` so the figure can be
-    traced back to rows of predictions.csv.
+    Returns ``{"path", "feature_map", "layer", "cases": [{"label", "indices"}]}`` so the figure
+    can be traced back to rows of predictions.csv.
     """
     cases = select_cases(y_true, probs, class_names, threshold, per_category)
     chosen = [i for case in cases for i in case["indices"]]
     targets = [case["class_index"] for case in cases for _ in case["indices"]]
     heatmaps = gradcam(model, images[chosen], np.asarray(targets, dtype=np.int64))
-    h, w = feature_map_size(model)
+    layer, h, w = feature_map(model)
     rows, start = [], 0
     y = np.asarray(y_true).astype(int)
     for case in cases:
@@ -173,7 +225,7 @@ def gradcam_grid(model: keras.Model, images: np.ndarray, y_true: np.ndarray, pro
             f"\ntrue: {class_names[y[i]]}" if len(class_names) > 2 else "") for i in idx]
         rows.append({"label": case["label"], "images": images[idx], "heatmaps": maps,
                      "captions": captions})
-    plots.plot_gradcam_grid(rows, path, title=f"{title} (feature map {h}x{w}, upsampled)")
-    return {"path": str(path), "feature_map": [h, w],
+    plots.plot_gradcam_grid(rows, path, title=f"{title} ({layer} {h}x{w}, upsampled)")
+    return {"path": str(path), "feature_map": [h, w], "layer": layer,
             "cases": [{"label": c["label"].replace("\n", " "), "indices": c["indices"]}
                       for c in cases]}

@@ -106,7 +106,11 @@ def decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool =
     image, (width, height) = open_image(data, name, size, channels)
     if min(width, height) < min_size:
         raise ImageError(f"{width}x{height} px, below the minimum of {min_size} px")
-    image = fit(to_mode(image, channels), size, keep_aspect)
+    try:
+        image = fit(to_mode(image, channels), size, keep_aspect)
+    except (OSError, ValueError) as err:  # e.g. LAB or CMYK-with-alpha: PIL cannot convert
+        raise ImageError(f"cannot convert {image.mode} image to "
+                         f"{'grey' if channels == 1 else 'RGB'} ({err})") from err
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 

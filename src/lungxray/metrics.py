@@ -35,6 +35,10 @@ PROB_TOLERANCE = 1e-3
 # Metrics with a bootstrap CI (the headline figures), in display order.
 HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision", "sensitivity",
             "specificity", "npv", "f1", "mcc", "brier", "ece")
+# Headline metrics without an interval: the plug-in ECE is biased upwards and so is every
+# resample of it, so a percentile interval can miss even the point estimate (a perfectly
+# calibrated model's interval lies wholly above 0).
+NO_CI = frozenset({"ece"})
 # Threshold-dependent metrics repeated at 0.5 under ``at_0.5`` (MedMNIST papers report those).
 AT_HALF = ("accuracy", "balanced_accuracy", "precision", "sensitivity", "specificity", "npv", "f1",
            "mcc")
@@ -90,7 +94,9 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
     # pruning heuristics.
     fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
     if target_sensitivity is None:
-        best = int(np.argmax(tpr - fpr))
+        # thresholds[0] (+inf, "nothing positive") is left out: clipped to 1.0 it would turn
+        # into "positive where P == 1", which a float32 softmax reaches.
+        best = 1 + int(np.argmax((tpr - fpr)[1:]))
     else:
         # tpr never decreases along the curve: the first point reaching the target has the highest
         # threshold. The tolerance absorbs float error in k/n (0.95 * 20 positives = 19).
@@ -218,7 +224,8 @@ def compute_metrics(
     Binary (K == 2): class 1 is positive and ``probs[:, 1] >= threshold`` (0.5 when None) is the
     prediction; the threshold-dependent metrics are repeated at 0.5 under ``at_0.5``. Multiclass
     (K > 2): argmax prediction, macro averages and a ``per_class`` breakdown (one-vs-rest).
-    ``ci[metric] = [lo, hi]`` (None when undefined); ``n_bootstrap=0`` skips the CIs. Metrics that
+    ``ci[metric] = [lo, hi]`` (None when undefined, and for the ECE); ``n_bootstrap=0`` skips
+    the CIs. Metrics that
     are undefined on the split (AUC with a single class present) are None; ratios with an empty
     denominator (e.g. precision with no positive prediction) follow sklearn's ``zero_division=0``.
     """
@@ -234,8 +241,9 @@ def compute_metrics(
     if n_bootstrap:
         reps = _bootstrap(y, p, list(class_names), threshold, n_bootstrap, int(seed))
         # A CI only where the point estimate exists: an undefined metric has no interval.
-        result["ci"] = {m: _interval([r[m] for r in reps]) if result.get(m) is not None
-                        else None for m in HEADLINE}
+        result["ci"] = {m: _interval([r[m] for r in reps])
+                        if result.get(m) is not None and m not in NO_CI else None
+                        for m in HEADLINE}
         for name, per in (result.get("per_class") or {}).items():
             per["ci"] = {m: _interval([r["per_class"][name][m] for r in reps])
                          if per.get(m) is not None else None for m in PER_CLASS}

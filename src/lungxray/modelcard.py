@@ -37,13 +37,20 @@ def _counts(trial: dict, split: str) -> str:
     return ", ".join(f"{name} {int(counts.get(i, 0))}" for i, name in enumerate(names))
 
 
+def target_sensitivity_of(info: dict) -> float | None:
+    """The target sensitivity a model's threshold was chosen for (train records it in
+    ``threshold_method`` as ``sensitivity>=X``), or None for Youden's J."""
+    if info.get("target_sensitivity") is not None:
+        return float(info["target_sensitivity"])
+    method = str(info.get("threshold_method") or "")
+    return float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
+
+
 def _threshold_text(info: dict) -> str:
     if info.get("threshold") is None:
         return "none: the class with the highest probability is predicted (more than two classes)"
     method = str(info.get("threshold_method") or "unknown method")
-    target = info.get("target_sensitivity")
-    if target is None and method.startswith("sensitivity>="):
-        target = method.split(">=", 1)[1]
+    target = target_sensitivity_of(info)
     how = (f"the highest threshold reaching sensitivity {target} on validation" if target
            else "Youden's J (sensitivity + specificity - 1) maximised on validation"
            if method == "youden" else f"{method}, on validation")
@@ -57,14 +64,28 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
     name = str(info["model_name"])
     classes = list(info["class_names"])
     splits = list(best["splits"])
-    held_out = "test" if "test" in splits else splits[-1]
-    m_held = best["splits"][held_out]["metrics"]
+    # Validation chose the model and its threshold: only test or external data is held out.
+    unbiased = [s for s in splits if s not in ("train", "val")]
+    held_out = "test" if "test" in unbiased else unbiased[0] if unbiased else None
+    shown = held_out or splits[-1]  # the split the per-class table, latency etc. come from
+    m_held = best["splits"][shown]["metrics"]
     members = info.get("members")
+    hparams = info.get("hparams") or {}
+    dense = int(hparams.get("dense_units") or 0)
     arch = (f"an ensemble averaging the class probabilities of {', '.join(members)} (the top "
             f"{len(members)} single models on {summary['select_metric']})" if members else
-            f"Keras Applications {name} backbone, global average pooling, dropout and a "
-            f"softmax layer over {len(classes)} classes; resizing, grey-to-RGB and the "
-            f"backbone's preprocessing live inside the model, which takes raw 0–255 pixels")
+            f"Keras Applications {name} backbone, global average pooling, "
+            + (f"a {dense}-unit ReLU dense layer, " if dense else "")
+            + f"dropout and a softmax layer over {len(classes)} classes; resizing, grey-to-RGB "
+            "and the backbone's preprocessing live inside the model, which takes raw 0–255 "
+            "pixels" + ("; random augmentation layers act during training only"
+                        if float(hparams.get("augment") or 0) > 0 else ""))
+    training = ("- Members: each trained and tuned on its own (see its row in the comparison "
+                "report); the ensemble itself has no weights and its threshold is chosen on "
+                "validation." if members else
+                f"- Weights: initialised from `{info.get('weights')}`; "
+                f"{info.get('epochs') or '—'} training epochs; hyperparameters "
+                f"`{json.dumps(hparams, sort_keys=True)}`.")
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # noqa: UP017 (3.10)
     lines = [
         f"# Model card: {name}",
@@ -78,9 +99,7 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
         "## Model details",
         "",
         f"- Architecture: {arch}.",
-        f"- Weights: initialised from `{info.get('weights')}`; "
-        f"{info.get('epochs', '—')} training epochs; hyperparameters "
-        f"`{json.dumps(info.get('hparams') or {}, sort_keys=True)}`.",
+        training,
         f"- Size: {info.get('params', '—')} parameters.",
         f"- Input: {info.get('image_size')}×{info.get('image_size')} px, "
         f"{info.get('channels')} channel(s).",
@@ -119,7 +138,10 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "## Performance",
         "",
-        f"`{held_out}` is the held-out estimate. At the decision rule above; 95% "
+        (f"`{held_out}` is the held-out estimate." if held_out else
+         "**No held-out split was evaluated**: validation chose this model and its threshold, "
+         "so its figures are optimistic and there is no unbiased estimate.")
+        + " At the decision rule above; 95% "
         f"{m_held.get('ci_method', 'bootstrap')} confidence "
         f"intervals ({m_held.get('n_bootstrap', '—')} resamples, seed "
         f"{m_held.get('bootstrap_seed', '—')}).",
@@ -134,7 +156,7 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
             lines.append(f"| {LABELS[metric]} | " + " | ".join(cells) + " |")
     at_half = m_held.get("at_0.5")
     if at_half:
-        lines += ["", f"At threshold 0.5 on `{held_out}` (comparable with published MedMNIST "
+        lines += ["", f"At threshold 0.5 on `{shown}` (comparable with published MedMNIST "
                       "numbers): " + ", ".join(f"{LABELS[k]} {_num(at_half[k])}"
                                                for k in AT_HALF) + "."]
     per_class = m_held.get("per_class")
@@ -151,7 +173,7 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        f"- The `{held_out}` estimate rests on {n_held} images; the confidence intervals above "
+        f"- The `{shown}` estimate rests on {n_held} images; the confidence intervals above "
         "show how far the true figures may lie from it.",
         "- " + (f"Evaluated on data from elsewhere: {', '.join(external)} (see the table)."
                 if external else "Not externally validated: every split comes from the same "
@@ -161,8 +183,9 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
         "this data.",
         "- Probabilities are not recalibrated: see the Brier score, the calibration error and "
         "the reliability diagram before reading them as risks.",
-        "- Grad-CAM heatmaps show where the network's evidence lies at the resolution of its "
-        "last feature map; they are not proof that it looks at the right anatomy.",
+        "- Grad-CAM heatmaps show where the network's evidence lies at the resolution of the "
+        "feature map named on each grid (a few cells at small image sizes); they are not proof "
+        "that it looks at the right anatomy.",
         "- The model was chosen among several on the validation split, so validation figures "
         "are optimistic; only the test (and external) figures are unbiased.",
         "- Labels are taken as given; label noise in the source data is not corrected.",

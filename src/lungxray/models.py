@@ -36,6 +36,7 @@ class ModelSpec:
         return max(image_size, self.min_size)
 
     def constructor(self):
+        """The ``keras.applications`` function that builds this backbone."""
         return getattr(keras.applications, self.name)
 
 
@@ -195,14 +196,22 @@ def build_classifier(name: str, image_size: int, channels: int, num_classes: int
     # fine-tuning (keras.io transfer-learning guide); from scratch they must learn.
     x = backbone(x, training=False) if weights is not None else backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, add_head(x, num_classes, dense_units, dropout),
+                       name=f"lungxray_{name}")
+
+
+def add_head(x, num_classes: int, dense_units: int = 0, dropout: float = 0.2):
+    """The head on pooled features: [a ReLU dense layer,] dropout and the softmax ``probs``.
+    One definition for the classifier and the feature-cache head of tuning, whose weights
+    move between them by layer name."""
     if dense_units:
         x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
-    return keras.Model(inputs, outputs, name=f"lungxray_{name}")
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
+    """The Keras Applications backbone nested in a classifier (its layer ``backbone``)."""
     return model.get_layer("backbone")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from lungxray import metrics as metrics_lib
-from lungxray.modelcard import model_card
+from lungxray.modelcard import model_card, target_sensitivity_of
 from lungxray.plots import (
     img_tag,
     plot_confusion_matrix,
@@ -238,8 +238,6 @@ def pair_trials(
 # --------------------------------------------------------------------------- table & ranking
 
 
-
-
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -307,7 +305,8 @@ def build_table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=FIXED_COLUMNS + hp_cols + metric_cols)
 
 
-def _check_select_metric(select_metric: str) -> str:
+def check_select_metric(select_metric: str) -> str:
+    """The metric name inside ``select_metric`` (``val_<metric>``); refuses test_* and unknowns."""
     if not select_metric.startswith(f"{SELECT_SPLIT}_"):
         if select_metric.startswith("test_"):
             raise ValueError(
@@ -325,7 +324,7 @@ def _check_select_metric(select_metric: str) -> str:
 def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
     """Sort best first on ``select_metric``; undefined values last; ties go to a single model
     over an ensemble (simpler and faster for the same score), then by model name."""
-    metric = _check_select_metric(select_metric)
+    metric = check_select_metric(select_metric)
     if select_metric not in table.columns:
         raise ValueError(f"no trial reports {select_metric!r}; columns: {list(table.columns)}")
     values = pd.to_numeric(table[select_metric], errors="coerce").astype(float)
@@ -371,9 +370,6 @@ def _validate_trials(trials: list[dict[str, Any]], select_metric: str) -> None:
                              "models were not evaluated on the same data")
 
 
-# --------------------------------------------------------------------------- images
-
-
 # --------------------------------------------------------------------------- ensemble
 
 
@@ -381,21 +377,12 @@ class EnsembleSkipped(ValueError):
     """Why no ensemble candidate could be built (reported, not fatal)."""
 
 
-def _member_target(info: dict) -> float | None:
-    """The target sensitivity a member's threshold was chosen for (train records it in
-    ``threshold_method`` as ``sensitivity>=X``), or None for Youden's J."""
-    if info.get("target_sensitivity") is not None:
-        return float(info["target_sensitivity"])
-    method = str(info.get("threshold_method") or "")
-    return float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
-
-
 def _common_target_sensitivity(infos: list[dict], given: float | None) -> float | None:
     """The target sensitivity for the ensemble's threshold: the one given, else the members'
     own when they all used the same, else None (Youden's J)."""
     if given:
         return float(given)
-    targets = {_member_target(info) for info in infos}
+    targets = {target_sensitivity_of(info) for info in infos}
     return targets.pop() if len(targets) == 1 else None
 
 
@@ -897,8 +884,6 @@ def _publish(build: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-
-
 def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_auc",
             ensemble_k: int = 2, target_sensitivity: float | None = None) -> dict:
     """Compare trials (plus an ensemble of the top ``ensemble_k``), pick the best on a
@@ -909,7 +894,7 @@ def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_
     is written, and the report is assembled in a sibling temp dir that replaces ``output`` only
     when complete, so a failure never leaves a half-written report behind.
     """
-    _check_select_metric(select_metric)
+    check_select_metric(select_metric)
     if not trial_dirs:
         raise ValueError("compare needs at least one trial dir")
     if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:

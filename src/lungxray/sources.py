@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "val", "test")
+MAX_CLASSES = 1000  # an npz label far above this is corrupt, not a class
 # MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 CSV_COLUMNS = ("path", "label")
@@ -168,6 +169,9 @@ def scan_npz(path: Path, class_names: list[str] | None = None) -> Source:
     if problems:
         raise problems_error(str(path), "problem(s) with its keys, shapes or dtypes", problems)
     n_classes = int(max((s.labels.max() + 1 for s in splits.values() if len(s)), default=0))
+    if n_classes > MAX_CLASSES:
+        raise DataError(f"{path}: labels go up to {n_classes - 1}; at most {MAX_CLASSES} classes "
+                        f"are supported (labels must be 0..K-1)")
     if class_names is None:
         stem = path.name.split(".")[0].split("_")[0].lower()
         class_names = MEDMNIST_CLASS_NAMES.get(stem, [str(i) for i in range(n_classes)])
@@ -203,9 +207,9 @@ def _npz_split(path: Path, archive: zipfile.ZipFile, arrays, image_key: str, lab
     if labels.ndim == 2 and labels.shape[1] != 1:
         problems.append(f"{label_key}: shaped {labels.shape}; multi-label data is not supported, "
                         f"expected one integer label per image")
-    elif labels.ndim > 2:
+    elif labels.ndim not in (1, 2):
         problems.append(f"{label_key}: expected shape (N,) or (N, 1), got {labels.shape}")
-    elif len(labels) != shape[0]:
+    elif shape and len(labels) != shape[0]:
         problems.append(f"{image_key} has {shape[0]} images but {label_key} has "
                         f"{len(labels)} labels")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -239,10 +243,14 @@ def scan_folder(root: Path, class_names: list[str] | None = None) -> Source:
     a class folder counts as an image; files beside the class folders are ignored."""
     children = sorted(p for p in root.iterdir() if _visible(p.name))
     dirs = [p for p in children if p.is_dir()]
-    split_dirs = {p.name: p for p in dirs if p.name in SPLITS}
+    # Kermany's own release spells them train/val/test, others Train/Test: same meaning.
+    named = [p for p in dirs if p.name.lower() in SPLITS]
+    split_dirs = {p.name.lower(): p for p in named}
+    if len(split_dirs) < len(named):
+        raise DataError(f"{root}: split folders {[p.name for p in named]} differ only in case")
     ignored = [p.relative_to(root).as_posix() for p in children if p.is_file()]
     if split_dirs:
-        others = [p.name for p in dirs if p.name not in SPLITS]
+        others = [p.name for p in dirs if p.name.lower() not in SPLITS]
         if others:
             raise DataError(f"{root}: mixes split folders {sorted(split_dirs)} with other "
                             f"folders {others}; expected <root>/<split>/<CLASS>/ or "
@@ -255,6 +263,11 @@ def scan_folder(root: Path, class_names: list[str] | None = None) -> Source:
                 ignored += [p.relative_to(root).as_posix() for p in entries if p.is_file()]
     else:
         layout = {"train": dirs}
+    nested = [f"{d.relative_to(root).as_posix()}/{c.name}" for class_dirs in layout.values()
+              for d in class_dirs for c in d.iterdir() if c.is_dir() and c.name.lower() in SPLITS]
+    if nested:
+        raise DataError(f"{root}: split folders inside class folders ({nested[:3]}); expected "
+                        f"<root>/<split>/<CLASS>/, is the root one level too high?")
     found = sorted({d.name for class_dirs in layout.values() for d in class_dirs})
     if not found:
         raise DataError(f"{root}: no class folders found "

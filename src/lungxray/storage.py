@@ -177,6 +177,27 @@ class _Cache:
             and (blob.size is None or size == blob.size)
         )
 
+    def prune(self, prefix_dir: Path, keep: set[Path]) -> int:
+        """Delete cached files under ``prefix_dir`` that are not in ``keep`` (objects gone from
+        the bucket), their generation records and the folders left empty; returns how many.
+
+        Without this the mirror of a prefix would be everything ever seen there: a deleted or
+        relabelled (moved) image would come back into the data with its old label.
+        """
+        if not prefix_dir.is_dir():
+            return 0
+        removed = 0
+        for path in sorted(prefix_dir.rglob("*"), reverse=True):  # children before parents
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path not in keep:
+                name = path.relative_to(self.bucket_dir).as_posix()
+                path.unlink()
+                self._record_path(name).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def _temp_file(self) -> Path:
         self._tmp.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="part-")
@@ -328,6 +349,9 @@ def fetch(
             name += "/"  # not an object: treat it as a directory-like prefix
         blobs = _list_prefix(client, bucket_name, name, uri)
         _sync(blobs, cache, uri, workers=workers, progress=progress)
+        gone = cache.prune(local, {cache.path(blob.name, uri) for blob in blobs})
+        if gone:
+            log.info("%s: %d cached file(s) no longer in the bucket, removed", uri, gone)
     return local
 
 

@@ -40,6 +40,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from lungxray import data, features, models, spaces, tune_report
 from lungxray.train import (
@@ -294,8 +295,8 @@ def make_tuner(hypermodel: kt.HyperModel, budget: Budget, directory: Path,
     return tuner
 
 
-def run_phase(hypermodel: kt.HyperModel, train_ds, val_ds, budget: Budget, directory: Path,
-              project: str, verbose: int = 2) -> kt.Tuner:
+def run_phase(hypermodel: kt.HyperModel, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
+              budget: Budget, directory: Path, project: str, verbose: int = 2) -> kt.Tuner:
     """Run (or resume) one search phase and return its tuner."""
     tuner = make_tuner(hypermodel, budget, directory, project)
     tuner.search(train_ds, validation_data=val_ds, epochs=budget.epochs, verbose=verbose)
@@ -380,6 +381,9 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
         raise ValueError(f"hyperband_factor must be >= 2, got {hyperband_factor}")
     if fine_tune_trials < 0:
         raise ValueError(f"fine_tune_trials must be >= 0, got {fine_tune_trials}")
+    if batch_size < 1 or train_samples < 0:
+        raise ValueError(f"batch_size must be >= 1 and train_samples >= 0, got {batch_size} "
+                         f"and {train_samples}")
     models.get_spec(model_name)  # fail on a bad name before any work
     started = time.time()
     manifest = data.read_manifest(data_dir)
@@ -408,6 +412,8 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
               "fine_tune_trials": fine_tune_trials if pretrained else None,
               "batch_size": batch_size, "seed": seed, "train_samples": train_samples}
     check_state(state, config, CONFIG_FILE, "search")
+    # An earlier search's result must not outlive a failed one and pass for its result.
+    (output / BEST_FILE).unlink(missing_ok=True)
 
     keras.utils.set_random_seed(seed)
     weights_by_class = class_weights(train_split.labels, num_classes)
@@ -515,7 +521,13 @@ def _spaces_used(pretrained: bool, fine_tune_trials: int) -> list[str]:
     return ["head", "fine_tune"] if fine_tune_trials else ["head"]
 
 
-def read_best_hparams(path: Path) -> dict:
-    """The hyperparameters from a ``best_hparams.json`` (or a plain {name: value} file)."""
+def read_best_hparams(path: Path, model_name: str | None = None) -> dict:
+    """The hyperparameters from a ``best_hparams.json`` (or a plain {name: value} file);
+    a tuning result for another model than ``model_name`` is refused."""
     content = json.loads(Path(path).read_text())
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object of hyperparameters")
+    tuned = content.get("model_name")
+    if model_name and tuned and tuned != model_name:
+        raise ValueError(f"{path}: hyperparameters tuned for {tuned}, not {model_name}")
     return content.get("hparams", content)

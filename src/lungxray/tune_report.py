@@ -103,8 +103,9 @@ def summary_html(best: dict, table: pd.DataFrame, plot: Path,
         "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
         "img{max-width:100%}</style></head><body>",
         f"<h1>Tuning {esc(best['model_name'])}</h1>",
-        f"<p>Best {esc(best['objective'])}: <b>{best['best_score']:.4f}</b> over "
-        f"{best['trials']} trials.</p>",
+        f"<p>Best {esc(best['objective'])} of the {esc(list(best['phases'])[-1])} phase, "
+        f"whose trial gives the chosen hyperparameters: <b>{best['best_score']:.4f}</b> "
+        f"({best['trials']} trials in all; each phase's best is in <i>Phases</i>).</p>",
         "<h2>Chosen hyperparameters</h2>", _table(chosen),
         "<h2>Search</h2>", _table([setup]),
         "<h2>Phases</h2>", _table(phases),

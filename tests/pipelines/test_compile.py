@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 import yaml
 
-from pipelines.compile import compile_pipeline
+from pipelines.compile import compile_pipeline, main
 from pipelines.pipeline import CACHE_MOUNT, DEFAULT_MODELS, SECRET_MOUNT
 from pipelines.profiles import PROFILES, pipeline_defaults, resolve_params
 
 IMAGE = "registry.example/lungxray:0123456789ab"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load(path):
@@ -38,8 +44,7 @@ def test_cluster_pipeline_shape(tmp_path):
     for name in ("exec-tune", "exec-train"):
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
-        # The count is the `gpus` pipeline parameter (default 1).
-        assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+        assert accelerator["resourceCount"] == "1"  # GPUS, fixed at compile time
         assert "retryPolicy" in inner[name.removeprefix("exec-")]
     for name in ("exec-preprocess", "exec-evaluate", "exec-compare"):
         assert "resources" not in executors[name]["container"]
@@ -51,8 +56,54 @@ def test_cluster_pipeline_shape(tmp_path):
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["base_models"]["defaultValue"] == DEFAULT_MODELS
-    assert params["gpus"]["defaultValue"] == 1
     assert set(params) == set(pipeline_defaults())
+
+
+def test_loop_tasks_only_read_inputs_the_loop_declares(tmp_path):
+    """KFP's driver refuses a task reading a `pipelinechannel--*` input its parent DAG lacks
+    ("parent DAG does not have input parameter"): true of every platform variant."""
+    for kwargs in ({"gpu": True, "gpus": 2, "cache_pvc": "c", "gcs_secret": "s",
+                    "gpu_node_selector": ("k", "v")}, {"gpu": False}):
+        spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, **kwargs))
+        loop = spec["components"]["comp-for-loop-1"]
+        declared = {kind: set(loop["inputDefinitions"].get(kind, {}))
+                    for kind in ("parameters", "artifacts")}
+        for name, task in loop["dag"]["tasks"].items():
+            for kind, key in (("parameters", "componentInputParameter"),
+                              ("artifacts", "componentInputArtifact")):
+                for value in task.get("inputs", {}).get(kind, {}).values():
+                    if key in value:
+                        assert value[key] in declared[kind], (kwargs, name, value)
+            for value in task.get("inputs", {}).get("parameters", {}).values():
+                constant = str(value.get("runtimeValue", {}).get("constant", ""))
+                assert "pipelinechannel--" not in constant, (kwargs, name, value)
+
+
+def test_gpu_count_and_parallelism_are_compile_settings(tmp_path):
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpus=2,
+                                    cache_pvc="lungxray-cache"))
+    accelerator = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert accelerator["accelerator"]["resourceCount"] == "2"
+    # A ReadWriteOnce cache volume attaches to one node: one model at a time by default.
+    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE))
+    assert "iteratorPolicy" not in spec["root"]["dag"]["tasks"]["for-loop-1"]  # no bound
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", ""], "not a container image reference"),
+    (["--image", "/lungxray:abc"], "is REGISTRY or TAG empty?"),
+    (["--image", "registry.example/lungxray"], "has no tag or digest"),
+    (["--image", IMAGE, "--gpus", "0"], "gpus must be at least 1"),
+    (["--image", IMAGE, "--output", "/proc/no/such/dir/p.yaml"], "cannot write"),
+])
+def test_compile_cli_refuses_bad_settings(tmp_path, capsys, args, message):
+    output = [] if "--output" in args else ["--output", str(tmp_path / "p.yaml")]
+    assert main([*args, *output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipelines.compile: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_local_pipeline_has_no_gpu_request(tmp_path):
@@ -92,3 +143,26 @@ def test_platform_settings_for_a_managed_cluster(tmp_path):
     # train gets the mounted state root, so a retried (preempted) run resumes.
     train_inputs = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]["inputs"]
     assert train_inputs["parameters"]["state_root"]["runtimeValue"]["constant"] == CACHE_MOUNT
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_recompiles_when_the_platform_settings_change(tmp_path):
+    """The package submit/schedule use is rebuilt when CACHE_PVC, GPUS, ... change, not only
+    when the code does: a package without the cache volume must not run when one is asked for."""
+    package = tmp_path / "p.yaml"
+    where = [f"PIPELINE_YAML={package}", f"COMPILE_STAMP={tmp_path / 'args'}", f"IMAGE={IMAGE}"]
+
+    def make(*args: str) -> str:
+        return subprocess.run(["make", "-o", ".venv/.installed", *args, *where], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+
+    assert "pipelines.compile" in make(str(package))
+    assert "pipelines.compile" not in make(str(package))  # up to date
+    assert "pipelines.compile" in make(str(package), "CACHE_PVC=lungxray-cache")
+    assert "lungxray-cache" in package.read_text()
+    assert "pipelines.compile" in make(str(package), "CACHE_PVC=lungxray-cache", "GPUS=2")
+    assert "resourceCount: '2'" in package.read_text()
+    cpu = subprocess.run(["make", "-n", "-o", ".venv/.installed", "compile-cpu", "CACHE_PVC=c",
+                          "GPUS=2"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.replace("\\\n", " ")
+    assert "--cache-pvc c" in cpu and "--gpus" not in cpu

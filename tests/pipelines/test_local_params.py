@@ -40,6 +40,29 @@ def test_bad_params_exit_with_a_message(tmp_path, capsys):
     assert "--set expects name=value, got 'epochs'" in capsys.readouterr().err
     assert main(["--set", "epoch=3"]) == 2
     assert "unknown pipeline parameter(s) ['epoch']" in capsys.readouterr().err
+    # Checked as submit checks them, before kfp.local starts anything.
+    for item, message in [
+        ("base_models=VGG16", "'base_models' must be a list (LIST), got str 'VGG16' (write a "
+                              "list: [VGG16])"),
+        ("base_models=[VGG16", "base_models='[VGG16' is not a valid YAML value"),
+        ("epochs=2.5", "'epochs' must be an integer"),
+        ("select_metric=test_roc_auc", "never select on the test split"),
+        ("select_metric=val_auc", "'auc' is not one of"),
+        ("target_sensitivity=1.5", "'target_sensitivity' must be in [0, 1]"),
+    ]:
+        assert main(["--set", item, "--pipeline-root", str(tmp_path / "runs")]) == 2, item
+        assert message in capsys.readouterr().err, item
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_step_ends_in_one_line(tmp_path, capsys):
+    code = main(["--set", f"data_source={tmp_path / 'missing.npz'}", "--pipeline-root",
+                 str(tmp_path / "runs")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pipelines.local: error: Pipeline 'lungxray' finished with status "
+                          "FAILURE. Inner task failed: 'preprocess'")
+    assert "\x1b[" not in err
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

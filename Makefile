@@ -68,9 +68,8 @@ format: $(STAMP) ## ruff format + import sorting
 	$(VENV)/bin/ruff check --select I --fix src components pipelines tests
 	$(VENV)/bin/ruff format src components pipelines tests
 
-compile: $(STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, GPUS, GPU_NODE_SELECTOR, GCS_SECRET, CACHE_PVC, PARALLELISM)
+compile: $(STAMP) $(COMPILE_STAMP) ## Compile for a GPU cluster into build/pipeline.yaml (IMAGE, GPUS, GPU_NODE_SELECTOR, GCS_SECRET, CACHE_PVC, PARALLELISM)
 	$(PY) -m pipelines.compile $(COMPILE_ARGS)
-	@echo '$(COMPILE_ARGS)' > $(COMPILE_STAMP)
 
 FORCE:
 

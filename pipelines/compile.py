@@ -12,8 +12,10 @@ from kfp import compiler
 from pipelines.pipeline import Platform, build_pipeline
 
 RETRIES = 2  # tune and train, for preempted GPU nodes
-# [host[:port]/]path[:tag][@digest], lower-case path components as the registry API requires.
-_IMAGE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*"
+# [host[:port]/]path[:tag][@digest] as in Docker's reference grammar: lower-case path
+# components joined by '/', each alphanumeric runs separated by '.', '_', '__' or dashes.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
                     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 
 

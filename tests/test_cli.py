@@ -60,7 +60,7 @@ def test_preprocess_then_evaluate_then_compare(shared_npz, trained_model, tmp_pa
     (["tune", "--data", "DATA", "--model", "VGG61", "--output", "OUT"], "unknown model"),
     (["train", "--data", "DATA", "--model", "VGG16", "--output", "OUT"], "not a prepared"),
     (["compare", "--trials", "DATA", "--output", "OUT", "--select-metric", "test_roc_auc"],
-     "test"),
+     "never select on the test split"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, tmp_path):
     args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]

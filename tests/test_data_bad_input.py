@@ -292,12 +292,16 @@ def test_a_folder_with_a_stray_manifest_is_never_replaced(folder, tmp_path):
         prepare(folder, user)
     prepared = tmp_path / "prepared"
     prepare(folder, prepared)
+    (prepared / ".DS_Store").write_bytes(b"\0")  # desktop clutter is no reason to refuse
+    prepare(folder, prepared)
     (prepared / "my_notes.txt").write_text("written by hand")
-    with pytest.raises(data.DataError, match=r"also holds \['my_notes.txt'\] which preprocess "
-                                             r"did not write; refusing to overwrite it"):
+    (prepared / "my_scans.npz").write_bytes(b"mine")  # an npz preprocess did not write
+    with pytest.raises(data.DataError, match=r"also holds \['my_notes.txt', 'my_scans.npz'\] "
+                                             r"which preprocess did not write; refusing"):
         prepare(folder, prepared)
     assert tree_digest(user) == before
     assert (prepared / "my_notes.txt").read_text() == "written by hand"
+    assert (prepared / "my_scans.npz").read_bytes() == b"mine"
 
 
 def test_the_source_is_never_inside_the_output_nor_the_output_inside_it(pictures, folder,
@@ -307,13 +311,17 @@ def test_the_source_is_never_inside_the_output_nor_the_output_inside_it(pictures
     np.savez(tmp_path / "small.npz", train_images=grey, train_labels=labels)
     prepare(tmp_path / "small.npz", prepared)
     os.replace(tmp_path / "small.npz", prepared / "small.npz")
-    with pytest.raises(data.DataError, match="lies inside the output"):
+    with pytest.raises(data.DataError, match=r"also holds \['small.npz'\] which preprocess "):
         prepare(prepared / "small.npz", prepared)
     assert (prepared / "small.npz").is_file()
     before = tree_digest(folder)
     with pytest.raises(data.DataError, match="lies inside the source folder"):
         prepare(folder, folder / "prepared")
     assert tree_digest(folder) == before and not (folder / "prepared").exists()
+    # A CSV names its files, so an output beside it is fine.
+    csv = write_csv(folder, good_rows(folder))
+    prepare(csv, folder / "prepared")
+    assert data.is_prepared(folder / "prepared")
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -357,6 +365,12 @@ def test_malformed_npz_labels_are_named(pictures, tmp_path):
     np.savez(tmp_path / "scalar_images.npz", train_images=np.uint8(3), train_labels=labels)
     with pytest.raises(data.DataError, match="train_images: expected images shaped"):
         prepare(tmp_path / "scalar_images.npz", tmp_path / "out")
+    wrapped = labels.astype(np.uint64)
+    wrapped[0] = np.iinfo(np.uint64).max  # would become -1 as int64
+    np.savez(tmp_path / "wrapped.npz", train_images=grey, train_labels=wrapped)
+    with pytest.raises(data.DataError, match="train_labels: label 18446744073709551615 is out "
+                                             "of range"):
+        prepare(tmp_path / "wrapped.npz", tmp_path / "out")
     huge = labels.copy()
     huge[0] = 3_000_000
     np.savez(tmp_path / "huge.npz", train_images=grey, train_labels=huge)

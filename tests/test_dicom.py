@@ -8,8 +8,6 @@ import pytest
 from lungxray import data, images
 from tests.data_helpers import real_images, tree_digest, write_dicom
 
-pytest.importorskip("pydicom", reason="pydicom==3.0.2 is needed for DICOM sources")
-
 
 @pytest.fixture(scope="module")
 def xrays(shared_npz) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import recall_score, roc_auc_score
 
-from lungxray import data, evaluate, report, train
+from lungxray import data, evaluate, gradcam, report, train
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -57,7 +57,12 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
         assert all(truth[i] == 1 and score[i] >= thr for i in kinds["true positive pneumonia"])
         assert all(truth[i] == 0 and score[i] >= thr for i in kinds["false positive pneumonia"])
         assert all(truth[i] == 1 and score[i] < thr for i in kinds["false negative pneumonia"])
-        assert all(len(v) <= evaluate.GRADCAM_PER_CATEGORY for v in kinds.values())
+        # ... and they are the most confident cases of each kind, recomputed from the CSV.
+        probs = predictions[["prob_normal", "prob_pneumonia"]].to_numpy()
+        expected = gradcam.select_cases(truth, probs, ["normal", "pneumonia"], thr,
+                                        evaluate.GRADCAM_PER_CATEGORY)
+        assert kinds == {c["label"].replace("\n", " "): c["indices"] for c in expected}
+        assert sum(len(v) for v in kinds.values()) > 0
     scalars = evaluate.scalar_metrics(results)
     assert {"val_roc_auc", "test_roc_auc", "test_accuracy", "val_threshold", "test_ece",
             "test_latency_ms", "test_roc_auc_ci_lo", "test_roc_auc_ci_hi"} <= set(scalars)

@@ -229,17 +229,18 @@ def test_choose_threshold_rejects_one_class() -> None:
 
 
 @pytest.mark.parametrize(
-    ("y", "probs"),
+    ("y", "probs", "message"),
     [
-        (Y, P1),  # 1-D probs
-        (Y[:5], PROBS),  # row mismatch
-        (np.array([0, 1, 2, 0, 1, 0, 0, 0, 0, 0]), PROBS),  # label outside the classes
-        (Y, np.column_stack([-P1, P1])),  # logits, not probabilities
-        (Y, np.column_stack([P1, P1])),  # rows do not sum to 1
+        (Y, P1, r"probs must be 2-D \(N, K\), got shape \(10,\)"),
+        (Y[:5], PROBS, "y_true has 5 rows but probs has 10"),
+        (np.array([0, 1, 2, 0, 1, 0, 0, 0, 0, 0]), PROBS, r"labels \[2\] outside 0..1"),
+        (Y, np.column_stack([-P1, P1]), r"probs must lie in \[0, 1\]"),  # logits
+        (Y, np.column_stack([P1, P1]), "rows must sum to 1"),
     ],
 )
-def test_compute_metrics_rejects_bad_input(y: np.ndarray, probs: np.ndarray) -> None:
-    with pytest.raises(ValueError):
+def test_compute_metrics_rejects_bad_input(y: np.ndarray, probs: np.ndarray,
+                                           message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         compute_metrics(y, probs, CLASSES, 0.5)
 
 

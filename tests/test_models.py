@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import keras
 import numpy as np
@@ -57,6 +56,12 @@ def test_saved_model_takes_raw_pixels_and_loads_in_safe_mode(tmp_path):
     # Augmentation is inactive at inference, so both give identical outputs.
     np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
+    # safe_mode: a file carrying Python code (a Lambda layer) is refused, not run.
+    inputs = keras.Input((4,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2)(inputs))
+    unsafe.save(tmp_path / "unsafe.keras")
+    with pytest.raises(ValueError, match="Lambda"):
+        models.load_model(tmp_path / "unsafe.keras")
 
 
 def test_weights_file_is_loaded_into_the_backbone(tmp_path):
@@ -83,14 +88,19 @@ def test_weights_that_do_not_fit_or_do_not_exist_fail_clearly(tmp_path):
 def test_imagenet_offline_fails_fast_with_advice(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty cache: a download is needed
 
+    timeouts = []
+
     def offline(*args, **kwargs):
+        # Keras' download passes no timeout: the bound is the socket default set around it.
+        timeouts.append(socket.getdefaulttimeout())
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", offline)
-    started = time.monotonic()
+    before = socket.getdefaulttimeout()
     with pytest.raises(models.ModelError, match="--weights none"):
         models.build_classifier("VGG16", 32, 1, 2, "imagenet")
-    assert time.monotonic() - started < models.IMAGENET_TIMEOUT_S
+    assert timeouts and set(timeouts) == {models.IMAGENET_TIMEOUT_S}
+    assert socket.getdefaulttimeout() == before  # restored for everything else
 
 
 def test_fine_tune_unfreezes_the_top_share_but_never_batchnorm():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +15,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungxray import plots
 from lungxray.plots import (
     _phase_boundaries,
     plot_confusion_matrix,
@@ -41,7 +43,11 @@ def assert_png(path: Path, expected: Path) -> None:
 
 
 def test_backend_is_headless() -> None:
-    assert matplotlib.get_backend().lower() == "agg"
+    # A desktop user's MPLBACKEND (a GUI backend) must not reach pipeline pods without a display.
+    code = "import lungxray.plots, matplotlib; print(matplotlib.get_backend())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "MPLBACKEND": "tkagg"}, check=True)
+    assert result.stdout.strip().lower() == "agg"
 
 
 def test_confusion_matrix_png(tmp_path: Path) -> None:
@@ -234,4 +240,3 @@ def test_confusion_matrix_has_counts_and_normalised_panels(tmp_path: Path,
     out = tmp_path / "cm.png"
     assert_png(plot_confusion_matrix([[4, 2], [1, 3]], CLASSES, out), out)
     assert texts == ["4", "2", "1", "3", "67%", "33%", "25%", "75%"]
-    assert plots.plot_confusion_matrix is plot_confusion_matrix

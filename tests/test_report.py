@@ -201,7 +201,16 @@ def test_ties_are_broken_by_name(tmp_path: Path) -> None:
     assert [r["rank"] for r in summary["ranking"]] == [1, 2, 3, 4]
 
 
-def test_undefined_select_metric_ranks_last(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("metric", "values", "expected"), [
+    ("val_roc_auc", [0.9, None, 0.95], ["C", "A", "B"]),  # higher is better
+    ("val_brier", [0.2, None, 0.1], ["C", "A", "B"]),  # lower is better
+])
+def test_undefined_select_metric_ranks_last(metric, values, expected) -> None:
+    table = pd.DataFrame({"model_name": ["A", "B", "C"], metric: values})
+    assert report.rank_models(table, metric)["model_name"].tolist() == expected
+
+
+def test_a_metric_undefined_for_every_trial_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "trials"
     labels = {"val": np.zeros(6, dtype=int)}
     a = make_trial(root, "A", {"val": GOOD, "test": GOOD}, labels=labels)
@@ -325,7 +334,8 @@ def test_different_validation_data_is_refused(tmp_path: Path) -> None:
 def test_duplicate_trial_names_are_refused(tmp_path: Path) -> None:
     a = make_trial(tmp_path / "one", "VGG16", {"val": GOOD})
     b = make_trial(tmp_path / "two", "VGG16", {"val": MID})
-    with pytest.raises(ValueError, match="VGG16"):
+    with pytest.raises(ValueError,
+                       match=r"duplicate model names across trial dirs: \['VGG16'\]"):
         compare([a, b], tmp_path / "report")
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import data, models, train
+from lungxray import data, metrics, models, train
 
 
 def test_scratch_training_writes_a_complete_model_dir(trained_model, small_dataset):
@@ -26,6 +26,9 @@ def test_scratch_training_writes_a_complete_model_dir(trained_model, small_datas
     val = data.load_split(small_dataset, "val")
     probs = model.predict(val.images.astype("float32"), verbose=0)
     assert probs.shape == (len(val), 2)
+    # The threshold is Youden's J on the saved model's own validation scores.
+    assert info["threshold"] == pytest.approx(metrics.choose_threshold(val.labels, probs[:, 1]),
+                                              abs=1e-5)
 
 
 @pytest.mark.slow

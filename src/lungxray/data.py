@@ -280,7 +280,9 @@ def _write_index(path: Path, written: dict[str, dict], class_names: list[str]) -
 # ---------------------------------------------------------------------------------------------
 
 
-_PREPARED_FILE = re.compile(r"^(?:[A-Za-z0-9_-]+_(?:images|labels)\.npy|[A-Za-z0-9_-]+\.npz)$")
+# What preprocess writes per split: <split>_images.npy / <split>_labels.npy (format /2), or
+# <split>.npz (format /1, still read).
+_PREPARED_FILE = re.compile(rf"^(?:{'|'.join(SPLITS)})(?:_images\.npy|_labels\.npy|\.npz)$")
 
 
 def _check_output(output: Path) -> None:
@@ -297,21 +299,21 @@ def _check_output(output: Path) -> None:
         raise DataError(f"{output}: exists, is not empty and is not a prepared dataset; "
                         f"refusing to overwrite it")
     known = {MANIFEST, FILES_INDEX, datareport.HTML_FILE, datareport.MARKDOWN_FILE}
-    foreign = sorted(e.name for e in entries
-                     if not e.is_file() or not (e.name in known or _PREPARED_FILE.match(e.name)))
+    # Desktop clutter (.DS_Store, Thumbs.db) from browsing the report is no user data.
+    foreign = sorted(e.name for e in entries if not e.is_file() or not (
+        e.name in known or _PREPARED_FILE.match(e.name) or e.name.startswith(".")
+        or e.name in sources.JUNK))
     if foreign:
         raise DataError(f"{output}: a prepared dataset, but it also holds {foreign[:5]} which "
                         f"preprocess did not write; refusing to overwrite it")
 
 
-def _check_apart(source: str, root: Path, output: Path) -> None:
-    """Replacing ``output`` must never delete the source, nor land inside a source folder
-    (the next scan would read the prepared files as images of a class)."""
-    root, out = root.resolve(), output.resolve()
-    if root == out or root.is_relative_to(out):
-        raise DataError(f"{source}: lies inside the output {output}, which preprocess replaces; "
-                        f"choose another output")
-    if root.is_dir() and out.is_relative_to(root):
+def _check_outside_source(source: str, src: sources.Source, output: Path) -> None:
+    """The output may not lie inside a source folder: the next scan would read the prepared
+    files as images of a class. (A source inside the output is refused by _check_output: no
+    source is a file preprocess writes.) A CSV names its files, so an output beside it is fine.
+    """
+    if src.kind == "folder" and output.resolve().is_relative_to(src.root.resolve()):
         raise DataError(f"{output}: lies inside the source folder {source}; choose an output "
                         f"outside it")
 
@@ -384,7 +386,7 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     output = Path(output)
     _check_output(output)
     src = sources.open_source(source, class_names, cache_dir)
-    _check_apart(source, src.root, output)
+    _check_outside_source(source, src, output)
     floor = max(MIN_IMAGE_SIZE, min_size)
     settings = _Settings(size=image_size or src.native_size or DEFAULT_FOLDER_SIZE,
                          channels=channels or src.native_channels or 1,

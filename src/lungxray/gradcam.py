@@ -54,7 +54,8 @@ def _backbone_call(model: keras.Model) -> tuple[keras.Model, Any, Any]:
 
 def explained_layer(backbone: keras.Model) -> keras.layers.Layer:
     """The deepest layer of ``backbone`` that every path through it passes and whose output is
-    a feature map of at least 2x2 (the backbone's last layer when its map is that large)."""
+    a feature map of at least 2x2 (the backbone's last layer when its map is that large); the
+    deepest such map on any path when no layer in the second half is passed by all."""
     index = {id(layer): i for i, layer in enumerate(backbone.layers)}
     last_use = list(range(len(backbone.layers)))  # the latest layer reading each one's output
     for j, layer in enumerate(backbone.layers):
@@ -63,19 +64,24 @@ def explained_layer(backbone: keras.Model) -> keras.layers.Layer:
                 i = index.get(id(tensor._keras_history.operation))
                 if i is not None:
                     last_use[i] = max(last_use[i], j)
-    chosen, reach = None, -1
+    cut, deepest, reach = None, None, -1
     for i, layer in enumerate(backbone.layers):
         shape = layer.output.shape
-        # No earlier layer's output skips over this one: all information flows through it.
-        # Padding layers are skipped: their border is zeros, not evidence.
-        if (reach <= i and len(shape) == 4 and min(shape[1], shape[2]) >= MIN_MAP
-                and not isinstance(layer, keras.layers.ZeroPadding2D)):
-            chosen = layer
+        # Padding and cropping layers are skipped: their borders are not evidence.
+        if (len(shape) == 4 and min(shape[1], shape[2]) >= MIN_MAP
+                and not isinstance(layer, keras.layers.ZeroPadding2D | keras.layers.Cropping2D)):
+            deepest = i
+            if reach <= i:  # no earlier output skips over this one: everything flows through it
+                cut = i
         reach = max(reach, last_use[i])
-    if chosen is None:
+    if deepest is None:
         raise GradCamError(f"{backbone.name}: no feature map of at least {MIN_MAP}x{MIN_MAP} "
                            f"(the images are too small to explain)")
-    return chosen
+    # Cells that read the two previous cells (NASNet) leave no late layer every path passes;
+    # a stem layer would show edges, not evidence, so take the deepest map there instead.
+    if cut is None or cut < len(backbone.layers) // 2:
+        cut = deepest
+    return backbone.layers[cut]
 
 
 def _feature_and_head_input(model: keras.Model) -> tuple[Any, Any]:

@@ -214,6 +214,8 @@ def _npz_split(path: Path, archive: zipfile.ZipFile, arrays, image_key: str, lab
                         f"{len(labels)} labels")
     if not np.issubdtype(labels.dtype, np.integer):
         problems.append(f"{label_key}: labels must be integers, got {labels.dtype}")
+    elif labels.size and int(labels.max()) > np.iinfo(np.int64).max:  # uint64 would wrap
+        problems.append(f"{label_key}: label {labels.max()} is out of range")
     elif labels.size and labels.min() < 0:
         problems.append(f"{label_key}: negative label {labels.min()}")
     if len(problems) > before:

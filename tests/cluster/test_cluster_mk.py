@@ -172,7 +172,6 @@ def test_submit_refuses_a_package_compiled_for_another_image(make) -> None:
 
 
 def test_compile_cpu_builds_the_real_pipeline_without_gpu(make, tmp_path: Path) -> None:
-    pytest.importorskip("pipelines.compile")
     out = tmp_path / "pipeline-cpu.yaml"
     image = "localhost:5001/lungxray:abc123-cpu"
     result = make("compile-cpu", f"PIPELINE_YAML_CPU={out}", f"IMAGE_CPU={image}")

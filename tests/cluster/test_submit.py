@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.compile import compile_pipeline
 from pipelines.params import ParamsError
 from pipelines.submit import KfpError, check_health, submit_run
 from tests.cluster.fake_kfp import API, FakeKfp
@@ -176,9 +177,8 @@ def test_cli_missing_package(fake_kfp: FakeKfp, tmp_path: Path, run_module) -> N
 
 def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -> None:
     """The project's own pipeline (pipelines/compile.py) goes through submit unchanged."""
-    compile_mod = pytest.importorskip("pipelines.compile")
     image = "localhost:5001/lungxray:0123456789ab"
-    package = compile_mod.compile_pipeline(tmp_path / "pipeline.yaml", image, gpu=True)
+    package = compile_pipeline(tmp_path / "pipeline.yaml", image, gpu=True)
 
     run_id, _ = submit_run(
         fake_kfp.url, "lungxray", str(package), {"epochs": 1}, "real", expect_image=image
@@ -191,12 +191,13 @@ def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -
     assert spec["pipelineInfo"]["name"] == "lungxray"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {image}
-    # gpu=True: tune and train ask for one NVIDIA GPU each.
-    gpu_limits = [
-        e["container"].get("resources", {}).get("accelerator", {})
-        for e in spec["deploymentSpec"]["executors"].values()
-    ]
-    assert sum(1 for a in gpu_limits if a.get("resourceType") == "nvidia.com/gpu") >= 2
+    # gpu=True: tune and train, and only they, ask for NVIDIA GPUs.
+    gpu_steps = {
+        name for name, e in spec["deploymentSpec"]["executors"].items()
+        if e["container"].get("resources", {}).get("accelerator", {}).get("resourceType")
+        == "nvidia.com/gpu"
+    }
+    assert gpu_steps == {"exec-tune", "exec-train"}
     assert fake_kfp.runs[run_id]["display_name"] == "real"
 
 

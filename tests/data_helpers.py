@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lungxray import data
+
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 
@@ -23,6 +25,22 @@ def real_images(shared_npz: Path, per_class: int, offset: int = 0,
     picked = [np.flatnonzero((labels == c) & unique)[offset:offset + per_class] for c in (0, 1)]
     index = np.concatenate(picked)
     return images[index], labels[index].astype(np.int64)
+
+
+def load_npz(path: Path) -> dict[str, data.Split]:
+    """Every split of a MedMNIST-style ``.npz``, read here with numpy alone: images as
+    (N, H, W, C) uint8, as preprocess prepares them, and labels as (N,) integers."""
+    with np.load(path, allow_pickle=False) as archive:
+        names = [k.removesuffix("_images") for k in archive.files if k.endswith("_images")]
+        return {name: data.Split(
+            archive[f"{name}_images"][..., None] if archive[f"{name}_images"].ndim == 3
+            else archive[f"{name}_images"],
+            archive[f"{name}_labels"].reshape(-1).astype(np.int64)) for name in names}
+
+
+def image_hashes(images: np.ndarray) -> set[str]:
+    """sha1 of each image's pixels: equal sets = identical images."""
+    return {hashlib.sha1(image.tobytes()).hexdigest() for image in images}
 
 
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, size: int = 64,

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lungxray import data
+from tests.data_helpers import image_hashes, load_npz
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_no_image_leaks_into_the_carved_test_split(prepared):
     raw = raw_hashes(manifest["source"])
     assert dups["train/val"]["count"] == int(np.isin(raw["val"], raw["train"]).sum()) == 8
     train, test = data.load_split(output, "train"), data.load_split(output, "test")
-    assert not set(data.image_hashes(train.images)) & set(data.image_hashes(test.images))
+    assert not image_hashes(train.images) & image_hashes(test.images)
 
 
 def test_same_seed_same_split_other_seed_other_split(prepared, shared_npz, tmp_path):
@@ -83,7 +84,7 @@ def _write_folder(root, images, labels, names=("NORMAL", "PNEUMONIA")):
 
 
 def test_folder_with_splits(shared_npz, tmp_path):
-    train = data.load_npz(shared_npz).splits["train"]
+    train = load_npz(shared_npz)["train"]
     root = tmp_path / "chest_xray"
     for label in (0, 1):
         idx = np.flatnonzero(train.labels == label)
@@ -126,7 +127,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, shared_npz):
     objects = np.empty((2, 28, 28), dtype=object)  # right shape: refused for its dtype alone
     np.savez(pickled, train_images=objects, train_labels=np.array([0, 1]))
     with pytest.raises(data.DataError, match="train_images: expected uint8 pixels, got object"):
-        data.load_npz(pickled)
+        data.preprocess(str(pickled), tmp_path / "out4")
+    assert not (tmp_path / "out4").exists()
 
 
 def test_refuses_to_overwrite_a_foreign_directory(shared_npz, tmp_path):
@@ -170,14 +172,14 @@ def test_prepared_layout_is_memory_mapped_and_indexed(prepared):
         name: split["n"] for name, split in manifest["splits"].items()}
     row = files[(files["split"] == "train") & (files["index"] == 0)].iloc[0]
     assert row["file"].startswith("train_images[")
-    source = data.load_npz(Path(manifest["source"])).splits["train"]
+    source = load_npz(Path(manifest["source"]))["train"]
     n = int(row["file"].split("[")[1].rstrip("]"))
     np.testing.assert_array_equal(source.images[n], train.images[0])
     assert (output / "data_report.html").is_file() and (output / "data_report.md").is_file()
 
 
 def test_folder_duplicates_are_grouped_and_seeded(shared_npz, tmp_path):
-    train = data.load_npz(shared_npz).splits["train"]
+    train = load_npz(shared_npz)["train"]
     idx = np.concatenate([np.flatnonzero(train.labels == c)[:40] for c in (0, 1)])
     images, labels = train.images[idx], train.labels[idx]
     root = tmp_path / "dups"
@@ -209,7 +211,7 @@ def _peak_memory(source, output, size: int) -> int:
 
 
 def test_memory_does_not_grow_with_the_number_of_images(shared_npz, tmp_path, monkeypatch):
-    train = data.load_npz(shared_npz).splits["train"]
+    train = load_npz(shared_npz)["train"]
     size = 128
     monkeypatch.setattr(data, "CHUNK_BYTES", 16 * size * size)  # 16 images per step
     peaks = {}

@@ -55,7 +55,7 @@ def test_html_report_is_self_contained_with_every_section(skipped_dataset):
 def test_markdown_report_has_the_tables(skipped_dataset):
     output, manifest = skipped_dataset
     text = (output / datareport.MARKDOWN_FILE).read_text()
-    assert text == data.describe_manifest(manifest)
+    assert text == datareport.markdown(manifest)
     assert "| split | n | NORMAL | PNEUMONIA |" in text
     val = manifest["splits"]["val"]
     assert (f"| val (carved from train) | {val['n']} | {val['counts']['NORMAL']} | "

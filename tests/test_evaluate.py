@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.metrics import recall_score, roc_auc_score
 
 from lungxray import data, evaluate, gradcam, report, train
+from tests.data_helpers import load_npz
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -78,7 +79,7 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
 def small_npz(tmp_path_factory, shared_npz) -> Path:
     """A MedMNIST-style file (28 px, train and val keys, no test) of 40 + 30 real images; its
     name keeps PneumoniaMNIST's class names."""
-    splits = data.load_npz(shared_npz).splits
+    splits = load_npz(shared_npz)
     path = tmp_path_factory.mktemp("npz") / "pneumoniamnist_small.npz"
     arrays = {}
     for split, n in (("train", 40), ("val", 30)):
@@ -101,7 +102,7 @@ def _external_folder(root: Path, shared_npz: Path, names: dict[int, str], per_cl
                      extra: str | None = None) -> dict[str, int]:
     """Real PneumoniaMNIST val images, upscaled to 100 px, in class folders named ``names``
     (label -> folder), optionally plus a folder ``extra`` of further normal images."""
-    val = data.load_npz(shared_npz).splits["val"]
+    val = load_npz(shared_npz)["val"]
     counts = {}
     for label, folder in names.items():
         picked = np.flatnonzero(val.labels == label)[:per_class]
@@ -261,7 +262,7 @@ def three_class_data(tmp_path_factory, shared_npz) -> Path:
     with a learnable difference, to test the 3-class path end to end. 40 train images per class
     from the file's train split; 10 val and 10 other test images per class from its val split;
     as PNG folders."""
-    source = data.load_npz(shared_npz).splits
+    source = load_npz(shared_npz)
     rng = np.random.default_rng(0)
 
     def brightness(split: data.Split, index: np.ndarray) -> np.ndarray:

@@ -33,9 +33,8 @@ from lungxray import splits as splitting
 from lungxray.sources import MEDMNIST_CLASS_NAMES, SPLITS, DataError
 
 __all__ = ["DEFAULT_FOLDER_SIZE", "FORMAT", "MANIFEST", "MEDMNIST_CLASS_NAMES", "MIN_IMAGE_SIZE",
-           "SPLITS", "DataError", "Split", "describe_manifest", "image_hashes", "is_prepared",
-           "load_npz", "load_split", "manifest_metadata", "preprocess", "read_manifest",
-           "stratified_sample"]
+           "SPLITS", "DataError", "Split", "is_prepared", "load_split", "manifest_metadata",
+           "preprocess", "read_manifest", "stratified_sample"]
 
 MANIFEST = "manifest.json"
 FORMAT = "lungxray-dataset/2"  # /1 stored <split>.npz, read still for older prepared datasets
@@ -63,33 +62,9 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
 
-@dataclass
-class Source:
-    """A whole ``.npz`` source loaded into memory (:func:`load_npz`), for small files and tests."""
-
-    splits: dict[str, Split]
-    class_names: list[str]
-    sha256: str
-    flat: bool = False
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes."""
     return download.file_digests(path, ["sha256"])["sha256"]
-
-
-def load_npz(path: Path, class_names: list[str] | None = None) -> Source:
-    """Load a MedMNIST-style ``.npz`` (``<split>_images`` / ``<split>_labels``) into memory."""
-    scanned = sources.scan_npz(Path(path), class_names)
-    splits = {name: Split(np.concatenate([np.empty((0, *s.shape[1:]), np.uint8),
-                                          *s.chunks(max(len(s), 1))]), s.labels)
-              for name, s in scanned.splits.items()}
-    return Source(splits, scanned.class_names, file_sha256(path))
-
-
-def image_hashes(images: np.ndarray) -> np.ndarray:
-    """Content hash (sha1 of the pixels) per image, to find exact duplicates."""
-    return np.array([hashlib.sha1(image.tobytes()).hexdigest() for image in images])
 
 
 def stratified_sample(split: Split, limit: int, seed: int) -> Split:
@@ -596,9 +571,3 @@ def manifest_metadata(manifest: dict) -> dict:
             "n_skipped": len(manifest.get("skipped", []))}
     meta.update({f"n_{name}": split["n"] for name, split in manifest["splits"].items()})
     return meta
-
-
-def describe_manifest(manifest: dict) -> str:
-    """The Markdown data report: counts per split and class, carved splits, duplicates within
-    and across splits, skipped files."""
-    return datareport.markdown(manifest)

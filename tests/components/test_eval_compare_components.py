@@ -13,7 +13,7 @@ from PIL import Image
 
 from components.compare import compare
 from components.evaluate import evaluate
-from lungxray import data
+from tests.data_helpers import load_npz
 
 
 def artifact(cls, tmp_path: Path, name: str):
@@ -34,7 +34,7 @@ def run_evaluate(model: Model, dataset: Dataset, tmp_path: Path, tag: str, **par
 
 def test_external_data_is_one_more_split_with_the_same_names(trained_model, small_dataset,
                                                              shared_npz, tmp_path):
-    val = data.load_npz(shared_npz).splits["val"]
+    val = load_npz(shared_npz)["val"]
     for label, folder in ((0, "NORMAL"), (1, "PNEUMONIA")):
         (tmp_path / "site2" / folder).mkdir(parents=True)
         for i in np.flatnonzero(val.labels == label)[:10]:

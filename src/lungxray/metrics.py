@@ -225,9 +225,9 @@ def compute_metrics(
     prediction; the threshold-dependent metrics are repeated at 0.5 under ``at_0.5``. Multiclass
     (K > 2): argmax prediction, macro averages and a ``per_class`` breakdown (one-vs-rest).
     ``ci[metric] = [lo, hi]`` (None when undefined, and for the ECE); ``n_bootstrap=0`` skips
-    the CIs. Metrics that
-    are undefined on the split (AUC with a single class present) are None; ratios with an empty
-    denominator (e.g. precision with no positive prediction) follow sklearn's ``zero_division=0``.
+    the CIs. Metrics that are undefined on the split (AUC with a single class present) are None;
+    ratios with an empty denominator (e.g. precision with no positive prediction) follow
+    sklearn's ``zero_division=0``.
     """
     p = _check_probs(probs, class_names)
     y = _as_labels(y_true, p.shape[1])

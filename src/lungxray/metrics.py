@@ -67,6 +67,12 @@ def _float_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def check_target_sensitivity(target_sensitivity: float | None) -> None:
+    """A target sensitivity lies in (0, 1]; None means Youden's J."""
+    if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+
+
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
                      target_sensitivity: float | None = None) -> float:
     """Pick the decision threshold on (validation) scores.
@@ -87,8 +93,7 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
             "choose_threshold needs both classes in y_true (only "
             f"class {int(y[0])} present): the ROC curve is undefined"
         )
-    if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    check_target_sensitivity(target_sensitivity)
     # Keep every point: dropping collinear ones never removes the optimum, but keeping them makes
     # the tie-break (first = highest threshold = most conservative) independent of sklearn's
     # pruning heuristics.

@@ -897,8 +897,7 @@ def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_
     check_select_metric(select_metric)
     if not trial_dirs:
         raise ValueError("compare needs at least one trial dir")
-    if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    metrics_lib.check_target_sensitivity(target_sensitivity)
     output = Path(output)
     _check_output(output)
     trials = [load_trial(Path(d)) for d in trial_dirs]

@@ -197,8 +197,7 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if target_sensitivity is not None and not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    metrics.check_target_sensitivity(target_sensitivity)
     resolved = models.resolve_weights(weights, cache_dir)
     hp = merge_hparams(hparams, pretrained=resolved is not None)
     manifest = data.read_manifest(data_dir)

@@ -4,7 +4,8 @@
 #   bench/gpu.sh [DATA] [OUT]      e.g. bench/gpu.sh ../shared/data/pneumoniamnist_28_trainval.npz
 # WEIGHTS=imagenet uses ImageNet weights when Keras has them cached (or pre-baked); the default
 # trains from scratch. EPOCHS (default 3), MODELS, IMAGE_SIZE (default 224) and MAX_PER_SPLIT
-# (default 0 = all images) override the run.
+# (default 0 = all images) override the run. KERAS_BACKEND=jax trains on JAX instead of
+# TensorFlow (for a machine with JAX but no TensorFlow GPU build); PY picks the Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/pneumoniamnist_28_trainval.npz}
@@ -23,6 +24,7 @@ DATA_DIR="$OUT/data$IMAGE_SIZE"
   --image-size "$IMAGE_SIZE" --max-per-split "$MAX_PER_SPLIT" > /dev/null  # never a stale copy
 monitor=
 trap '[ -z "$monitor" ] || kill "$monitor" 2>/dev/null || true' EXIT  # no orphaned sampler
+done_models=()
 for model in $MODELS; do
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/$model.util.csv" &
   monitor=$!
@@ -31,24 +33,8 @@ for model in $MODELS; do
     || { echo "bench/gpu.sh: training $model failed; the end of $OUT/$model.log:" >&2
          tail -20 "$OUT/$model.log" >&2; exit 1; }
   kill "$monitor" 2>/dev/null || true; monitor=
+  done_models+=("$model")
+  # Rewritten after every model, so a run cut short still leaves the models it finished.
+  "$PY" bench/gpu_summary.py "$OUT" "$DATA_DIR" "${done_models[@]}"
 done
-"$PY" - "$OUT" "$DATA_DIR" $MODELS <<'PY'
-import csv, json, sys
-from pathlib import Path
-out, data_dir, models = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-manifest = json.loads((data_dir / "manifest.json").read_text())
-n_train = manifest["splits"]["train"]["n"]
-summary = {"gpu": (out / "gpu.csv").read_text().splitlines()[-1], "train_images": n_train,
-           "image_size": manifest["image_size"], "models": {},
-           "note": "epoch seconds include the validation pass; images/s = train images / them"}
-for model in models:
-    info = json.loads((out / model / "model_info.json").read_text())
-    seconds = json.loads((out / model / "history.json").read_text())["history"]["epoch_seconds"]
-    util = [float(r[1]) for r in csv.reader((out / f"{model}.util.csv").open()) if len(r) > 2]
-    summary["models"][model] = {
-        "epoch_seconds": [round(s, 1) for s in seconds],
-        "images_per_s": [round(n_train / s, 1) for s in seconds],
-        "gpu_util_mean": round(sum(util) / max(len(util), 1), 1), "devices": info["devices"]}
-(out / "summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps(summary, indent=2))
-PY
+cat "$OUT/summary.json"

@@ -10,13 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SMI = """#!/usr/bin/env bash
 for arg in "$@"; do
   if [ "$arg" = -l ]; then
-    while true; do echo "2026/11/26 10:00:00.000, 42, 1234"; sleep 0.1; done
+    while true; do echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 42, 1234"; sleep 0.1; done
   fi
 done
 echo "name, driver_version, memory.total [MiB]"
@@ -31,7 +29,7 @@ def run_gpu_bench(tmp_path: Path, data: Path, models: str) -> subprocess.Complet
     smi.write_text(FAKE_SMI)
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": sys.executable,
-           "MODELS": models, "EPOCHS": "1", "IMAGE_SIZE": "32", "MAX_PER_SPLIT": "40"}
+           "MODELS": models, "EPOCHS": "2", "IMAGE_SIZE": "32", "MAX_PER_SPLIT": "40"}
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(data),
                            str(tmp_path / "out")], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -50,10 +48,16 @@ def test_gpu_bench_records_epochs_throughput_and_utilisation(tmp_path, shared_np
     assert summary["gpu"] == "Fake GPU, 1.0, 1024 MiB"
     assert summary["image_size"] == 32 and summary["train_images"] == 40
     vgg = summary["models"]["VGG16"]
-    assert len(vgg["epoch_seconds"]) == 1 and vgg["epoch_seconds"][0] > 0
-    assert vgg["images_per_s"][0] == pytest.approx(40 / vgg["epoch_seconds"][0], rel=0.05)
+    assert len(vgg["epoch_seconds"]) == 2 and min(vgg["epoch_seconds"]) > 0
+    seconds = json.loads((tmp_path / "out" / "VGG16" / "history.json").read_text()
+                         )["history"]["epoch_seconds"]
+    assert vgg["epoch_seconds"] == [round(s, 1) for s in seconds]
+    assert vgg["images_per_s"] == [round(40 / s, 1) for s in seconds]
     assert vgg["gpu_util_mean"] == 42.0
+    # Samples fall inside the second epoch's window, so the after-first-epoch mean exists.
+    assert vgg["gpu_util_mean_after_first_epoch"] == 42.0
     assert vgg["devices"]["gpus"] == 0  # the real device count, not the stand-in's claim
+    assert vgg["devices"]["backend"] == "tensorflow"
     assert_sampler_stopped(tmp_path / "out" / "VGG16.util.csv")
 
 

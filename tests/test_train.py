@@ -142,3 +142,12 @@ def test_a_killed_training_resumes_from_its_last_epoch(small_dataset, tmp_path):
     assert history["phases"] == [{"name": "scratch", "epochs": 4}]
     assert history["history"]["val_auc"][0] == pytest.approx(first_epoch)
     assert not (output / ".state").exists()  # cleaned up once complete
+
+
+@pytest.mark.parametrize("augment, xla", [(1.0, False), (0.0, True)])
+def test_compiled_model_says_whether_keras_really_uses_xla(augment, xla):
+    """On TensorFlow, Keras silently drops XLA for a model with its geometric augmentation
+    layers; ``model.jit_compile`` (what model_info.json records) must say so."""
+    model = models.build_classifier("VGG16", 32, 1, 2, None, augment=augment)
+    train.compile_model(model, 1e-3, 0.0, 2, jit_compile=True)
+    assert model.jit_compile is xla

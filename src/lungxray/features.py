@@ -18,12 +18,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from lungxray import data, models
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 FEATURE_LAYER = "pool"
 HEAD_LAYERS = ("head_dense", "probs")  # the trainable head layers of models.build_classifier
@@ -177,6 +180,8 @@ def feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
                     batch_size: int, shuffle: bool = False, seed: int = 42) -> tf.data.Dataset:
     """Batches of (features, one-hot labels), shuffled like ``train.make_dataset`` (same
     seed and buffer), so a head sees its examples in the same order as in the full model."""
+    import tensorflow as tf  # tuning runs on TensorFlow only; train also imports this module
+
     onehot = keras.utils.to_categorical(labels, num_classes).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((features.astype(np.float32), onehot))
     if shuffle:

@@ -103,6 +103,9 @@ def preprocessing_layers(spec: ModelSpec, channels: int) -> list[layers.Layer]:
     return []
 
 
+GEOMETRIC_AUGMENTATION = (layers.RandomRotation, layers.RandomZoom, layers.RandomTranslation)
+
+
 def augmentation_layers(strength: float, seed: int) -> list[layers.Layer]:
     """Mild geometric and intensity augmentation; no horizontal flip (anatomy is not
     left-right symmetric). Active only in training."""

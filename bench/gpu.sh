@@ -18,6 +18,7 @@ MAX_PER_SPLIT=${MAX_PER_SPLIT:-0}
 PY=${PY:-.venv/bin/python}
 command -v nvidia-smi >/dev/null || { echo "bench/gpu.sh: nvidia-smi not found: no NVIDIA GPU here" >&2; exit 2; }
 mkdir -p "$OUT"
+rm -f "$OUT/summary.json"  # a summary is only ever this run's
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv"
 DATA_DIR="$OUT/data$IMAGE_SIZE"
 "$PY" -m lungxray.cli preprocess --source "$DATA" --output "$DATA_DIR" \
@@ -37,4 +38,4 @@ for model in $MODELS; do
   # Rewritten after every model, so a run cut short still leaves the models it finished.
   "$PY" bench/gpu_summary.py "$OUT" "$DATA_DIR" "${done_models[@]}"
 done
-cat "$OUT/summary.json"
+[ ! -f "$OUT/summary.json" ] || cat "$OUT/summary.json"

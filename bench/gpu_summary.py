@@ -1,6 +1,6 @@
 """Summarise a bench/gpu.sh run: per-epoch seconds and images/s of each trained model, and the
-GPU utilisation that nvidia-smi sampled, over the whole run and over the epochs after the first
-(which also traces and compiles the graph).
+GPU utilisation that nvidia-smi sampled, over the whole run and inside the steady epochs (all but
+the first epoch of each training phase, which also traces and compiles the graph).
 
     python bench/gpu_summary.py OUT DATA_DIR MODEL...
 """
@@ -24,19 +24,31 @@ def utilisation(util_csv: Path) -> list[tuple[float, float]]:
             for row in rows]
 
 
+def steady_windows(history: dict, phases: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) Unix times of the epochs that compile nothing: each phase's first epoch
+    compiles its training step, so it is left out. Gaps between epochs are not inside."""
+    firsts, epoch = set(), 0
+    for phase in phases:
+        firsts.add(epoch)
+        epoch += phase["epochs"]
+    return [(start, start + seconds) for i, (start, seconds)
+            in enumerate(zip(history["epoch_started"], history["epoch_seconds"], strict=True))
+            if i not in firsts]
+
+
 def summarise_model(model_dir: Path, util_csv: Path, n_train: int) -> dict:
-    history = json.loads((model_dir / "history.json").read_text())["history"]
-    seconds, started = history["epoch_seconds"], history["epoch_started"]
+    recorded = json.loads((model_dir / "history.json").read_text())
+    seconds = recorded["history"]["epoch_seconds"]
     samples = utilisation(util_csv)
-    # After the first epoch: from the second epoch's start to the last epoch's end.
-    steady = ([u for t, u in samples if started[1] <= t <= started[-1] + seconds[-1]]
-              if len(seconds) > 1 else [])
+    windows = steady_windows(recorded["history"], recorded["phases"])
+    steady = [u for t, u in samples if any(start <= t <= end for start, end in windows)]
     info = json.loads((model_dir / "model_info.json").read_text())
     return {
         "epoch_seconds": [round(s, 1) for s in seconds],
         "images_per_s": [round(n_train / s, 1) for s in seconds],
         "gpu_util_mean": round(mean(u for _, u in samples), 1) if samples else None,
-        "gpu_util_mean_after_first_epoch": round(mean(steady), 1) if steady else None,
+        "gpu_util_mean_steady": round(mean(steady), 1) if steady else None,
+        "gpu_util_samples_steady": len(steady),
         "devices": info["devices"],
     }
 
@@ -51,7 +63,8 @@ def summarise(out: Path, data_dir: Path, models: list[str]) -> dict:
         "models": {model: summarise_model(out / model, out / f"{model}.util.csv", n_train)
                    for model in models},
         "note": "epoch seconds include the validation pass; images/s = train images / them; "
-                "the first epoch also compiles the graph",
+                "the first epoch of each phase also compiles the graph; steady utilisation "
+                "averages the samples (one a second) inside the other epochs",
     }
 
 

@@ -24,7 +24,7 @@ def train(
     from lungxray import train as training
     from lungxray import tune
 
-    hparams = tune.read_best_hparams(Path(tuning.path) / tune.BEST_FILE, model_name)
+    hparams = training.read_best_hparams(Path(tuning.path) / tune.BEST_FILE, model_name)
     state_dir = (Path(state_root) / "train" / training.state_key(dataset.uri, model_name, hparams,
                                                                  epochs, weights, batch_size, seed)
                  if state_root else None)

@@ -74,3 +74,11 @@ def test_a_backend_train_does_not_support_is_refused(monkeypatch):
     monkeypatch.setattr(train.keras.backend, "backend", lambda: "torch")
     with pytest.raises(ValueError, match=r"Keras backend 'torch' is not supported.*jax"):
         train.configure_devices(None, None)
+
+
+def test_every_augmentation_layer_keras_will_not_xla_compile_is_allowed_on_jax():
+    """A geometric layer added to the augmentation but not to GEOMETRIC_AUGMENTATION would
+    silently turn XLA off on JAX again."""
+    refused = {type(layer) for layer in models.augmentation_layers(1.0, 0)
+               if not layer.supports_jit}
+    assert refused and refused <= set(models.GEOMETRIC_AUGMENTATION)

@@ -100,7 +100,7 @@ def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(
         assert fine[name] == best_head[name] == best["hparams"][name]
     assert best["best_score"] == pytest.approx(fine["score"])
     assert json.loads((output / tune.BEST_FILE).read_text()) == best
-    assert tune.read_best_hparams(output / tune.BEST_FILE) == best["hparams"]
+    assert train.read_best_hparams(output / tune.BEST_FILE) == best["hparams"]
     assert not list(output.rglob("checkpoint*"))  # trial weights are dropped after the search
 
     plot = output / tune.PLOT_FILE
@@ -121,7 +121,7 @@ def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(
 
     # train takes the chosen values as they are.
     info = train.train(small_dataset, "VGG16", tmp_path / "model",
-                       tune.read_best_hparams(output / tune.BEST_FILE), epochs=2,
+                       train.read_best_hparams(output / tune.BEST_FILE), epochs=2,
                        weights=weights_file, seed=5)
     assert {k: info["hparams"][k] for k in best["hparams"]} == best["hparams"]
 
@@ -146,9 +146,9 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
         tune.tune(small_dataset, "VGG16", output, max_trials=3, epochs=1, seed=5,
                   algorithm="random")
     # The refused search changed nothing; its result is for VGG16 only.
-    assert tune.read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
+    assert train.read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
     with pytest.raises(ValueError, match="tuned for VGG16, not ResNet50"):
-        tune.read_best_hparams(output / tune.BEST_FILE, "ResNet50")
+        train.read_best_hparams(output / tune.BEST_FILE, "ResNet50")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -26,6 +26,9 @@ MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 HISTORY_FILE = "history.json"
 JOB_FILE = "job.json"  # in the state dir: what the saved checkpoints belong to
+# Bump when the state dir's files change shape (2: epoch_started in the epoch logs), so a resume
+# is refused instead of appending to a log with other columns.
+STATE_FORMAT = 2
 MONITOR = "val_auc"
 # The image and CI train on TensorFlow; JAX (KERAS_BACKEND=jax) also trains, on one device, for
 # machines that have JAX but no TensorFlow build for their GPU.
@@ -54,6 +57,18 @@ def merge_hparams(hparams: dict | None, pretrained: bool = True) -> dict:
     if unknown:
         raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted(DEFAULT_HPARAMS)}")
     return {**DEFAULT_HPARAMS, **({} if pretrained else SCRATCH_DEFAULTS), **hparams}
+
+
+def read_best_hparams(path: Path, model_name: str | None = None) -> dict:
+    """The hyperparameters from a ``best_hparams.json`` (or a plain {name: value} file);
+    a tuning result for another model than ``model_name`` is refused."""
+    content = json.loads(Path(path).read_text())
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object of hyperparameters")
+    tuned = content.get("model_name")
+    if model_name and tuned and tuned != model_name:
+        raise ValueError(f"{path}: hyperparameters tuned for {tuned}, not {model_name}")
+    return content.get("hparams", content)
 
 
 def gather_batch(split: data.Split, num_classes: int, index: np.ndarray
@@ -86,8 +101,8 @@ def make_dataset(split: data.Split, num_classes: int, batch_size: int, shuffle: 
 
 
 class SplitBatches(keras.utils.PyDataset):
-    """The batches of ``make_dataset`` for JAX, which cannot read tf.data: gathered by worker
-    threads, in a fresh seeded order each epoch when shuffled."""
+    """``make_dataset``'s batches for JAX, which cannot read tf.data: gathered by worker threads,
+    from a fresh seeded order of the images each epoch when shuffled."""
 
     def __init__(self, split: data.Split, num_classes: int, batch_size: int, shuffle: bool,
                  seed: int):
@@ -116,8 +131,9 @@ def compile_model(model: keras.Model, learning_rate: float, label_smoothing: flo
     really compiles with XLA: it refuses to for a model holding layers it marks unsupported."""
     if jit_compile and keras.backend.backend() == "jax":
         # Keras marks its geometric augmentation layers not XLA-compilable for all backends, as
-        # TensorFlow has no XLA kernel for their image transform. JAX compiles them, and without
-        # XLA it runs op by op: VGG16 at 224 px trained at 40 images/s on an H200 that way.
+        # TensorFlow has no XLA kernel for their image transform, and then compiles the whole
+        # model without XLA. JAX compiles them, and without XLA it runs op by op: VGG16 at
+        # 224 px trained at 40 images/s on an H200 that way.
         for layer in model.layers:
             if isinstance(layer, models.GEOMETRIC_AUGMENTATION):
                 layer.supports_jit = True
@@ -170,8 +186,8 @@ class OneDevice:
 def configure_devices(mixed_precision: bool | None, jit_compile: bool | None
                       ) -> tuple[tf.distribute.Strategy | OneDevice, bool, bool]:
     """Mixed precision and XLA default to on with a GPU, off on CPU (where they slow down);
-    several GPUs train data-parallel with MirroredStrategy. JAX always compiles with XLA
-    (without it, it runs op by op)."""
+    several GPUs train data-parallel with MirroredStrategy. On JAX, XLA defaults to on also on
+    CPU (without it, JAX runs op by op)."""
     backend = keras.backend.backend()
     if backend not in BACKENDS:
         raise ValueError(f"Keras backend {backend!r} is not supported; use one of {BACKENDS} "
@@ -281,7 +297,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
     digests = {name: split["sha256"] for name, split in manifest["splits"].items()}
     check_state(state.root, {
-        "model_name": model_name, "hparams": hp, "epochs": epochs, "batch_size": batch_size,
+        "state_format": STATE_FORMAT, "model_name": model_name, "hparams": hp, "epochs": epochs,
+        "batch_size": batch_size,
         "seed": seed, "weights": features.weights_identity(resolved) if resolved else "none",
         "image_size": manifest["image_size"], "channels": manifest["channels"],
         "data_sha256": digests,

@@ -519,15 +519,3 @@ def _spaces_used(pretrained: bool, fine_tune_trials: int) -> list[str]:
     if not pretrained:
         return ["scratch"]
     return ["head", "fine_tune"] if fine_tune_trials else ["head"]
-
-
-def read_best_hparams(path: Path, model_name: str | None = None) -> dict:
-    """The hyperparameters from a ``best_hparams.json`` (or a plain {name: value} file);
-    a tuning result for another model than ``model_name`` is refused."""
-    content = json.loads(Path(path).read_text())
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object of hyperparameters")
-    tuned = content.get("model_name")
-    if model_name and tuned and tuned != model_name:
-        raise ValueError(f"{path}: hyperparameters tuned for {tuned}, not {model_name}")
-    return content.get("hparams", content)

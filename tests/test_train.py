@@ -144,7 +144,6 @@ def test_a_killed_training_resumes_from_its_last_epoch(small_dataset, tmp_path):
     assert not (output / ".state").exists()  # cleaned up once complete
 
 
-
 def test_model_info_records_that_keras_dropped_xla_for_the_augmented_model(tmp_path,
                                                                            small_dataset):
     """Asked for XLA, Keras on TensorFlow trains a model with its geometric augmentation

@@ -298,8 +298,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     digests = {name: split["sha256"] for name, split in manifest["splits"].items()}
     check_state(state.root, {
         "state_format": STATE_FORMAT, "model_name": model_name, "hparams": hp, "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed, "weights": features.weights_identity(resolved) if resolved else "none",
+        "batch_size": batch_size, "seed": seed,
+        "weights": features.weights_identity(resolved) if resolved else "none",
         "image_size": manifest["image_size"], "channels": manifest["channels"],
         "data_sha256": digests,
     }, JOB_FILE, "training job")

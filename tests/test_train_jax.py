@@ -49,9 +49,12 @@ def test_split_batches_match_the_tf_pipeline_and_reshuffle_each_epoch(small_data
 
 
 def test_trains_on_jax_without_tensorflow_and_the_model_serves_on_tensorflow(tmp_path,
-                                                                              small_dataset):
+                                                                              shared_npz):
+    # Fewer images than small_dataset: JAX's XLA convolutions on CPU are slow.
+    prepared = tmp_path / "data"
+    data.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=48, seed=0)
     result = subprocess.run(
-        [sys.executable, "-c", NO_TENSORFLOW, "train", "--data", str(small_dataset),
+        [sys.executable, "-c", NO_TENSORFLOW, "train", "--data", str(prepared),
          "--model", "VGG16", "--output", str(tmp_path / "model"), "--epochs", "2",
          "--weights", "none"],
         env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600)
@@ -64,7 +67,7 @@ def test_trains_on_jax_without_tensorflow_and_the_model_serves_on_tensorflow(tmp
     # The rest of the pipeline (evaluate, compare) runs on TensorFlow: the saved model loads
     # there, and its threshold is Youden's J on the scores TensorFlow computes.
     model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
-    val = data.load_split(small_dataset, "val")
+    val = data.load_split(prepared, "val")
     probs = model.predict(val.images.astype("float32"), verbose=0)[:, 1]
     assert info["threshold"] == pytest.approx(metrics.choose_threshold(val.labels, probs),
                                               abs=1e-4)

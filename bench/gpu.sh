@@ -3,15 +3,17 @@
 # train CLIs), recording per-epoch time, images/s and GPU utilisation.
 #   bench/gpu.sh [DATA] [OUT]      e.g. bench/gpu.sh ../shared/data/pneumoniamnist_28_trainval.npz
 # WEIGHTS=imagenet uses ImageNet weights when Keras has them cached (or pre-baked); the default
-# trains from scratch. EPOCHS (default 3), MODELS, IMAGE_SIZE (default 224) and MAX_PER_SPLIT
-# (default 0 = all images) override the run. KERAS_BACKEND=jax trains on JAX instead of
-# TensorFlow (for a machine with JAX but no TensorFlow GPU build); PY picks the Python.
+# trains from scratch. EPOCHS (default 3), BATCH_SIZE (default 32), MODELS, IMAGE_SIZE (default
+# 224) and MAX_PER_SPLIT (default 0 = all images) override the run. KERAS_BACKEND=jax trains on
+# JAX instead of TensorFlow (for a machine with JAX but no TensorFlow GPU build); PY picks the
+# Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/pneumoniamnist_28_trainval.npz}
 OUT=${2:-bench/gpu}
 WEIGHTS=${WEIGHTS:-none}
 EPOCHS=${EPOCHS:-3}
+BATCH_SIZE=${BATCH_SIZE:-32}
 MODELS=${MODELS:-VGG16 ResNet152V2 InceptionV3}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 MAX_PER_SPLIT=${MAX_PER_SPLIT:-0}
@@ -30,7 +32,7 @@ for model in $MODELS; do
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/$model.util.csv" &
   monitor=$!
   "$PY" -m lungxray.cli train --data "$DATA_DIR" --model "$model" --output "$OUT/$model" \
-    --epochs "$EPOCHS" --weights "$WEIGHTS" --patience 99 > "$OUT/$model.log" 2>&1 \
+    --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --weights "$WEIGHTS" --patience 99 > "$OUT/$model.log" 2>&1 \
     || { echo "bench/gpu.sh: training $model failed; the end of $OUT/$model.log:" >&2
          tail -20 "$OUT/$model.log" >&2; exit 1; }
   kill "$monitor" 2>/dev/null || true; monitor=

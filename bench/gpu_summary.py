@@ -49,6 +49,7 @@ def summarise_model(model_dir: Path, util_csv: Path, n_train: int) -> dict:
         "gpu_util_mean": round(mean(u for _, u in samples), 1) if samples else None,
         "gpu_util_mean_steady": round(mean(steady), 1) if steady else None,
         "gpu_util_samples_steady": len(steady),
+        "batch_size": info["batch_size"],
         "devices": info["devices"],
     }
 

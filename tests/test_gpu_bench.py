@@ -29,7 +29,8 @@ def run_gpu_bench(tmp_path: Path, data: Path, models: str) -> subprocess.Complet
     smi.write_text(FAKE_SMI)
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": sys.executable,
-           "MODELS": models, "EPOCHS": "2", "IMAGE_SIZE": "32", "MAX_PER_SPLIT": "40"}
+           "MODELS": models, "EPOCHS": "2", "BATCH_SIZE": "16", "IMAGE_SIZE": "32",
+           "MAX_PER_SPLIT": "40"}
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(data),
                            str(tmp_path / "out")], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -57,7 +58,7 @@ def test_gpu_bench_records_epochs_throughput_and_utilisation(tmp_path, shared_np
     # The stand-in samples every 0.1 s, so some fall inside the second (steady) epoch.
     assert vgg["gpu_util_mean_steady"] == 42.0 and vgg["gpu_util_samples_steady"] > 0
     assert vgg["devices"]["gpus"] == 0  # the real device count, not the stand-in's claim
-    assert vgg["devices"]["backend"] == "tensorflow"
+    assert vgg["devices"]["backend"] == "tensorflow" and vgg["batch_size"] == 16
     assert_sampler_stopped(tmp_path / "out" / "VGG16.util.csv")
 
 

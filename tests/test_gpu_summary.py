@@ -20,7 +20,8 @@ def write_run(tmp_path, util_at) -> tuple:
     history = {"epoch_started": [T0, T0 + 10, T0 + 20, T0 + 30], "epoch_seconds": [8.0] * 4}
     phases = [{"name": "head", "epochs": 2}, {"name": "finetune", "epochs": 2}]
     (model_dir / "history.json").write_text(json.dumps({"history": history, "phases": phases}))
-    (model_dir / "model_info.json").write_text(json.dumps({"devices": {"gpus": 1}}))
+    (model_dir / "model_info.json").write_text(json.dumps({"devices": {"gpus": 1},
+                                                           "batch_size": 32}))
     util_csv = tmp_path / "VGG16.util.csv"
     rows = [f"{datetime.fromtimestamp(T0 + s).strftime(gpu_summary.NVIDIA_SMI_TIME)[:-3]}, "
             f"{util_at(s)}, 1000" for s in range(41)]

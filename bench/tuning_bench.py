@@ -74,12 +74,12 @@ def bench_tuning(data_dir: Path, model_name: str, weights_file: Path, trials: in
                                  batch_size, shuffle=True, seed=seed),
         features.feature_dataset(cached["val"].features, val_split.labels, num_classes,
                                  batch_size),
-        budget, workdir / "tuner", "cached", verbose=0)
+        val_split.labels, budget, workdir / "tuner", "cached", verbose=0)
     naive = tune.run_phase(
         tune.FullHyperModel(model_name, size, channels, num_classes, weights, by_class, seed),
         make_dataset(train_split, num_classes, batch_size, shuffle=True, seed=seed),
         make_dataset(val_split, num_classes, batch_size),
-        budget, workdir / "tuner", "naive", verbose=0)
+        val_split.labels, budget, workdir / "tuner", "naive", verbose=0)
     cached_side, naive_side = _side(head), _side(naive)
     diff = abs(cached_side["best_val_auc"] - naive_side["best_val_auc"])
     return {

@@ -17,6 +17,7 @@ from lungxray.metrics import (
     compute_metrics,
     expected_calibration_error,
     reliability,
+    roc_auc,
 )
 
 CLASSES = ["normal", "pneumonia"]
@@ -192,6 +193,17 @@ def test_multiclass_with_absent_class_has_no_auc() -> None:
     m = compute_metrics(Y3[:5], P3[:5], C3, None)
     assert m["roc_auc"] is None
     assert m["per_class"]["viral"]["support"] == 0
+
+
+def test_roc_auc_is_the_exact_auc_evaluation_reports() -> None:
+    assert roc_auc(Y, PROBS) == pytest.approx(pair_auc(Y, P1))
+    assert roc_auc(Y, PROBS) == compute_metrics(Y, PROBS, CLASSES, None)["roc_auc"]
+    assert roc_auc(Y3, P3) == pytest.approx(compute_metrics(Y3, P3, C3, None)["roc_auc"])
+    assert roc_auc(Y3[:5], P3[:5]) is None  # a class absent: undefined, like the report's
+    with pytest.raises(ValueError, match="9 labels for 10 rows"):
+        roc_auc(Y[:9], PROBS)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        roc_auc(Y + 1, PROBS)
 
 
 def test_choose_threshold_known_youden_optimum() -> None:

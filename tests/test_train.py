@@ -90,9 +90,30 @@ def test_resumed_phase_keeps_the_best_epoch_from_before_the_kill(tmp_path):
     state = train.PhaseState(tmp_path)
     assert state.best_so_far("scratch") is None
     state.log("scratch").write_text("epoch,val_auc,loss\n0,0.7,1.0\n1,0.9,0.8\n2,0.8,0.7\n")
-    (checkpoint,) = [c for c in state.callbacks("scratch", patience=3)
+    validation = train.ValidationAUC(np.zeros((2, 1)), np.array([0, 1]))
+    (checkpoint,) = [c for c in state.callbacks("scratch", 3, validation)
                      if isinstance(c, keras.callbacks.ModelCheckpoint)]
     assert checkpoint.best == pytest.approx(0.9)  # a worse first epoch after resuming is not saved
+
+
+def test_the_phase_callbacks_monitor_and_log_the_exact_validation_auc(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(64) % 2
+    # Tiny inputs keep every probability inside one of the 200 bins of Keras' AUC, which then
+    # reads about 0.5 however well the scores rank.
+    x = ((rng.normal(size=(64, 4)) + labels[:, None]) * 1e-3).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[labels]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    # A start that ranks well: the score grows with the inputs' sum.
+    model.layers[-1].set_weights([np.tile([[-1.0, 1.0]], (4, 1)), np.zeros(2)])
+    train.compile_model(model, 1e-3, 0.0, 2)
+    state = train.PhaseState(tmp_path)
+    model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0,
+              callbacks=state.callbacks("scratch", 3, train.ValidationAUC(x, labels)))
+    logged = state.finish("scratch", model)["history"]["val_auc"]
+    exact = metrics.roc_auc(labels, model.predict(x, verbose=0))  # the kept (best) epoch
+    assert max(logged) == pytest.approx(exact, abs=1e-6) and exact > 0.7
 
 
 def test_class_weights_are_balanced():

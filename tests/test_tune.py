@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungxray import features, models, spaces, train, tune
+from lungxray import features, metrics, models, spaces, train, tune
 
 HEAD = {"dense_units", "dropout", "learning_rate", "label_smoothing", "class_weighting"}
 FINE_TUNE = {"unfreeze", "fine_tune_learning_rate", "augment"}
@@ -55,10 +55,12 @@ def test_every_algorithm_runs_exactly_max_trials(algorithm, tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(64) % 2
     feats = (rng.normal(size=(64, 8)) + labels[:, None]).astype(np.float32)
-    data_ = features.feature_dataset(feats, labels, 2, 16, shuffle=True, seed=0)
+    train_ds = features.feature_dataset(feats, labels, 2, 16, shuffle=True, seed=0)
+    val_ds = features.feature_dataset(feats, labels, 2, 16)
     hypermodel = tune.HeadHyperModel(8, 2, {0: 1.0, 1: 1.0}, seed=1)
     budget = tune.Budget(algorithm, max_trials=4, epochs=3, hyperband_factor=3, seed=1)
-    tuner = tune.run_phase(hypermodel, data_, data_, budget, tmp_path, "head", verbose=0)
+    tuner = tune.run_phase(hypermodel, train_ds, val_ds, labels, budget, tmp_path, "head",
+                           verbose=0)
     table = tune.trials_table(tuner, "head", 3)
     assert len(table) == 4 and set(table["status"]) == {"COMPLETED"}
     assert table["score"].between(0.0, 1.0).all()  # every trial scored (an AUC)
@@ -163,6 +165,26 @@ def test_bad_settings_are_refused_before_any_work(kwargs, message, small_dataset
     with pytest.raises(ValueError, match=message):
         tune.tune(small_dataset, "VGG16", tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_trials_are_scored_on_the_exact_validation_auc(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.arange(96) % 2
+    # Tiny features keep every predicted probability within one of the 200 bins of Keras' AUC,
+    # which then reads about 0.5 however well the scores rank.
+    feats = ((rng.normal(size=(96, 8)) + labels[:, None]) * 1e-3).astype(np.float32)
+    val_feats, val_labels = feats[:48], labels[:48]
+    tuner = tune.run_phase(
+        tune.HeadHyperModel(8, 2, {0: 1.0, 1: 1.0}, seed=1),
+        features.feature_dataset(feats[48:], labels[48:], 2, 16, shuffle=True, seed=0),
+        features.feature_dataset(val_feats, val_labels, 2, 16), val_labels,
+        tune.Budget("random", max_trials=2, epochs=2, hyperband_factor=3, seed=1), tmp_path,
+        "head", verbose=0)
+    best = tune.best_trial(tuner)
+    # keras-tuner keeps each trial's best epoch: that model's exact AUC is the trial's score.
+    probs = tuner.get_best_models(1)[0].predict(val_feats, verbose=0)
+    assert best.score == pytest.approx(metrics.roc_auc(val_labels, probs), abs=1e-6)
+    assert best.score > 0.7 and np.ptp(probs[:, 1]) < 1 / 200
 
 
 def test_a_failed_search_leaves_no_earlier_result_behind(small_dataset, tmp_path, monkeypatch):

@@ -110,6 +110,23 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
 
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Exact ROC AUC, as evaluation reports it: the positive class's for two classes, the macro
+    one-vs-rest mean for more. None when a class is missing from ``y_true`` (undefined)."""
+    p = np.asarray(probs, dtype=float)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be (n, K>=2), got shape {p.shape}")
+    y = _as_labels(y_true, p.shape[1])
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
+    if np.unique(y).size < p.shape[1]:
+        return None
+    if p.shape[1] == 2:
+        return float(skm.roc_auc_score(y, p[:, 1]))
+    return float(skm.roc_auc_score(label_binarize(y, classes=list(range(p.shape[1]))), p,
+                                   average="macro"))
+
+
 def _check_probs(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
     p = np.asarray(probs, dtype=float)
     if p.ndim != 2:

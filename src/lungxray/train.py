@@ -26,9 +26,9 @@ MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 HISTORY_FILE = "history.json"
 JOB_FILE = "job.json"  # in the state dir: what the saved checkpoints belong to
-# Bump when the state dir's files change shape (2: epoch_started in the epoch logs), so a resume
-# is refused instead of appending to a log with other columns.
-STATE_FORMAT = 2
+# Bump when the state dir's files change shape or meaning (2: epoch_started in the epoch logs;
+# 3: val_auc exact), so a resume is refused instead of mixing two kinds of epoch log.
+STATE_FORMAT = 3
 MONITOR = "val_auc"
 # The image and CI train on TensorFlow; JAX (KERAS_BACKEND=jax) also trains, on one device, for
 # machines that have JAX but no TensorFlow build for their GPU.
@@ -127,7 +127,8 @@ class SplitBatches(keras.utils.PyDataset):
 def compile_model(model: keras.Model, learning_rate: float, label_smoothing: float,
                   num_classes: int, jit_compile: bool = False) -> None:
     """Adam + cross-entropy; ``auc`` is macro one-vs-rest, which for two softmax outputs equals
-    the binary ROC AUC of the positive class. ``model.jit_compile`` then says whether Keras
+    the binary ROC AUC of the positive class (Keras' approximation: :class:`ValidationAUC` makes
+    ``val_auc`` exact where it is used to choose). ``model.jit_compile`` then says whether Keras
     really compiles with XLA: it refuses to for a model holding layers it marks unsupported."""
     if jit_compile and keras.backend.backend() == "jax":
         # Keras marks its geometric augmentation layers not XLA-compilable for all backends, as
@@ -217,6 +218,29 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_started"] = self.started_at
 
 
+class ValidationAUC(keras.callbacks.Callback):
+    """Replaces Keras' ``val_auc``, an approximation on 200 fixed thresholds, by the exact ROC
+    AUC (sklearn) of the model's validation predictions: the figure evaluation reports. Listed
+    first, it runs before the checkpoint, early stopping, the LR schedule, the epoch log and
+    keras-tuner read the value. Costs one more prediction pass over validation per epoch."""
+
+    def __init__(self, inputs: object, labels: np.ndarray):
+        super().__init__()
+        self.inputs, self.labels = inputs, np.asarray(labels)
+
+    def __deepcopy__(self, memo: dict) -> ValidationAUC:
+        # keras-tuner deep-copies search callbacks for every trial; the data is shared, not
+        # copied (a tf.data pipeline cannot be).
+        return ValidationAUC(self.inputs, self.labels)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        auc = metrics.roc_auc(self.labels, self.model.predict(self.inputs, verbose=0))
+        if auc is not None:  # a class absent from validation: leave Keras' value
+            logs[MONITOR] = auc
+
+
 class PhaseState:
     """What survives a killed run: finished phases (weights + history) and, inside a phase,
     Keras' BackupAndRestore (weights, optimizer state, epoch) plus an appended epoch log."""
@@ -245,8 +269,10 @@ class PhaseState:
         logged = pd.read_csv(self.log(phase))
         return float(logged[MONITOR].max()) if MONITOR in logged and len(logged) else None
 
-    def callbacks(self, phase: str, patience: int) -> list[keras.callbacks.Callback]:
+    def callbacks(self, phase: str, patience: int, validation: ValidationAUC
+                  ) -> list[keras.callbacks.Callback]:
         return [
+            validation,  # first: everything after it reads the exact val_auc
             keras.callbacks.BackupAndRestore(str(self.root / f"{phase}.backup")),
             EpochTimer(),  # before CSVLogger, which writes the logs it adds to
             keras.callbacks.CSVLogger(str(self.log(phase)), append=True),
@@ -333,7 +359,9 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         with strategy.scope():
             compile_model(model, learning_rate, hp["label_smoothing"], num_classes, jit)
         model.fit(train_ds, validation_data=val_ds, epochs=n_epochs,
-                  class_weight=weights_by_class, callbacks=state.callbacks(phase, patience),
+                  class_weight=weights_by_class,
+                  callbacks=state.callbacks(phase, patience,
+                                            ValidationAUC(val_ds, val_split.labels)),
                   verbose=2)
         done[phase] = state.finish(phase, model)
     model.load_weights(state.weights(list(done)[-1]))  # the best epoch of the last phase

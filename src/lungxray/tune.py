@@ -45,6 +45,7 @@ import tensorflow as tf
 from lungxray import data, features, models, spaces, tune_report
 from lungxray.train import (
     MONITOR,
+    ValidationAUC,
     check_state,
     class_weights,
     compile_model,
@@ -61,7 +62,7 @@ CONFIG_FILE = "search.json"
 TIMES_FILE = "trial_times.json"
 FEATURES_DIR = "features"
 ALGORITHMS = ("hyperband", "bayesian", "random")
-CONFIG_FORMAT = "lungxray-tune/2"
+CONFIG_FORMAT = "lungxray-tune/3"  # 3: trials scored on the exact val_auc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +297,13 @@ def make_tuner(hypermodel: kt.HyperModel, budget: Budget, directory: Path,
 
 
 def run_phase(hypermodel: kt.HyperModel, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
-              budget: Budget, directory: Path, project: str, verbose: int = 2) -> kt.Tuner:
-    """Run (or resume) one search phase and return its tuner."""
+              val_labels: np.ndarray, budget: Budget, directory: Path, project: str,
+              verbose: int = 2) -> kt.Tuner:
+    """Run (or resume) one search phase and return its tuner. Trials are scored on the exact
+    validation AUC of ``val_ds``, whose labels are ``val_labels``."""
     tuner = make_tuner(hypermodel, budget, directory, project)
-    tuner.search(train_ds, validation_data=val_ds, epochs=budget.epochs, verbose=verbose)
+    tuner.search(train_ds, validation_data=val_ds, epochs=budget.epochs, verbose=verbose,
+                 callbacks=[ValidationAUC(val_ds, val_labels)])
     return tuner
 
 
@@ -436,7 +440,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
                                      batch_size, shuffle=True, seed=seed),
             features.feature_dataset(cached["val"].features, val_split.labels, num_classes,
                                      batch_size),
-            budget, state, "head", verbose)
+            val_split.labels, budget, state, "head", verbose)
         head_best = best_trial(head_tuner)
         tables.append(trials_table(head_tuner, "head", epochs))
         phases["head"] = _phase_summary(head_tuner, head_best)
@@ -452,7 +456,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
             final_tuner = run_phase(
                 hypermodel, make_dataset(train_split, num_classes, batch_size, shuffle=True,
                                          seed=seed),
-                val_ds, ft_budget, state, "fine_tune", verbose)
+                val_ds, val_split.labels, ft_budget, state, "fine_tune", verbose)
             final_best = best_trial(final_tuner)
             tables.append(trials_table(final_tuner, "fine_tune", epochs))
             phases["fine_tune"] = _phase_summary(final_tuner, final_best)
@@ -462,7 +466,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
             FullHyperModel(model_name, image_size, channels, num_classes, None,
                            weights_by_class, seed),
             make_dataset(train_split, num_classes, batch_size, shuffle=True, seed=seed),
-            val_ds, budget, state, "scratch", verbose)
+            val_ds, val_split.labels, budget, state, "scratch", verbose)
         final_best = best_trial(final_tuner)
         tables.append(trials_table(final_tuner, "scratch", epochs))
         phases["scratch"] = _phase_summary(final_tuner, final_best)

@@ -6,7 +6,7 @@
 # trains from scratch. EPOCHS (default 3), BATCH_SIZE (default 32), MODELS, IMAGE_SIZE (default
 # 224) and MAX_PER_SPLIT (default 0 = all images) override the run. KERAS_BACKEND=jax trains on
 # JAX instead of TensorFlow (for a machine with JAX but no TensorFlow GPU build); PY picks the
-# Python.
+# Python. XLA_FLAGS passes through to XLA and is recorded in the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/pneumoniamnist_28_trainval.npz}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ def summarise(out: Path, data_dir: Path, models: list[str]) -> dict:
         "gpu": (out / "gpu.csv").read_text().splitlines()[-1],
         "train_images": n_train,
         "image_size": manifest["image_size"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # autotuning level etc. change the numbers
         "models": {model: summarise_model(out / model, out / f"{model}.util.csv", n_train)
                    for model in models},
         "note": "epoch seconds include the validation pass; images/s = train images / them; "

@@ -22,6 +22,7 @@ import cProfile
 import io
 import json
 import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,14 @@ def timed_twice(call: object, model: keras.Model) -> float:
     """Seconds of the second of two calls: the first compiles."""
     timed(call, model)
     return timed(call, model)
+
+
+def module_paths(text: str) -> str:
+    """Source paths as importable from ``sys.path`` (``keras/src/...``), not as this machine's
+    folders: the profile reads the same wherever it was made."""
+    for folder in sorted({p for p in sys.path if p}, key=len, reverse=True):
+        text = text.replace(folder.rstrip("/") + "/", "")
+    return text
 
 
 def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict:
@@ -93,7 +102,7 @@ def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict
         text.write(f"==== top 40 by {order} ====\n")
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(40)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.txt").write_text(text.getvalue())
+    (out / "profile.txt").write_text(module_paths(text.getvalue()))
     train_steps = -(-len(split) // batch_size)
     result = {
         "model": model_name, "train_images": len(split), "val_images": len(val),

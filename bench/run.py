@@ -68,7 +68,7 @@ def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> di
     sys.stdout.write(done.stdout)
     peak_kib = int(done.stdout.strip().splitlines()[-1])
     runs = sorted(pipeline_root.glob("lungxray-*"), key=lambda p: p.stat().st_mtime)
-    return {"profile": profile, "weights": weights, "data": str(data),
+    return {"profile": profile, "weights": weights, "data": os.path.relpath(data, ROOT),
             "params": PROFILES[profile], "started": start_utc, "wall_seconds": round(wall, 1),
             "peak_rss_mib": round(peak_kib / 1024),
             "run_dir": str(runs[-1])}

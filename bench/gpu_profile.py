@@ -25,6 +25,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -33,7 +34,7 @@ import numpy as np
 from lungxray import data, models, train
 
 
-def timed(call: object, model: keras.Model) -> float:
+def timed(call: Callable[[], object], model: keras.Model) -> float:
     """Seconds of ``call()``, up to the device having finished the model's last update."""
     start = time.perf_counter()
     call()
@@ -46,7 +47,7 @@ def timed_fit(model: keras.Model, *args: object, **kwargs: object) -> float:
     return timed(lambda: model.fit(*args, epochs=1, verbose=0, **kwargs), model)
 
 
-def timed_twice(call: object, model: keras.Model) -> float:
+def timed_twice(call: Callable[[], object], model: keras.Model) -> float:
     """Seconds of the second of two calls: the first compiles."""
     timed(call, model)
     return timed(call, model)

@@ -27,6 +27,7 @@ def compare(
     from pathlib import Path
 
     from lungxray import report as reporting
+    from lungxray import safeio
 
     with tempfile.TemporaryDirectory() as workdir:
         trials = reporting.pair_trials([Path(m.path) for m in models],
@@ -39,7 +40,7 @@ def compare(
         shutil.copyfile(output / "report.html", report.path)
         shutil.copyfile(output / "report.md", summary.path)
         shutil.copyfile(output / "model_card.md", model_card.path)
-        shutil.copytree(output / "best_model", best_model.path)
+        safeio.copy_model_folder(output / "best_model", Path(best_model.path))
     best_model.metadata.update({"model_name": result["best_model"],
                                 select_metric: result["select_value"],
                                 "ensemble": result["best_is_ensemble"]})

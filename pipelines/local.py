@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kfp import compiler
 
+from lungxray.errors import quote
 from pipelines.params import (
     ParamsError,
     load_params,
@@ -47,7 +48,7 @@ def cli_params(profile: str, params_file: Path | None, sets: list[str]) -> dict:
     for item in sets:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ParamsError(f"--set expects name=value, got {item!r}")
+            raise ParamsError(f"--set expects name=value, got {quote(item)}")
         overrides[name] = parse_value(value, name)
     params = resolve_params(profile, overrides)
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Any
 
 import yaml
 
+from lungxray import safeio, schema
+from lungxray.errors import ConfigError, quote, quote_repr
+from lungxray.limits import DEFAULT as LIMITS
 
-class ParamsError(ValueError):
+
+class ParamsError(ConfigError):
     """A parameter file, a parameter or the pipeline package is not usable; message is one line."""
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float.
+class _Loader(safeio.SafeLoader):
+    """Bounded SafeLoader (no aliases, limited depth) that also reads `1e-3` as a float.
 
     PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`); `lr: 1e-3` would otherwise
     arrive as the string "1e-3" and fail the NUMBER_DOUBLE check for no good reason.
@@ -47,36 +52,40 @@ def parse_value(text: str, name: str = "value") -> Any:
     """One parameter value given as text (``--set name=value``): 5 is an int, 1e-3 a float,
     [a, b] a list, as in a PARAMS file."""
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        raise ParamsError(f"{name}={text!r} is not a valid YAML value: {detail}") from None
+        return safeio.loads_yaml(text, f"{name}={quote(text, 60)}", LIMITS, _Loader)
+    except ConfigError as exc:
+        raise ParamsError(str(exc)) from None
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
     """Read pipeline arguments from a YAML or JSON file holding one mapping (empty file = none)."""
     path = Path(path)
+    what = f"PARAMS file {quote(str(path))}"
+    if str(path) == os.devnull:
+        return {}  # PARAMS=/dev/null: no parameters (other devices and FIFOs are refused)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"PARAMS file {path} does not exist") from None
-    except OSError as exc:
-        raise ParamsError(f"cannot read PARAMS file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        detail = " ".join(str(exc).split())
-        raise ParamsError(f"PARAMS file {path} is not valid YAML/JSON: {detail}") from None
+        # Sized before reading; aliases and deep nesting refused before anything is built.
+        content = safeio.read_bounded(path, "PARAMS file", LIMITS.max_json_bytes, ParamsError)
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParamsError(f"{what} is not UTF-8 text (byte {exc.start})") from None
+        data = (safeio.loads_json(text, what, LIMITS, ParamsError, "YAML/JSON")
+                if path.suffix == ".json"
+                else safeio.loads_yaml(text, what, LIMITS, _Loader, "YAML/JSON"))
+    except ConfigError as exc:
+        raise ParamsError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ParamsError(
-            f"PARAMS file {path} must hold a mapping of parameter names to values, "
+            f"{what} must hold a mapping of parameter names to values, "
             f"not a {_type_name(data)}"
         )
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
-        raise ParamsError(f"PARAMS file {path}: parameter names must be strings, got {bad_keys!r}")
+        raise ParamsError(f"{what}: parameter names must be strings, got "
+                          f"{quote_repr(bad_keys, 80)}")
     return data
 
 
@@ -130,9 +139,10 @@ def _check_value(name: str, ptype: str, value: Any) -> None:
         if ptype == "STRING" and not isinstance(value, str):
             hint = " (quote it in YAML)"
         elif ptype == "LIST" and isinstance(value, str):
-            hint = f" (write a list: [{value}])"
+            hint = f" (write a list: [{quote(value, 60)[1:-1]}])"
         raise ParamsError(
-            f"parameter {name!r} must be {what} ({ptype}), got {_type_name(value)} {value!r}{hint}"
+            f"parameter {name!r} must be {what} ({ptype}), got {_type_name(value)} "
+            f"{quote_repr(value, 80)}{hint}"
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise ParamsError(f"parameter {name!r} must be a finite number, got {value!r}")
@@ -140,7 +150,8 @@ def _check_value(name: str, ptype: str, value: Any) -> None:
         # LIST/STRUCT travel as JSON: no dates, sets or NaN inside.
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ParamsError(f"parameter {name!r} is not JSON-serialisable: {exc}") from None
+        raise ParamsError(f"parameter {name!r} is not JSON-serialisable: "
+                          f"{quote(str(exc), 80)}") from None
 
 
 def validate_params(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,7 +160,8 @@ def validate_params(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ParamsError(
-            f"unknown pipeline parameter(s) {', '.join(map(repr, unknown))}; "
+            f"unknown pipeline parameter(s) {', '.join(quote(n, 60) for n in unknown[:10])}"
+            f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}; "
             f"the pipeline takes: {', '.join(sorted(declared)) or 'none'}"
         )
     for name, value in params.items():
@@ -166,7 +178,13 @@ def validate_params(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
 
 
 def check_values(params: Mapping[str, Any]) -> None:
-    """Values the steps would refuse only hours into a run (compare runs last), refused now."""
+    """Values the steps would refuse only hours into a run (compare runs last), refused now:
+    types and ranges against the one schema (lungxray.schema), base_models against the model
+    registry, the selection metric and the target sensitivity."""
+    try:
+        schema.check_pipeline_params(params)
+    except ConfigError as exc:
+        raise ParamsError(str(exc)) from None
     if "select_metric" in params:
         from lungxray.report import check_select_metric
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 
+from lungxray.errors import ConfigError, quote
 from pipelines.pipeline import build_pipeline
 
 PROFILES: dict[str, dict] = {
@@ -37,5 +38,8 @@ def resolve_params(profile: str, overrides: dict | None = None) -> dict:
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown pipeline parameter(s) {unknown}; known: {sorted(defaults)}")
+        shown = ", ".join(quote(str(n), 60) for n in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ConfigError(f"unknown pipeline parameter(s) {shown}{more}; "
+                          f"known: {', '.join(sorted(defaults))}")
     return {**defaults, **PROFILES[profile], **overrides}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -15,7 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungxray import report
+from lungxray import report, safeio
+from lungxray.errors import ModelError
+from lungxray.limits import Limits
 from lungxray.metrics import compute_metrics
 from lungxray.report import compare, load_trial, pair_trials
 
@@ -165,13 +168,11 @@ def test_report_html_is_self_contained(trials: list[Path], tmp_path: Path) -> No
 
 
 def test_best_model_is_a_real_copy(trials: list[Path], tmp_path: Path) -> None:
-    # Links at both levels (pair_trials' dir link, a linked file inside) must be dereferenced.
-    keras = trials[1] / "model" / "model.keras"
-    real = tmp_path / "cache" / "weights.bin"
-    real.parent.mkdir()
-    real.write_bytes(keras.read_bytes())
-    keras.unlink()
-    keras.symlink_to(real)
+    # Links at both levels (pair_trials' dir link, a link to a file inside model/) are
+    # dereferenced: best_model/ holds regular files only.
+    model = trials[1] / "model"
+    (model / "inner.bin").write_bytes(b"inner")
+    (model / "alias.bin").symlink_to(model / "inner.bin")
     paired = pair_trials([t / "model" for t in trials], [t / "eval" for t in trials], None,
                          tmp_path / "work")
     out = tmp_path / "report"
@@ -179,10 +180,52 @@ def test_best_model_is_a_real_copy(trials: list[Path], tmp_path: Path) -> None:
     best = out / "best_model"
     assert not best.is_symlink()
     assert (best / "model.keras").read_bytes() == b"fake keras model VGG16"
-    assert not (best / "model.keras").is_symlink()
+    assert (best / "alias.bin").read_bytes() == b"inner"
+    assert not any(p.is_symlink() for p in best.rglob("*"))
     assert json.loads((best / "model_info.json").read_text())["model_name"] == "VGG16"
     assert sorted(p.name for p in best.iterdir()) == sorted(
         p.name for p in (tmp_path / "trials" / "VGG16" / "model").iterdir())
+
+
+@pytest.mark.parametrize("target", ["outside", "/dev/zero"])
+def test_best_model_never_follows_a_link_out(trials: list[Path], tmp_path: Path,
+                                             target: str) -> None:
+    # Issue 26: a link in model/ to a file outside was copied into best_model/; /dev/zero
+    # filled the disk. Refused in one line, nothing written, the fixed trial then compares.
+    keras = trials[1] / "model" / "model.keras"
+    original = keras.read_bytes()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of the model")
+    keras.unlink()
+    keras.symlink_to(outside if target == "outside" else Path(target))
+    out = tmp_path / "report"
+    with pytest.raises(ModelError, match="model.keras' links outside the folder"):
+        compare(trials, out)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".report.build-*"))
+    if target == "outside":  # the corrected trial compares (once: a compare takes ~10 s)
+        keras.unlink()
+        keras.write_bytes(original)
+        assert compare(trials, out)["best_model"] == "VGG16"
+
+
+def test_copy_model_folder_bounds(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "w.bin").write_bytes(b"x" * 1000)
+    os.mkfifo(source / "pipe")
+    with pytest.raises(ModelError, match="'pipe' is not a regular file"):
+        safeio.copy_model_folder(source, tmp_path / "a")
+    (source / "pipe").unlink()
+    (source / "loop").symlink_to(source / "sub", target_is_directory=True)
+    with pytest.raises(ModelError, match="is a link to a folder"):
+        safeio.copy_model_folder(source, tmp_path / "a")
+    (source / "loop").unlink()
+    with pytest.raises(ModelError, match="holds more than 999 bytes"):
+        safeio.copy_model_folder(source, tmp_path / "a", Limits(max_model_folder_bytes=999))
+    assert not (tmp_path / "a").exists()
+    safeio.copy_model_folder(source, tmp_path / "a")
+    assert (tmp_path / "a" / "sub" / "w.bin").read_bytes() == b"x" * 1000
 
 
 def test_select_on_test_is_refused(trials: list[Path], tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
                   algorithm="random")
     # The refused search changed nothing; its result is for VGG16 only.
     assert train.read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
-    with pytest.raises(ValueError, match="tuned for VGG16, not ResNet50"):
+    with pytest.raises(ValueError, match="tuned for 'VGG16', not ResNet50"):
         train.read_best_hparams(output / tune.BEST_FILE, "ResNet50")
 
 

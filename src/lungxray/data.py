@@ -19,9 +19,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,12 @@ import pandas as pd
 
 from lungxray import datareport, download, sources
 from lungxray import images as imaging
+from lungxray import limits as limiting
 from lungxray import splits as splitting
+from lungxray.limits import Limits
+from lungxray.safeio import load_json_object
 from lungxray.sources import MEDMNIST_CLASS_NAMES, SPLITS, DataError
+from lungxray.staging import signals_blocked, staging_dir
 
 __all__ = ["DEFAULT_FOLDER_SIZE", "FORMAT", "MANIFEST", "MEDMNIST_CLASS_NAMES", "MIN_IMAGE_SIZE",
            "SPLITS", "DataError", "Split", "is_prepared", "load_split", "manifest_metadata",
@@ -101,6 +105,9 @@ class _Settings:
     keep_aspect: bool
     min_size: int
     workers: int
+    limits: Limits = limiting.DEFAULT
+    budget: imaging.Budget = field(default_factory=lambda: imaging.Budget(
+        limiting.DEFAULT.max_decode_bytes))
 
     @property
     def rows(self) -> int:
@@ -114,21 +121,51 @@ def _new_pool_file(path: Path, n: int, settings: _Settings) -> np.memmap | None:
                                      shape=(n, settings.size, settings.size, settings.channels))
 
 
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them. Opened without blocking and checked
+    on the open descriptor, so a FIFO or device put there after the scan cannot hang a worker.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unusable(f"not a regular file ({sources._kind_of(info.st_mode)})")
+        if info.st_size > limit:
+            raise _Unusable(f"{info.st_size:,} bytes, above the limit of {limit:,} "
+                            f"(max_file_bytes)")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise _Unusable(f"more than {limit:,} bytes (max_file_bytes)")
+    return data
+
+
+class _Unusable(Exception):
+    """A file refused before decoding; the message says why."""
+
+
 def _read_one(item: sources.Item, settings: _Settings) -> tuple[np.ndarray | None, str, str, str]:
     """(pixels or None, sha1 of the pixels, sha256 of the file bytes, problem or ""); bad input
     is reported, never raised, so one run can name every bad file."""
+    if item.problem:
+        return None, "", "unusable", item.problem
     try:
-        data = item.path.read_bytes()  # read once: hashed for the source digest, then decoded
+        # Read once: hashed for the source digest, then decoded.
+        data = _read_bytes(item.path, settings.limits.max_file_bytes)
     except FileNotFoundError:
         return None, "", "missing", "no such file"
+    except _Unusable as err:
+        return None, "", "unusable", str(err)
     except OSError as err:
         return None, "", "unreadable", f"cannot read ({err.strerror or err})"
     digest = hashlib.sha256(data).hexdigest()
     try:
         pixels = imaging.decode(data, item.path.name, settings.size, settings.channels,
-                                settings.keep_aspect, settings.min_size)
+                                settings.keep_aspect, settings.min_size, settings.limits,
+                                settings.budget)
     except imaging.ImageError as err:
         return None, "", digest, str(err)
+    except Exception as err:  # noqa: BLE001 - whatever one file does is that file's problem
+        return None, "", digest, f"cannot decode ({type(err).__name__})"
     return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), digest, ""
 
 
@@ -142,7 +179,8 @@ def _decode_files(split: sources.FileSet, path: Path,
     ok = np.zeros(n, dtype=bool)
     file_digests: list[str] = []
     bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=settings.workers) as executor:
+    executor = ThreadPoolExecutor(max_workers=settings.workers)
+    try:
         for start in range(0, n, settings.rows):
             batch = split.items[start:start + settings.rows]
             results = executor.map(lambda item: _read_one(item, settings), batch)
@@ -157,6 +195,9 @@ def _decode_files(split: sources.FileSet, path: Path,
                 ok[i] = True
             if pool is not None:
                 pool.flush()  # hands written pages back to the OS: memory stays flat
+    finally:
+        # On SIGTERM/SIGINT the queued files are dropped, not decoded first.
+        executor.shutdown(wait=True, cancel_futures=True)
     del pool
     groups = np.array([item.group for item in split.items], dtype=object)
     return (_Pool(path if n else None, split.labels, hashes.astype(str), groups.astype(str),
@@ -169,7 +210,9 @@ def _decode_arrays(split: sources.ArraySet, path: Path, settings: _Settings) -> 
     pool = _new_pool_file(path, n, settings)
     hashes = []
     start = 0
-    for chunk in split.chunks(settings.rows):
+    # A chunk is bounded in source bytes too: an npz of 40 MP images reads a few at a time.
+    rows = max(1, min(settings.rows, CHUNK_BYTES // max(1, int(np.prod(split.shape[1:])))))
+    for chunk in split.chunks(rows):
         converted = imaging.convert_array(chunk, settings.size, settings.channels,
                                           settings.keep_aspect)
         pool[start:start + len(converted)] = converted
@@ -293,11 +336,22 @@ def _check_outside_source(source: str, src: sources.Source, output: Path) -> Non
                         f"outside it")
 
 
-def _check_sizes(where: str, src: sources.Source, size: int, floor: int) -> None:
-    """The prepared size must be at least 8 px; source images at least ``floor`` px."""
+def _check_image_size(where: str, size: int, limits: Limits) -> None:
+    """The prepared size: at least 8 px, at most max_image_size (checked before anything is
+    read or written: 50000 px would need 2.5 GB per image)."""
     if size < MIN_IMAGE_SIZE:
         raise DataError(f"{where}: image size {size} px is below the minimum of "
                         f"{MIN_IMAGE_SIZE} px")
+    if size > limits.max_image_size:
+        raise DataError(f"{where}: image size {size} px is above the limit of "
+                        f"{limits.max_image_size} px (max_image_size; raise it with "
+                        f"--limit max_image_size=N)")
+
+
+def _check_sizes(where: str, src: sources.Source, size: int, floor: int,
+                 limits: Limits = limiting.DEFAULT) -> None:
+    """The prepared size must be 8 px..max_image_size; source images at least ``floor`` px."""
+    _check_image_size(where, size, limits)
     small = [f"{s.key}: {s.shape[1]}x{s.shape[2]} px" for s in src.splits.values()
              if isinstance(s, sources.ArraySet) and min(s.shape[1:3]) < floor]
     if small:
@@ -337,7 +391,7 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                class_names: list[str] | None = None, carve_missing: bool = True,
                cache_dir: Path | None = None, *, skip_bad: bool = False,
                keep_aspect: bool = False, min_size: int = MIN_IMAGE_SIZE,
-               workers: int = 0) -> dict:
+               workers: int = 0, limits: Limits | None = None) -> dict:
     """Prepare ``source`` into ``output`` and return the manifest.
 
     Missing val/test splits are carved from train (stratified, seeded, duplicate- and
@@ -347,8 +401,12 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     manifest and report. ``keep_aspect`` pads instead of stretching; source images whose
     smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below 8, are
     refused. ``workers`` decode threads
-    (0: one per CPU, at most 8). Nothing is written unless everything succeeds.
+    (0: one per CPU, at most 8). Nothing is written unless everything succeeds; SIGTERM or
+    SIGINT removes the staging folder, and one left by a killed run is swept by the next run
+    on the same output. ``limits`` bound every reader (docs/limits.md; default: the built-in
+    ones with any ``LUNGXRAY_<LIMIT>`` environment variable applied).
     """
+    limits = limits or limiting.from_env()
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < value < 1.0:
             raise DataError(f"{name} must be between 0 and 1 (exclusive), got {value}")
@@ -358,29 +416,34 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     if max_per_split < 0 or workers < 0:
         raise DataError(f"max_per_split and workers must be 0 or more, got {max_per_split} and "
                         f"{workers}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    shown = sources.shown(source)
+    if image_size is not None:
+        _check_image_size(shown, image_size, limits)
     output = Path(output)
     _check_output(output)
-    src = sources.open_source(source, class_names, cache_dir)
-    _check_outside_source(source, src, output)
+    src = sources.open_source(source, class_names, cache_dir, limits)
+    _check_outside_source(shown, src, output)
     floor = max(MIN_IMAGE_SIZE, min_size)
-    settings = _Settings(size=image_size or src.native_size or DEFAULT_FOLDER_SIZE,
+    # An npz keeps its own size by default, capped: (N, 8, 200000) images would need 40 GB each.
+    native = min(src.native_size, limits.max_image_size) if src.native_size else None
+    settings = _Settings(size=image_size or native or DEFAULT_FOLDER_SIZE,
                          channels=channels or src.native_channels or 1,
                          keep_aspect=keep_aspect, min_size=floor,
-                         workers=workers or min(8, os.cpu_count() or 1))
-    _check_sizes(source, src, settings.size, floor)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=output.parent))
-    try:
+                         workers=workers or min(8, os.cpu_count() or 1), limits=limits,
+                         budget=imaging.Budget(limits.max_decode_bytes))
+    _check_sizes(shown, src, settings.size, floor, limits)
+    with staging_dir(output.parent, f".prepare-{output.name[:100]}-",
+                     "lungxray preprocess") as staging:
         manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
                             carve_missing=carve_missing, max_per_split=max_per_split,
                             fractions={"val": val_fraction, "test": test_fraction})
         _check_output(output)  # still ours to replace after the (long) preparation
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with signals_blocked():  # never half-replaced: old output gone, new one not in place
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(staging, output)
     return manifest
 
 
@@ -521,8 +584,8 @@ def is_prepared(path: str | Path) -> bool:
     """True when ``path`` holds a manifest of a prepared dataset this version can read."""
     manifest = Path(path) / MANIFEST
     try:
-        return json.loads(manifest.read_text()).get("format") in (FORMAT, _FORMAT_NPZ)
-    except (OSError, ValueError, AttributeError):
+        return load_json_object(manifest, "manifest").get("format") in (FORMAT, _FORMAT_NPZ)
+    except (OSError, ValueError):
         return False
 
 
@@ -533,11 +596,9 @@ def read_manifest(data_dir: Path) -> dict:
         raise DataError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); "
                         f"run `lungxray preprocess` first")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        manifest = load_json_object(path, "manifest")
+    except OSError as err:
         raise DataError(f"{path}: cannot read the manifest ({err})") from err
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: not a lungxray manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") not in (FORMAT, _FORMAT_NPZ):
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest

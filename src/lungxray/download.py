@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lungxray.errors import ConfigError, LungxrayError
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -32,8 +34,10 @@ PNEUMONIAMNIST: dict[int, tuple[str, str]] = {
 }
 
 
-class DownloadError(Exception):
+class DownloadError(LungxrayError):
     """A download failed; the message names the URL and what to do about it."""
+
+    kind = "download"
 
 
 class ChecksumError(DownloadError):
@@ -49,7 +53,7 @@ def _expected_digests(md5: str | None, sha256: str | None) -> dict[str, str]:
     for algo, value in expected.items():
         # Catches swapped or truncated arguments before any bytes move.
         if len(value) != _HEX_LENGTH[algo] or any(c not in "0123456789abcdef" for c in value):
-            raise ValueError(f"{algo} must be {_HEX_LENGTH[algo]} hex digits, got {value!r}")
+            raise ConfigError(f"{algo} must be {_HEX_LENGTH[algo]} hex digits, got {value!r}")
     return expected
 
 
@@ -163,7 +167,7 @@ def pneumoniamnist_filename(size: int) -> str:
 def _check_size(size: int) -> None:
     if size not in PNEUMONIAMNIST:
         valid = ", ".join(str(s) for s in sorted(PNEUMONIAMNIST))
-        raise ValueError(f"no PneumoniaMNIST at size {size!r}; valid sizes: {valid}")
+        raise ConfigError(f"no PneumoniaMNIST at size {size!r}; valid sizes: {valid}")
 
 
 def default_dataset_dir() -> Path:

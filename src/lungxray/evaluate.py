@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from lungxray import data, gradcam, metrics, models, plots
+from lungxray import data, gradcam, integrity, metrics, models, plots, safeio, schema, staging
+from lungxray.errors import ConfigError, ModelError, quote, quote_repr
 from lungxray.train import MODEL_FILE, read_model_info
 
 METRICS_FILE = "metrics.json"
@@ -102,26 +103,24 @@ def load_predictor(model_dir: Path | str) -> Predictor:
     spec_path = model_dir / ENSEMBLE_FILE
     if not spec_path.is_file():
         return Predictor(read_model_info(model_dir), [models.load_model(model_dir / MODEL_FILE)])
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{spec_path}: invalid JSON ({err})") from err
+    spec = safeio.load_json_object(spec_path, "ensemble spec", error=ModelError)
     names = spec.get("members")
-    if not isinstance(names, list) or len(names) < 2:
-        raise ValueError(f"{spec_path}: 'members' must list at least two member model dirs")
+    if not isinstance(names, list) or not 2 <= len(names) <= schema.MAX_MODELS:
+        raise ModelError(f"{spec_path}: 'members' must list at least two member model dirs")
     members_root = (model_dir / MEMBERS_DIR).resolve()
     loaded = []
     for name in names:
         member_dir = model_dir / MEMBERS_DIR / str(name)
         # The spec is input like any other: a member cannot point outside members/.
         if str(name) in {"", "."} or members_root not in member_dir.resolve().parents:
-            raise ValueError(f"{spec_path}: member {name!r} is not a directory in "
+            raise ModelError(f"{spec_path}: member {quote(str(name), 60)} is not a directory in "
                              f"{model_dir / MEMBERS_DIR}")
         info = read_model_info(member_dir)
         for key in ("class_names", "image_size", "channels"):
             if info.get(key) != spec.get(key):
-                raise ValueError(f"{spec_path}: member {name} has {key}={info.get(key)!r}, the "
-                                 f"ensemble {spec.get(key)!r}")
+                raise ModelError(f"{spec_path}: member {name} has {key}="
+                                 f"{quote_repr(info.get(key), 80)}, the ensemble "
+                                 f"{quote_repr(spec.get(key), 80)}")
         loaded.append(models.load_model(member_dir / MODEL_FILE))
     return Predictor({**spec, "ensemble": True}, loaded)
 
@@ -145,10 +144,11 @@ def parse_class_map(text: str | dict[str, str] | None) -> dict[str, str]:
         source, sep, target = item.partition("=")
         source, target = source.strip(), target.strip()
         if not sep or not source or not target:
-            raise ValueError(f"class map entry {item.strip()!r} is not SOURCE=TARGET "
-                             f"(e.g. 'COVID-19=pneumonia', or 'Other=-' to leave a class out)")
+            raise ConfigError(f"class map entry {quote(item.strip(), 60)} is not SOURCE=TARGET "
+                              f"(e.g. 'COVID-19=pneumonia', or 'Other=-' to leave a class out)")
         if source in mapping and mapping[source] != target:
-            raise ValueError(f"class map maps {source!r} twice ({mapping[source]!r}, {target!r})")
+            raise ConfigError(f"class map maps {quote(source, 60)} twice "
+                              f"({quote(mapping[source], 60)}, {quote(target, 60)})")
         mapping[source] = target
     return mapping
 
@@ -159,11 +159,13 @@ def label_lookup(source_classes: list[str], model_classes: list[str],
     name keeps its label only when the model has a class of exactly that name."""
     unknown = sorted(set(class_map) - set(source_classes))
     if unknown:
-        raise data.DataError(f"class map names {unknown}, which are not classes of the source "
+        raise data.DataError(f"class map names {quote_repr(unknown, 200)}, which are not classes "
+                             f"of the source "
                              f"(its classes: {source_classes})")
     bad = sorted({t for t in class_map.values() if t != DROP and t not in model_classes})
     if bad:
-        raise data.DataError(f"class map targets {bad} are not classes of the model "
+        raise data.DataError(f"class map targets {quote_repr(bad, 200)} are not classes of the "
+                             f"model "
                              f"({model_classes}; '{DROP}' leaves a class out)")
     lookup, unmapped = [], []
     for name in source_classes:
@@ -200,8 +202,10 @@ def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
     ``merge_as``: evaluate one set of that name, the source's ``test`` split when it has one,
     else all its splits together (an external dataset is unseen data as a whole).
     """
+    if (Path(source) / data.MANIFEST).exists():
+        integrity.read_manifest(Path(source))  # bounded, before is_prepared reads it whole
     data_dir = resolve_data(source, info, workdir, cache_dir, own_classes=bool(class_map))
-    manifest = data.read_manifest(data_dir)
+    manifest = integrity.read_manifest(data_dir)
     model_classes = list(info["class_names"])
     if not class_map and manifest["class_names"] != model_classes:
         raise data.DataError(f"{source}: classes {manifest['class_names']} differ from the "
@@ -216,7 +220,8 @@ def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
         if missing:
             raise data.DataError(f"{source}: no split(s) {missing} "
                                  f"(available: {', '.join(available)})")
-    loaded = {name: data.load_split(data_dir, name) for name in wanted}
+    # Labels in range, shapes and sha256 as the manifest recorded: a tampered split is refused.
+    loaded = {name: integrity.load_checked_split(data_dir, name, manifest) for name in wanted}
     if merge_as:
         loaded = {merge_as: data.Split(np.concatenate([s.images for s in loaded.values()]),
                                        np.concatenate([s.labels for s in loaded.values()]))}
@@ -307,14 +312,15 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
          cache_dir: Path | None, class_map: dict[str, str], merge_as: str | None,
          explain: bool) -> dict[str, dict]:
     predictor = load_predictor(model_dir)
-    with tempfile.TemporaryDirectory(prefix="lungxray-eval-") as workdir:
+    with staging.stop_on_signals(), tempfile.TemporaryDirectory(prefix="lungxray-eval-") as workdir:
         # Everything is loaded and checked before the first output is written.
         sets = _eval_sets(str(source), predictor.info, Path(workdir), splits, class_map,
                           cache_dir, merge_as)
         output.mkdir(parents=True, exist_ok=True)
         # Written into a staging dir and moved into place once complete: a failure leaves no
         # half-evaluated split, a re-run no stale file (an old Grad-CAM grid).
-        with tempfile.TemporaryDirectory(prefix=".eval-build-", dir=output) as build:
+        # Removed on SIGTERM/SIGINT too; a SIGKILLed run's one is swept by the next run.
+        with staging.staging_dir(output, ".eval-build-", "lungxray evaluate") as build:
             results = {name: evaluate_split(predictor, split, name, Path(build) / name, prov,
                                             explain)
                        for name, (split, prov) in sets.items()}

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from lungxray import models, plots
+from lungxray.errors import DataError
 
 HEAD_LAYER = "probs"
 
@@ -132,11 +133,11 @@ def gradcam(model: keras.Model, images: np.ndarray, class_index: np.ndarray | in
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
-        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+        raise DataError(f"images must be (N, H, W, C), got shape {images.shape}")
     n_classes = int(model.outputs[0].shape[-1])
     targets = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (len(images),))
     if targets.size and (targets.min() < 0 or targets.max() >= n_classes):
-        raise ValueError(f"class_index must be in 0..{n_classes - 1}, got {sorted(set(targets))}")
+        raise DataError(f"class_index must be in 0..{n_classes - 1}, got {sorted(set(targets))}")
     sub = gradcam_model(model)
     head = model.get_layer(HEAD_LAYER)
     cams = []

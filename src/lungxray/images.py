@@ -3,38 +3,145 @@
 Every image leaves here as ``(size, size, channels)`` uint8, whatever came in: 8 or 16 bit,
 grey, RGB, RGBA, palette, EXIF-rotated. Problems with one image raise :class:`ImageError`, whose
 message says what is wrong (the caller adds which file), so a caller can collect them all.
+
+Decoding runs in two steps: :func:`probe` reads only the header and checks the declared size
+against the :class:`~lungxray.limits.Limits` (pixels, decoded bytes), then the pixels are
+decoded while a :class:`Budget` holds the estimated memory, so that workers together stay
+within ``max_decode_bytes`` whatever the files declare.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lungxray.errors import QUOTE_LIMIT, DataError, quote
+from lungxray.limits import DEFAULT, Limits
 
 MIN_SIZE = 8  # smallest side, in pixels, accepted for a source image or a prepared size
 RESAMPLE = Image.Resampling.BILINEAR
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 # PIL modes with more than 8 bits per sample: stretched to 0..255 instead of clipped.
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+# Elements converted to float64 at once by stretch: 8 MiB, never a full-image float copy.
+_BLOCK_ELEMENTS = 1 << 20
+# Copies of the decoded pixels alive at once while converting (decoded, array, 8 bit, resized).
+_COPIES = 4
+# max_image_pixels is checked right after the header (and is lower), so PIL's own warning for
+# large images only adds lines to the log.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow warns about damaged metadata it skips (TIFF tags, EXIF); a file it cannot use becomes
+# that file's one-line problem, so the warnings would only add lines to the log.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """One image that cannot be used; the message says why, not where."""
 
 
-def stretch(array: np.ndarray) -> np.ndarray:
-    """Map an array's own min..max linearly onto 0..255 (uint8).
+class Budget:
+    """Bytes that decodes running at the same time may hold; a decode waits until its
+    estimate fits. One image above the whole budget still runs, alone."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = max(0, min(nbytes, self.total))
+        with self._free:
+            while self.used and self.used + nbytes > self.total:
+                self._free.wait()
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= nbytes
+                self._free.notify_all()
+
+
+@dataclass
+class Probed:
+    """An image whose header was read and checked; ``load`` decodes its pixels."""
+
+    width: int
+    height: int
+    cost: int  # estimated bytes while decoding and converting
+    load: Callable[[], Image.Image]
+
+
+def check_pixels(width: int, height: int, limits: Limits, frames: int = 1,
+                 bytes_per_pixel: int = 1) -> None:
+    """Refuse an image whose declared size is over the limits, before decoding it."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"declares an empty image ({width}x{height} px)")
+    if width * height > limits.max_image_pixels:
+        raise ImageError(f"{width}x{height} = {width * height:,} pixels, above the limit of "
+                         f"{limits.max_image_pixels:,} (max_image_pixels)")
+    decoded = width * height * frames * bytes_per_pixel
+    if decoded > limits.max_image_bytes:
+        raise ImageError(f"{width}x{height} px x {frames} frame(s) x {bytes_per_pixel} bytes = "
+                         f"{decoded:,} decoded bytes, above the limit of "
+                         f"{limits.max_image_bytes:,} (max_image_bytes)")
+
+
+def _row_blocks(array: np.ndarray) -> Iterator[slice]:
+    """Slices along the first axis of about _BLOCK_ELEMENTS elements each."""
+    per_row = max(1, math.prod(array.shape[1:]))
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    for start in range(0, len(array), step):
+        yield slice(start, start + step)
+
+
+def _finite_range(block: np.ndarray) -> tuple[float, float] | None:
+    if block.dtype.kind == "f":
+        block = block[np.isfinite(block)]
+    return (float(block.min()), float(block.max())) if block.size else None
+
+
+def stretch(array: np.ndarray,
+            transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Map an array's own min..max linearly onto 0..255 (uint8), after ``transform`` (applied
+    per block, e.g. a DICOM rescale and window).
 
     Used for 16-bit PNG and DICOM pixels: the bits actually used (10, 12, 14 or 16) are not
-    recorded reliably in the file, so the image's own range is the only safe scale.
+    recorded reliably in the file, so the image's own range is the only safe scale. Works a
+    block of rows at a time, so no float64 copy of the whole image is ever made; NaN and
+    infinities (float pixel data) count as the range's ends.
     """
-    array = np.asarray(array, dtype=np.float64)
-    low, high = float(array.min()), float(array.max())
+    array = np.asarray(array)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    convert = transform or (lambda block: block)
+    ranges = [r for s in _row_blocks(array)
+              if (r := _finite_range(np.asarray(convert(array[s])))) is not None]
+    out = np.zeros(array.shape, dtype=np.uint8)
+    if not ranges:
+        return out
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
     if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+        return out
+    scale = 255.0 / (high - low)
+    for s in _row_blocks(array):
+        block = np.array(convert(array[s]), dtype=np.float64)  # one block-sized copy, reused
+        np.nan_to_num(block, copy=False, nan=low, posinf=high, neginf=low)
+        np.subtract(block, low, out=block)
+        np.multiply(block, scale, out=block)
+        np.clip(np.round(block, out=block), 0, 255, out=block)
+        out[s] = block
+    return out
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -59,59 +166,112 @@ def fit(image: Image.Image, size: int, keep_aspect: bool = False) -> Image.Image
     return image if image.size == (size, size) else image.resize((size, size), RESAMPLE)
 
 
-def _open_pil(data: bytes, size: int, channels: int) -> tuple[Image.Image, tuple[int, int]]:
+def _bytes_per_pixel(image: Image.Image) -> int:
+    """Bytes per decoded pixel of a PIL mode (``I``/``F`` 4 per band, ``I;16`` 2)."""
+    per_band = 4 if image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
+    return max(1, len(image.getbands())) * per_band
+
+
+def _probe_pil(data: bytes, size: int, channels: int, limits: Limits) -> Probed:
+    """Header of a PIL-readable image, checked; decoding waits for ``load``."""
     try:
         image = Image.open(io.BytesIO(data))
-        full_size = image.size
-        # JPEG only: decode straight at 1/2, 1/4 or 1/8 scale when the target is that much
-        # smaller (never below the target); a large speed-up for big scans.
-        image.draft("L" if channels == 1 else "RGB", (size, size))
-        image.load()  # decodes now, so truncation shows here
-        ImageOps.exif_transpose(image, in_place=True)
+        width, height = image.size
+        per_pixel = _bytes_per_pixel(image)
     except UnidentifiedImageError:
         raise  # an OSError too, but it means "try DICOM", not "corrupt"
     except Image.DecompressionBombError as err:
-        raise ImageError(f"too many pixels ({err})") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"corrupt or truncated image ({err})") from err
-    return image, full_size
+        raise ImageError(f"too many pixels ({quote(err)})") from err
+    except Exception as err:  # noqa: BLE001 - a plugin may raise anything on a hostile header
+        raise ImageError(f"corrupt or truncated image ({_describe(err)})") from err
+    check_pixels(width, height, limits, bytes_per_pixel=per_pixel)
+
+    def load() -> Image.Image:
+        try:
+            # JPEG only: decode straight at 1/2, 1/4 or 1/8 scale when the target is that much
+            # smaller (never below the target); a large speed-up for big scans.
+            image.draft("L" if channels == 1 else "RGB", (size, size))
+            image.load()  # decodes now, so truncation shows here
+            ImageOps.exif_transpose(image, in_place=True)
+        except Image.DecompressionBombError as err:
+            raise ImageError(f"too many pixels ({quote(err)})") from err
+        except Exception as err:  # noqa: BLE001 - NotImplementedError, OSError, ... all "bad file"
+            raise ImageError(f"corrupt or truncated image ({_describe(err)})") from err
+        return image
+
+    return Probed(width, height, width * height * per_pixel * _COPIES + len(data), load)
 
 
-def open_image(data: bytes, name: str, size: int,
-               channels: int) -> tuple[Image.Image, tuple[int, int]]:
-    """A loaded PIL image from file bytes and its stored (width, height) before any draft
-    scaling; DICOM goes through :mod:`lungxray.dicom`."""
+def _describe(err: BaseException) -> str:
+    """``str(err)`` cut, with the kind when it says more than a plain OSError/ValueError."""
+    text = " ".join(str(err).split())  # one line
+    if len(text) > QUOTE_LIMIT:
+        text = f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
+    if type(err) in (OSError, ValueError, SyntaxError):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def probe(data: bytes, name: str, size: int, channels: int,
+          limits: Limits = DEFAULT) -> Probed:
+    """Read and check an image's header (PIL formats or DICOM) without decoding its pixels."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     from lungxray import dicom
 
     if PurePath(name).suffix.lower() in DICOM_EXTENSIONS:
-        image = dicom.read(data)
-        return image, image.size
+        return dicom.probe(data, limits)
     try:
-        return _open_pil(data, size, channels)
+        return _probe_pil(data, size, channels, limits)
     except UnidentifiedImageError:
         # Not a format PIL knows: DICOM files often carry no extension.
-        image = dicom.read(data)
-        return image, image.size
+        return dicom.probe(data, limits)
+
+
+def open_image(data: bytes, name: str, size: int, channels: int,
+               limits: Limits = DEFAULT) -> tuple[Image.Image, tuple[int, int]]:
+    """A loaded PIL image from file bytes and its stored (width, height) before any draft
+    scaling; DICOM goes through :mod:`lungxray.dicom`."""
+    probed = probe(data, name, size, channels, limits)
+    return probed.load(), (probed.width, probed.height)
+
+
+_NO_BUDGET = Budget(1 << 62)
 
 
 def decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool = False,
-           min_size: int = MIN_SIZE) -> np.ndarray:
+           min_size: int = MIN_SIZE, limits: Limits = DEFAULT,
+           budget: Budget | None = None) -> np.ndarray:
     """Decode file bytes into a ``(size, size, channels)`` uint8 array.
 
     ``name`` is only used for its extension; images whose smaller side is below ``min_size``
-    are refused, since upscaling them would invent detail.
+    are refused, since upscaling them would invent detail. Whatever a decoder raises on this
+    file (NotImplementedError, RecursionError, MemoryError, ...) becomes an ImageError: one bad
+    file never stops the others.
     """
-    image, (width, height) = open_image(data, name, size, channels)
+    try:
+        return _decode(data, name, size, channels, keep_aspect, min_size, limits,
+                       budget or _NO_BUDGET)
+    except ImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder failure is this file's problem
+        raise ImageError(f"cannot decode ({_describe(err)})") from err
+
+
+def _decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool,
+            min_size: int, limits: Limits, budget: Budget) -> np.ndarray:
+    probed = probe(data, name, size, channels, limits)
+    width, height = probed.width, probed.height
     if min(width, height) < min_size:
         raise ImageError(f"{width}x{height} px, below the minimum of {min_size} px")
-    try:
-        image = fit(to_mode(image, channels), size, keep_aspect)
-    except (OSError, ValueError) as err:  # e.g. LAB or CMYK-with-alpha: PIL cannot convert
-        raise ImageError(f"cannot convert {image.mode} image to "
-                         f"{'grey' if channels == 1 else 'RGB'} ({err})") from err
-    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+    with budget.hold(probed.cost):
+        image = probed.load()
+        try:
+            image = fit(to_mode(image, channels), size, keep_aspect)
+        except (OSError, ValueError) as err:  # e.g. LAB or CMYK-with-alpha: PIL cannot convert
+            raise ImageError(f"cannot convert {image.mode} image to "
+                             f"{'grey' if channels == 1 else 'RGB'} ({_describe(err)})") from err
+        return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
 def convert_array(images: np.ndarray, size: int, channels: int,

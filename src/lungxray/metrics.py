@@ -26,6 +26,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.preprocessing import label_binarize
 
+from lungxray.errors import ConfigError, DataError
+
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_N_BOOTSTRAP = 200  # sklearn per resample: ~7 ms for a binary split, ~11 ms for 3 classes
 DEFAULT_SEED = 0
@@ -49,15 +51,15 @@ def _as_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
     """Return y_true as a 1-D int array, checking every label is in [0, n_classes)."""
     y = np.asarray(y_true)
     if y.ndim != 1:
-        raise ValueError(f"y_true must be 1-D, got shape {y.shape}")
+        raise DataError(f"y_true must be 1-D, got shape {y.shape}")
     if y.size == 0:
-        raise ValueError("y_true is empty")
+        raise DataError("y_true is empty")
     if not np.all(np.equal(np.mod(y, 1), 0)):
-        raise ValueError("y_true must hold integer class indices")
+        raise DataError("y_true must hold integer class indices")
     y = y.astype(int)
     bad = sorted(set(np.unique(y).tolist()) - set(range(n_classes)))
     if bad:
-        raise ValueError(f"y_true holds labels {bad} outside 0..{n_classes - 1}")
+        raise DataError(f"y_true holds labels {bad} outside 0..{n_classes - 1}")
     return y
 
 
@@ -70,7 +72,7 @@ def _float_or_none(value: float) -> float | None:
 def check_target_sensitivity(target_sensitivity: float | None) -> None:
     """A target sensitivity lies in (0, 1]; None means Youden's J."""
     if target_sensitivity is not None and not 0.0 < float(target_sensitivity) <= 1.0:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+        raise ConfigError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
@@ -85,11 +87,11 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
     y = _as_labels(y_true, 2)
     s = np.asarray(scores, dtype=float)
     if s.shape != y.shape:
-        raise ValueError(f"scores shape {s.shape} does not match y_true shape {y.shape}")
+        raise DataError(f"scores shape {s.shape} does not match y_true shape {y.shape}")
     if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or inf")
+        raise DataError("scores contain NaN or inf")
     if np.unique(y).size < 2:
-        raise ValueError(
+        raise DataError(
             "choose_threshold needs both classes in y_true (only "
             f"class {int(y[0])} present): the ROC curve is undefined"
         )
@@ -115,10 +117,10 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     one-vs-rest mean for more. None when a class is missing from ``y_true`` (undefined)."""
     p = np.asarray(probs, dtype=float)
     if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"probs must be (n, K>=2), got shape {p.shape}")
+        raise DataError(f"probs must be (n, K>=2), got shape {p.shape}")
     y = _as_labels(y_true, p.shape[1])
     if y.shape[0] != p.shape[0]:
-        raise ValueError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
+        raise DataError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
     if np.unique(y).size < p.shape[1]:
         return None
     if p.shape[1] == 2:
@@ -130,23 +132,23 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
 def _check_probs(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
     p = np.asarray(probs, dtype=float)
     if p.ndim != 2:
-        raise ValueError(f"probs must be 2-D (N, K), got shape {p.shape}")
+        raise DataError(f"probs must be 2-D (N, K), got shape {p.shape}")
     if p.shape[1] != len(class_names):
-        raise ValueError(
+        raise DataError(
             f"probs has {p.shape[1]} columns but {len(class_names)} class_names {class_names}"
         )
     if len(class_names) < 2:
-        raise ValueError("need at least two classes")
+        raise DataError("need at least two classes")
     if not np.all(np.isfinite(p)):
-        raise ValueError("probs contain NaN or inf")
+        raise DataError("probs contain NaN or inf")
     # Catch logits or one column of scores passed by mistake; float32 softmax rounding is fine.
     if p.size and (p.min() < -PROB_TOLERANCE or p.max() > 1 + PROB_TOLERANCE):
-        raise ValueError(f"probs must lie in [0, 1] (class probabilities), got values from "
+        raise DataError(f"probs must lie in [0, 1] (class probabilities), got values from "
                          f"{p.min():.4g} to {p.max():.4g}")
     sums = p.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > PROB_TOLERANCE)
     if bad.size:
-        raise ValueError(f"probs rows must sum to 1 (softmax outputs); row {int(bad[0])} sums to "
+        raise DataError(f"probs rows must sum to 1 (softmax outputs); row {int(bad[0])} sums to "
                          f"{sums[bad[0]]:.6g} ({bad.size} such rows)")
     return p
 
@@ -186,7 +188,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray,
     Binary: on P(positive) (the reliability diagram's axis); more classes: top-label confidence.
     """
     if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        raise ConfigError(f"n_bins must be >= 1, got {n_bins}")
     bins = reliability(y_true, probs, n_bins)
     counts = np.asarray(bins["count"], dtype=float)
     gaps = np.abs(np.asarray(bins["observed"]) - np.asarray(bins["confidence"]))
@@ -225,9 +227,9 @@ def _bootstrap(y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: 
 
 def _check_bootstrap(n_bootstrap: int, seed: int) -> None:
     if n_bootstrap != 0 and n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be 0 (no CIs) or >= 2, got {n_bootstrap}")
+        raise ConfigError(f"n_bootstrap must be 0 (no CIs) or >= 2, got {n_bootstrap}")
     if not isinstance(seed, int | np.integer):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -254,7 +256,7 @@ def compute_metrics(
     p = _check_probs(probs, class_names)
     y = _as_labels(y_true, p.shape[1])
     if y.shape[0] != p.shape[0]:
-        raise ValueError(f"y_true has {y.shape[0]} rows but probs has {p.shape[0]}")
+        raise DataError(f"y_true has {y.shape[0]} rows but probs has {p.shape[0]}")
     _check_bootstrap(n_bootstrap, seed)
     result, _ = _point_metrics(y, p, list(class_names), threshold)
     result.update({"ci_level": CI_LEVEL, "n_bootstrap": int(n_bootstrap),
@@ -313,7 +315,7 @@ def _binary_metrics(
 ) -> tuple[dict[str, Any], np.ndarray]:
     thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not math.isfinite(thr):
-        raise ValueError(f"threshold must be finite, got {threshold}")
+        raise ConfigError(f"threshold must be finite, got {threshold}")
     score = p[:, 1]
     pred = (score >= thr).astype(int)
     both_present = np.unique(y).size == 2

@@ -7,12 +7,20 @@ augmentation all live inside the model, so evaluation and serving feed it plain 
 
 from __future__ import annotations
 
+import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 from keras import layers
+
+from lungxray import safeio
+from lungxray.backbones import REGISTRY, ModelSpec
+from lungxray.errors import ModelError, quote
+from lungxray.limits import DEFAULT as LIMITS
+
+__all__ = ["REGISTRY", "ModelError", "ModelSpec", "build_classifier", "get_spec", "load_model",
+           "resolve_weights"]
 
 # Mean/std per preprocessing family, as in keras.applications.imagenet_utils.
 _CAFFE_MEAN_BGR = [103.939, 116.779, 123.68]
@@ -21,64 +29,10 @@ _TORCH_STD = [0.229, 0.224, 0.225]
 IMAGENET_TIMEOUT_S = 30
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build one Keras Applications backbone."""
-
-    name: str
-    preprocess: str  # 'caffe' | 'tf' | 'torch' | 'builtin' (the model preprocesses itself)
-    default_size: int
-    min_size: int = 32
-    module: str = ""  # keras.applications submodule, for documentation only
-
-    def input_size(self, image_size: int) -> int:
-        """The backbone input size for a prepared image size: never below the minimum."""
-        return max(image_size, self.min_size)
-
-    def constructor(self):
-        """The ``keras.applications`` function that builds this backbone."""
-        return getattr(keras.applications, self.name)
-
-
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [
-    ModelSpec("VGG16", "caffe", 224, module="vgg16"),
-    ModelSpec("VGG19", "caffe", 224, module="vgg19"),
-    ModelSpec("ResNet50", "caffe", 224, module="resnet"),
-    ModelSpec("ResNet101", "caffe", 224, module="resnet"),
-    ModelSpec("ResNet152", "caffe", 224, module="resnet"),
-    ModelSpec("ResNet50V2", "tf", 224, module="resnet_v2"),
-    ModelSpec("ResNet101V2", "tf", 224, module="resnet_v2"),
-    ModelSpec("ResNet152V2", "tf", 224, module="resnet_v2"),
-    ModelSpec("InceptionV3", "tf", 299, 75, module="inception_v3"),
-    ModelSpec("InceptionResNetV2", "tf", 299, 75, module="inception_resnet_v2"),
-    ModelSpec("Xception", "tf", 299, 71, module="xception"),
-    ModelSpec("DenseNet121", "torch", 224, module="densenet"),
-    ModelSpec("DenseNet169", "torch", 224, module="densenet"),
-    ModelSpec("DenseNet201", "torch", 224, module="densenet"),
-    ModelSpec("MobileNet", "tf", 224, module="mobilenet"),
-    ModelSpec("MobileNetV2", "tf", 224, module="mobilenet_v2"),
-    ModelSpec("MobileNetV3Small", "builtin", 224, module="mobilenet_v3"),
-    ModelSpec("MobileNetV3Large", "builtin", 224, module="mobilenet_v3"),
-    *[ModelSpec(f"EfficientNetB{i}", "builtin", size, module="efficientnet")
-      for i, size in enumerate([224, 240, 260, 300, 380, 456, 528, 600])],
-    *[ModelSpec(f"EfficientNetV2{v}", "builtin", size, module="efficientnet_v2")
-      for v, size in [("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300), ("S", 384),
-                      ("M", 480), ("L", 480)]],
-    *[ModelSpec(f"ConvNeXt{v}", "builtin", 224, module="convnext")
-      for v in ["Tiny", "Small", "Base", "Large", "XLarge"]],
-    ModelSpec("NASNetMobile", "tf", 224, module="nasnet"),
-    ModelSpec("NASNetLarge", "tf", 331, module="nasnet"),
-]}
-
-
-class ModelError(ValueError):
-    """A model name, size or weights setting that cannot be used."""
-
-
 def get_spec(name: str) -> ModelSpec:
     """Look a backbone up by name; unknown names fail with the list of valid ones."""
     if name not in REGISTRY:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(REGISTRY)}")
+        raise ModelError(f"unknown model {quote(name, 60)}; valid names: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -134,9 +88,32 @@ def resolve_weights(weights: str, cache_dir: Path | None = None) -> str | None:
     else:
         path = Path(weights)
     if not path.is_file():
-        raise ModelError(f"weights file {weights} does not exist (use 'imagenet', 'none' or a "
-                         f"path to a .h5 / .weights.h5 file)")
+        raise ModelError(f"weights file {quote(weights)} does not exist (use 'imagenet', 'none' "
+                         f"or a path to a .h5 / .weights.h5 file)")
+    check_weights_file(path, weights)
     return str(path)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_weights_file(path: Path, shown: str | None = None) -> None:
+    """Refuse a weights file that is not HDF5 (a junk file would fail only inside Keras, after
+    a run has written its state): the signature sits at byte 0, or 512, 1024, 2048... when the
+    file has a user block."""
+    shown = quote(shown or str(path))
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = 0
+            while offset + len(HDF5_SIGNATURE) <= size and offset <= 1 << 20:
+                fh.seek(offset)
+                if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    return
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as err:
+        raise ModelError(f"cannot read weights file {shown}: {err.strerror}") from None
+    raise ModelError(f"weights file {shown} is not an HDF5 (.h5 / .weights.h5) file")
 
 
 def build_backbone(spec: ModelSpec, input_size: int, weights: str | None) -> keras.Model:
@@ -234,5 +211,16 @@ def set_trainable(model: keras.Model, unfreeze: float) -> None:
 
 
 def load_model(path: Path) -> keras.Model:
-    """Load a saved classifier with ``safe_mode`` (no arbitrary code from the file)."""
-    return keras.models.load_model(path, safe_mode=True, compile=False)
+    """Load a saved classifier with ``safe_mode`` (no arbitrary code from the file), after
+    checking the archive's sizes and its config.json's depth (Keras reads config.json whole)."""
+    path = Path(path)
+    if path.suffix == ".keras":
+        safeio.check_keras_archive(path, LIMITS)
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # an untrusted file: whatever Keras raises is the file's problem
+        message = quote(" ".join(str(err).split()), 200)
+        raise ModelError(f"cannot load model file {quote(str(path))}: "
+                         f"{type(err).__name__}: {message}") from err

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from lungxray import metrics as metrics_lib
+from lungxray import safeio, staging
+from lungxray.errors import ConfigError, DataError, quote, quote_repr
 from lungxray.modelcard import model_card, target_sensitivity_of
 from lungxray.plots import (
     img_tag,
@@ -71,10 +73,12 @@ MEMBERS_DIR = "members"
 def _read_json(path: Path, trial_dir: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"missing {path.name} ({path}) in trial dir {trial_dir}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON in {path} (trial dir {trial_dir}): {exc}") from exc
+    return safeio.load_json_object(path, path.name)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, read within the limits."""
+    return safeio.load_json_object(path, path.name)
 
 
 def _split_order(name: str) -> tuple[int, str]:
@@ -86,19 +90,20 @@ def _load_split(split_dir: Path, trial_dir: Path, info: dict) -> dict[str, Any]:
     metrics = _read_json(split_dir / "metrics.json", trial_dir)
     name = info["model_name"]
     if metrics.get("model_name", name) != name:
-        raise ValueError(
-            f"{split_dir / 'metrics.json'} is for model {metrics.get('model_name')!r}, "
+        raise DataError(
+            f"{split_dir / 'metrics.json'} is for model "
+            f"{quote(str(metrics.get('model_name')), 60)}, "
             f"but trial dir {trial_dir} holds {name!r}"
         )
     if metrics.get("split", split_dir.name) != split_dir.name:
-        raise ValueError(
-            f"{split_dir / 'metrics.json'} says split {metrics.get('split')!r} "
+        raise DataError(
+            f"{split_dir / 'metrics.json'} says split {quote(str(metrics.get('split')), 40)} "
             f"but lives in {split_dir.name!r}"
         )
     if "confusion_matrix" not in metrics:
-        raise ValueError(f"{split_dir / 'metrics.json'} lacks 'confusion_matrix'")
+        raise DataError(f"{split_dir / 'metrics.json'} lacks 'confusion_matrix'")
     if list(metrics.get("class_names", info["class_names"])) != list(info["class_names"]):
-        raise ValueError(f"class_names in {split_dir / 'metrics.json'} differ from model_info.json")
+        raise DataError(f"class_names in {split_dir / 'metrics.json'} differ from model_info.json")
     pred_path = split_dir / "predictions.csv"
     if not pred_path.is_file():
         raise FileNotFoundError(f"missing predictions.csv ({pred_path}) in trial dir {trial_dir}")
@@ -106,9 +111,9 @@ def _load_split(split_dir: Path, trial_dir: Path, info: dict) -> dict[str, Any]:
     wanted = ["y_true"] + [f"prob_{c}" for c in info["class_names"]]
     lacking = [c for c in wanted if c not in preds.columns]
     if lacking:
-        raise ValueError(f"{pred_path} lacks columns {lacking} (trial dir {trial_dir})")
+        raise DataError(f"{pred_path} lacks columns {lacking} (trial dir {trial_dir})")
     if "n" in metrics and int(metrics["n"]) != len(preds):
-        raise ValueError(
+        raise DataError(
             f"{pred_path} has {len(preds)} rows but metrics.json says n={metrics['n']}"
         )
     return {"dir": split_dir, "metrics": metrics, "predictions": preds}
@@ -126,13 +131,13 @@ def load_trial(trial_dir: Path) -> dict[str, Any]:
     info = _read_json(model_dir / "model_info.json", trial_dir)
     for key in ("model_name", "class_names"):
         if key not in info:
-            raise ValueError(f"model_info.json in trial dir {trial_dir} lacks {key!r}")
+            raise DataError(f"model_info.json in trial dir {trial_dir} lacks {key!r}")
     if not (model_dir / "model.keras").exists():
         raise FileNotFoundError(f"missing model.keras ({model_dir / 'model.keras'}) "
                                 f"in trial dir {trial_dir}")
     hist = _read_json(model_dir / "history.json", trial_dir)
     if not isinstance(hist, dict) or not isinstance(hist.get("history"), dict):
-        raise ValueError(f"history.json in trial dir {trial_dir} lacks a 'history' mapping")
+        raise DataError(f"history.json in trial dir {trial_dir} lacks a 'history' mapping")
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"missing eval/ directory ({eval_dir}) in trial dir {trial_dir}")
     split_dirs = sorted((d for d in eval_dir.iterdir() if d.is_dir()),
@@ -155,16 +160,14 @@ def load_trial(trial_dir: Path) -> dict[str, Any]:
 
 
 def _eval_model_name(eval_dir: Path) -> str:
-    names = {
-        json.loads(p.read_text()).get("model_name")
-        for p in sorted(Path(eval_dir).glob("*/metrics.json"))
-    }
-    if not names:
+    found = [_json_object(p).get("model_name")
+             for p in sorted(Path(eval_dir).glob("*/metrics.json"))]
+    if not found:
         raise FileNotFoundError(f"no <split>/metrics.json in eval dir {eval_dir}")
+    names = {n if isinstance(n, str) else None for n in found}
     if len(names) != 1 or None in names:
-        raise ValueError(
-            f"eval dir {eval_dir} mixes or lacks model names: {sorted(map(str, names))}"
-        )
+        raise DataError(f"eval dir {eval_dir} mixes or lacks model names: "
+                        f"{quote_repr(sorted(map(str, names)), 200)}")
     return names.pop()
 
 
@@ -173,25 +176,29 @@ def _tune_model_name(tune_dir: Path) -> str:
     # so that a renamed file still pairs.
     paths = sorted(Path(tune_dir).glob("*.json"), key=lambda p: (p.name != "best_hparams.json", p))
     for path in paths:
-        data = json.loads(path.read_text())
+        data = safeio.load_json(path, path.name)
         if isinstance(data, dict) and data.get("model_name"):
             return str(data["model_name"])
-    raise ValueError(f"no top-level *.json with a 'model_name' in tune dir {tune_dir}")
+    raise DataError(f"no top-level *.json with a 'model_name' in tune dir {tune_dir}")
 
 
 def _by_name(dirs: list[Path], namer: Any, kind: str) -> dict[str, Path]:
     named: dict[str, list[Path]] = {}
     for d in dirs:
-        named.setdefault(namer(Path(d)), []).append(Path(d))
+        name = namer(Path(d))
+        if not isinstance(name, str):
+            raise DataError(f"{kind} dir {quote(str(d))}: model_name must be a string, got "
+                            f"{type(name).__name__}")
+        named.setdefault(name, []).append(Path(d))
     dupes = {n: [str(p) for p in ps] for n, ps in named.items() if len(ps) > 1}
     if dupes:
-        raise ValueError(f"duplicate model names among {kind} dirs: {dupes}")
+        raise DataError(f"duplicate model names among {kind} dirs: {quote_repr(dupes, 300)}")
     return {n: ps[0] for n, ps in named.items()}
 
 
 def _check_dir_name(name: str) -> None:
     if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"model name {name!r} cannot be used as a directory name")
+        raise DataError(f"model name {quote(name, 60)} cannot be used as a directory name")
 
 
 def pair_trials(
@@ -219,7 +226,7 @@ def pair_trials(
     if set(tunes) - set(models):
         problems.append(f"tuning runs without model: {sorted(set(tunes) - set(models))}")
     if problems:
-        raise ValueError("cannot pair trials: " + "; ".join(problems))
+        raise DataError("cannot pair trials: " + quote("; ".join(problems), 400)[1:-1])
     for name in models:
         _check_dir_name(name)  # all names first, so a bad one leaves no partial layout
     workdir = Path(workdir)
@@ -309,15 +316,16 @@ def check_select_metric(select_metric: str) -> str:
     """The metric name inside ``select_metric`` (``val_<metric>``); refuses test_* and unknowns."""
     if not select_metric.startswith(f"{SELECT_SPLIT}_"):
         if select_metric.startswith("test_"):
-            raise ValueError(
-                f"select_metric={select_metric!r}: never select on the test split; "
+            raise ConfigError(
+                f"select_metric={quote(select_metric, 60)}: never select on the test split; "
                 "use a val_* metric"
             )
-        raise ValueError(f"select_metric={select_metric!r} must start with 'val_'")
+        raise ConfigError(f"select_metric={quote(select_metric, 60)} must start with 'val_'")
     metric = select_metric[len(SELECT_SPLIT) + 1:]
     if metric not in SELECTABLE:
-        raise ValueError(f"select_metric={select_metric!r}: {metric!r} is not one of "
-                         f"{sorted(SELECTABLE)}")
+        raise ConfigError(f"select_metric={quote(select_metric, 60)}: {quote(metric, 60)} is "
+                          f"not one of "
+                          f"{sorted(SELECTABLE)}")
     return metric
 
 
@@ -326,10 +334,10 @@ def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
     over an ensemble (simpler and faster for the same score), then by model name."""
     metric = check_select_metric(select_metric)
     if select_metric not in table.columns:
-        raise ValueError(f"no trial reports {select_metric!r}; columns: {list(table.columns)}")
+        raise ConfigError(f"no trial reports {select_metric!r}; columns: {list(table.columns)}")
     values = pd.to_numeric(table[select_metric], errors="coerce").astype(float)
     if values.isna().all():
-        raise ValueError(f"{select_metric!r} is undefined for every trial; cannot select")
+        raise ConfigError(f"{select_metric!r} is undefined for every trial; cannot select")
     sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
     members = table["members"] if "members" in table.columns else pd.Series("", table.index)
     key = pd.DataFrame({"missing": values.isna(), "score": sign * values.fillna(0.0),
@@ -348,13 +356,14 @@ def _validate_trials(trials: list[dict[str, Any]], select_metric: str) -> None:
     names = [t["model_info"]["model_name"] for t in trials]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"duplicate model names across trial dirs: {dupes}")
+        raise DataError(f"duplicate model names across trial dirs: {dupes}")
     classes = {json.dumps(list(t["model_info"]["class_names"])) for t in trials}
     if len(classes) > 1:
-        raise ValueError(f"trials disagree on class_names: {sorted(classes)}; not comparable")
+        raise ConfigError(f"trials disagree on class_names: {sorted(classes)}; not comparable")
     lacking = [t["model_info"]["model_name"] for t in trials if SELECT_SPLIT not in t["splits"]]
     if lacking:
-        raise ValueError(f"{select_metric!r} needs a {SELECT_SPLIT!r} split; missing for {lacking}")
+        raise ConfigError(f"{select_metric!r} needs a {SELECT_SPLIT!r} split; "
+                          f"missing for {quote_repr(lacking, 200)}")
     # Scores are only comparable on the same data: every split must have the same label counts.
     splits = {s for t in trials for s in t["splits"]}
     for split in sorted(splits):
@@ -366,7 +375,7 @@ def _validate_trials(trials: list[dict[str, Any]], select_metric: str) -> None:
             for t in trials if split in t["splits"]
         }
         if len(set(counts.values())) > 1:
-            raise ValueError(f"split {split!r} has different labels per model {counts}; "
+            raise DataError(f"split {split!r} has different labels per model {counts}; "
                              "models were not evaluated on the same data")
 
 
@@ -496,7 +505,7 @@ def _write_ensemble_model(ensemble: dict[str, Any], trials: list[dict[str, Any]]
     dest.mkdir()
     for name in info["members"]:
         _check_dir_name(name)
-        shutil.copytree(by_name[name]["model_dir"], dest / MEMBERS_DIR / name, symlinks=False)
+        safeio.copy_model_folder(by_name[name]["model_dir"], dest / MEMBERS_DIR / name)
     text = json.dumps(info, indent=2) + "\n"
     (dest / ENSEMBLE_FILE).write_text(text)
     (dest / "model_info.json").write_text(text)
@@ -896,7 +905,7 @@ def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_
     """
     check_select_metric(select_metric)
     if not trial_dirs:
-        raise ValueError("compare needs at least one trial dir")
+        raise ConfigError("compare needs at least one trial dir")
     metrics_lib.check_target_sensitivity(target_sensitivity)
     output = Path(output)
     _check_output(output)
@@ -925,15 +934,18 @@ def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_
     summary["ensemble"] = ensemble_note
     best = next(t for t in candidates if t["model_info"]["model_name"] == summary["best_model"])
     summary["best_is_ensemble"] = bool(best.get("members"))
+    # The folders best_model/ will copy, checked before any work (links out, size).
+    by_name = {t["model_info"]["model_name"]: t for t in trials}
+    names = best["model_info"]["members"] if best.get("members") else [summary["best_model"]]
+    for name in names:
+        safeio.check_model_folder(by_name[name]["model_dir"])
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{output.name}.build-", dir=output.parent))
-    try:
+    # Built in a locked sibling folder, removed on errors, SIGTERM and SIGINT; one left by a
+    # SIGKILLed run is swept here by the next run on the same output.
+    with staging.staging_dir(output.parent, f".{output.name[:100]}.build-",
+                             "lungxray compare") as build:
         _write_report(build, candidates, trials, ranked, summary, best)
         _publish(build, output)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return summary
 
 
@@ -971,8 +983,8 @@ def _write_report(
     if best.get("members"):
         _write_ensemble_model(best, trials, build / "best_model")
     else:
-        # copytree follows the top-level link and, with symlinks=False, copies linked files.
-        shutil.copytree(best["model_dir"], build / "best_model", symlinks=False)
+        # Regular files inside the model folder only: a link out (or to /dev/zero) is refused.
+        safeio.copy_model_folder(best["model_dir"], build / "best_model")
     with tempfile.TemporaryDirectory(dir=build) as scratch:
         images = {t["model_info"]["model_name"]: _trial_images(t, Path(scratch))
                   for t in candidates}

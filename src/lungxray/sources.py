@@ -11,17 +11,26 @@ paths escaping the CSV's folder, ...) are collected and raised together as one
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import math
+import os
 import re
+import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PureWindowsPath
+from typing import IO
 
 import numpy as np
-import pandas as pd
+
+from lungxray.errors import QUOTE_LIMIT, DataError, quote
+from lungxray.limits import DEFAULT, Limits
 
 SPLITS = ("train", "val", "test")
-MAX_CLASSES = 1000  # an npz label far above this is corrupt, not a class
+MAX_CLASSES = DEFAULT.max_classes  # an npz label far above this is corrupt, not a class
 # MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 CSV_COLUMNS = ("path", "label")
@@ -30,14 +39,63 @@ CSV_OPTIONAL = ("split", "patient_id")
 JUNK = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
-class DataError(ValueError):
-    """Input data that cannot be used, with a message naming what and where."""
+__all__ = ["SPLITS", "ArraySet", "DataError", "FileSet", "Item", "Source", "open_source",
+           "problems_error", "safe_name", "scan_csv", "scan_folder", "scan_npz"]
 
 
-def problems_error(where: str, what: str, problems: list[str], hint: str = "") -> DataError:
-    """One error, on one line (the CLI's convention), that names every problem."""
-    text = "; ".join(p.replace("\n", " ") for p in problems)
-    return DataError(f"{where}: {len(problems)} {what}{hint}: {text}")
+def problems_error(where: str, what: str, problems: list[str], hint: str = "",
+                   total: int | None = None,
+                   shown: int = DEFAULT.max_problems_shown) -> DataError:
+    """One error, on one line (the CLI's convention), naming the first ``shown`` problems and
+    counting the rest: 100 000 bad rows must not make a 10 MB message."""
+    total = len(problems) if total is None else total
+    text = "; ".join(p.replace("\n", " ").replace("\r", " ") for p in problems[:shown])
+    if total > min(shown, len(problems)):
+        text += f"; ... and {total - min(shown, len(problems))} more"
+    return DataError(f"{where}: {total} {what}{hint}: {text}")
+
+
+class Problems:
+    """Collects problem lines, keeping the first few and counting the rest (bounded memory)."""
+
+    def __init__(self, keep: int = DEFAULT.max_problems_shown) -> None:
+        self.kept: list[str] = []
+        self.total = 0
+        self.keep = keep
+
+    def add(self, text: str) -> None:
+        self.total += 1
+        if len(self.kept) < self.keep:
+            self.kept.append(text)
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def error(self, where: str, what: str, hint: str = "") -> DataError:
+        return problems_error(where, what, self.kept, hint, self.total, self.keep)
+
+
+def safe_name(text: str) -> str:
+    """``text`` printable on one UTF-8 line: bytes that are not UTF-8 (kept by the file system
+    decoding as surrogates) become ``\\xNN`` and control characters their escapes."""
+    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in clean)
+
+
+def shown(text: str) -> str:
+    """A user's name or path for a message: printable, cut to a readable length."""
+    text = safe_name(text)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
+
+
+def _kind_of(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 @dataclass(frozen=True)
@@ -48,6 +106,7 @@ class Item:
     origin: str  # POSIX path relative to the source root: stable across machines and caches
     label: int
     group: str = ""  # patient id; "" when the source has none
+    problem: str = ""  # known unusable before decoding (a FIFO, a non-UTF-8 name): skippable
 
 
 @dataclass
@@ -84,16 +143,18 @@ class ArraySet:
         so the whole array never sits in memory."""
         try:
             with zipfile.ZipFile(self.npz) as archive, archive.open(f"{self.key}.npy") as fp:
-                _read_header(fp)
-                per_image = int(np.prod(self.shape[1:]))
+                _read_header(fp, f"{self.npz}:{self.key}")
+                per_image = math.prod(self.shape[1:])
                 for start in range(0, len(self), rows):
                     count = min(rows, len(self) - start)
                     buffer = fp.read(count * per_image)
                     if len(buffer) != count * per_image:
                         raise DataError(f"{self.npz}:{self.key}: truncated after image {start}")
                     yield np.frombuffer(buffer, dtype=np.uint8).reshape(count, *self.shape[1:])
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise DataError(f"{self.npz}:{self.key}: cannot read ({err})") from err
+        except _ZIP_ERRORS as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"{self.npz}:{self.key}: cannot read ({quote(err)})") from err
 
 
 @dataclass
@@ -124,29 +185,90 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    return np.lib.format.read_array_header_2_0(fp)
+def _read_header(fp: IO[bytes], where: str = ".npy") -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a ``.npy`` header, read with numpy's own parser;
+    anything wrong with it (a truncated header, junk, a version numpy does not know) is a
+    DataError, since its parser raises many kinds (ValueError, SyntaxError, TokenError, ...)."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as err:
+        raise DataError(f"{where}: cannot read ({quote(err)})") from err
+    except Exception as err:  # noqa: BLE001 - numpy's header parser raises many kinds
+        raise DataError(f"{where}: invalid .npy header ({type(err).__name__}: "
+                        f"{quote(err)})") from err
+    # Every dimension, and their product even when one is 0, must fit numpy's index type.
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or (
+            math.prod(n for n in shape if n) * dtype.itemsize >= 2**62):
+        raise DataError(f"{where}: invalid .npy header (shape {quote(shape)})")
+    return tuple(shape), bool(fortran), dtype
 
 
-def _member_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    with archive.open(f"{key}.npy") as fp:
-        return _read_header(fp)
+# What zipfile raises on a damaged or odd archive: bad headers, CRC, deflate errors,
+# unsupported compression (NotImplementedError), encryption (RuntimeError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error,
+               ValueError, NotImplementedError, RuntimeError)
 
 
-def scan_npz(path: Path, class_names: list[str] | None = None) -> Source:
+@contextlib.contextmanager
+def _open_member(archive: zipfile.ZipFile, key: str, where: str) -> Iterator[IO[bytes]]:
+    """A member of an npz, any archive error while opening or reading it a DataError."""
+    try:
+        with archive.open(f"{key}.npy") as fp:
+            yield fp
+    except DataError:
+        raise
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{where}: cannot read ({type(err).__name__}: {quote(err)})") from err
+
+
+def _member_header(archive: zipfile.ZipFile, key: str,
+                   where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    with _open_member(archive, key, where) as fp:
+        return _read_header(fp, where)
+
+
+def _check_member_bytes(where: str, shape: tuple[int, ...], dtype: np.dtype, limit: int) -> int:
+    """Decoded bytes the header declares, refused above ``limit`` before anything is inflated."""
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (a pickle), which are never loaded")
+    size = math.prod(shape) * dtype.itemsize  # Python ints: (10**12,) cannot overflow
+    if size > limit:
+        raise DataError(f"{where}: declares {'x'.join(map(str, shape)) or 'a scalar'} of "
+                        f"{dtype} = {size:,} bytes, above the limit of {limit:,} "
+                        f"(max_npz_member_bytes)")
+    return size
+
+
+def _read_member(archive: zipfile.ZipFile, key: str, where: str, limit: int) -> np.ndarray:
+    """One small member (labels) read after its header passed the byte limit, so a member
+    that deflates to gigabytes is refused at its header."""
+    with _open_member(archive, key, where) as fp:
+        shape, fortran, dtype = _read_header(fp, where)
+        size = _check_member_bytes(where, shape, dtype, limit)
+        buffer = fp.read(size)
+    if len(buffer) != size:
+        raise DataError(f"{where}: truncated ({len(buffer):,} of {size:,} bytes)")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def scan_npz(path: Path, class_names: list[str] | None = None,
+             limits: Limits = DEFAULT) -> Source:
     """Validate a MedMNIST-style ``.npz`` (``<split>_images`` / ``<split>_labels``) and describe
     it; only the labels are loaded. Every wrong key, shape or dtype is named in one error."""
     try:
         archive = zipfile.ZipFile(path)
         keys = {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{path}: not a readable .npz file ({quote(err)})") from err
     problems: list[str] = []
     splits: dict[str, FileSet | ArraySet] = {}
-    with archive, np.load(path, allow_pickle=False) as arrays:
+    with archive:
         for name in SPLITS:
             image_key, label_key = f"{name}_images", f"{name}_labels"
             if (image_key in keys) != (label_key in keys):
@@ -155,13 +277,13 @@ def scan_npz(path: Path, class_names: list[str] | None = None) -> Source:
                 continue
             if image_key not in keys:
                 continue
-            split = _npz_split(path, archive, arrays, image_key, label_key, problems)
+            split = _npz_split(path, archive, image_key, label_key, problems, limits)
             if split is not None:
                 splits[name] = split
     if not splits and not problems:
         expected = ", ".join(f"{s}_images/{s}_labels" for s in SPLITS)
-        problems.append(f"no split keys (expected some of {expected}; "
-                        f"found: {', '.join(sorted(keys)) or 'nothing'})")
+        found = shown(", ".join(sorted(keys)) or "nothing")
+        problems.append(f"no split keys (expected some of {expected}; found: {found})")
     shapes = {name: s.shape[1:] for name, s in splits.items()}
     if len(set(shapes.values())) > 1:
         problems.append("images differ in shape between splits: " + ", ".join(
@@ -169,40 +291,53 @@ def scan_npz(path: Path, class_names: list[str] | None = None) -> Source:
     if problems:
         raise problems_error(str(path), "problem(s) with its keys, shapes or dtypes", problems)
     n_classes = int(max((s.labels.max() + 1 for s in splits.values() if len(s)), default=0))
-    if n_classes > MAX_CLASSES:
-        raise DataError(f"{path}: labels go up to {n_classes - 1}; at most {MAX_CLASSES} classes "
-                        f"are supported (labels must be 0..K-1)")
+    if n_classes > limits.max_classes:
+        raise DataError(f"{path}: labels go up to {n_classes - 1}; at most {limits.max_classes} "
+                        f"classes are supported (labels must be 0..K-1; max_classes)")
     if class_names is None:
         stem = path.name.split(".")[0].split("_")[0].lower()
         class_names = MEDMNIST_CLASS_NAMES.get(stem, [str(i) for i in range(n_classes)])
     if n_classes > len(class_names):
         raise DataError(f"{path}: labels go up to {n_classes - 1} but only {len(class_names)} "
-                        f"class names are known ({class_names})")
+                        f"class names are known ({quote(class_names)})")
     return Source("npz", path, list(class_names), splits)
 
 
-def _npz_split(path: Path, archive: zipfile.ZipFile, arrays, image_key: str, label_key: str,
-               problems: list[str]) -> ArraySet | None:
-    """One split's ArraySet, or None with its problems appended."""
+def _image_member_problems(image_key: str, shape: tuple[int, ...], fortran: bool,
+                           dtype: np.dtype, limits: Limits) -> list[str]:
+    """What is wrong with an images member's header: layout, dtype, pixels per image."""
+    problems = []
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        problems.append(f"{image_key}: expected images shaped (N, H, W) or (N, H, W, 1|3), "
+                        f"got {quote(shape)}")
+    elif shape[1] * shape[2] > limits.max_image_pixels:
+        problems.append(f"{image_key}: images of {shape[1]}x{shape[2]} = "
+                        f"{shape[1] * shape[2]:,} pixels, above the limit of "
+                        f"{limits.max_image_pixels:,} (max_image_pixels)")
+    if dtype != np.uint8:
+        problems.append(f"{image_key}: expected uint8 pixels, got {quote(dtype)}")
+    if fortran:
+        problems.append(f"{image_key}: Fortran-ordered arrays are not supported")
+    return problems
+
+
+def _npz_split(path: Path, archive: zipfile.ZipFile, image_key: str, label_key: str,
+               problems: list[str], limits: Limits) -> ArraySet | None:
+    """One split's ArraySet, or None with its problems appended. Only headers are read before
+    every size is checked; the labels are then read within max_npz_member_bytes."""
     before = len(problems)
     try:
-        shape, fortran, dtype = _member_header(archive, image_key)
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        problems.append(f"{image_key}: unreadable ({err})")
+        shape, fortran, dtype = _member_header(archive, image_key, image_key)
+    except DataError as err:
+        problems.append(str(err))
         return None
     if len(shape) == 3:
         shape = (*shape, 1)
-    if len(shape) != 4 or shape[-1] not in (1, 3):
-        problems.append(f"{image_key}: expected images shaped (N, H, W) or (N, H, W, 1|3), "
-                        f"got {shape}")
-    if dtype != np.uint8:
-        problems.append(f"{image_key}: expected uint8 pixels, got {dtype}")
-    if fortran:
-        problems.append(f"{image_key}: Fortran-ordered arrays are not supported")
+    problems += _image_member_problems(image_key, shape, fortran, dtype, limits)
     try:
-        labels = np.asarray(arrays[label_key])
-    except ValueError as err:  # e.g. pickled object arrays, refused on purpose
-        problems.append(f"{label_key}: cannot read ({err})")
+        labels = _read_member(archive, label_key, label_key, limits.max_npz_member_bytes)
+    except DataError as err:
+        problems.append(str(err))
         return None
     if labels.ndim == 2 and labels.shape[1] != 1:
         problems.append(f"{label_key}: shaped {labels.shape}; multi-label data is not supported, "
@@ -213,7 +348,7 @@ def _npz_split(path: Path, archive: zipfile.ZipFile, arrays, image_key: str, lab
         problems.append(f"{image_key} has {shape[0]} images but {label_key} has "
                         f"{len(labels)} labels")
     if not np.issubdtype(labels.dtype, np.integer):
-        problems.append(f"{label_key}: labels must be integers, got {labels.dtype}")
+        problems.append(f"{label_key}: labels must be integers, got {quote(labels.dtype)}")
     elif labels.size and int(labels.max()) > np.iinfo(np.int64).max:  # uint64 would wrap
         problems.append(f"{label_key}: label {labels.max()} is out of range")
     elif labels.size and labels.min() < 0:
@@ -233,14 +368,51 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name not in JUNK
 
 
-def _files_under(folder: Path, root: Path) -> list[Path]:
-    """Every visible file below ``folder`` (recursively), sorted by path relative to root."""
-    files = [p for p in folder.rglob("*")
-             if p.is_file() and all(_visible(part) for part in p.relative_to(root).parts)]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+def _file_problem(path: Path, real_root: Path, origin: str) -> tuple[str, bool] | None:
+    """(problem, structural) for one entry below a class folder, or None when it is a usable
+    file. A symlink leaving the root is structural (a red flag, as in a CSV); a FIFO, device
+    or socket (reading it could hang) and a name that is not UTF-8 are that file's problem."""
+    if path.is_symlink():
+        try:
+            if not path.resolve().is_relative_to(real_root):
+                return f"{quote(origin)} leads outside the source folder (symlink)", True
+        except (OSError, RuntimeError) as err:  # a symlink loop
+            return f"unresolvable symlink ({quote(err)})", False
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return f"cannot read ({quote(err.strerror or str(err))})", False
+    if stat.S_ISDIR(mode):
+        return "", False  # a directory (a symlinked one is not followed): not a file
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({_kind_of(mode)})", False
+    if safe_name(origin) != origin:
+        return "file name is not valid UTF-8 or holds control characters", False
+    return None
 
 
-def scan_folder(root: Path, class_names: list[str] | None = None) -> Source:
+def _files_under(folder: Path, root: Path, real_root: Path,
+                 outside: Problems) -> list[tuple[Path, str, str]]:
+    """(path, origin, problem) of every visible file below ``folder`` (recursively), sorted by
+    origin; symlinks leaving the root go to ``outside``."""
+    files = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(root)
+        if not all(_visible(part) for part in relative.parts):
+            continue
+        origin = relative.as_posix()
+        found = _file_problem(path, real_root, origin)
+        if found is None:
+            files.append((path, origin, ""))
+        elif found[1]:
+            outside.add(found[0])
+        elif found[0]:
+            files.append((path, safe_name(origin), found[0]))
+    return sorted(files, key=lambda entry: entry[1])
+
+
+def scan_folder(root: Path, class_names: list[str] | None = None,
+                limits: Limits = DEFAULT) -> Source:
     """``<root>/[train|val|test/]<CLASS>/**`` with any number of classes. Every visible file in
     a class folder counts as an image; files beside the class folders are ignored."""
     children = sorted(p for p in root.iterdir() if _visible(p.name))
@@ -250,46 +422,70 @@ def scan_folder(root: Path, class_names: list[str] | None = None) -> Source:
     split_dirs = {p.name.lower(): p for p in named}
     if len(split_dirs) < len(named):
         raise DataError(f"{root}: split folders {[p.name for p in named]} differ only in case")
-    ignored = [p.relative_to(root).as_posix() for p in children if p.is_file()]
+    ignored = [safe_name(p.relative_to(root).as_posix()) for p in children if not p.is_dir()]
     if split_dirs:
         others = [p.name for p in dirs if p.name.lower() not in SPLITS]
         if others:
             raise DataError(f"{root}: mixes split folders {sorted(split_dirs)} with other "
-                            f"folders {others}; expected <root>/<split>/<CLASS>/ or "
+                            f"folders {quote(others)}; expected <root>/<split>/<CLASS>/ or "
                             f"<root>/<CLASS>/")
         layout = {}
         for name in SPLITS:
             if name in split_dirs:
                 entries = sorted(p for p in split_dirs[name].iterdir() if _visible(p.name))
                 layout[name] = [p for p in entries if p.is_dir()]
-                ignored += [p.relative_to(root).as_posix() for p in entries if p.is_file()]
+                ignored += [safe_name(p.relative_to(root).as_posix())
+                            for p in entries if not p.is_dir()]
     else:
         layout = {"train": dirs}
+    found = sorted({d.name for class_dirs in layout.values() for d in class_dirs})
+    _check_class_folders(root, found, limits)
     nested = [f"{d.relative_to(root).as_posix()}/{c.name}" for class_dirs in layout.values()
               for d in class_dirs for c in d.iterdir() if c.is_dir() and c.name.lower() in SPLITS]
     if nested:
-        raise DataError(f"{root}: split folders inside class folders ({nested[:3]}); expected "
-                        f"<root>/<split>/<CLASS>/, is the root one level too high?")
-    found = sorted({d.name for class_dirs in layout.values() for d in class_dirs})
-    if not found:
-        raise DataError(f"{root}: no class folders found "
-                        f"(expected <root>/[train|val|test/]<CLASS>/)")
+        raise DataError(f"{root}: split folders inside class folders ({quote(nested[:3])}); "
+                        f"expected <root>/<split>/<CLASS>/, is the root one level too high?")
     problems = []
     for split, class_dirs in layout.items():
         have = {d.name for d in class_dirs}
         if have != set(found):
             lacks = sorted(set(found) - have)
-            problems.append(f"split '{split}' lacks class folders {lacks}" if lacks else
-                            f"split '{split}' has class folders {sorted(have - set(found))}")
+            problems.append(f"split '{split}' lacks class folders {quote(lacks)}" if lacks
+                            else f"split '{split}' has class folders "
+                            f"{quote(sorted(have - set(found)))}")
     if problems:
         raise problems_error(str(root), "class folder mismatch(es) between splits", problems)
     names = _check_class_names(str(root), "class folders", found, class_names)
+    index = {name: i for i, name in enumerate(names)}
+    real_root, outside = root.resolve(), Problems(limits.max_problems_shown)
     splits: dict[str, FileSet | ArraySet] = {}
     for split, class_dirs in layout.items():
-        items = [Item(path, path.relative_to(root).as_posix(), names.index(d.name))
-                 for d in class_dirs for path in _files_under(d, root)]
+        items = []
+        for d in class_dirs:
+            if not d.resolve().is_relative_to(real_root):
+                outside.add(f"{quote(d.relative_to(root).as_posix())} leads outside the source "
+                            f"folder (symlink)")
+                continue
+            items += [Item(path, origin, index[d.name], problem=problem)
+                      for path, origin, problem in _files_under(d, root, real_root, outside)]
         splits[split] = FileSet(sorted(items, key=lambda item: item.origin))
+    if outside:
+        raise outside.error(str(root), "file(s) outside the source folder")
     return Source("folder", root, names, splits, flat=not split_dirs, ignored=ignored)
+
+
+def _check_class_folders(root: Path, found: list[str], limits: Limits) -> None:
+    """Class folders: at least one, at most max_classes, names printable on one line."""
+    if not found:
+        raise DataError(f"{root}: no class folders found "
+                        f"(expected <root>/[train|val|test/]<CLASS>/)")
+    if len(found) > limits.max_classes:
+        raise DataError(f"{root}: {len(found)} class folders, above the limit of "
+                        f"{limits.max_classes} (max_classes)")
+    odd = [safe_name(name) for name in found if safe_name(name) != name]
+    if odd:
+        raise DataError(f"{root}: class folder name(s) {quote(odd[:5])} are not valid "
+                        f"UTF-8 or hold control characters; rename them")
 
 
 def _check_class_names(where: str, what: str, found: list[str],
@@ -299,7 +495,8 @@ def _check_class_names(where: str, what: str, found: list[str],
     if expected is None:
         return sorted(found)
     if not set(found) <= set(expected):
-        raise DataError(f"{where}: {what} {sorted(found)} differ from the expected {expected}")
+        raise DataError(f"{where}: {what} {quote(sorted(found))} differ from the expected "
+                        f"{quote(expected)}")
     return list(expected)
 
 
@@ -308,73 +505,196 @@ def _check_class_names(where: str, what: str, found: list[str],
 # ---------------------------------------------------------------------------------------------
 
 
-def _path_problem(text: str) -> str | None:
-    """Why a CSV path may not be used, or None. Paths must stay inside the CSV's folder."""
+def _path_problem(text: str, limits: Limits = DEFAULT) -> str | None:
+    """Why a CSV path may not be used, or None. Paths must stay inside the CSV's folder; their
+    length is checked first, so resolving one can never take long. String checks only: this
+    runs once per row of a manifest that may hold millions."""
     if not text:
         return "empty path"
-    posix, windows = PurePosixPath(text), PureWindowsPath(text)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or text.startswith("\\"):
-        return f"absolute path {text!r} is not allowed; paths are relative to the CSV's folder"
-    if ".." in windows.parts:  # PureWindowsPath splits on both '/' and '\\'
-        return f"path {text!r} contains '..'; paths may not leave the CSV's folder"
+    if len(text) > limits.max_path_chars:
+        return (f"path {quote(text)} is longer than {limits.max_path_chars} characters "
+                f"(max_path_chars)")
+    if text[0] in "/\\" or _DRIVE.match(text):
+        return f"absolute path {quote(text)} is not allowed; paths are relative to the CSV's folder"
+    parts = _SEPARATORS.split(text)  # both '/' and '\\', as Windows tools write them
+    if ".." in parts:
+        return f"path {quote(text)} contains '..'; paths may not leave the CSV's folder"
+    if max(map(len, parts)) > limits.max_path_component:
+        return (f"path {quote(text)} has a component longer than {limits.max_path_component} "
+                f"characters (max_path_component)")
+    if "\0" in text:
+        return f"path {quote(text)} holds a NUL character"
     return None
 
 
-def scan_csv(path: Path, class_names: list[str] | None = None) -> Source:
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_SEPARATORS = re.compile(r"[\\/]")
+
+
+def _bounded_lines(fh: IO[str], where: str, limit: int) -> Iterator[str]:
+    """The lines of a text file, refusing one longer than ``limit`` characters as soon as it is
+    seen: a 10-million-comma line is never parsed."""
+    number = 0
+    while line := fh.readline(limit + 2):  # room for "\r\n"
+        number += 1
+        if len(line.rstrip("\r\n")) > limit:
+            raise DataError(f"{where}: line {number} is longer than {limit:,} characters "
+                            f"(max_csv_line); starts {quote(line[:40])}")
+        yield line
+
+
+def _csv_records(path: Path, limits: Limits) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) rows of a CSV manifest, parsed by the csv module with
+    every size bounded: file bytes, line length, field length, fields per row, row count."""
+    size = path.stat().st_size
+    if size > limits.max_csv_bytes:
+        raise DataError(f"{path}: {size:,} bytes, above the limit of {limits.max_csv_bytes:,} "
+                        f"(max_csv_bytes)")
+    rows: list[tuple[int, list[str]]] = []
+    reader = csv.reader([])
+    if limits.max_csv_field >= csv.field_size_limit():
+        # The csv module's own (process-wide) bound, 128 KiB, would cut a raised limit short;
+        # it is only ever raised here, so other readers in the process lose nothing.
+        csv.field_size_limit(limits.max_csv_field + 1)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(_bounded_lines(fh, str(path), limits.max_csv_line),
+                                skipinitialspace=True, strict=True)
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise DataError(f"{path}: empty file; expected a header path,label[,split]"
+                                f"[,patient_id]")
+            for record in reader:
+                if not record or record == [""]:
+                    continue  # blank line
+                _check_record(path, reader.line_num, record, header, len(rows), limits)
+                rows.append((reader.line_num, [value.strip() for value in record]))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line: "
+                        f"{quote(err.reason)})") from err
+    except csv.Error as err:
+        if "field larger than field limit" in str(err):  # the csv module's own bound (128 KiB)
+            raise DataError(f"{path}: line {reader.line_num} has a field longer than "
+                            f"{csv.field_size_limit():,} characters, above the limit of "
+                            f"{limits.max_csv_field} (max_csv_field)") from err
+        raise DataError(f"{path}: not a readable CSV ({quote(err)})") from err
+    return header, rows
+
+
+def _check_record(path: Path, line: int, record: list[str], header: list[str], count: int,
+                  limits: Limits) -> None:
+    """Stop at the first row over a limit, before reading on."""
+    if len(record) > len(header):
+        raise DataError(f"{path}: line {line} has {len(record):,} fields but the header has "
+                        f"{len(header)}")
+    longest = max(record, key=len)
+    if len(longest) > limits.max_csv_field:
+        raise DataError(f"{path}: line {line} has a field of {len(longest):,} characters, above "
+                        f"the limit of {limits.max_csv_field} (max_csv_field): {quote(longest)}")
+    if count >= limits.max_csv_rows:
+        raise DataError(f"{path}: more than {limits.max_csv_rows:,} rows (max_csv_rows)")
+
+
+def _row_file_problem(root: str, text: str) -> tuple[Path, str | None, str]:
+    """(resolved path, structural problem, file problem) of a CSV path that passed
+    _path_problem: a symlink out of the folder is structural, a FIFO or device the file's.
+    os.path on strings: pathlib costs a few times more per row."""
+    try:
+        resolved = os.path.realpath(os.path.join(root, text))
+    except (OSError, ValueError) as err:
+        return Path(root, text), None, f"unresolvable path ({quote(err)})"
+    if not resolved.startswith(root.rstrip(os.sep) + os.sep):
+        return Path(resolved), f"path {quote(text)} leads outside the CSV's folder (symlink)", ""
+    try:
+        mode = os.stat(resolved).st_mode
+    except (OSError, ValueError):
+        return Path(resolved), None, ""  # missing: named when it is read
+    if not stat.S_ISREG(mode):
+        return Path(resolved), None, f"not a regular file ({_kind_of(mode)})"
+    return Path(resolved), None, ""
+
+
+def scan_csv(path: Path, class_names: list[str] | None = None,
+             limits: Limits = DEFAULT) -> Source:
     """A CSV with columns ``path,label`` and optionally ``split`` and ``patient_id``; paths
     are relative to the CSV's folder and may not leave it."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({err})") from err
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in CSV_COLUMNS if c not in table.columns]
+    header, records = _csv_records(path, limits)
+    missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected path,label[,split]"
-                        f"[,patient_id], found {list(table.columns)}")
-    if table.empty:
+                        f"[,patient_id], found {quote(header)}")
+    if len(set(header)) < len(header):
+        raise DataError(f"{path}: repeated column names in {quote(header)}")
+    if not records:
         raise DataError(f"{path}: has a header but no rows")
-    table = table.apply(lambda column: column.str.strip())
+    column = {name: header.index(name) for name in (*CSV_COLUMNS, *CSV_OPTIONAL) if name in header}
     root = path.parent.resolve()
-    problems = []
-    # Backslashes are separators (exports from Windows tools); the file name is POSIX below.
-    table["path"] = [PureWindowsPath(text).as_posix() if text else text for text in table["path"]]
-    for row, record in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        where = f"line {row}"
-        problem = _path_problem(record["path"])
-        if problem is None and not (root / record["path"]).resolve().is_relative_to(root):
-            problem = f"path {record['path']!r} leads outside the CSV's folder (symlink)"
-        if problem:
-            problems.append(f"{where}: {problem}")
-        if not record["label"]:
-            problems.append(f"{where}: empty label")
-        if "split" in table and record["split"] not in SPLITS:
-            problems.append(f"{where}: split {record['split']!r} is not one of {list(SPLITS)}")
-        if "patient_id" in table and not record["patient_id"]:
-            problems.append(f"{where}: empty patient_id")
-    for dup in table.loc[table["path"].duplicated(), "path"].unique():
-        problems.append(f"path {dup!r} is listed more than once")
+    problems = Problems(limits.max_problems_shown)
+    seen: dict[str, int] = {}
+    labels: dict[str, set[str]] = {}
+    rows: list[tuple[str, Path, str, str, str, str]] = []
+    for line, record in records:
+        record += [""] * (len(header) - len(record))
+        fields = {name: record[i] for name, i in column.items()}
+        # Backslashes are separators (exports from Windows tools); the file name is POSIX below.
+        # An over-long path stays as it is: _path_problem refuses it before any parsing.
+        raw = fields["path"]
+        text = PureWindowsPath(raw).as_posix() if 0 < len(raw) <= limits.max_path_chars else raw
+        row = _csv_row(root, line, text, fields, problems, seen, limits)
+        if row is not None:
+            rows.append(row)
+            labels.setdefault(row[3], set()).add(row[2])
+            if len(labels.get(row[3], ())) > limits.max_classes:
+                raise DataError(f"{path}: more than {limits.max_classes} distinct labels "
+                                f"(max_classes); is the label column right?")
     if problems:
-        raise problems_error(str(path), "bad row(s)", problems)
-    splits_of = table["split"] if "split" in table else pd.Series("train", index=table.index)
-    problems = []
-    labels_by_split = {s: set(table.loc[splits_of == s, "label"]) for s in SPLITS
-                       if (splits_of == s).any()}
-    every = set(table["label"])
-    for split, labels in labels_by_split.items():
-        if labels != every:
-            problems.append(f"split '{split}' lacks classes {sorted(every - labels)}")
+        raise problems.error(str(path), "bad row(s)")
+    every = set().union(*labels.values())
+    if len(every) > limits.max_classes:
+        raise DataError(f"{path}: {len(every)} distinct labels, above the limit of "
+                        f"{limits.max_classes} (max_classes)")
+    for split, have in labels.items():
+        if have != every:
+            problems.add(f"split '{split}' lacks classes {quote(sorted(every - have))}")
     if problems:
-        raise problems_error(str(path), "class mismatch(es) between splits", problems)
+        raise problems.error(str(path), "class mismatch(es) between splits")
     names = _check_class_names(str(path), "labels", sorted(every), class_names)
-    splits: dict[str, FileSet | ArraySet] = {}
-    for split in labels_by_split:
-        rows = table[splits_of == split]
-        splits[split] = FileSet([
-            Item(root / r["path"], r["path"], names.index(r["label"]), r.get("patient_id", ""))
-            for r in rows.to_dict("records")])
-    return Source("csv", path.parent, names, splits, flat="split" not in table,
+    index = {name: i for i, name in enumerate(names)}  # a dict: 150 000 labels stay linear
+    splits: dict[str, FileSet | ArraySet] = {
+        split: FileSet([Item(resolved, text, index[label], group, problem)
+                        for text, resolved, label, split_of, group, problem in rows
+                        if split_of == split])
+        for split in SPLITS if split in labels}
+    return Source("csv", path.parent, names, splits, flat="split" not in column,
                   extra_hashed=[path])
+
+
+def _csv_row(root: Path, line: int, text: str, fields: dict[str, str], problems: Problems,
+             seen: dict[str, int], limits: Limits) -> tuple[str, Path, str, str, str, str] | None:
+    """(path, resolved path, label, split, patient, file problem) of one row, or None with its
+    problems added."""
+    before = problems.total
+    where = f"line {line}"
+    problem = _path_problem(text, limits)
+    resolved, file_problem = root / text, ""
+    if problem is None:
+        resolved, problem, file_problem = _row_file_problem(str(root), text)
+    if problem:
+        problems.add(f"{where}: {problem}")
+    if not fields["label"]:
+        problems.add(f"{where}: empty label")
+    split = fields.get("split", "train")
+    if split not in SPLITS:
+        problems.add(f"{where}: split {quote(split)} is not one of {list(SPLITS)}")
+    if "patient_id" in fields and not fields["patient_id"]:
+        problems.add(f"{where}: empty patient_id")
+    if text and text in seen:
+        problems.add(f"{where}: path {quote(text)} is listed more than once (first on line "
+                     f"{seen[text]})")
+    seen.setdefault(text, line)
+    if problems.total > before:
+        return None
+    return text, resolved, fields["label"], split, fields.get("patient_id", ""), file_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,17 +728,27 @@ def resolve(source: str, cache_dir: Path | None = None) -> Path:
 
 
 def open_source(source: str, class_names: list[str] | None = None,
-                cache_dir: Path | None = None) -> Source:
+                cache_dir: Path | None = None, limits: Limits = DEFAULT) -> Source:
     """Describe ``source`` (npz, folder, CSV, on gs:// or local, or a published name)."""
+    if len(source) > limits.max_path_chars:
+        raise DataError(f"source {quote(source)} is longer than {limits.max_path_chars} "
+                        f"characters (max_path_chars)")
     path = resolve(source, cache_dir)
-    if not path.exists():
-        raise DataError(f"{source}: no such file or directory")
-    if path.is_dir():
-        return scan_folder(path, class_names)
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise DataError(f"{shown(source)}: no such file or directory"
+                        if isinstance(err, FileNotFoundError) else
+                        f"{shown(source)}: cannot read ({err.strerror})") from err
+    if stat.S_ISDIR(mode):
+        return scan_folder(path, class_names, limits)
+    if not stat.S_ISREG(mode):  # a FIFO would block the open forever
+        raise DataError(f"{shown(source)}: not a regular file ({_kind_of(mode)})")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return scan_npz(path, class_names)
+        return scan_npz(path, class_names, limits)
     if suffix == ".csv":
-        return scan_csv(path, class_names)
-    raise DataError(f"{source}: a file source must be a MedMNIST-style .npz or a .csv manifest "
-                    f"(path,label[,split][,patient_id]); got {path.suffix or 'no extension'}")
+        return scan_csv(path, class_names, limits)
+    raise DataError(f"{shown(source)}: a file source must be a MedMNIST-style .npz or a .csv "
+                    f"manifest (path,label[,split][,patient_id]); got "
+                    f"{shown(path.suffix) or 'no extension'}")

@@ -29,6 +29,8 @@ from google.auth.exceptions import DefaultCredentialsError, RefreshError, Transp
 from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption
 
+from lungxray.errors import ConfigError, LungxrayError
+
 log = logging.getLogger(__name__)
 
 GCS_SCHEME = "gs://"
@@ -50,8 +52,10 @@ _CREDENTIALS_HELP = (
 )
 
 
-class StorageError(Exception):
+class StorageError(LungxrayError):
     """A storage operation failed; the one-line message names the URI involved."""
+
+    kind = "storage"
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,12 +74,12 @@ def parse_gcs(uri: str) -> tuple[str, str]:
     prefix from an object name); it is ``""`` for ``gs://bucket`` and ``gs://bucket/``.
     """
     if not is_gcs(uri):
-        raise ValueError(f"not a gs:// URI: {uri!r}")
+        raise ConfigError(f"not a gs:// URI: {uri!r}")
     bucket, _, name = uri[len(GCS_SCHEME) :].partition("/")
     if not bucket:
-        raise ValueError(f"malformed GCS URI {uri!r}: no bucket name (expected gs://BUCKET/PATH)")
+        raise ConfigError(f"malformed GCS URI {uri!r}: no bucket name (expected gs://BUCKET/PATH)")
     if not _BUCKET_RE.fullmatch(bucket):
-        raise ValueError(
+        raise ConfigError(
             f"malformed GCS URI {uri!r}: {bucket!r} is not a valid bucket name "
             "(3-222 characters: lowercase letters, digits, '-', '_', '.')"
         )

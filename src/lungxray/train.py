@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
-from lungxray import data, features, metrics, models, plots
+from lungxray import data, features, integrity, metrics, models, plots, safeio, schema
+from lungxray.errors import ConfigError, ModelError, quote
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -55,20 +56,28 @@ def merge_hparams(hparams: dict | None, pretrained: bool = True) -> dict:
     hparams = dict(hparams or {})
     unknown = sorted(set(hparams) - set(DEFAULT_HPARAMS))
     if unknown:
-        raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted(DEFAULT_HPARAMS)}")
+        shown = ", ".join(quote(str(n), 40) for n in unknown[:10])
+        raise ConfigError(f"unknown hyperparameters {shown}"
+                          f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}; "
+                          f"known: {', '.join(sorted(DEFAULT_HPARAMS))}")
+    schema.check_hparams(hparams, "hparams")
     return {**DEFAULT_HPARAMS, **({} if pretrained else SCRATCH_DEFAULTS), **hparams}
 
 
 def read_best_hparams(path: Path, model_name: str | None = None) -> dict:
     """The hyperparameters from a ``best_hparams.json`` (or a plain {name: value} file);
     a tuning result for another model than ``model_name`` is refused."""
-    content = json.loads(Path(path).read_text())
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object of hyperparameters")
+    content = safeio.load_json_object(Path(path), "--hparams file", error=ConfigError)
+    shown = quote(str(path))
     tuned = content.get("model_name")
     if model_name and tuned and tuned != model_name:
-        raise ValueError(f"{path}: hyperparameters tuned for {tuned}, not {model_name}")
-    return content.get("hparams", content)
+        raise ConfigError(f"{shown}: hyperparameters tuned for {quote(str(tuned), 60)}, not "
+                          f"{model_name}")
+    hparams = content.get("hparams", content)
+    if not isinstance(hparams, dict):
+        raise ConfigError(f"{shown}: 'hparams' must be a JSON object of hyperparameters")
+    merge_hparams(hparams)  # names, types and ranges refused here, before any state exists
+    return hparams
 
 
 def gather_batch(split: data.Split, num_classes: int, index: np.ndarray
@@ -191,7 +200,7 @@ def configure_devices(mixed_precision: bool | None, jit_compile: bool | None
     CPU (without it, JAX runs op by op)."""
     backend = keras.backend.backend()
     if backend not in BACKENDS:
-        raise ValueError(f"Keras backend {backend!r} is not supported; use one of {BACKENDS} "
+        raise ConfigError(f"Keras backend {backend!r} is not supported; use one of {BACKENDS} "
                          "(KERAS_BACKEND)")
     gpus = gpu_count()
     mixed = gpus > 0 if mixed_precision is None else mixed_precision
@@ -250,7 +259,9 @@ class PhaseState:
         self.record = root / "phases.json"
 
     def finished(self) -> list[dict]:
-        return json.loads(self.record.read_text()) if self.record.exists() else []
+        if not self.record.exists():
+            return []
+        return safeio.load_json(self.record, "training state", error=ConfigError)
 
     def weights(self, phase: str) -> Path:
         return self.root / f"{phase}.weights.h5"
@@ -309,19 +320,30 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     finished epoch, optimizer state included. The decision threshold is chosen on validation:
     Youden's J, or the highest one reaching ``target_sensitivity``.
     """
+    # Every argument, the weights file and the data are checked, and the model built, before
+    # the state dir exists: a refused run never blocks its corrected re-run.
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    schema.check_training(epochs=epochs, batch_size=batch_size, seed=seed, patience=patience)
     metrics.check_target_sensitivity(target_sensitivity)
+    models.get_spec(model_name)
     strategy, mixed, jit = configure_devices(mixed_precision, jit_compile)
     resolved = models.resolve_weights(weights, cache_dir)
     hp = merge_hparams(hparams, pretrained=resolved is not None)
-    manifest = data.read_manifest(data_dir)
+    manifest = integrity.read_manifest(data_dir)
     class_names = manifest["class_names"]
     num_classes = len(class_names)
-    train_split, val_split = data.load_split(data_dir, "train"), data.load_split(data_dir, "val")
+    train_split = integrity.load_checked_split(data_dir, "train", manifest)
+    val_split = integrity.load_checked_split(data_dir, "val", manifest)
     output = Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
     digests = {name: split["sha256"] for name, split in manifest["splits"].items()}
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        model = models.build_classifier(
+            model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
+            dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],
+            seed=seed)
     check_state(state.root, {
         "state_format": STATE_FORMAT, "model_name": model_name, "hparams": hp, "epochs": epochs,
         "batch_size": batch_size, "seed": seed,
@@ -330,12 +352,6 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "data_sha256": digests,
     }, JOB_FILE, "training job")
     (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
-    keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        model = models.build_classifier(
-            model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
-            dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],
-            seed=seed)
     global_batch = batch_size * strategy.num_replicas_in_sync
     train_ds = make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed)
     val_ds = make_dataset(val_split, num_classes, global_batch)
@@ -394,6 +410,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "image_size": manifest["image_size"],
         "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
         "channels": manifest["channels"],
+        # predict and export fit new images the way preprocess fitted the training ones
+        "keep_aspect": bool(manifest.get("keep_aspect", False)),
         "weights": weights,
         "hparams": hp,
         "params": int(model.count_params()),
@@ -417,17 +435,22 @@ def check_state(state: Path, config: dict, config_file: str, what: str) -> None:
     """Refuse to resume from a state dir that belongs to a different ``what`` (other data, model,
     settings); a fresh dir gets ``config`` written into it."""
     path = state / config_file
+    if path.is_file() and {p.name for p in state.iterdir()} == {config_file}:
+        # A run that stopped before its first checkpoint has nothing to resume: a corrected
+        # re-run (other settings) starts afresh instead of being refused.
+        path.unlink()
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = safeio.load_json_object(path, "state file", error=ConfigError)
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config)
                              if previous.get(k) != config.get(k))
-            raise ValueError(
+            raise ConfigError(
                 f"{state} holds the state of a different {what} (differs in: "
-                f"{', '.join(changed)}); use another output or state dir, or delete {state}")
+                f"{quote(', '.join(map(str, changed)), 200)[1:-1]}); use another output or "
+                f"state dir, or delete {state}")
         return
     if state.is_dir() and any(state.iterdir()):
-        raise ValueError(f"{state} holds state without {config_file} (another version?); "
+        raise ConfigError(f"{state} holds state without {config_file} (another version?); "
                          f"use another output or state dir, or delete {state}")
     state.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2))
@@ -439,7 +462,8 @@ def state_key(*parts: object) -> str:
 
 
 def read_model_info(model_dir: Path) -> dict:
+    """A model folder's model_info.json, read within the size and depth limits."""
     path = Path(model_dir) / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {INFO_FILE}; is this a `lungxray train` output?")
-    return json.loads(path.read_text())
+    return safeio.load_json_object(path, "model info", error=ModelError)

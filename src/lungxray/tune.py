@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from lungxray import data, features, models, spaces, tune_report
+from lungxray import data, features, integrity, models, safeio, schema, spaces, tune_report
+from lungxray.errors import ConfigError, quote
 from lungxray.train import (
     MONITOR,
     ValidationAUC,
@@ -61,7 +62,7 @@ STATE_DIR = "tuner"
 CONFIG_FILE = "search.json"
 TIMES_FILE = "trial_times.json"
 FEATURES_DIR = "features"
-ALGORITHMS = ("hyperband", "bayesian", "random")
+ALGORITHMS = schema.TUNE_ALGORITHMS
 CONFIG_FORMAT = "lungxray-tune/3"  # 3: trials scored on the exact val_auc
 
 
@@ -184,7 +185,7 @@ class _TimedTrials:
 
     def _load_times(self) -> dict:
         path = self._times_path()
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return safeio.load_json(path, "trial times", error=ConfigError) if path.is_file() else {}
 
     def _save_times(self, times: dict) -> None:
         path = self._times_path()
@@ -286,7 +287,7 @@ def make_tuner(hypermodel: kt.HyperModel, budget: Budget, directory: Path,
         oracle = RandomOracle(objective, max_trials=budget.max_trials, seed=seed)
         tuner_class = TimedTuner
     else:
-        raise ValueError(f"unknown tuning algorithm {budget.algorithm!r}; "
+        raise ConfigError(f"unknown tuning algorithm {budget.algorithm!r}; "
                          f"choose one of {', '.join(ALGORITHMS)}")
     tuner = tuner_class(oracle, hypermodel, directory=str(directory), project_name=project,
                         overwrite=False)
@@ -310,7 +311,7 @@ def run_phase(hypermodel: kt.HyperModel, train_ds: tf.data.Dataset, val_ds: tf.d
 def trial_times(tuner: kt.Tuner) -> dict:
     """``{trial_id: {"starts", "started", "seconds"}}`` as recorded by the tuner."""
     path = Path(tuner.project_dir) / TIMES_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return safeio.load_json(path, "trial times", error=ConfigError) if path.is_file() else {}
 
 
 def best_trial(tuner: kt.Tuner) -> kt.engine.trial.Trial:
@@ -377,25 +378,28 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
     ``<cache_dir>/features`` when ``cache_dir`` is given, else ``<state>/features``).
     """
     if max_trials < 1 or epochs < 1:
-        raise ValueError(f"max_trials and epochs must be >= 1, got {max_trials} and {epochs}")
+        raise ConfigError(f"max_trials and epochs must be >= 1, got {max_trials} and {epochs}")
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown tuning algorithm {algorithm!r}; "
+        raise ConfigError(f"unknown tuning algorithm {quote(algorithm, 40)}; "
                          f"choose one of {', '.join(ALGORITHMS)}")
     if hyperband_factor < 2:
-        raise ValueError(f"hyperband_factor must be >= 2, got {hyperband_factor}")
+        raise ConfigError(f"hyperband_factor must be >= 2, got {hyperband_factor}")
     if fine_tune_trials < 0:
-        raise ValueError(f"fine_tune_trials must be >= 0, got {fine_tune_trials}")
+        raise ConfigError(f"fine_tune_trials must be >= 0, got {fine_tune_trials}")
     if batch_size < 1 or train_samples < 0:
-        raise ValueError(f"batch_size must be >= 1 and train_samples >= 0, got {batch_size} "
+        raise ConfigError(f"batch_size must be >= 1 and train_samples >= 0, got {batch_size} "
                          f"and {train_samples}")
+    # Upper bounds and the seed, with the pipeline's ranges (lungxray.schema).
+    schema.check_training(epochs=epochs, batch_size=batch_size, seed=seed,
+                          max_trials=max_trials, train_samples=train_samples)
     models.get_spec(model_name)  # fail on a bad name before any work
     started = time.time()
-    manifest = data.read_manifest(data_dir)
+    manifest = integrity.read_manifest(data_dir)
     num_classes = len(manifest["class_names"])
     image_size, channels = manifest["image_size"], manifest["channels"]
-    full_train = data.load_split(data_dir, "train")
+    full_train = integrity.load_checked_split(data_dir, "train", manifest)
     train_split = data.stratified_sample(full_train, train_samples, seed)
-    val_split = data.load_split(data_dir, "val")
+    val_split = integrity.load_checked_split(data_dir, "val", manifest)
     digests = {
         "train": (manifest["splits"]["train"]["sha256"] if train_split is full_train
                   else features.split_sha256(train_split)),

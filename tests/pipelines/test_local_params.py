@@ -39,16 +39,23 @@ def test_bad_params_exit_with_a_message(tmp_path, capsys):
     assert main(["--set", "epochs"]) == 2
     assert "--set expects name=value, got 'epochs'" in capsys.readouterr().err
     assert main(["--set", "epoch=3"]) == 2
-    assert "unknown pipeline parameter(s) ['epoch']" in capsys.readouterr().err
+    assert "unknown pipeline parameter(s) 'epoch'; known: " in capsys.readouterr().err
     # Checked as submit checks them, before kfp.local starts anything.
     for item, message in [
         ("base_models=VGG16", "'base_models' must be a list (LIST), got str 'VGG16' (write a "
                               "list: [VGG16])"),
-        ("base_models=[VGG16", "base_models='[VGG16' is not a valid YAML value"),
+        ("base_models=[VGG16", "base_models='[VGG16' is not valid YAML"),
         ("epochs=2.5", "'epochs' must be an integer"),
         ("select_metric=test_roc_auc", "never select on the test split"),
         ("select_metric=val_auc", "'auc' is not one of"),
-        ("target_sensitivity=1.5", "'target_sensitivity' must be in [0, 1]"),
+        ("target_sensitivity=1.5", "target_sensitivity must be between 0.0 and 1.0, got 1.5"),
+        ("epochs=-5", "parameter epochs must be between 1 and 10000, got -5"),
+        ("batch_size=0", "parameter batch_size must be between 1 and 65536, got 0"),
+        ("image_size=100000", "parameter image_size must be between 8 and 1024"),
+        ("seed=-1", "parameter seed must be between 0 and 4294967295, got -1"),
+        ("base_models=[VGG16, VGG61]", "unknown model 'VGG61'"),
+        ("base_models=[]", "parameter base_models must be between 1 and 100 items, got 0"),
+        ("tune_algorithm=grid", "parameter tune_algorithm must be one of hyperband"),
     ]:
         assert main(["--set", item, "--pipeline-root", str(tmp_path / "runs")]) == 2, item
         assert message in capsys.readouterr().err, item

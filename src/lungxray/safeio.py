@@ -1,0 +1,278 @@
+"""Bounded readers for the JSON and YAML files we read back, and a bounded model-folder copy.
+
+Every file is sized before it is read and its nesting is limited, so a small hostile file (a
+YAML alias bomb, a 2.7 GB ``config.json`` deflated from a few MB, JSON nested 100000 deep)
+ends in a one-line :class:`~lungxray.errors.LungxrayError` instead of exhausting memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lungxray.errors import ConfigError, DataError, LungxrayError, ModelError, quote
+from lungxray.limits import DEFAULT, Limits
+
+COPY_CHUNK = 1 << 20
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """A parser's message on one line, cut to ``limit`` characters (full length stated)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def read_bounded(path: Path, what: str, max_bytes: int,
+                 error: type[LungxrayError] = DataError) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; FIFOs, devices and larger files
+    are refused before reading (``/dev/zero`` would never end)."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise error(f"{what} {quote(str(path))} does not exist") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {quote(str(path))}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} {quote(str(path))} is not a regular file")
+        if info.st_size > max_bytes:
+            raise error(f"{what} {quote(str(path))} has {info.st_size} bytes, more than the "
+                        f"limit of {max_bytes}")
+        content = fh.read(max_bytes + 1)  # the file may grow after fstat
+    if len(content) > max_bytes:
+        raise error(f"{what} {quote(str(path))} has more than {max_bytes} bytes")
+    return content
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of parsed JSON/YAML (a scalar is 0), walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def loads_json(content: bytes | str, what: str, limits: Limits = DEFAULT,
+               error: type[LungxrayError] = DataError, kind: str = "JSON") -> Any:
+    """Parse JSON text of at most ``max_json_bytes`` and ``max_json_depth`` levels (NaN stays
+    readable: ``json.dumps`` writes it into metrics.json for an undefined metric)."""
+    if len(content) > limits.max_json_bytes:
+        raise error(f"{what} has {len(content)} bytes, more than the limit of "
+                    f"{limits.max_json_bytes}")
+    try:
+        value = json.loads(content)
+    except RecursionError:
+        raise error(f"{what} is nested too deeply (limit {limits.max_json_depth})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise error(f"{what} is not valid {kind}: {_one_line(err)}") from None
+    if depth(value) > limits.max_json_depth:
+        raise error(f"{what} is nested more than {limits.max_json_depth} levels deep")
+    return value
+
+
+def load_json(path: Path, what: str, limits: Limits = DEFAULT,
+              error: type[LungxrayError] = DataError) -> Any:
+    """A JSON file read with :func:`read_bounded` and parsed with :func:`loads_json`."""
+    content = read_bounded(path, what, limits.max_json_bytes, error)
+    return loads_json(content, f"{what} {quote(str(path))}", limits, error)
+
+
+def load_json_object(path: Path, what: str, limits: Limits = DEFAULT,
+                     error: type[LungxrayError] = DataError) -> dict:
+    """:func:`load_json` that must hold a JSON object."""
+    value = load_json(path, what, limits, error)
+    if not isinstance(value, dict):
+        raise error(f"{what} {quote(str(path))} must hold a JSON object, not "
+                    f"{type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class SafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses aliases and deep nesting while composing, i.e. before
+    any Python object is built: a 401-byte alias bomb never expands."""
+
+    max_depth = DEFAULT.max_json_depth
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{quote(str(event.anchor), 40)[1:-1]}) are not "
+                              f"allowed in a parameter file; write the value out{_mark(event)}")
+        self._depth += 1
+        try:
+            if self._depth > self.max_depth:
+                raise ConfigError(f"YAML nested more than {self.max_depth} levels deep"
+                                  f"{_mark(self.peek_event())}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _mark(event: Any) -> str:
+    mark = getattr(event, "start_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+
+def loads_yaml(text: str, what: str, limits: Limits = DEFAULT,
+               loader: type[SafeLoader] = SafeLoader, kind: str = "YAML") -> Any:
+    """Parse YAML text with ``loader`` (a :class:`SafeLoader`), size and depth limited;
+    ``kind`` names the format in the error ("YAML/JSON" for a params file)."""
+    if len(text) > limits.max_json_bytes:
+        raise ConfigError(f"{what} has {len(text)} characters, more than the limit of "
+                          f"{limits.max_json_bytes}")
+    bounded = type("BoundedLoader", (loader,), {"max_depth": limits.max_json_depth})
+    try:
+        return yaml.load(text, Loader=bounded)  # noqa: S506 - a SafeLoader subclass
+    except LungxrayError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:
+        # ValueError: e.g. an integer of 5000 digits; TypeError: an unhashable mapping key.
+        raise ConfigError(f"{what} is not valid {kind}: {_one_line(err)}") from None
+
+
+# --------------------------------------------------------------------------- Keras archives
+
+
+def check_keras_archive(path: Path, limits: Limits = DEFAULT) -> None:
+    """Refuse a ``.keras`` zip whose ``config.json`` (which Keras reads whole into memory) or
+    whole content inflates beyond the limits, judged on the zip directory before inflating,
+    and whose ``config.json`` is nested too deeply."""
+    path = Path(path)
+    what = f"model file {quote(str(path))}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            total = sum(m.file_size for m in members)
+            if total > limits.max_model_folder_bytes:
+                raise ModelError(f"{what} inflates to {total} bytes, more than the limit of "
+                                 f"{limits.max_model_folder_bytes}")
+            config = next((m for m in members if m.filename == "config.json"), None)
+            if config is None:
+                raise ModelError(f"{what} has no config.json; not a Keras .keras file")
+            if config.file_size > limits.max_model_config_bytes:
+                raise ModelError(f"{what}: config.json inflates to {config.file_size} bytes, "
+                                 f"more than the limit of {limits.max_model_config_bytes}")
+            with archive.open(config) as fh:
+                content = fh.read(limits.max_model_config_bytes + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as err:
+        raise ModelError(f"{what} is not a valid .keras archive: {_one_line(err)}") from None
+    except FileNotFoundError:
+        raise ModelError(f"{what} does not exist") from None
+    except (OSError, NotImplementedError, RuntimeError) as err:
+        raise ModelError(f"cannot read {what}: {_one_line(err)}") from None
+    if len(content) > limits.max_model_config_bytes:
+        raise ModelError(f"{what}: config.json is larger than its zip entry says")
+    json_limits = Limits(**{**limits.__dict__,
+                            "max_json_bytes": limits.max_model_config_bytes})
+    loads_json(content, f"{what}: config.json", json_limits, ModelError)
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def _plan_copy(source: Path, limits: Limits) -> Iterator[tuple[Path, int]]:
+    """(relative path, size) of every file to copy; refuses links out, special files and a
+    total over ``max_model_folder_bytes``. Directories are walked without following links."""
+    root = source.resolve()
+    total = 0
+    stack = [Path()]
+    while stack:
+        relative = stack.pop()
+        with os.scandir(root / relative) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = relative / entry.name
+                target = Path(entry.path)
+                if entry.is_symlink():
+                    # A link inside the folder is copied as the file it names; one that leaves
+                    # the folder (or names a device such as /dev/zero) is refused.
+                    resolved = target.resolve()
+                    if root not in resolved.parents:
+                        raise ModelError(f"model folder {quote(str(source))}: "
+                                         f"{quote(str(rel))} links outside the folder")
+                    target = resolved
+                info = target.lstat() if not entry.is_symlink() else target.stat()
+                if stat.S_ISDIR(info.st_mode):
+                    if entry.is_symlink():
+                        raise ModelError(f"model folder {quote(str(source))}: "
+                                         f"{quote(str(rel))} is a link to a folder")
+                    stack.append(rel)
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    raise ModelError(f"model folder {quote(str(source))}: {quote(str(rel))} is "
+                                     f"not a regular file")
+                total += info.st_size
+                if total > limits.max_model_folder_bytes:
+                    raise ModelError(f"model folder {quote(str(source))} holds more than "
+                                     f"{limits.max_model_folder_bytes} bytes")
+                yield rel, info.st_size
+
+
+def check_model_folder(source: Path, limits: Limits = DEFAULT) -> list[tuple[Path, int]]:
+    """What :func:`copy_model_folder` would copy ((relative path, size) pairs); raises its
+    ModelError first, so a caller can refuse a folder before doing any other work."""
+    source = Path(source)
+    if not source.is_dir():
+        raise ModelError(f"model folder {quote(str(source))} is not a directory")
+    try:
+        return list(_plan_copy(source, limits))
+    except OSError as err:
+        raise ModelError(f"cannot read model folder {quote(str(source))}: "
+                         f"{err.strerror or err}") from None
+
+
+def copy_model_folder(source: Path, dest: Path, limits: Limits = DEFAULT) -> None:
+    """Copy a model folder: regular files inside ``source`` only, links never followed out,
+    at most ``max_model_folder_bytes`` in all. Everything is checked before ``dest`` is
+    created; ``dest`` must not exist. Used by ``compare`` (best_model/) and promotion."""
+    source, dest = Path(source), Path(dest)
+    plan = check_model_folder(source, limits)
+    root = source.resolve()
+    dest.mkdir(parents=True)
+    for rel, size in plan:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        _copy_file(root / rel, dest / rel, size)
+
+
+def _copy_file(src: Path, dst: Path, size: int) -> None:
+    """Copy at most ``size`` bytes (what was planned; a file that grew is cut, never endless)."""
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ModelError(f"{quote(str(src))} changed into a non-regular file")
+        left = size
+        while left > 0:
+            chunk = fin.read(min(COPY_CHUNK, left))
+            if not chunk:
+                break
+            fout.write(chunk)
+            left -= len(chunk)
+    os.utime(dst, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns))

@@ -1,0 +1,266 @@
+"""Property-based fuzzing of every reader (issue 26): whatever bytes come in, a reader returns
+or raises the project's one-line DataError, within a time bound (Hypothesis' deadline and
+pytest-timeout), and writes nothing outside its output.
+
+Limits are set low here so that generated inputs reach every limit's branch cheaply.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from lungxray import data, images, sources
+from lungxray import limits as limiting
+from lungxray.errors import DataError
+from tests.data_helpers import tree_digest
+from tests.fuzz import hostile
+
+# Per test: the short profile's runs take seconds; the long one's (make fuzz) minutes.
+TIMEOUT = 300 if settings().max_examples < 1000 else 3600
+SMALL = limiting.with_overrides(limiting.DEFAULT, {
+    "max_image_pixels": 1_000_000, "max_image_bytes": 8 << 20, "max_file_bytes": 4 << 20,
+    "max_npz_member_bytes": 4 << 20, "max_classes": 6, "max_csv_line": 300,
+    "max_csv_field": 120, "max_csv_rows": 60, "max_path_chars": 100,
+    "max_path_component": 40, "max_decode_bytes": 64 << 20})
+
+
+def assert_one_line(err: DataError) -> None:
+    text = str(err)
+    assert isinstance(err, DataError)
+    assert "\n" not in text and "\r" not in text and len(text) < 4000, text[:300]
+
+
+# ---------------------------------------------------------------------------- CSV manifests
+
+_CELL = st.one_of(
+    st.sampled_from(["img/0.png", "img/1.png", "img/2.png", "missing.png", "../x.png",
+                     "/etc/passwd", "C:\\x.png", "img\\1.png", "fifo", "link/x.png", "",
+                     "a", "b", "train", "val", "test", "P1", " img/0.png ", '"q,uoted"']),
+    st.text(max_size=30),
+    st.text(alphabet=",\"\n\r/\\. a\0", max_size=60),
+    st.integers(0, 400).map(lambda n: "x" * n),
+)
+_ROW = st.lists(_CELL, min_size=0, max_size=6).map(lambda cells: ",".join(cells))
+_HEADER = st.sampled_from(["path,label", "path,label,split", "path,label,split,patient_id",
+                           "label,path", "path", "path,label,path", "\ufeffpath,label", ""])
+
+
+@st.composite
+def csv_bytes(draw) -> bytes:
+    text = "\n".join([draw(_HEADER), *draw(st.lists(_ROW, max_size=80))])
+    raw = text.encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):  # stray bytes: not UTF-8, NULs
+        raw += draw(st.binary(max_size=20))
+    return raw
+
+
+def _csv_folder(root: Path) -> None:
+    (root / "img").mkdir(parents=True)
+    for i in range(3):
+        (root / "img" / f"{i}.png").write_bytes(hostile.small_png(i * 50))
+    os.mkfifo(root / "fifo")
+    os.symlink(root.parent, root / "link")
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(raw=csv_bytes())
+def test_fuzz_csv_manifest_returns_or_raises_one_line(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "src"
+        _csv_folder(root)
+        (root / "labels.csv").write_bytes(raw)
+        try:
+            source = sources.open_source(str(root / "labels.csv"), limits=SMALL)
+        except DataError as err:
+            assert_one_line(err)
+            return
+        assert 1 <= len(source.class_names) <= SMALL.max_classes
+        for split in source.splits.values():
+            for item in split.items:
+                assert item.path.resolve().is_relative_to(root.resolve())
+
+
+# ---------------------------------------------------------------------------------- npz files
+
+_DTYPES = st.sampled_from(["|u1", "<i8", "<u8", "<f4", "|b1", "|O", "<U3", "V8", "<i2"])
+_SHAPES = st.lists(st.one_of(st.integers(0, 40), st.integers(0, 10**13)), max_size=5).map(tuple)
+
+
+@st.composite
+def npy_member(draw) -> bytes:
+    kind = draw(st.sampled_from(["header", "valid", "random", "raw_header"]))
+    if kind == "valid":
+        n = draw(st.integers(0, 12))
+        side = draw(st.integers(1, 20))
+        dtype = draw(st.sampled_from([np.uint8, np.int64, np.float32]))
+        shape = draw(st.sampled_from([(n,), (n, 1), (n, side, side), (n, side, side, 3),
+                                      (n, side, side, 2)]))
+        payload = hostile.npy(np.zeros(shape, dtype) + draw(st.integers(0, 3)))
+    elif kind == "header":
+        payload = hostile.npy_header(draw(_SHAPES), draw(_DTYPES))
+        payload += draw(st.binary(max_size=200))
+    elif kind == "raw_header":
+        payload = hostile.npy_header((1,), raw=draw(st.binary(max_size=120)))
+    else:
+        payload = draw(st.binary(max_size=300))
+    cut = draw(st.one_of(st.none(), st.integers(0, len(payload))))
+    return payload if cut is None else payload[:cut]
+
+
+@st.composite
+def npz_bytes(draw) -> bytes:
+    keys = draw(st.lists(st.sampled_from(
+        ["train_images", "train_labels", "val_images", "val_labels", "test_images",
+         "test_labels", "images", "x"]), min_size=0, max_size=6, unique=True))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", draw(st.sampled_from([zipfile.ZIP_STORED,
+                                                            zipfile.ZIP_DEFLATED]))) as archive:
+        for key in keys:
+            archive.writestr(f"{key}.npy", draw(npy_member()))
+    raw = buffer.getvalue()
+    if draw(st.booleans()) and raw:  # flip some bytes of the archive itself
+        raw = bytearray(raw)
+        for position, value in draw(st.lists(st.tuples(st.integers(0, len(raw) - 1),
+                                                        st.integers(0, 255)), max_size=4)):
+            raw[position] = value
+        raw = bytes(raw)
+    return raw
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(raw=npz_bytes())
+def test_fuzz_npz_headers_and_members_return_or_raise_one_line(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.npz"
+        path.write_bytes(raw)
+        try:
+            source = sources.open_source(str(path), limits=SMALL)
+            for split in source.splits.values():
+                for chunk in split.chunks(4):
+                    assert chunk.dtype == np.uint8 and chunk.ndim == 4
+        except DataError as err:
+            assert_one_line(err)
+
+
+# -------------------------------------------------------------------------------- image bytes
+
+
+def _seeds() -> dict[str, bytes]:
+    """One small valid file per format the readers meet, to mutate."""
+    grey = (np.arange(24 * 24, dtype=np.uint8) % 251).reshape(24, 24)
+    out = {}
+    for name, (fmt, mode) in {"png": ("PNG", "L"), "jpg": ("JPEG", "L"), "tif": ("TIFF", "L"),
+                              "rgb.png": ("PNG", "RGB"), "p.png": ("PNG", "P"),
+                              "bmp": ("BMP", "L"), "gif": ("GIF", "L"),
+                              "webp": ("WEBP", "RGB")}.items():
+        buffer = io.BytesIO()
+        Image.fromarray(grey).convert(mode).save(buffer, fmt)
+        out[name] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 200).save(buffer, "PNG")
+    out["16.png"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "DDS")
+    out["dds"] = buffer.getvalue()
+    out["dcm"] = hostile.dicom(24, 24)
+    out["deflated.dcm"] = hostile.dicom(24, 24, deflated=True)
+    out["window.dcm"] = hostile.dicom(24, 24, WindowCenter=100, WindowWidth=50,
+                                      RescaleSlope=2, RescaleIntercept=-10)
+    out["nested.dcm"] = hostile.dicom_nested(30)
+    out["unsupported.dds"] = hostile.dds_unsupported()
+    out["big16.png"] = hostile.png_16bit(1200, full=False)
+    return out
+
+
+SEEDS = _seeds()
+_NAMES = st.sampled_from(["x.png", "x.jpg", "x.dcm", "x", "x.tif", "x.dicom", "x.dds"])
+
+
+@st.composite
+def image_bytes(draw) -> bytes:
+    seed = SEEDS[draw(st.sampled_from(sorted(SEEDS)))]
+    raw = bytearray(seed)
+    for _ in range(draw(st.integers(0, 6))):
+        action = draw(st.sampled_from(["flip", "cut", "insert", "repeat"]))
+        position = draw(st.integers(0, max(0, len(raw) - 1)))
+        if action == "flip" and raw:
+            raw[position] = draw(st.integers(0, 255))
+        elif action == "cut":
+            del raw[position:position + draw(st.integers(1, 64))]
+        elif action == "insert":
+            raw[position:position] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            raw[position:position] = raw[position:position + 32] * draw(st.integers(1, 8))
+    return bytes(raw)
+
+
+_SIDE = st.one_of(st.integers(0, 64), st.integers(0, 65535))  # DICOM Rows/Columns are US
+
+
+@st.composite
+def declared_bytes(draw) -> bytes:
+    """Headers declaring any size, with little data behind them: every size check's branch."""
+    if draw(st.booleans()):
+        return hostile.png_16bit(max(1, draw(_SIDE)), full=False)
+    return hostile.dicom(draw(_SIDE), draw(_SIDE), pixel_bytes=draw(st.integers(0, 9000)),
+                         deflated=draw(st.booleans()),
+                         frames=draw(st.one_of(st.none(), st.sampled_from(
+                             ["1", "0", "2", "-1", "x", "1e9", "", "99999999999"]))))
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(raw=st.one_of(image_bytes(), declared_bytes(), st.binary(max_size=200)), name=_NAMES,
+       channels=st.sampled_from([1, 3]), keep_aspect=st.booleans())
+def test_fuzz_image_bytes_decode_or_raise_image_error(raw, name, channels, keep_aspect):
+    try:
+        out = images.decode(raw, name, 16, channels, keep_aspect, limits=SMALL,
+                            budget=images.Budget(SMALL.max_decode_bytes))
+    except images.ImageError as err:
+        assert_one_line(err)
+        event(f"refused: {str(err)[:24]}")
+        return
+    event("decoded")
+    assert out.shape == (16, 16, channels) and out.dtype == np.uint8
+
+
+# --------------------------------------------------------------------- preprocess end to end
+
+
+@pytest.mark.timeout(TIMEOUT)
+@settings(max_examples=max(10, settings().max_examples // 20))  # a whole run per example
+@given(files=st.lists(st.tuples(st.sampled_from(["a", "b"]), image_bytes()), max_size=6),
+       skip_bad=st.booleans())
+def test_fuzz_preprocess_writes_only_its_output(files, skip_bad):
+    """A folder of good and mutated files: preprocess succeeds or raises one line, never
+    changes the source, and leaves nothing beside its output (no staging folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "src"
+        for i in range(6):
+            for label in ("a", "b"):
+                (root / label).mkdir(parents=True, exist_ok=True)
+                (root / label / f"good{i}.png").write_bytes(
+                    hostile.small_png(i * 40 + (label == "b") * 10))
+        for i, (label, raw) in enumerate(files):
+            (root / label / f"fuzz{i}.{['png', 'dcm', 'jpg'][i % 3]}").write_bytes(raw)
+        before = tree_digest(root)
+        output = Path(tmp) / "out" / "prepared"
+        try:
+            manifest = data.preprocess(str(root), output, image_size=16, seed=0,
+                                       val_fraction=0.25, test_fraction=0.25,
+                                       skip_bad=skip_bad, limits=SMALL, workers=2)
+            assert data.is_prepared(output) and len(manifest["skipped"]) <= len(files)
+        except DataError as err:
+            assert_one_line(err)
+            assert not output.exists()
+        assert tree_digest(root) == before
+        assert [p.name for p in (Path(tmp) / "out").iterdir()] in ([], ["prepared"])

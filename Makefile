@@ -28,10 +28,16 @@ GPU_NODE_SELECTOR ?=#              e.g. cloud.google.com/gke-accelerator=nvidia-
 GCS_SECRET ?=#                     Secret with key.json for gs:// (not needed with Workload Identity)
 CACHE_PVC ?=#                      PVC for tuner/training state across retries, e.g. lungxray-cache
 GPUS ?= 1#                         GPUs per tune/train pod
-PARALLELISM ?=#                    base models at once (0 = all; default all, 1 with CACHE_PVC)
+PARALLELISM ?=#                    base models at once (0 = all; default all on GPUs, 1 with CACHE_PVC or on CPU)
+HEAVY_RESOURCES ?=#                tune/train CPU_REQ/CPU_LIM,MEM_REQ/MEM_LIM, e.g. 4/8,12Gi/16Gi (default: per package)
+LIGHT_RESOURCES ?=#                preprocess/evaluate/compare, e.g. 1/4,4Gi/8Gi (default: per package)
+IMAGE_DIGEST ?=#                   sha256:... pins the compiled image by digest; auto asks the registry
 # Flags of every cluster package; GPU_FLAGS only for the GPU one.
 PLATFORM_FLAGS = $(if $(GCS_SECRET),--gcs-secret $(GCS_SECRET)) \
-	$(if $(CACHE_PVC),--cache-pvc $(CACHE_PVC)) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
+	$(if $(CACHE_PVC),--cache-pvc $(CACHE_PVC)) $(if $(PARALLELISM),--parallelism $(PARALLELISM)) \
+	$(if $(HEAVY_RESOURCES),--heavy-resources=$(HEAVY_RESOURCES)) \
+	$(if $(LIGHT_RESOURCES),--light-resources=$(LIGHT_RESOURCES)) \
+	$(if $(IMAGE_DIGEST),--image-digest $(IMAGE_DIGEST))
 GPU_FLAGS = --gpus $(GPUS) $(if $(GPU_NODE_SELECTOR),--gpu-node-selector $(GPU_NODE_SELECTOR))
 COMPILE_ARGS = --image $(IMAGE) --output $(PIPELINE_YAML) $(PLATFORM_FLAGS) $(GPU_FLAGS)
 # The package is rebuilt when these arguments change, not only when the code does.
@@ -60,6 +66,10 @@ test: $(STAMP) ## Run the whole test suite (what CI runs)
 
 test-fast: $(STAMP) ## Run the tests without the slow real-training ones
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+fuzz: $(STAMP) ## Long fuzz run of every reader (Hypothesis profile "long", ~9 min on 2 cores)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/fuzz -p no:cacheprovider \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check on the whole project
 	$(VENV)/bin/ruff check src components pipelines tests

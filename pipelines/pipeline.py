@@ -19,29 +19,65 @@ SECRET_MOUNT = "/var/secrets/gcs"
 
 
 @dataclass(frozen=True)
+class Resources:
+    """CPU and memory of one pod, Kubernetes quantities ("2", "500m", "12Gi"); None: unset."""
+
+    cpu_request: str | None = None
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    memory_limit: str | None = None
+
+
+@dataclass(frozen=True)
 class Platform:
-    """Kubernetes settings applied at compile time through kfp-kubernetes. The defaults are
+    """Settings applied at compile time (kfp-kubernetes for a KFP cluster). The defaults are
     those of a local run (kfp.local ignores all of them anyway)."""
 
-    gpu: bool = False  # tune and train request nvidia.com/gpu
+    gpu: bool = False  # tune and train request an accelerator
     # GPUs per tune/train pod. A compile-time constant, not a pipeline parameter: KFP 2.17's
     # compiler does not pass a parameter used only by set_accelerator_limit into a ParallelFor,
     # and the driver then refuses the task ("parent DAG does not have input parameter").
     gpus: int = 1
+    # nvidia.com/gpu on Kubernetes; a Vertex AI type (NVIDIA_L4, NVIDIA_TESLA_T4, ...) there.
+    accelerator: str = GPU_RESOURCE
+    # False for Vertex AI Pipelines, which runs no kfp-kubernetes settings (tolerations, PVCs,
+    # secrets): the package then carries only the portable parts of the pipeline spec.
+    kubernetes: bool = True
     retries: int = 0  # tune and train, for preempted nodes
     gpu_node_selector: tuple[str, str] | None = None  # e.g. ("cloud.google.com/gke-accelerator",
     #                                                         "nvidia-l4")
     gcs_secret: str | None = None  # Secret holding a service-account `key.json`, if no WI
     cache_pvc: str | None = None  # PVC for tuner/training state that survives retries
+    heavy: Resources = Resources()  # tune and train
+    light: Resources = Resources()  # preprocess, evaluate, compare
 
     @property
     def state_root(self) -> str:
         return CACHE_MOUNT if self.cache_pvc else ""
 
 
+def _set_resources(task: dsl.PipelineTask, res: Resources) -> None:
+    """Requests and limits of one task; only those that are set."""
+    if res.cpu_request:
+        task.set_cpu_request(res.cpu_request)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_request:
+        task.set_memory_request(res.memory_request)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
+
+
 def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool) -> None:
-    """Credentials on every step; GPU, node selector, retries and the state volume on the
-    heavy ones (tune, train)."""
+    """Resources and credentials on every step; accelerator, node selector, retries and the
+    state volume on the heavy ones (tune, train)."""
+    _set_resources(task, platform.heavy if heavy else platform.light)
+    if heavy and platform.retries:
+        task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
+    if heavy and platform.gpu:
+        task.set_accelerator_type(platform.accelerator).set_accelerator_limit(platform.gpus)
+    if not platform.kubernetes:
+        return
     from kfp import kubernetes
 
     if platform.gcs_secret:
@@ -50,10 +86,7 @@ def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool) -> None:
         task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{SECRET_MOUNT}/key.json")
     if not heavy:
         return
-    if platform.retries:
-        task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
     if platform.gpu:
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(platform.gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists",
                                   effect="NoSchedule")
         if platform.gpu_node_selector:

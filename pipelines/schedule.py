@@ -21,10 +21,12 @@ from pipelines.params import ParamsError, load_params
 from pipelines.submit import (
     CACHE_CHOICES,
     KfpError,
+    add_auth_args,
     add_common_args,
     connect,
     prepare,
     run_cli,
+    token_from_args,
 )
 
 CRON_FIELDS = ("seconds", "minutes", "hours", "day-of-month", "month", "day-of-week")
@@ -119,6 +121,8 @@ def schedule(
     service_account: str | None = None,
     expect_image: str | None = None,
     enable_caching: bool | None = False,
+    token: str | None = None,
+    image_check: bool = True,
 ) -> str:
     """Create an enabled recurring run (no catch-up, one run at a time); return its id.
 
@@ -133,7 +137,7 @@ def schedule(
     if not name.strip():
         raise ParamsError("a recurring run needs a name (SCHEDULE_NAME)")
     client, experiment_id, arguments = prepare(host, experiment, package_path, params,
-                                               expect_image, namespace)
+                                               expect_image, namespace, token, image_check)
     clash = [r for r in find_recurring_runs(client, name, experiment_id) if r.mode != DISABLED]
     if clash:
         raise KfpError(
@@ -158,9 +162,10 @@ def schedule(
     return created.recurring_run_id
 
 
-def unschedule(host: str, name_or_id: str, namespace: str | None = None) -> list[str]:
+def unschedule(host: str, name_or_id: str, namespace: str | None = None,
+               token: str | None = None) -> list[str]:
     """Disable every enabled recurring run with this display name (or this id); return the ids."""
-    client = connect(host, namespace)
+    client = connect(host, namespace, token=token)
     runs = find_recurring_runs(client, name_or_id)
     if not runs:
         from kfp_server_api.exceptions import ApiException
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     disable = sub.add_parser("disable", help="disable recurring runs by name or id")
     disable.add_argument("--host", required=True, help="KFP endpoint, e.g. http://localhost:8080")
     disable.add_argument("--name", required=True, help="display name or id of the recurring run")
-    disable.add_argument("--namespace", default=None, help="KFP namespace (multi-user only)")
+    add_auth_args(disable)
     disable.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
 
@@ -213,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                 service_account=args.service_account,
                 expect_image=args.expect_image,
                 enable_caching=CACHE_CHOICES[args.cache],
+                token=token_from_args(args),
+                image_check=not args.no_image_check,
             )
 
     else:
 
         def go() -> object:
-            return unschedule(args.host, args.name, namespace=args.namespace)
+            return unschedule(args.host, args.name, namespace=args.namespace,
+                              token=token_from_args(args))
 
     return run_cli(go, args.verbose)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -19,11 +20,21 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pipelines.params import ParamsError, check_image, load_params, read_pipeline_spec
+from pipelines.params import (
+    ParamsError,
+    check_image,
+    executor_images,
+    load_params,
+    read_pipeline_spec,
+)
 from pipelines.params import validate_params as _validate_against_spec
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 EXIT_USAGE = 2
+# Where a pod's projected ServiceAccount token for the KFP API lives in multi-user Kubeflow
+# (audience pipelines.kubeflow.org; kfp.client.KF_PIPELINES_SA_TOKEN_PATH).
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubeflow/pipelines/token"
+TOKEN_ENV = "KFP_TOKEN"
 
 
 class KfpError(RuntimeError):
@@ -40,7 +51,24 @@ def normalise_host(host: str) -> str:
     return host.rstrip("/")
 
 
-def check_health(host: str, timeout: float = 10.0) -> dict[str, Any]:
+def read_token(token_file: str | None = None, in_cluster: bool = False,
+               token: str | None = None) -> str | None:
+    """The bearer token for the KFP API: given, read from a file, or the pod's projected
+    ServiceAccount token; None for a single-user KFP that needs none."""
+    if token_file or in_cluster:
+        path = token_file or IN_CLUSTER_TOKEN
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.read()
+        except OSError as exc:
+            raise KfpError(f"cannot read the KFP token from {path}: "
+                           f"{exc.strerror or exc}") from None
+        if not token.strip():
+            raise KfpError(f"the KFP token file {path} is empty")
+    return token.strip() if token and token.strip() else None
+
+
+def check_health(host: str, timeout: float = 10.0, token: str | None = None) -> dict[str, Any]:
     """GET the v2beta1 healthz endpoint with a timeout; raise KfpError unless it answers JSON.
 
     kfp.Client probes healthz itself, but without a timeout and with 5 retries 5 s apart on
@@ -50,10 +78,19 @@ def check_health(host: str, timeout: float = 10.0) -> dict[str, Any]:
     url = host + HEALTHZ_PATH
     # kfp.Client (urllib3) ignores *_proxy variables; do the same so both reach the same server.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url)
+    if token:  # multi-user Kubeflow's gateway refuses even healthz without it
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with opener.open(request, timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise KfpError(
+                f"KFP API at {host} answered HTTP {exc.code} {exc.reason}: "
+                + ("the token was refused" if token else "it needs a token (KFP_TOKEN, "
+                   "KFP_TOKEN_FILE or KFP_IN_CLUSTER=1)")
+            ) from None
         raise KfpError(
             f"KFP API at {host} answered HTTP {exc.code} {exc.reason} on {HEALTHZ_PATH}; "
             "is KFP_HOST the ml-pipeline-ui port-forward?"
@@ -73,10 +110,12 @@ def check_health(host: str, timeout: float = 10.0) -> dict[str, Any]:
     return info
 
 
-def connect(host: str, namespace: str | None = None, timeout: float = 10.0):  # -> kfp.Client
-    """Health-check the host, then return a kfp.Client for it."""
+def connect(host: str, namespace: str | None = None, timeout: float = 10.0,
+            token: str | None = None):  # -> kfp.Client
+    """Health-check the host, then return a kfp.Client for it (sending ``token`` as
+    ``Authorization: Bearer`` on every request when given)."""
     host = normalise_host(host)
-    check_health(host, timeout)
+    check_health(host, timeout, token)
     import kfp  # deferred: importing kfp costs a second, not worth it for --help or bad params
 
     with warnings.catch_warnings():
@@ -84,7 +123,8 @@ def connect(host: str, namespace: str | None = None, timeout: float = 10.0):  # 
         # and later versions." We talk to v2beta1 anyway.
         warnings.simplefilter("ignore", FutureWarning)
         # kfp.Client's default namespace is "kubeflow", which means "single-user" to it.
-        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+        return kfp.Client(host=host, namespace=namespace or "kubeflow",
+                          existing_token=token or None)
 
 
 def describe_api_error(exc: BaseException) -> str:
@@ -133,15 +173,39 @@ def run_url(host: str, run_id: str) -> str:
     return f"{normalise_host(host)}/#/runs/details/{run_id}"
 
 
+def compiled_image(spec: Mapping[str, Any], expect_image: str) -> str:
+    """The image the package references for ``expect_image``: itself, or the same reference
+    pinned by digest (``IMAGE@sha256:...``, from ``make compile IMAGE_DIGEST=...``)."""
+    pinned = sorted(i for i in executor_images(spec) if i.startswith(expect_image + "@sha256:"))
+    return pinned[0] if pinned else expect_image
+
+
+def check_registry(image: str) -> str:
+    """Fail unless ``image`` is in its registry; credentials from REGISTRY_USER and
+    REGISTRY_PASSWORD (read now, at call time), anonymous without them."""
+    from pipelines.registry import RegistryError, check_pushed
+
+    user, password = os.environ.get("REGISTRY_USER"), os.environ.get("REGISTRY_PASSWORD")
+    try:
+        return check_pushed(image, (user, password) if user and password else None)
+    except RegistryError as exc:
+        raise KfpError(str(exc)) from None
+
+
 def prepare(host: str, experiment: str, package_path: str, params: Mapping[str, Any],
-            expect_image: str | None, namespace: str | None) -> tuple[Any, str, dict[str, Any]]:
-    """Everything submit and schedule check before sending: the package's image, the params
-    against its spec, the host; returns (client, experiment id, validated arguments)."""
+            expect_image: str | None, namespace: str | None, token: str | None = None,
+            image_check: bool = True) -> tuple[Any, str, dict[str, Any]]:
+    """Everything submit and schedule check before sending: the package's image (compiled for
+    it, and in the registry), the params against its spec, the host; returns
+    (client, experiment id, validated arguments)."""
     spec = read_pipeline_spec(package_path)
     if expect_image:  # first: parameters of a stale package are beside the point
+        expect_image = compiled_image(spec, expect_image)
         check_image(spec, expect_image)
     arguments = _validate_against_spec(spec, params)
-    client = connect(host, namespace)
+    if expect_image and image_check:  # a run whose pods cannot pull fails only in the cluster
+        check_registry(expect_image)
+    client = connect(host, namespace, token=token)
     return client, get_or_create_experiment(client, experiment, namespace), arguments
 
 
@@ -155,6 +219,8 @@ def submit_run(
     service_account: str | None = None,
     expect_image: str | None = None,
     enable_caching: bool | None = None,
+    token: str | None = None,
+    image_check: bool = True,
 ) -> tuple[str, str]:
     """Validate params, then create a run of the package in the experiment; return (run_id, url).
 
@@ -162,7 +228,7 @@ def submit_run(
     `enable_caching` None keeps the compiled per-task settings, True/False overrides them all.
     """
     client, experiment_id, arguments = prepare(host, experiment, package_path, params,
-                                               expect_image, namespace)
+                                               expect_image, namespace, token, image_check)
     result = client.create_run_from_pipeline_package(
         pipeline_file=str(package_path),
         arguments=arguments,
@@ -185,10 +251,14 @@ def add_common_args(parser: argparse.ArgumentParser, cache_default: str = "defau
     parser.add_argument("--experiment", default="lungxray", help="experiment display name")
     parser.add_argument("--package", required=True, help="compiled pipeline YAML")
     parser.add_argument("--params", default="", help="YAML/JSON file with pipeline arguments")
-    parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user only)")
+    add_auth_args(parser)
     parser.add_argument("--service-account", default=None, help="Kubernetes SA of the run pods")
     parser.add_argument(
         "--expect-image", default=None, help="fail unless the package was compiled for this image"
+    )
+    parser.add_argument(
+        "--no-image-check", action="store_true",
+        help="do not ask the registry whether --expect-image exists before submitting",
     )
     parser.add_argument(
         "--cache",
@@ -197,6 +267,21 @@ def add_common_args(parser: argparse.ArgumentParser, cache_default: str = "defau
         help=f"KFP step caching: on, off, or as compiled (default: {cache_default})",
     )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+
+
+def add_auth_args(parser: argparse.ArgumentParser) -> None:
+    """Multi-user Kubeflow: the profile namespace and where the bearer token comes from."""
+    parser.add_argument("--namespace", default=None,
+                        help="profile namespace (multi-user Kubeflow only)")
+    parser.add_argument("--token-file", default=None,
+                        help=f"file with a bearer token for the KFP API (else ${TOKEN_ENV})")
+    parser.add_argument("--in-cluster", action="store_true",
+                        help=f"use this pod's projected ServiceAccount token ({IN_CLUSTER_TOKEN})")
+
+
+def token_from_args(args: argparse.Namespace) -> str | None:
+    """The token the CLI options ask for; $KFP_TOKEN is read here, at call time."""
+    return read_token(args.token_file, args.in_cluster, os.environ.get(TOKEN_ENV))
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -245,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             service_account=args.service_account,
             expect_image=args.expect_image,
             enable_caching=CACHE_CHOICES[args.cache],
+            token=token_from_args(args),
+            image_check=not args.no_image_check,
         )
 
     return run_cli(go, args.verbose)

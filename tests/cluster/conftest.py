@@ -27,6 +27,15 @@ KFP_ENV_VARS = (
     "KF_PIPELINES_APP_OAUTH2_CLIENT_ID",
     "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET",
 )
+# Read by pipelines.submit / pipelines.vertex when called: unset for every test, which may then
+# set them (monkeypatch.setenv) for the CLI it runs.
+CALL_TIME_VARS = (
+    "KFP_TOKEN",
+    "REGISTRY_USER",
+    "REGISTRY_PASSWORD",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +49,7 @@ def isolated_kfp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var in KFP_ENV_VARS:
+    for var in KFP_ENV_VARS + CALL_TIME_VARS:
         monkeypatch.delenv(var, raising=False)
     from kfp.client import client as kfp_client
 
@@ -74,6 +83,27 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pkg") / "pipeline.yaml"
     compiler.Compiler().compile(tiny, str(path))
     return path
+
+
+@pytest.fixture
+def package_for(tmp_path: Path):
+    """Compile a one-step pipeline (message: str = "hi") whose step runs ``image``."""
+    from kfp import compiler, dsl
+
+    def build(image: str) -> Path:
+        @dsl.component(base_image=image, install_kfp_package=False)
+        def hello(message: str) -> str:
+            return message
+
+        @dsl.pipeline(name="tiny-registry")
+        def tiny(message: str = "hi"):
+            hello(message=message)
+
+        path = tmp_path / f"pkg-{abs(hash(image))}.yaml"
+        compiler.Compiler().compile(tiny, str(path))
+        return path
+
+    return build
 
 
 @pytest.fixture

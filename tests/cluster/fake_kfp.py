@@ -5,6 +5,9 @@ kfp_server_api), keeps experiments, runs and recurring runs in memory, and recor
 (method, path, query, JSON body) so tests can assert on exactly what was sent. JSON field names
 follow kfp_server_api's attribute maps (snake_case, except ListRecurringRunsResponse.recurringRuns).
 
+With ``token`` set it acts like multi-user Kubeflow's gateway: every request without
+``Authorization: Bearer <token>`` gets 401.
+
 It is not KFP: no validation of pipeline specs, no scheduling, nothing runs.
 """
 
@@ -38,8 +41,9 @@ class Request:
 class FakeKfp:
     """The fake server. Use as a context manager; `url` is its http://127.0.0.1:PORT."""
 
-    def __init__(self, multi_user: bool = False) -> None:
+    def __init__(self, multi_user: bool = False, token: str | None = None) -> None:
         self.multi_user = multi_user
+        self.token = token
         self.requests: list[Request] = []
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
@@ -117,7 +121,10 @@ class FakeKfp:
         return rr
 
     # ---- routing ---------------------------------------------------------------------------
-    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        if self.token and (headers or {}).get("Authorization") != f"Bearer {self.token}":
+            return 401, {"error": "Unauthorized", "code": 16, "message": "Unauthorized"}
         for i, (m, p, status, message) in enumerate(self._failures):
             if m == method and p == path:
                 del self._failures[i]
@@ -146,6 +153,15 @@ class FakeKfp:
                 return 200, run
             items = _apply_filter(list(self.runs.values()), query.get("filter"))
             return 200, _page(items, "runs", query)
+        if method == "POST" and path.startswith(f"{API}/runs/") and path.endswith(":retry"):
+            run = self.runs.get(path.rsplit("/", 1)[1].removesuffix(":retry"))
+            if run is None:
+                return _not_found("run")
+            if run.get("state") not in ("FAILED", "ERROR"):  # as the backend's RetryRun
+                return 400, {"error": "Workflow must be Failed/Error to retry", "code": 9,
+                             "message": "Workflow must be Failed/Error to retry"}
+            run["state"] = "RUNNING"
+            return 200, {}
         if method == "GET" and path.startswith(f"{API}/runs/"):
             run = self.runs.get(path.rsplit("/", 1)[1])
             return (200, run) if run else _not_found("run")
@@ -203,9 +219,10 @@ class FakeKfp:
                     body = json.loads(raw)
                 with fake._lock:
                     fake.requests.append(
-                        Request(self.command, parts.path, query, body, dict(self.headers))
+                        Request(self.command, parts.path, query, body, _headers(self.headers))
                     )
-                    status, payload = fake._route(self.command, parts.path, query, body)
+                    status, payload = fake._route(self.command, parts.path, query, body,
+                                                  _headers(self.headers))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -261,3 +278,8 @@ def _parse_multipart(ctype: str, raw: bytes) -> dict:
         else:
             fields[name] = part.get_content()
     return {"fields": fields, "files": files}
+
+
+def _headers(message: Any) -> dict[str, str]:
+    """Request headers with canonical names (``authorization`` -> ``Authorization``)."""
+    return {key.title(): value for key, value in message.items()}

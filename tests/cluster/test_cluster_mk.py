@@ -6,6 +6,7 @@ stub venv stamp, so no test touches .venv or build/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from tests.cluster.fake_kfp import API, FakeKfp
+from tests.cluster.fake_vertex import FakeRegistry, FakeVertex
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_MK = REPO / "make" / "cluster.mk"
@@ -48,9 +50,13 @@ include make/cluster.mk
 """
     )
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, HOME=str(isolated_kfp_home))
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        extra = env or {}
+        env = dict(os.environ, HOME=str(isolated_kfp_home), **extra)
         env.pop("MAKEFLAGS", None)
+        for var in ("KFP_TOKEN", "REGISTRY_USER", "REGISTRY_PASSWORD"):  # a developer's own
+            if var not in extra:
+                env.pop(var, None)
         return subprocess.run(
             ["make", "--no-print-directory", "-f", str(wrapper), *args],
             cwd=REPO,
@@ -87,17 +93,19 @@ def test_brief_targets_exist() -> None:
 
 def test_image_passes_prebake_and_tag(make) -> None:
     out = dry(make, "image", "PREBAKE_WEIGHTS=VGG16 InceptionV3")
-    assert "docker build -f docker/Dockerfile " in out
+    assert "docker build --platform linux/amd64 -f docker/Dockerfile " in out
+    assert "--build-arg TF_GPU_IMAGE=tensorflow/tensorflow:2.21.0-gpu " in out
     assert '--build-arg PREBAKE_WEIGHTS="VGG16 InceptionV3"' in out
     assert "-t localhost:5001/lungxray:abc123 ." in out
     out = dry(make, "image-cpu", "push-cpu")
-    assert "docker build -f docker/Dockerfile.cpu " in out
+    # linux/amd64 explicitly: tensorflow-cpu 2.21.0 has no aarch64 wheel (Apple Silicon hosts)
+    assert "docker build --platform linux/amd64 -f docker/Dockerfile.cpu " in out
     assert "-t localhost:5001/lungxray:abc123-cpu ." in out
     assert "docker push localhost:5001/lungxray:abc123-cpu" in out
 
 
 def test_kfp_install_follows_the_documented_steps(make) -> None:
-    out = make("-n", "kfp-install", "KFP_VERSION=2.99.0").stdout.splitlines()
+    out = make("-n", "kfp-install", "KFP_BACKEND_VERSION=2.99.0").stdout.splitlines()
     base = "github.com/kubeflow/pipelines/manifests/kustomize"
     assert out[:3] == [
         f'kubectl apply -k "{base}/cluster-scoped-resources?ref=2.99.0"',
@@ -144,7 +152,8 @@ def test_submit_schedule_unschedule_end_to_end(make, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("message: via-make\n")
     with FakeKfp() as fake:
-        common = (f"KFP_HOST={fake.url}", f"IMAGE={TINY_IMAGE}", f"PARAMS={params}")
+        common = (f"KFP_HOST={fake.url}", f"IMAGE={TINY_IMAGE}", f"PARAMS={params}",
+                  "NO_IMAGE_CHECK=1")  # registry.example is no registry; see the test below
         submitted = make("submit", *common, "RUN_NAME=from make", "KFP_EXPERIMENT=mk")
         assert submitted.returncode == 0, submitted.stderr
         (run,) = fake.runs.values()
@@ -180,3 +189,104 @@ def test_compile_cpu_builds_the_real_pipeline_without_gpu(make, tmp_path: Path) 
     executors = spec["deploymentSpec"]["executors"].values()
     assert {e["container"]["image"] for e in executors} == {image}
     assert "nvidia.com/gpu" not in out.read_text()  # schedulable on a cluster without GPUs
+
+
+# ---- issue 23: base digest, backend version, auth, registry check, Vertex ----------------------
+
+DIGEST = "sha256:" + "ab" * 32
+# Release tags of kubeflow/pipelines' backend (non-`sdk-` tags), read from a clone of the
+# repository on 2026-12-03 with `git tag`: 2.17.0 is the newest 2.17 one; there is no 2.17.3.
+BACKEND_TAGS = {"2.14.0", "2.14.3", "2.14.4", "2.15.0", "2.16.0", "2.16.1", "2.17.0"}
+
+
+def make_var(name: str) -> str:
+    match = re.search(rf"^{name} \?= (.*)$", CLUSTER_MK.read_text(), re.M)
+    assert match, name
+    return match.group(1).strip()
+
+
+def test_kfp_backend_version_is_a_release_tag_of_the_sdk_minor() -> None:
+    backend = make_var("KFP_BACKEND_VERSION")
+    assert backend in BACKEND_TAGS
+    sdk = re.search(r'"kfp==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert backend.split(".")[:2] == sdk.split(".")[:2], (backend, sdk)
+
+
+def test_image_warns_or_refuses_a_base_without_digest(make) -> None:
+    # DOCKER=echo: the check really runs, the build command is only printed.
+    warned = make("image", "DOCKER=echo")
+    assert warned.returncode == 0 and "pinned by tag only" in warned.stderr
+    refused = make("image", "REQUIRE_DIGEST=1", "DOCKER=echo")
+    assert refused.returncode != 0 and "is not pinned by digest" in refused.stderr
+    assert "--build-arg" not in refused.stdout
+    pinned = f"tensorflow/tensorflow:2.21.0-gpu@{DIGEST}"
+    ok = make("image", "REQUIRE_DIGEST=1", f"TF_GPU_IMAGE={pinned}", "DOCKER=echo")
+    assert ok.returncode == 0, ok.stderr
+    assert "pinned by tag only" not in ok.stderr
+    assert f"--build-arg TF_GPU_IMAGE={pinned}" in " ".join(ok.stdout.split())
+
+
+def test_submit_with_token_namespace_and_registry_check(make, tmp_path: Path,
+                                                       package_for) -> None:
+    """make submit/unschedule against a multi-user stand-in: the token file's bearer token on
+    every request, the profile namespace on the experiment, and the image asked of a registry."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with FakeRegistry() as registry, FakeKfp(multi_user=True, token="s3cret") as fake:
+        image = registry.add("team/lungxray", "abc123", DIGEST)
+        package = package_for(image)
+        common = (f"KFP_HOST={fake.url}", f"IMAGE={image}", f"PIPELINE_YAML={package}",
+                  f"KFP_TOKEN_FILE={token}", "KFP_USER_NAMESPACE=team-a")
+        result = make("submit", *common)
+        assert result.returncode == 0, result.stderr
+        assert fake.requests and all(
+            r.headers.get("Authorization") == "Bearer s3cret" for r in fake.requests)
+        (exp,) = fake.experiments.values()
+        assert exp["namespace"] == "team-a"
+        assert registry.calls("HEAD", "/v2/team/lungxray/manifests/abc123")
+
+        gone = f"{registry.netloc}/team/lungxray:gone"  # compiled for, but never pushed
+        missing = make("submit", *common, f"IMAGE={gone}", f"PIPELINE_YAML={package_for(gone)}",
+                       "KFP_EXPERIMENT=other")
+        assert missing.returncode != 0
+        assert "is not in registry" in missing.stderr and "--no-image-check" in missing.stderr
+        assert len(fake.runs) == 1
+
+
+def test_submit_and_schedule_vertex_end_to_end(make, tmp_path: Path) -> None:
+    """make submit-vertex / schedule-vertex compile the Vertex package and send it through
+    google-cloud-aiplatform's REST transport to the stand-in."""
+    pytest.importorskip("google.cloud.aiplatform")
+    params = tmp_path / "params.yaml"
+    params.write_text("epochs: 1\nbase_models: [MobileNetV2]\n")
+    package = tmp_path / "pipeline-vertex.yaml"
+    with FakeVertex() as vertex:
+        env = {"GOOGLE_APPLICATION_CREDENTIALS": str(vertex.adc_file(tmp_path / "adc.json")),
+               "STORAGE_EMULATOR_HOST": vertex.url}
+        common = ("VERTEX_PROJECT=proj", "VERTEX_PIPELINE_ROOT=gs://bucket/runs",
+                  f"VERTEX_API_ENDPOINT={vertex.url}", f"PIPELINE_YAML_VERTEX={package}",
+                  f"PARAMS={params}", "NO_IMAGE_CHECK=1", "VERTEX_ACCELERATOR=NVIDIA_TESLA_T4")
+        submitted = make("submit-vertex", *common, "RUN_NAME=from-make", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        (job,) = vertex.jobs.values()
+        assert job["displayName"] == "from-make"
+        assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://bucket/runs"
+        executors = job["pipelineSpec"]["deploymentSpec"]["executors"]
+        assert executors["exec-train"]["container"]["resources"]["accelerator"]["type"] == (
+            "NVIDIA_TESLA_T4")
+        assert "nvidia.com/gpu" not in json.dumps(job)
+
+        scheduled = make("schedule-vertex", *common, "VERTEX_CRON=0 3 * * 1",
+                         "SCHEDULE_NAME=weekly", env=env)
+        assert scheduled.returncode == 0, scheduled.stderr
+        (sched,) = vertex.schedules.values()
+        assert sched["cron"] == "0 3 * * 1" and sched["displayName"] == "weekly"
+        assert all(r.headers.get("Authorization") == f"Bearer {FakeVertex.ACCESS_TOKEN}"
+                   for r in vertex.calls("POST", "/v1/"))
+
+
+def test_vertex_targets_need_project_root_and_cron(make) -> None:
+    result = make("submit-vertex")
+    assert result.returncode != 0 and "VERTEX_PROJECT is required" in result.stderr
+    result = make("schedule-vertex", "VERTEX_PROJECT=p", "VERTEX_PIPELINE_ROOT=gs://b/r")
+    assert result.returncode != 0 and "VERTEX_CRON is required" in result.stderr

@@ -74,9 +74,26 @@ def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3008" in result.stdout  # unpinned apt package
 
 
+def arg_defaults(path: Path) -> dict[str, str]:
+    """Default values of the ARG instructions (NAME=value)."""
+    found = {}
+    for word, args in instructions(path):
+        name, sep, value = args.partition("=")
+        if word == "ARG" and sep:
+            found[name] = value.strip('"')
+    return found
+
+
+def base_images(path: Path) -> list[str]:
+    """FROM images with ARG defaults substituted."""
+    defaults = arg_defaults(path)
+    froms = [args.split()[0] for word, args in instructions(path) if word == "FROM"]
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m.group(1)], f) for f in froms]
+
+
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
 def test_base_images_are_pinned(flavour: str) -> None:
-    froms = [args.split()[0] for word, args in instructions(DOCKERFILES[flavour]) if word == "FROM"]
+    froms = base_images(DOCKERFILES[flavour])
     assert len(froms) >= 2, "multi-stage: builder + runtime"
     for image in froms:
         assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), image
@@ -84,8 +101,9 @@ def test_base_images_are_pinned(flavour: str) -> None:
 
 
 def test_runtime_bases() -> None:
-    gpu_from = final_stage(DOCKERFILES["gpu"])[0][1]
-    cpu_from = final_stage(DOCKERFILES["cpu"])[0][1]
+    gpu_from = base_images(DOCKERFILES["gpu"])[-1]
+    cpu_from = base_images(DOCKERFILES["cpu"])[-1]
+    assert final_stage(DOCKERFILES["gpu"])[0][1] == "${TF_GPU_IMAGE}"  # a digest via make
     assert gpu_from.startswith("tensorflow/tensorflow:2.21.0-gpu")
     assert cpu_from.startswith("python:3.11-slim")
 
@@ -195,3 +213,52 @@ def test_dockerignore_keeps_heavy_and_local_files_out() -> None:
     # What the Dockerfiles COPY must stay in the context.
     for kept in ("src", "pyproject.toml", "README.md", "docker"):
         assert kept not in patterns
+
+
+# ---- issue 23: the base image's Python, the CPU image's architecture --------------------------
+
+check_python = _load("check_python")
+
+
+def test_gpu_base_python_is_checked_first_against_requires_python() -> None:
+    """The GPU base's Python is not visible from here (no registry): the build checks it
+    against requires-python before installing anything."""
+    runs = [args for word, args in final_stage(DOCKERFILES["gpu"]) if word == "RUN"]
+    assert "check_python.py /tmp/pyproject.toml" in runs[0]
+
+
+@pytest.mark.parametrize(("version", "ok"), [
+    ("3.11.9", True), ("3.12.3", True), ("3.10.14", False), ("3.13.0", False), ("3.11", True),
+])
+def test_check_python_against_the_real_requires_python(version: str, ok: bool) -> None:
+    spec = check_python.requires_python((REPO / "pyproject.toml").read_text())
+    assert check_python.satisfies(version, spec) is ok
+    result = subprocess.run([sys.executable, str(REPO / "docker" / "check_python.py"),
+                             str(REPO / "pyproject.toml"), version], capture_output=True,
+                            text=True, timeout=30)
+    assert (result.returncode == 0) is ok, result.stderr
+
+
+def test_check_python_clauses() -> None:
+    assert check_python.satisfies("3.11.2", "~=3.11.0")
+    assert not check_python.satisfies("3.12.0", "~=3.11.0")
+    assert check_python.satisfies("3.12.1", "==3.12")
+    assert not check_python.satisfies("3.12.1", "!=3.12")
+    with pytest.raises(ValueError, match="unsupported"):
+        check_python.satisfies("3.11", ">=3.11.*")
+
+
+def test_builder_python_meets_requires_python() -> None:
+    spec = check_python.requires_python((REPO / "pyproject.toml").read_text())
+    for flavour in DOCKERFILES:
+        builder = base_images(DOCKERFILES[flavour])[0]
+        version = re.match(r"python:(\d+\.\d+)", builder).group(1)
+        assert check_python.satisfies(version, spec), (flavour, builder)
+
+
+def test_cpu_image_refuses_other_architectures_early() -> None:
+    stage = final_stage(DOCKERFILES["cpu"])
+    words = [word for word, _ in stage]
+    arch_check = next(i for i, (w, a) in enumerate(stage) if w == "RUN" and "TARGETARCH" in a)
+    assert arch_check < words.index("COPY")  # before the pip install it explains
+    assert "--platform linux/amd64" in stage[arch_check][1]

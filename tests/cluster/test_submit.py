@@ -11,6 +11,7 @@ from pipelines.compile import compile_pipeline
 from pipelines.params import ParamsError
 from pipelines.submit import KfpError, check_health, submit_run
 from tests.cluster.fake_kfp import API, FakeKfp
+from tests.cluster.fake_vertex import FakeRegistry
 from tests.cluster.helpers import assert_one_line_error, task_caching
 
 IMAGE = "registry.example/lungxray:abc123"
@@ -66,6 +67,7 @@ def test_service_account_and_expected_image(fake_kfp: FakeKfp, tiny_package: Pat
         {"message": "hi"},
         service_account="lungxray-pipeline-runner",
         expect_image=IMAGE,
+        image_check=False,  # registry.example is not a registry; test_registry.py covers it
     )
     assert run_body(fake_kfp)["service_account"] == "lungxray-pipeline-runner"
 
@@ -104,7 +106,7 @@ def test_cli_submits_params_file(
         "--package", str(tiny_package),
         "--params", str(params),
         "--run-name", "cli run",
-        "--expect-image", IMAGE,
+        "--expect-image", IMAGE, "--no-image-check",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     body = run_body(fake_kfp)
@@ -176,13 +178,16 @@ def test_cli_missing_package(fake_kfp: FakeKfp, tmp_path: Path, run_module) -> N
 
 
 def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -> None:
-    """The project's own pipeline (pipelines/compile.py) goes through submit unchanged."""
-    image = "localhost:5001/lungxray:0123456789ab"
-    package = compile_pipeline(tmp_path / "pipeline.yaml", image, gpu=True)
-
-    run_id, _ = submit_run(
-        fake_kfp.url, "lungxray", str(package), {"epochs": 1}, "real", expect_image=image
-    )
+    """The project's own pipeline (pipelines/compile.py) goes through submit unchanged, after
+    the registry confirmed the image exists."""
+    with FakeRegistry() as registry:
+        image = registry.add("team/lungxray", "0123456789ab", "sha256:" + "c" * 64)
+        package = compile_pipeline(tmp_path / "pipeline.yaml", image, gpu=True)
+        run_id, _ = submit_run(
+            fake_kfp.url, "lungxray", str(package), {"epochs": 1}, "real", expect_image=image
+        )
+        (head,) = registry.calls("HEAD", "/manifests/")
+        assert head.path == "/v2/team/lungxray/manifests/0123456789ab"
 
     body = run_body(fake_kfp)
     assert body["runtime_config"]["parameters"] == {"epochs": 1}

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.compile import compile_pipeline, main
-from pipelines.pipeline import CACHE_MOUNT, DEFAULT_MODELS, SECRET_MOUNT
+from pipelines.compile import RESOURCES, compile_pipeline, main, parse_resources
+from pipelines.params import load_params, read_pipeline_spec, validate_params
+from pipelines.pipeline import CACHE_MOUNT, DEFAULT_MODELS, SECRET_MOUNT, Resources
 from pipelines.profiles import PROFILES, pipeline_defaults, resolve_params
 
 IMAGE = "registry.example/lungxray:0123456789ab"
@@ -47,7 +48,7 @@ def test_cluster_pipeline_shape(tmp_path):
         assert accelerator["resourceCount"] == "1"  # GPUS, fixed at compile time
         assert "retryPolicy" in inner[name.removeprefix("exec-")]
     for name in ("exec-preprocess", "exec-evaluate", "exec-compare"):
-        assert "resources" not in executors[name]["container"]
+        assert "accelerator" not in executors[name]["container"]["resources"]
 
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-tune", "exec-train"):
@@ -95,6 +96,10 @@ def test_gpu_count_and_parallelism_are_compile_settings(tmp_path):
     (["--image", "/lungxray:abc"], "is REGISTRY or TAG empty?"),
     (["--image", "registry.example/lungxray"], "has no tag or digest"),
     (["--image", IMAGE, "--gpus", "0"], "gpus must be at least 1"),
+    (["--image", IMAGE, "--vertex-accelerator", "nvidia.com/gpu"], "is not one of"),
+    (["--image", IMAGE, "--vertex-accelerator", "NVIDIA_L4", "--cache-pvc", "c"],
+     "runs no Kubernetes settings"),
+    (["--image", IMAGE, "--image-digest", "sha256:abc"], "is not sha256:<64 hex digits>"),
     (["--image", IMAGE, "--output", "/proc/no/such/dir/p.yaml"], "cannot write"),
 ])
 def test_compile_cli_refuses_bad_settings(tmp_path, capsys, args, message):
@@ -111,7 +116,7 @@ def test_local_pipeline_has_no_gpu_request(tmp_path):
                                            parallelism=1))
     assert platform is None
     executors = spec["deploymentSpec"]["executors"]
-    assert all("resources" not in e["container"] for e in executors.values())
+    assert all("accelerator" not in e["container"]["resources"] for e in executors.values())
     tasks = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert "retryPolicy" in tasks["train"]  # retries stay: CPU clusters preempt too
     assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
@@ -167,3 +172,98 @@ def test_make_recompiles_when_the_platform_settings_change(tmp_path):
                           "GPUS=2"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.replace("\\\n", " ")
     assert "--cache-pvc c" in cpu and "--gpus" not in cpu
+
+
+# ---- resources, CPU parallelism, Vertex, digests, params files (issue 23) ----------------------
+
+def resources(spec: dict) -> dict[str, dict]:
+    return {name.removeprefix("exec-"): e["container"]["resources"]
+            for name, e in spec["deploymentSpec"]["executors"].items()}
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_every_step_has_cpu_and_memory_requests_and_limits(tmp_path, gpu):
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=gpu))
+    sizes = {k: parse_resources(v) for k, v in RESOURCES["gpu" if gpu else "cpu"].items()}
+    for step, res in resources(spec).items():
+        want = sizes["heavy" if step in ("tune", "train") else "light"]
+        assert res["resourceCpuRequest"] == want.cpu_request, step
+        assert res["resourceCpuLimit"] == want.cpu_limit, step
+        assert res["resourceMemoryRequest"] == want.memory_request, step
+        assert res["resourceMemoryLimit"] == want.memory_limit, step
+
+
+def test_resource_sizes_follow_the_measured_peaks():
+    """One tune/train process peaked at 5.7 GiB at 32 px on CPU (bench/RESULTS.md, full
+    profile) and ResNet152V2 at 224 px needs about 8 GB: the GPU package's limit covers both
+    with headroom; the kind package fits a node of 8 GiB that also runs KFP."""
+    gib = 2**30
+    gpu_heavy = parse_resources(RESOURCES["gpu"]["heavy"])
+    assert int(gpu_heavy.memory_limit.removesuffix("Gi")) * gib > 8e9 * 1.5
+    cpu_heavy = parse_resources(RESOURCES["cpu"]["heavy"])
+    cpu_light = parse_resources(RESOURCES["cpu"]["light"])
+    assert int(cpu_heavy.memory_limit.removesuffix("Gi")) >= 5  # 4.4 GiB peak, quick profile
+    # PARALLELISM=1: one heavy pod at a time, plus one light pod, leave KFP room in 8 GiB.
+    requested = int(cpu_heavy.memory_request.removesuffix("Gi")) + int(
+        cpu_light.memory_request.removesuffix("Gi"))
+    assert requested <= 4
+
+
+def test_resource_flags_override_and_refuse_nonsense(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["--image", IMAGE, "--output", str(out), "--heavy-resources", "6/-,20Gi/24Gi",
+                 "--light-resources=-/-,2Gi/-"]) == 0
+    res = resources(load(out)[0])
+    assert res["train"]["resourceCpuRequest"] == "6" and "resourceCpuLimit" not in res["train"]
+    assert res["train"]["resourceMemoryLimit"] == "24Gi"
+    assert res["compare"] == {"memoryRequest": 2.147483648, "resourceMemoryRequest": "2Gi"}
+    assert parse_resources("500m/2,1Gi/3Gi") == Resources("500m", "2", "1Gi", "3Gi")
+    for bad, message in (("4/8", "expected"), ("4/8,lots/8Gi", "not a quantity"),
+                         ("4/2,1Gi/2Gi", "cpu request 4 is above its limit 2"),
+                         ("1/2,3Gi/2048Mi", "memory request 3Gi is above")):
+        with pytest.raises(ValueError, match=message):
+            parse_resources(bad)
+    with pytest.raises(SystemExit):
+        main(["--image", IMAGE, "--output", str(out), "--heavy-resources", "x"])
+    assert "expected CPU_REQ/CPU_LIM,MEM_REQ/MEM_LIM" in capsys.readouterr().err
+
+
+def test_cpu_package_runs_one_model_at_a_time(tmp_path):
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=False))
+    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=False, parallelism=0))
+    assert "iteratorPolicy" not in spec["root"]["dag"]["tasks"]["for-loop-1"]
+
+
+def test_vertex_package_has_vertex_accelerators_and_no_kubernetes(tmp_path):
+    spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE,
+                                           vertex_accelerator="NVIDIA_L4", gpus=2))
+    assert platform is None  # kfp-kubernetes settings would be ignored or refused by Vertex
+    res = resources(spec)
+    for step in ("tune", "train"):
+        assert res[step]["accelerator"]["type"] == "NVIDIA_L4"
+        assert res[step]["accelerator"]["count"] == "2"
+    assert all("accelerator" not in res[s] for s in ("preprocess", "evaluate", "compare"))
+    assert all("resourceMemoryRequest" not in r for r in res.values())  # Vertex: limits only
+    tasks = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_image_digest_pins_every_step(tmp_path):
+    digest = "sha256:" + "e" * 64
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, image_digest=digest))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {f"{IMAGE}@{digest}"}
+
+
+@pytest.mark.parametrize(("params", "kwargs"), [
+    ("kind.yaml", {"gpu": False}),
+    ("gke.yaml", {"gpu": True, "cache_pvc": "lungxray-cache",
+                  "gpu_node_selector": ("cloud.google.com/gke-accelerator", "nvidia-l4")}),
+    ("gke.yaml", {"vertex_accelerator": "NVIDIA_L4"}),
+])
+def test_params_files_validate_against_their_packages(tmp_path, params, kwargs):
+    package = compile_pipeline(tmp_path / "p.yaml", IMAGE, **kwargs)
+    values = validate_params(read_pipeline_spec(package), load_params(REPO / "params" / params))
+    if params == "kind.yaml":  # small enough for one 8 GiB node
+        assert len(values["base_models"]) == 1 and values["image_size"] <= 64

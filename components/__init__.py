@@ -12,16 +12,17 @@ from kfp import dsl
 
 from components.compare import compare
 from components.evaluate import evaluate
+from components.predict import predict
 from components.preprocess import preprocess
 from components.train import train
 from components.tune import tune
 
-FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare)}
+FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, predict)}
 LOCAL_IMAGE = "lungxray:local"  # kfp.local's SubprocessRunner ignores the image
 
 
 def build(image: str = LOCAL_IMAGE) -> SimpleNamespace:
-    """All five components with ``image`` as their base image. The image has lungxray and kfp
+    """Every component with ``image`` as its base image. The image has lungxray and kfp
     installed, so nothing is pip-installed at run time (air-gapped clusters work)."""
     return SimpleNamespace(**{
         name: dsl.component(func, base_image=image, install_kfp_package=False)

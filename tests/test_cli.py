@@ -11,7 +11,7 @@ import pytest
 
 from lungxray import cli
 
-SUBCOMMANDS = ["preprocess", "tune", "train", "evaluate", "compare", "models"]
+SUBCOMMANDS = ["preprocess", "tune", "train", "evaluate", "compare", "models", "predict", "export"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:

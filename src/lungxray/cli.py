@@ -13,13 +13,18 @@ WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch
 
 def _preprocess(args: argparse.Namespace) -> dict:
     from lungxray import data
+    from lungxray import limits as limiting
 
+    # --limit and --max-image-pixels go over the LUNGXRAY_<LIMIT> environment (docs/limits.md).
+    pairs = [*args.limit, *([f"max_image_pixels={args.max_image_pixels}"]
+                            if args.max_image_pixels is not None else [])]
+    limits = limiting.with_overrides(limiting.from_env(), pairs)
     return data.preprocess(args.source, args.output, image_size=args.image_size, seed=args.seed,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            max_per_split=args.max_per_split, channels=args.channels,
                            cache_dir=args.cache_dir, skip_bad=args.skip_bad,
                            keep_aspect=args.keep_aspect, min_size=args.min_size,
-                           workers=args.workers)
+                           workers=args.workers, limits=limits)
 
 
 def _tune(args: argparse.Namespace) -> dict:
@@ -57,6 +62,20 @@ def _compare(args: argparse.Namespace) -> dict:
 
     return report.compare(args.trials, args.output, select_metric=args.select_metric,
                           ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity)
+
+
+def _predict(args: argparse.Namespace) -> dict:
+    from lungxray import predict
+
+    return predict.predict(args.model, args.source, args.output, batch_size=args.batch_size,
+                           skip_bad=args.skip_bad, explain=args.gradcam,
+                           cache_dir=args.cache_dir, workers=args.workers)
+
+
+def _export(args: argparse.Namespace) -> dict:
+    from lungxray import export
+
+    return export.export(args.model, args.output, version=args.version, force=args.force)
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -111,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of any of them, or 'pneumoniamnist[_SIZE]'")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
     p.add_argument("--image-size", type=int, default=None,
-                   help="square side in pixels (default: the npz's own size, 224 for folders)")
+                   help="square side in pixels, at most 1024 (default: the npz's own size up "
+                   "to 1024, 224 for folders)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="1 = grey, 3 = RGB (default: as the source; folders grey)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -128,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images whose smaller side is below N px (default 8, the minimum)")
     p.add_argument("--workers", type=int, default=0,
                    help="decoding threads (default 0: one per CPU, at most 8)")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse source images above N pixels, checked before decoding "
+                   "(default 40000000; a mammogram is ~23 MP)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="set one reader limit, e.g. max_image_size=2048 or max_classes=5000 "
+                   "(repeatable; docs/limits.md lists every limit and its default)")
     _common(p)
     p.set_defaults(func=_preprocess)
 
@@ -197,18 +223,70 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation sensitivity (default: as its members, else Youden's J)")
     p.set_defaults(func=_compare)
 
+    p = sub.add_parser("predict", help="apply a model to unlabeled images: predictions.csv",
+                       description="Predict unlabeled images with a `lungxray train` output or "
+                       "best_model/ (single or ensemble), preprocessed as the model was trained. "
+                       "Writes <output>/predictions.csv (path, prob_<class>..., predicted_index, "
+                       "predicted_class at the model's saved threshold), bad_files.csv with "
+                       "--skip-bad, and gradcam/ with --gradcam. Streams in batches; progress on "
+                       "stderr.")
+    p.add_argument("--model", type=_local_path, required=True,
+                   help="`lungxray train` output directory or compare's best_model/")
+    p.add_argument("--source", required=True, help="image folder (any layout; PNG, JPEG, DICOM), "
+                   "CSV with a 'path' column (relative to its folder), .npz with 'images' or "
+                   "'<split>_images', or a gs:// URI of any of them")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images decoded and predicted per step (default 64)")
+    p.add_argument("--skip-bad", action="store_true", help="list unreadable files in "
+                   "bad_files.csv and go on, instead of failing")
+    p.add_argument("--gradcam", action="store_true", help="also write a Grad-CAM overlay of "
+                   "each image's predicted class at the image's own resolution (gradcam/)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decoding threads (default 0: one per CPU, at most 8)")
+    _common(p, seed=False)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="TensorFlow SavedModel for TF Serving / KServe",
+                       description="Write <output>/<version>/ (saved_model.pb, variables/): "
+                       "signatures serving_default (float pixels), predict_uint8 (uint8 pixels) "
+                       "and predict_image_bytes (encoded PNG/JPEG), each returning "
+                       "probabilities, class_index and class_name. An ensemble is exported as "
+                       "the mean of its members.")
+    p.add_argument("--model", type=_local_path, required=True,
+                   help="`lungxray train` output directory or compare's best_model/")
+    p.add_argument("--output", type=_local_path, required=True,
+                   help="model base directory (TF Serving's model_base_path)")
+    p.add_argument("--version", type=int, default=1, help="version subdirectory (default 1)")
+    p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("models", help="list the supported backbones")
     p.set_defaults(func=_models)
     return parser
 
 
+MAX_ERROR_LINE = 2000  # characters of an error line; every quoted value in it is cut already
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line of bounded length (stating the full length when cut)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > MAX_ERROR_LINE:
+        text = f"{text[:MAX_ERROR_LINE]}... ({len(text)} characters)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lungxray.errors import LungxrayError
+
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        # Input problems are reported in one line; a bug still shows its traceback.
-        print(f"lungxray {args.command}: error: {err}", file=sys.stderr)
+    except (LungxrayError, OSError) as err:
+        # Input problems (every LungxrayError, and files that cannot be read or written) are
+        # one line; any other exception is a bug and keeps its traceback.
+        print(f"lungxray {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

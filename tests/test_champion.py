@@ -1,0 +1,202 @@
+"""Champion/challenger: paired bootstrap, decision, decision.json and promotion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from lungxray import champion, data, evaluate, train
+from lungxray.errors import ConfigError, DataError, ModelError
+from tests.test_predict import tiny_model_dir
+
+
+def synthetic(n: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, a weak model's and a strong model's probabilities on the same images."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    noise = rng.normal(size=n)
+    weak = 1 / (1 + np.exp(-(0.6 * (2 * y - 1) + noise)))
+    strong = 1 / (1 + np.exp(-(1.6 * (2 * y - 1) + noise)))
+    return y, np.column_stack([1 - weak, weak]), np.column_stack([1 - strong, strong])
+
+
+def test_paired_bootstrap_is_sklearns_auc_difference_with_a_seeded_ci():
+    y, weak, strong = synthetic()
+    result = champion.paired_bootstrap(y, weak, strong, n_bootstrap=100, seed=3)
+    assert result["champion"] == pytest.approx(roc_auc_score(y, weak[:, 1]))
+    assert result["challenger"] == pytest.approx(roc_auc_score(y, strong[:, 1]))
+    assert result["difference"] == pytest.approx(result["challenger"] - result["champion"])
+    lo, hi = result["ci"]
+    assert 0 < lo < result["difference"] < hi and result["p_not_better"] == 0.0
+    again = champion.paired_bootstrap(y, weak, strong, n_bootstrap=100, seed=3)
+    assert again["ci"] == result["ci"]  # seeded
+    swapped = champion.paired_bootstrap(y, strong, weak, n_bootstrap=100, seed=3)
+    assert swapped["ci"][1] < 0 and swapped["p_not_better"] == 1.0
+    same = champion.paired_bootstrap(y, weak, weak, n_bootstrap=50)
+    assert same["difference"] == 0.0 and same["ci"] == [0.0, 0.0]
+
+
+def test_pairing_narrows_the_interval():
+    """Two models sharing most of their errors: the paired CI of the difference is much
+    narrower than the difference of two independent CIs would be."""
+    y, weak, _ = synthetic(seed=2)
+    rng = np.random.default_rng(0)
+    close = np.clip(weak[:, 1] + rng.normal(0, 0.02, len(y)), 0, 1)
+    result = champion.paired_bootstrap(y, weak, np.column_stack([1 - close, close]),
+                                       n_bootstrap=100)
+    width = result["ci"][1] - result["ci"][0]
+    draws = np.random.default_rng(0).integers(0, len(y), (200, len(y)))
+    single = [roc_auc_score(y[i], weak[i, 1]) for i in draws]
+    assert width < 0.5 * (np.percentile(single, 97.5) - np.percentile(single, 2.5))
+
+
+def test_decision_honours_the_margin_and_a_missing_champion():
+    y, weak, strong = synthetic()
+    comparison = champion.paired_bootstrap(y, weak, strong, n_bootstrap=100)
+    lo = comparison["ci"][0]
+    promote = champion.decide(comparison, margin=lo / 2)
+    keep = champion.decide(comparison, margin=lo + 0.01)
+    assert promote["decision"] == "promote"
+    assert "better by more than the margin" in promote["reason"]
+    assert keep["decision"] == "keep" and "not better by more than the margin" in keep["reason"]
+    worse = champion.decide(champion.paired_bootstrap(y, strong, weak, n_bootstrap=100))
+    assert worse["decision"] == "keep" and "it is worse" in worse["reason"]
+    assert champion.decide(None) == {"decision": "promote", "reason": "no champion yet"}
+    with pytest.raises(ConfigError, match="margin"):
+        champion.decide(comparison, margin=-0.1)
+
+
+def test_bad_comparisons_are_refused():
+    y, weak, strong = synthetic(n=40)
+    with pytest.raises(DataError, match=r"challenger probabilities must be \(40, K>=2\)"):
+        champion.paired_bootstrap(y, weak, strong[:30])
+    with pytest.raises(DataError, match="undefined"):
+        champion.paired_bootstrap(np.zeros(40), weak, strong)
+    info = {"class_names": ["normal", "pneumonia"], "image_size": 32, "channels": 1}
+    champion.check_compatible(info, dict(info))
+    with pytest.raises(ModelError, match=r"champion: image_size 64 differs .* 32"):
+        champion.check_compatible({**info, "image_size": 64}, info)
+    with pytest.raises(ModelError, match="class_names"):
+        champion.check_compatible({**info, "class_names": ["a", "b"]}, info)
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return tiny_model_dir(root / "old", seed=0), tiny_model_dir(root / "new", seed=3)
+
+
+def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_path):
+    old, new = two_models
+    test = data.load_split(small_dataset, "test")
+    probs = {name: evaluate.load_predictor(d).predict(test.images)[0]
+             for name, d in (("old", old), ("new", new))}
+    infos = {name: train.read_model_info(d) for name, d in (("old", old), ("new", new))}
+    comparison = champion.paired_bootstrap(test.labels, probs["old"], probs["new"],
+                                           n_bootstrap=100, seed=0)
+    assert comparison["n"] == len(test)
+    home = tmp_path / "champion"
+    assert champion.read_champion(home) is None
+    first = champion.decision_record("run-1", infos["old"], None, None, margin=0.0)
+    card = tmp_path / "card.md"
+    card.write_text("# old model\n")
+    champion.promote(old, home, first, model_card=card)
+    assert champion.read_champion(home) == home / "model"
+    second = champion.decision_record("run-2", infos["new"], infos["old"], comparison,
+                                      margin=0.0, split="test")
+    champion.write_decision(second, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / champion.DECISION_FILE).read_text())
+    assert saved["decision"] in ("promote", "keep") and saved["comparison"]["n"] == len(test)
+    assert saved["champion"]["model_name"] == "VGG16" and saved["split"] == "test"
+    forced = {**second, "decision": "promote"}  # promote regardless, to test the swap
+    champion.promote(new, home, forced)
+    current = json.loads((home / champion.DECISION_FILE).read_text())
+    assert current["run_id"] == "run-2"
+    assert json.loads((home / champion.RECORD_FILE).read_text())["history"] == "history/run-2"
+    assert sorted(p.name for p in (home / "history").iterdir()) == ["run-1", "run-2"]
+    assert (home / "history" / "run-1" / champion.CARD_FILE).read_text() == "# old model\n"
+    assert not (home / champion.CARD_FILE).exists()  # run-2 came without a card
+    assert not [p for p in home.iterdir() if p.name.startswith(".")]  # no staging left
+    reloaded = evaluate.load_predictor(champion.read_champion(home)).predict(test.images)[0]
+    np.testing.assert_allclose(reloaded, probs["new"], atol=1e-6)
+    with pytest.raises(ConfigError, match="run run-2 was already promoted"):
+        champion.promote(new, home, forced)
+    with pytest.raises(ConfigError, match="not 'promote'"):
+        champion.promote(new, home, {**forced, "run_id": "run-3", "decision": "keep"})
+
+
+@pytest.mark.parametrize("fail_at", ["staging", "current copy", "seal"])
+def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, monkeypatch,
+                                                          fail_at):
+    old, new = two_models
+    home = tmp_path / "champion"
+    record = champion.decision_record("r1", {"model_name": "VGG16"}, None, None, 0.0)
+    champion.promote(old, home, record, model_card=_card(tmp_path))
+
+    def tree() -> dict[str, int]:
+        return {str(p.relative_to(home)): p.stat().st_size for p in home.rglob("*")}
+
+    before = tree()
+    real_copytree, real_write = shutil.copytree, champion._write_atomic
+    real_copy_model = champion.safeio.copy_model_folder
+
+    def copy_model(src, dst, *args, **kwargs):  # a full disk at the end of staging the model
+        real_copy_model(src, dst, *args, **kwargs)
+        if fail_at == "staging":
+            raise OSError(28, "No space left on device")
+
+    def copytree(src, dst, *args, **kwargs):  # ... or at the end of linking the current files
+        real_copytree(src, dst, *args, **kwargs)
+        if fail_at == "current copy" and Path(dst).name == "current":
+            raise OSError(28, "No space left on device")
+
+    def write(path, text):
+        if fail_at == "seal":
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    monkeypatch.setattr(champion.safeio, "copy_model_folder", copy_model)
+    monkeypatch.setattr(champion.shutil, "copytree", copytree)
+    monkeypatch.setattr(champion, "_write_atomic", write)
+    with pytest.raises(OSError, match="No space left"):
+        champion.promote(new, home, {**record, "run_id": "r2"})
+    assert tree() == before
+    assert json.loads((home / champion.DECISION_FILE).read_text())["run_id"] == "r1"
+    assert champion.read_champion(home) == home / "model"
+    monkeypatch.undo()
+    champion.promote(new, home, {**record, "run_id": "r2"})  # the same run may retry
+    assert json.loads((home / champion.DECISION_FILE).read_text())["run_id"] == "r2"
+
+
+def _card(tmp_path: Path) -> Path:
+    card = tmp_path / "model_card.md"
+    card.write_text("# card\n")
+    return card
+
+
+def test_champion_folders_that_cannot_be_used_are_refused(two_models, tmp_path):
+    old, _ = two_models
+    record = champion.decision_record("r1", {"model_name": "VGG16"}, None, None, 0.0)
+    stranger = tmp_path / "photos"
+    stranger.mkdir()
+    (stranger / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ModelError, match="photos: not a champion folder"):
+        champion.promote(old, stranger, record)
+    assert sorted(p.name for p in stranger.iterdir()) == ["cat.jpg"]
+    with pytest.raises(ModelError, match="not a model folder"):
+        champion.promote(tmp_path, tmp_path / "c", record)
+    home = tmp_path / "home"
+    champion.promote(old, home, record)
+    (home / champion.DECISION_FILE).write_text(json.dumps({**record, "run_id": "other"}))
+    with pytest.raises(ModelError, match="half-promoted"):
+        champion.read_champion(home)
+    for bad in ("../x", "", "a/b"):
+        with pytest.raises(ConfigError, match="run id"):
+            champion.decision_record(bad, {}, None, None, 0.0)
+    with pytest.raises(ConfigError, match="gs:// is not implemented"):
+        champion.promote(old, "gs://bucket/champion", record)

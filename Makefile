@@ -13,6 +13,7 @@ WEIGHTS ?=#                        imagenet | none | path or gs:// URI of a weig
 PROFILE ?= quick#                  quick | full | cluster (pipelines/profiles.py)
 MODELS ?=#                         e.g. MODELS='[VGG16, MobileNetV2]' (default: the profile's)
 PARAMS ?=#                         YAML/JSON file of pipeline parameters
+CHAMPION_URI ?=#                   local path or gs:// URI of the champion (champion/challenger)
 PIPELINE_ROOT ?= local_outputs
 PYTEST_ARGS ?=
 BENCH_ARGS ?=#                     e.g. --only tuning input, --profiles full
@@ -55,10 +56,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install lungxray with CPU TensorFlow and the dev tools
 
-local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, WEIGHTS, PROFILE, MODELS, PARAMS)
+local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, WEIGHTS, PROFILE, MODELS, PARAMS, CHAMPION_URI)
 	$(PY) -m pipelines.local --profile $(PROFILE) --pipeline-root $(PIPELINE_ROOT) \
 		$(if $(DATA),--set 'data_source=$(DATA)') $(if $(WEIGHTS),--set 'weights=$(WEIGHTS)') \
-		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS))
+		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS)) \
+		$(if $(CHAMPION_URI),--set 'champion_uri=$(CHAMPION_URI)')
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

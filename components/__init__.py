@@ -10,14 +10,17 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
+from components.challenge import challenge
 from components.compare import compare
 from components.evaluate import evaluate
 from components.predict import predict
 from components.preprocess import preprocess
+from components.promote import promote
 from components.train import train
 from components.tune import tune
 
-FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, predict)}
+FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, challenge,
+                                      promote, predict)}
 LOCAL_IMAGE = "lungxray:local"  # kfp.local's SubprocessRunner ignores the image
 
 

@@ -104,6 +104,7 @@ kfp_auth_args = $(if $(KFP_USER_NAMESPACE),--namespace '$(KFP_USER_NAMESPACE)') 
 	$(if $(KFP_TOKEN_FILE),--token-file '$(KFP_TOKEN_FILE)') $(if $(KFP_IN_CLUSTER),--in-cluster)
 kfp_run_args = --host '$(KFP_HOST)' --experiment '$(KFP_EXPERIMENT)' --package $(1) \
 	--expect-image '$(2)' $(if $(PARAMS),--params '$(PARAMS)') \
+	$(if $(CHAMPION_URI),--set 'champion_uri=$(CHAMPION_URI)') \
 	$(if $(KFP_SERVICE_ACCOUNT),--service-account '$(KFP_SERVICE_ACCOUNT)') \
 	$(if $(KFP_CACHE),--cache '$(KFP_CACHE)') $(if $(NO_IMAGE_CHECK),--no-image-check) \
 	$(kfp_auth_args)

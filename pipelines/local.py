@@ -14,11 +14,9 @@ from pathlib import Path
 
 from kfp import compiler
 
-from lungxray.errors import quote
 from pipelines.params import (
-    ParamsError,
+    apply_sets,
     load_params,
-    parse_value,
     read_pipeline_spec,
     validate_params,
 )
@@ -44,12 +42,7 @@ def cli_params(profile: str, params_file: Path | None, sets: list[str]) -> dict:
     """The run's parameters: pipeline defaults, then the profile, then the PARAMS file, then each
     ``--set name=value`` (parsed like the file's values); names, types and values checked as
     submit checks them, before anything runs."""
-    overrides = load_params(params_file) if params_file else {}
-    for item in sets:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ParamsError(f"--set expects name=value, got {quote(item)}")
-        overrides[name] = parse_value(value, name)
+    overrides = apply_sets(load_params(params_file) if params_file else {}, sets)
     params = resolve_params(profile, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "pipeline.yaml"
@@ -86,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"\nReport: {report}\nBest model: {report.parent / 'best_model'}")
+    decision = report.parent.parent / "challenge" / "decision" / "decision.json"
+    if decision.is_file():  # champion/challenger: what this run did with champion_uri
+        record = json.loads(decision.read_text())
+        print(f"Champion: {record['decision']}: {record['reason']}")
     return 0
 
 

@@ -57,6 +57,18 @@ def parse_value(text: str, name: str = "value") -> Any:
         raise ParamsError(str(exc)) from None
 
 
+def apply_sets(params: Mapping[str, Any], sets: list[str]) -> dict[str, Any]:
+    """``params`` with each ``--set name=value`` applied, the value parsed like a PARAMS
+    file's (a later one wins)."""
+    merged = dict(params)
+    for item in sets:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ParamsError(f"--set expects name=value, got {quote(item)}")
+        merged[name] = parse_value(value, name)
+    return merged
+
+
 def load_params(path: str | Path) -> dict[str, Any]:
     """Read pipeline arguments from a YAML or JSON file holding one mapping (empty file = none)."""
     path = Path(path)

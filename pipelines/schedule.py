@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.params import ParamsError, load_params
+from pipelines.params import ParamsError, apply_sets, load_params
 from pipelines.submit import (
     CACHE_CHOICES,
     KfpError,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "create":
 
         def go() -> object:
-            params = load_params(args.params) if args.params else {}
+            params = apply_sets(load_params(args.params) if args.params else {}, args.set)
             return schedule(
                 args.host,
                 args.experiment,

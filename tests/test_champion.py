@@ -198,5 +198,119 @@ def test_champion_folders_that_cannot_be_used_are_refused(two_models, tmp_path):
     for bad in ("../x", "", "a/b"):
         with pytest.raises(ConfigError, match="run id"):
             champion.decision_record(bad, {}, None, None, 0.0)
-    with pytest.raises(ConfigError, match="gs:// is not implemented"):
-        champion.promote(old, "gs://bucket/champion", record)
+
+
+def test_challenge_decides_on_validation_and_reports_every_split(two_models, small_dataset,
+                                                                 tmp_path):
+    old, new = two_models
+    home = tmp_path / "champion"
+    skipped = champion.challenge(new, small_dataset, "", "run-0")
+    assert skipped["decision"] == "skip" and skipped["comparison"] is None
+    first = champion.challenge(old, small_dataset, str(home), "run-1")
+    assert first["decision"] == "promote" and first["reason"] == "no champion yet"
+    assert first["champion_state"] == {"run_id": None, "generation": 0}
+    champion.promote(old, home, first, model_card=_card(tmp_path))
+
+    second = champion.challenge(new, small_dataset, str(home), "run-2", n_bootstrap=200)
+    val, test = data.load_split(small_dataset, "val"), data.load_split(small_dataset, "test")
+    assert second["split"] == "val" and second["comparison"]["n"] == len(val)
+    assert set(second["evidence"]) == {"test"} and second["evidence"]["test"]["n"] == len(test)
+    assert second["champion_state"]["run_id"] == "run-1"
+    probs = {name: evaluate.load_predictor(d).predict(val.images)[0]
+             for name, d in (("old", old), ("new", new))}
+    assert second["comparison"]["champion"] == pytest.approx(
+        roc_auc_score(val.labels, probs["old"][:, 1]))
+    assert second["comparison"]["challenger"] == pytest.approx(
+        roc_auc_score(val.labels, probs["new"][:, 1]))
+    assert second["decision"] == champion.decide(second["comparison"], 0.0)["decision"]
+    section = champion.markdown(second)
+    assert "## Champion vs challenger" in section
+    assert f"**Decision: {second['decision']}**" in section
+    assert "| val |" in section and "| test |" in section
+
+    # A third run compared with run-1 too; run-2 is promoted first: the third must not replace
+    # a champion it never saw.
+    third = champion.challenge(new, small_dataset, str(home), "run-3", n_bootstrap=50)
+    champion.promote(new, home, {**second, "decision": "promote"})
+    with pytest.raises(ConfigError, match="champion changed since run run-3"):
+        champion.promote(new, home, {**third, "decision": "promote"})
+    assert champion.current(home)["run_id"] == "run-2"
+
+
+def test_challenge_refuses_a_champion_of_another_input(two_models, small_dataset, tmp_path):
+    from tests.test_predict import tiny_model_dir
+
+    old, _ = two_models
+    home = tmp_path / "champion"
+    other = tiny_model_dir(tmp_path / "other", seed=1, size=48)
+    champion.promote(other, home, champion.decision_record("r1", {"model_name": "VGG16"},
+                                                           None, None, 0.0))
+    with pytest.raises(ModelError, match="image_size 48 differs"):
+        champion.challenge(old, small_dataset, str(home), "r2")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match="not a champion folder"):
+        champion.challenge(old, small_dataset, str(tmp_path / "junk"), "r2")
+
+
+@pytest.fixture()
+def gcs_bucket(monkeypatch) -> str:
+    """A bucket on a gcp-storage-emulator that enforces generation preconditions."""
+    import socket
+    import uuid
+
+    from gcp_storage_emulator.server import create_server
+
+    from tests.gcs_preconditions import enforced
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"champ-{uuid.uuid4().hex[:8]}"
+    with enforced():
+        server = create_server("127.0.0.1", port, in_memory=True, default_bucket=name)
+        server.start()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        try:
+            yield name
+        finally:
+            server.stop()
+
+
+def test_gcs_promotion_is_a_compare_and_swap(two_models, small_dataset, gcs_bucket, tmp_path,
+                                             monkeypatch):
+    """Against the emulator with GCS's generation preconditions (tests/gcs_preconditions.py)."""
+    from lungxray import storage
+
+    old, new = two_models
+    uri = f"gs://{gcs_bucket}/lungxray/champion"
+    assert champion.read_champion(uri, tmp_path / "cache") is None
+    first = champion.challenge(old, small_dataset, uri, "run-1", cache_dir=tmp_path / "cache")
+    assert champion.promote(old, uri, first, model_card=_card(tmp_path)) == (
+        f"{uri}/history/run-1")
+    state = champion.current(uri)
+    assert state["run_id"] == "run-1" and state["generation"] > 0
+    fetched = champion.read_champion(uri, tmp_path / "cache")
+    val = data.load_split(small_dataset, "val")
+    np.testing.assert_allclose(evaluate.load_predictor(fetched).predict(val.images)[0],
+                               evaluate.load_predictor(old).predict(val.images)[0], atol=1e-6)
+
+    # Two runs finish together, both compared with run-1.
+    a = {**champion.challenge(new, small_dataset, uri, "run-a", n_bootstrap=50,
+                              cache_dir=tmp_path / "cache"), "decision": "promote"}
+    b = {**a, "run_id": "run-b"}
+    champion.promote(new, uri, a)
+    with pytest.raises(ConfigError, match="champion changed since run run-b"):
+        champion.promote(new, uri, b)
+    # b passes that check at the same moment as a: the swap of champion.json itself refuses it,
+    # and b's uploaded history entry is removed again.
+    with monkeypatch.context() as patch, pytest.raises(storage.PreconditionError,
+                                                       match="another writer"):
+        patch.setattr(champion, "_check_unchanged", lambda *args: None)
+        patch.setattr(champion, "current", lambda u: state)  # what b read before a won
+        champion.promote(new, uri, b)
+    assert champion.current(uri)["run_id"] == "run-a"
+    assert not storage.exists(f"{uri}/history/run-b/")
+    assert storage.exists(f"{uri}/history/run-1/model_card.md")
+    with pytest.raises(ConfigError, match="run run-a was already promoted"):
+        champion.promote(new, uri, a)

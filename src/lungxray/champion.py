@@ -19,11 +19,14 @@ renames and records the swap last in ``champion.json``, so a reader checks
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from lungxray import metrics, safeio
+from lungxray import metrics, safeio, storage
 from lungxray.errors import ConfigError, DataError, ModelError, quote
 
 DECISION_FILE = "decision.json"
@@ -131,8 +134,11 @@ def decide(comparison: dict[str, Any] | None, margin: float = 0.0) -> dict[str, 
 
 def decision_record(run_id: str, challenger: dict[str, Any], champion: dict[str, Any] | None,
                     comparison: dict[str, Any] | None, margin: float,
-                    split: str = "") -> dict[str, Any]:
-    """The content of ``decision.json``: the decision, its reason and the evidence."""
+                    split: str = "", champion_state: dict[str, Any] | None = None,
+                    evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of ``decision.json``: the decision, its reason and the evidence.
+    ``champion_state`` (:func:`current`) is who was compared with; ``evidence`` the
+    comparisons on other splits, reported but not decided on."""
     check_run_id(run_id)
     verdict = decide(comparison, margin)
 
@@ -142,7 +148,76 @@ def decision_record(run_id: str, challenger: dict[str, Any], champion: dict[str,
 
     return {**verdict, "run_id": run_id, "split": split or None, "margin": margin,
             "challenger": who(challenger), "champion": who(champion), "comparison": comparison,
+            "evidence": evidence or {}, "champion_state": champion_state,
             "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+DECISION_SPLIT = "val"  # the split the decision is made on; test splits are only reported
+
+
+def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: str,
+              run_id: str, margin: float = 0.0, seed: int = 0,
+              n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+              cache_dir: Path | None = None) -> dict[str, Any]:
+    """Compare this run's pick with the champion at ``champion_uri`` on this run's images and
+    return the decision record. Decided on validation (like every selection here); every
+    other split of the dataset (test, a shifted test) is compared and reported beside it.
+    Without ``champion_uri`` the decision is ``skip``; with an empty one, ``promote``."""
+    from lungxray import evaluate, integrity
+    from lungxray.train import read_model_info
+
+    check_run_id(run_id)
+    challenger_info = read_model_info(Path(challenger_dir))
+    if not champion_uri:
+        return {"decision": "skip", "reason": "no champion_uri given", "run_id": run_id,
+                "margin": margin, "comparison": None, "evidence": {}}
+    state = current(champion_uri)
+    champion_dir = read_champion(champion_uri, cache_dir)
+    if champion_dir is None:
+        return decision_record(run_id, challenger_info, None, None, margin,
+                               champion_state=state)
+    champion_info = read_model_info(champion_dir)
+    check_compatible(champion_info, challenger_info, where=f"champion {champion_uri}")
+    manifest = integrity.read_manifest(Path(data_dir))
+    if DECISION_SPLIT not in manifest["splits"]:
+        raise DataError(f"{data_dir}: has no {DECISION_SPLIT} split to decide on")
+    predictors = [evaluate.load_predictor(d) for d in (champion_dir, challenger_dir)]
+    compared: dict[str, Any] = {}
+    for split in [DECISION_SPLIT, *(s for s in manifest["splits"] if s != DECISION_SPLIT)]:
+        if split == "train":
+            continue
+        images = integrity.load_checked_split(Path(data_dir), split, manifest)
+        old, new = (p.predict(images.images)[0] for p in predictors)
+        compared[split] = paired_bootstrap(images.labels, old, new, n_bootstrap, seed)
+    return decision_record(run_id, challenger_info, champion_info, compared.pop(DECISION_SPLIT),
+                           margin, split=DECISION_SPLIT, champion_state=state,
+                           evidence=compared)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The "Champion vs challenger" section of the report and the model card."""
+    lines = ["## Champion vs challenger", "",
+             f"**Decision: {record['decision']}** — {record['reason']}.", ""]
+    rows = {**({record.get("split") or DECISION_SPLIT: record["comparison"]}
+               if record.get("comparison") else {}), **record.get("evidence", {})}
+    if rows:
+        lines += ["| split | champion AUC | challenger AUC | difference | 95% CI | "
+                  "P(not better) | images |", "|---|---:|---:|---:|---|---:|---:|"]
+        for split, c in rows.items():
+            lo, hi = c["ci"]
+            lines.append(f"| {split} | {c['champion']:.4f} | {c['challenger']:.4f} | "
+                         f"{c['difference']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                         f"{c['p_not_better']:.3f} | {c['n']} |")
+        champ = (record.get("champion") or {}).get("model_name")
+        new = (record.get("challenger") or {}).get("model_name")
+        champ_run = (record.get("champion_state") or {}).get("run_id")
+        lines += ["", f"Champion: {champ} (run {champ_run}); challenger: {new} (run "
+                      f"{record['run_id']}). Paired stratified "
+                      f"bootstrap of the ROC AUC difference on the same images, decided on "
+                      f"{DECISION_SPLIT} with margin {record['margin']:g}; the other splits are "
+                      f"evidence only. Validation chose the challenger among this run's models, "
+                      f"which favours it slightly: the margin is the guard."]
+    return "\n".join(lines) + "\n"
 
 
 def write_decision(record: dict[str, Any], path: Path | str) -> Path:
@@ -179,21 +254,61 @@ def check_run_id(run_id: str) -> None:
                           f"'_' or '-', starting with a letter or digit")
 
 
-def _local(champion_uri: str | Path) -> Path:
-    if str(champion_uri).startswith("gs://"):
-        raise ConfigError(f"{quote(str(champion_uri))}: promotion to gs:// is not implemented "
-                          f"here yet (it needs object generation preconditions); use a local "
-                          f"or mounted path")
-    return Path(champion_uri)
+def _is_gcs(champion_uri: str | Path) -> bool:
+    return str(champion_uri).startswith("gs://")
 
 
-def read_champion(champion_uri: str | Path) -> Path | None:
-    """The current champion's ``model/`` folder, or None when ``champion_uri`` holds none yet
-    (missing or empty). A folder that holds something else, or a half-promoted champion, is a
-    ModelError naming it."""
+def _gcs_name(champion_uri: str, *parts: str) -> str:
+    return "/".join([str(champion_uri).rstrip("/"), *parts])
+
+
+def current(champion_uri: str | Path) -> dict[str, Any]:
+    """Who the champion is now: ``{"run_id": ... or None, "generation": ...}``. A decision
+    records it, and :func:`promote` refuses to replace any other champion than the one the
+    challenger was compared with. ``generation`` is the GCS generation of champion.json (0:
+    none yet); locally always 0."""
+    if _is_gcs(champion_uri):
+        found = storage.read_generation(_gcs_name(str(champion_uri), RECORD_FILE))
+        if found is None:
+            return {"run_id": None, "generation": 0}
+        record = safeio.loads_json(found[0], f"{champion_uri}/{RECORD_FILE}", error=ModelError)
+        return {"run_id": _record_run_id(record, str(champion_uri)), "generation": found[1]}
+    record_path = Path(champion_uri) / RECORD_FILE
+    if not record_path.is_file():
+        return {"run_id": None, "generation": 0}
+    record = safeio.load_json_object(record_path, "champion record", error=ModelError)
+    return {"run_id": _record_run_id(record, str(champion_uri)), "generation": 0}
+
+
+def _record_run_id(record: Any, where: str) -> str:
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ModelError(f"{where}: {RECORD_FILE} names no valid run id")
+    return run_id
+
+
+def read_champion(champion_uri: str | Path, cache_dir: Path | None = None) -> Path | None:
+    """The current champion's ``model/`` folder (on ``gs://``: fetched into the cache), or None
+    when ``champion_uri`` holds none yet (missing or empty). A folder that holds something else,
+    or a half-promoted champion, is a ModelError naming it."""
     from lungxray.train import read_model_info
 
-    root = _local(champion_uri)
+    if _is_gcs(champion_uri):
+        run_id = current(champion_uri)["run_id"]
+        if run_id is None:
+            if storage.exists(str(champion_uri)):
+                raise ModelError(f"{champion_uri}: not a champion folder (no {RECORD_FILE}); "
+                                 f"expected one written by promote, or an empty prefix")
+            return None
+        model = storage.fetch(_gcs_name(str(champion_uri), HISTORY_DIR, run_id, MODEL_DIR) + "/",
+                              cache_dir, progress=False)
+        try:
+            read_model_info(model)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{champion_uri}: champion of run {run_id} is incomplete "
+                             f"({quote(str(err))})") from err
+        return model
+    root = Path(champion_uri)
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return None
     record_path = root / RECORD_FILE
@@ -201,8 +316,8 @@ def read_champion(champion_uri: str | Path) -> Path | None:
         raise ModelError(f"{root}: not a champion folder (no {RECORD_FILE}); expected one "
                          f"written by promote, or an empty folder")
     try:
-        record = json.loads(record_path.read_text())
-        decision = json.loads((root / DECISION_FILE).read_text())
+        record = safeio.load_json_object(record_path, "champion record", error=ModelError)
+        decision = safeio.load_json_object(root / DECISION_FILE, "decision", error=ModelError)
         read_model_info(root / MODEL_DIR)
     except (OSError, ValueError) as err:
         raise ModelError(f"{root}: champion is incomplete ({quote(str(err))}); the last "
@@ -215,11 +330,8 @@ def read_champion(champion_uri: str | Path) -> Path | None:
     return root / MODEL_DIR
 
 
-def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, Any],
-            model_card: Path | str | None = None) -> Path:
-    """Copy ``model_dir``, its model card and ``record`` (decision.json) into ``champion_uri``
-    and into ``champion_uri/history/<run id>/``. Refuses a run id already in the history and a
-    model folder without a model. Returns the history entry."""
+def _check_promotable(model_dir: Path, record: dict[str, Any]) -> str:
+    """The run id of a record that says promote, for a folder that holds a model."""
     from lungxray.train import read_model_info
 
     run_id = str(record.get("run_id", ""))
@@ -227,39 +339,113 @@ def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, A
     if record.get("decision") != "promote":
         raise ConfigError(f"decision of run {run_id} is {quote(str(record.get('decision')))}, "
                           f"not 'promote'")
-    model_dir, root = Path(model_dir), _local(champion_uri)
     try:
         read_model_info(model_dir)
     except (OSError, ValueError) as err:
         raise ModelError(f"{model_dir}: not a model folder ({quote(str(err))})") from err
-    read_champion(root)  # refuses a folder that is not a champion's before touching it
-    entry = root / HISTORY_DIR / run_id
-    if entry.exists():
+    return run_id
+
+
+def _check_unchanged(champion_uri: str | Path, record: dict[str, Any], now: dict[str, Any]) -> None:
+    """The champion must still be the one the decision compared with (two runs that finish
+    together both beat the old champion; only the first may replace it). A record that names
+    no compared champion (written by hand, to force a promotion) is not checked."""
+    compared = record.get("champion_state")
+    if not isinstance(compared, dict):
+        return
+    if compared.get("run_id") != now["run_id"] or (
+            _is_gcs(champion_uri) and compared.get("generation") != now["generation"]):
+        raise ConfigError(f"{champion_uri}: the champion changed since run {record['run_id']} "
+                          f"was compared with it (then {compared.get('run_id')}, now "
+                          f"{now['run_id']}); not promoted, run the comparison again")
+
+
+def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, Any],
+            model_card: Path | str | None = None) -> str:
+    """Copy ``model_dir``, its model card and ``record`` (decision.json) into
+    ``champion_uri/history/<run id>/`` and make it the champion. Refuses a run id already in the
+    history, a model folder without a model, and a champion that changed since ``record`` was
+    decided. Returns the history entry (a path or a gs:// URI)."""
+    model_dir = Path(model_dir)
+    run_id = _check_promotable(model_dir, record)
+    if _is_gcs(champion_uri):
+        return _promote_gcs(model_dir, str(champion_uri), record, model_card, run_id)
+    return str(_promote_local(model_dir, Path(champion_uri), record, model_card, run_id))
+
+
+def _promote_gcs(model_dir: Path, champion_uri: str, record: dict[str, Any],
+                 model_card: Path | str | None, run_id: str) -> str:
+    """History entry uploaded with create-only preconditions, then champion.json swapped by a
+    compare-and-swap on its generation: the champion is the old one or the new one, never a mix,
+    and of two runs promoting at once exactly one wins."""
+    now = current(champion_uri)
+    read_champion(champion_uri)  # refuses a prefix that is not a champion's before writing
+    entry = _gcs_name(champion_uri, HISTORY_DIR, run_id)
+    if storage.exists(entry + "/"):
         raise ConfigError(f"{entry}: run {run_id} was already promoted")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".promote-{run_id}-", dir=root))
-    moves: list[tuple[str, str]] = []  # what the swap did so far, to undo it on failure
-    created = done = False
-    try:
-        _stage(staging / "entry", model_dir, record, model_card)
-        os.replace(staging / "entry", entry)  # complete or absent
-        created = True
-        # Hard links: history and current files are never modified in place, only replaced,
-        # so they may share their bytes (a model is hundreds of MB).
-        shutil.copytree(entry, staging / "current", symlinks=False, copy_function=_link)
-        _swap(root, staging / "current", staging / "retired", moves)
-        _write_atomic(root / RECORD_FILE, json.dumps(
-            {"run_id": run_id, "history": f"{HISTORY_DIR}/{run_id}",
-             "model_name": (record.get("challenger") or {}).get("model_name"),
-             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
-        done = True
-    finally:
-        if not done:  # put the previous champion back and forget this run, so it may retry
-            _undo(root, staging / "retired", moves)
-            if created:
-                shutil.rmtree(entry, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+    _check_unchanged(champion_uri, record, now)
+    with tempfile.TemporaryDirectory(prefix="lungxray-promote-") as work:
+        _stage(Path(work) / "entry", model_dir, record, model_card)
+        try:
+            storage.upload(Path(work) / "entry", entry, no_overwrite=True)
+            storage.write_if_generation(_gcs_name(champion_uri, RECORD_FILE), _pointer(
+                run_id, record), now["generation"])
+        except BaseException:
+            storage.delete_prefix(entry)  # this run did not become the champion: forget it
+            raise
     return entry
+
+
+def _pointer(run_id: str, record: dict[str, Any]) -> bytes:
+    return (json.dumps({"run_id": run_id, "history": f"{HISTORY_DIR}/{run_id}",
+                        "model_name": (record.get("challenger") or {}).get("model_name"),
+                        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds")},
+                       indent=2) + "\n").encode()
+
+
+def _promote_local(model_dir: Path, root: Path, record: dict[str, Any],
+                   model_card: Path | str | None, run_id: str) -> Path:
+    """History entry written complete under a temporary name and renamed; current files
+    swapped by renames and sealed by champion.json, under a lock on the champion folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        read_champion(root)  # refuses a folder that is not a champion's before touching it
+        entry = root / HISTORY_DIR / run_id
+        if entry.exists():
+            raise ConfigError(f"{entry}: run {run_id} was already promoted")
+        _check_unchanged(root, record, current(root))
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".promote-{run_id}-", dir=root))
+        moves: list[tuple[str, str]] = []  # what the swap did so far, to undo it on failure
+        created = done = False
+        try:
+            _stage(staging / "entry", model_dir, record, model_card)
+            os.replace(staging / "entry", entry)  # complete or absent
+            created = True
+            # Hard links: history and current files are never modified in place, only
+            # replaced, so they may share their bytes (a model is hundreds of MB).
+            shutil.copytree(entry, staging / "current", symlinks=False, copy_function=_link)
+            _swap(root, staging / "current", staging / "retired", moves)
+            _write_atomic(root / RECORD_FILE, _pointer(run_id, record).decode())
+            done = True
+        finally:
+            if not done:  # put the previous champion back and forget this run, so it may retry
+                _undo(root, staging / "retired", moves)
+                if created:
+                    shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on the champion folder: two local promotions run one after the other."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _link(src: str, dst: str) -> None:

@@ -58,6 +58,10 @@ class StorageError(LungxrayError):
     kind = "storage"
 
 
+class PreconditionError(StorageError):
+    """A conditional write lost the race: the object changed after it was read."""
+
+
 # --------------------------------------------------------------------------------------------
 # URIs
 
@@ -386,8 +390,10 @@ def _copy_local(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def upload(local: Path, uri: str, *, workers: int = 8) -> None:
-    """Upload a file or a directory tree to ``uri`` (or copy it there if ``uri`` is local)."""
+def upload(local: Path, uri: str, *, workers: int = 8, no_overwrite: bool = False) -> None:
+    """Upload a file or a directory tree to ``uri`` (or copy it there if ``uri`` is local).
+    ``no_overwrite``: every object is created only if absent (generation precondition 0), so
+    a second writer of the same names fails instead of mixing its files with the first's."""
     src = Path(local).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"no such file or directory: {src}")
@@ -401,8 +407,10 @@ def upload(local: Path, uri: str, *, workers: int = 8) -> None:
         return
     with _gcs_errors(uri):
         bucket = _client(uri).bucket(bucket_name)
+        match = 0 if no_overwrite else None
         tasks = [
-            (lambda p=path, o=obj: bucket.blob(o).upload_from_filename(str(p)), 0)
+            (lambda p=path, o=obj: bucket.blob(o).upload_from_filename(
+                str(p), if_generation_match=match), 0)
             for path, obj in plan
         ]
         try:
@@ -410,6 +418,8 @@ def upload(local: Path, uri: str, *, workers: int = 8) -> None:
         except api_exceptions.NotFound as err:
             msg = f"bucket {bucket_name!r} not found (while uploading to {uri})"
             raise StorageError(msg) from err
+        except api_exceptions.PreconditionFailed as err:
+            raise StorageError(f"{uri}: an object there already exists; not overwritten") from err
     log.info("uploaded %d file(s) from %s to %s", len(plan), src, uri)
 
 
@@ -430,3 +440,42 @@ def exists(uri: str) -> bool:
             return any(True for _ in client.list_blobs(bucket_name, prefix=prefix, max_results=1))
         except api_exceptions.NotFound:
             return False
+
+
+def read_generation(uri: str) -> tuple[bytes, int] | None:
+    """The bytes of the object ``uri`` and its generation, or None when it does not exist. The
+    bytes are those of that generation (the read is pinned to it)."""
+    bucket_name, name = parse_gcs(uri)
+    with _gcs_errors(uri):
+        blob = _client(uri).bucket(bucket_name).get_blob(name)
+        if blob is None:
+            return None
+        generation = int(blob.generation)
+        return blob.download_as_bytes(if_generation_match=generation), generation
+
+
+def write_if_generation(uri: str, content: bytes, generation: int) -> int:
+    """Write ``content`` to the object ``uri`` only if its generation is still ``generation``
+    (0: only if it does not exist): a compare-and-swap. Returns the new generation; raises
+    :class:`PreconditionError` when another writer got there first."""
+    bucket_name, name = parse_gcs(uri)
+    with _gcs_errors(uri):
+        blob = _client(uri).bucket(bucket_name).blob(name)
+        try:
+            blob.upload_from_string(content, content_type="application/json",
+                                    if_generation_match=generation)
+        except api_exceptions.PreconditionFailed as err:
+            raise PreconditionError(f"{uri} changed since generation {generation} was read "
+                                    f"(another writer); not written") from err
+        return int(blob.generation or 0)
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object under the prefix ``uri`` (a folder-like name); returns how many."""
+    bucket_name, name = parse_gcs(uri)
+    prefix = name.rstrip("/") + "/"
+    with _gcs_errors(uri):
+        blobs = list(_client(uri).list_blobs(bucket_name, prefix=prefix))
+        for blob in blobs:
+            blob.delete()
+    return len(blobs)

@@ -20,8 +20,10 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lungxray.errors import LungxrayError
 from pipelines.params import (
     ParamsError,
+    apply_sets,
     check_image,
     executor_images,
     load_params,
@@ -37,8 +39,10 @@ IN_CLUSTER_TOKEN = "/var/run/secrets/kubeflow/pipelines/token"
 TOKEN_ENV = "KFP_TOKEN"
 
 
-class KfpError(RuntimeError):
+class KfpError(LungxrayError):
     """The KFP server is unreachable or refused a request; message is one line."""
+
+    kind = "kfp"
 
 
 def normalise_host(host: str) -> str:
@@ -146,11 +150,6 @@ def describe_api_error(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def validate_params(package_path: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check params against the root inputs of the compiled package (names and parameterType)."""
-    return _validate_against_spec(read_pipeline_spec(package_path), params)
-
-
 def get_or_create_experiment(client, name: str, namespace: str | None = None) -> str:
     """ID of the experiment with this display name, created if missing."""
     try:
@@ -251,6 +250,8 @@ def add_common_args(parser: argparse.ArgumentParser, cache_default: str = "defau
     parser.add_argument("--experiment", default="lungxray", help="experiment display name")
     parser.add_argument("--package", required=True, help="compiled pipeline YAML")
     parser.add_argument("--params", default="", help="YAML/JSON file with pipeline arguments")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="one pipeline argument (overrides --params); repeatable")
     add_auth_args(parser)
     parser.add_argument("--service-account", default=None, help="Kubernetes SA of the run pods")
     parser.add_argument(
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> None:
-        params = load_params(args.params) if args.params else {}
+        params = apply_sets(load_params(args.params) if args.params else {}, args.set)
         submit_run(
             args.host,
             args.experiment,

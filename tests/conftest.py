@@ -10,6 +10,17 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of logs
 
 ROOT = Path(__file__).resolve().parents[1]
+# Modules whose tests train, tune, build Keras models, run the pipeline or its components, or
+# bootstrap hundreds of metric sets: `make test-fast` (-m "not slow") leaves them to `make test`.
+# Chosen from a full run's durations (pytest --junitxml): the rest runs in under 3 minutes.
+SLOW_MODULES = frozenset({
+    "test_train.py", "test_train_jax.py", "test_tune.py", "test_tune_resume.py",
+    "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
+    "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
+    "test_export.py", "test_report.py", "test_metrics.py", "test_cli.py", "test_local_run.py",
+    "test_gpu_bench.py", "test_gpu_profile.py",
+})
+SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
 
@@ -38,3 +49,10 @@ def trained_model(tmp_path_factory, small_dataset) -> Path:
     output = tmp_path_factory.mktemp("model") / "VGG16"
     train.train(small_dataset, "VGG16", output, epochs=2, weights="none", seed=0)
     return output
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tier (see SLOW_MODULES)."""
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.path.parent.name in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)

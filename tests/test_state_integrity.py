@@ -153,6 +153,7 @@ def test_train_refuses_a_tampered_dataset(small_dataset, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_on_an_untouched_dataset_still_scores(tiny_model, small_dataset, tmp_path,
                                                        capsys):
     args = ["evaluate", "--model", tiny_model, "--data", small_dataset, "--output",

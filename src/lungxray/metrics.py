@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import sklearn
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
@@ -220,9 +221,12 @@ def _interval(values: list[float | None]) -> list[float] | None:
 
 def _bootstrap(y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: float | None,
                n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
-    """The same sklearn metrics on every resample (at the same threshold)."""
-    return [_point_metrics(y[idx], p[idx], class_names, threshold, at_half=False)[0]
-            for idx in bootstrap_indices(y, n_bootstrap, seed)]
+    """The same sklearn metrics on every resample (at the same threshold). The inputs were
+    checked once for the point estimates; skipping sklearn's per-call validation on the
+    resamples makes the CIs several times faster with the same numbers."""
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        return [_point_metrics(y[idx], p[idx], class_names, threshold, at_half=False)[0]
+                for idx in bootstrap_indices(y, n_bootstrap, seed)]
 
 
 def _check_bootstrap(n_bootstrap: int, seed: int) -> None:

@@ -253,6 +253,7 @@ def test_submit_with_token_namespace_and_registry_check(make, tmp_path: Path,
         assert len(fake.runs) == 1
 
 
+@pytest.mark.slow
 def test_submit_and_schedule_vertex_end_to_end(make, tmp_path: Path) -> None:
     """make submit-vertex / schedule-vertex compile the Vertex package and send it through
     google-cloud-aiplatform's REST transport to the stand-in."""

@@ -89,31 +89,46 @@ def _split_row(metrics: dict) -> dict:
     ci = metrics.get("ci", {}).get("roc_auc")
     return {"acc_at_0.5": metrics.get("accuracy_at_0.5"), "acc": metrics["accuracy"],
             "acc_official_mix": official_mix_accuracy(metrics),
-            "auc": metrics["roc_auc"], "auc_ci": ci, "n": metrics["n"]}
+            "auc": metrics["roc_auc"], "auc_ci": ci, "n": metrics["n"],
+            "robust_auc": metrics.get("robust_auc"),
+            "worst_corrupted_auc": metrics.get("worst_corrupted_auc"),
+            "worst_corruption": (metrics.get("robustness") or {}).get("worst_corruption")}
+
+
+# The random carved test and the shift proxy; both recorded, neither used to choose anything.
+EVAL_SPLITS = ("val", "test", "test_shifted")
 
 
 def accuracy(run_dir: Path, workdir: Path) -> dict:
     """Per model and for the pipeline's pick (an ensemble included): ACC at 0.5, ACC at the
-    validation threshold and ROC AUC (95% bootstrap CI) on val and on the carved test split.
-    The pick is re-evaluated from ``compare/best_model`` exactly as a user would."""
+    validation threshold and ROC AUC (95% bootstrap CI) on val, the carved test split and the
+    shift proxy ``test_shifted``, with the AUC under the corruption suite. The pick is
+    re-evaluated from ``compare/best_model`` exactly as a user would."""
     from lungxray import evaluate
 
-    rows = []
+    rows, suite = [], None
     for iteration in sorted(run_dir.glob("for-loop-*-iteration-*")):
         info = json.loads((iteration / "train" / "model" / "model_info.json").read_text())
-        splits = {split: _split_row(json.loads(
-            (iteration / "evaluate" / "evaluation" / split / "metrics.json").read_text()))
-            for split in ("val", "test")}
+        evaluation = iteration / "evaluate" / "evaluation"
+        measured = {split: json.loads((evaluation / split / "metrics.json").read_text())
+                    for split in EVAL_SPLITS if (evaluation / split / "metrics.json").is_file()}
+        suite = suite or measured["val"].get("robustness")
+        splits = {split: _split_row(m) for split, m in measured.items()}
         rows.append({"model": info["model_name"], "threshold": info["threshold"],
                      "epochs": info.get("epochs"), "train_seconds": info.get("train_seconds"),
                      **splits})
     best_dir = run_dir / "compare" / "best_model"
     best = json.loads((best_dir / "model_info.json").read_text())
     dataset = run_dir / "preprocess" / "dataset"
-    picked = evaluate.evaluate(best_dir, str(dataset), workdir / "pick", ["val", "test"],
-                               explain=False)
+    splits = [s for s in evaluate.dataset_splits(dataset) if s in EVAL_SPLITS]
+    # The corruption suite as the run's evaluate steps ran it, so the pick's numbers match.
+    options = evaluate.EvalOptions(robustness=suite is not None,
+                                   robustness_samples=(suite or {}).get("samples", 0),
+                                   seed=(suite or {}).get("seed", 0))
+    picked = evaluate.evaluate(best_dir, str(dataset), workdir / "pick", splits, explain=False,
+                               options=options)
     pick = {"model": best["model_name"], "threshold": best["threshold"],
-            **{split: _split_row(picked[split]) for split in ("val", "test")}}
+            **{split: _split_row(picked[split]) for split in splits}}
     return {"models": rows, "pick": pick, "published_test": PUBLISHED}
 
 
@@ -150,6 +165,31 @@ def accuracy_markdown(section: dict) -> list[str]:
                         "the carved test's sensitivity and specificity weighted to that split's "
                         f"{counts['normal']} normal / {counts['pneumonia']} pneumonia images: "
                         "its class balance, not its other differences."]
+
+
+def shift_markdown(section: dict) -> list[str]:
+    """The shift evidence: clean vs corrupted AUC on val, and the random carved test vs the
+    shift proxy. Selection used val only; the two test columns are never used to choose."""
+    lines = ["| model | val AUC | val AUC, mean corrupted | val AUC, worst corruption | "
+             "test AUC | test_shifted AUC | test_shifted ACC@thr |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    pick = section["pick"]
+    empty: dict = {}
+    for row in [*section["models"], {**pick, "model": f"**pick: {pick['model']}**"}]:
+        v, t, s = row["val"], row.get("test", empty), row.get("test_shifted", empty)
+        worst = _fmt(v.get("worst_corrupted_auc"))
+        if v.get("worst_corruption"):
+            worst += f" ({v['worst_corruption']})"
+        lines.append(f"| {row['model']} | {_fmt(v['auc'])} | {_fmt(v.get('robust_auc'))} | "
+                     f"{worst} | {_fmt(t.get('auc'))} | {_fmt(s.get('auc'))} | "
+                     f"{_fmt(s.get('acc'))} |")
+    shifted = pick.get("test_shifted", empty).get("n")
+    return lines + ["", "Mean corrupted: the mean ROC AUC over the corruption suite (11 "
+                        "acquisition shifts x 3 severities, `lungxray.robustness`) on a seeded "
+                        "stratified subset of val. test_shifted "
+                        f"(n={shifted if shifted else '—'}): whole k-means clusters of image "
+                        "statistics held out of train (`lungxray.shift`), the development "
+                        "proxy for another site's images."]
 
 
 def markdown(results: dict) -> str:
@@ -200,6 +240,8 @@ def markdown(results: dict) -> str:
                   f"Profile parameters: `{json.dumps(run['params'])}`.", ""]
         if profile in results.get("accuracy", {}):
             lines += accuracy_markdown(results["accuracy"][profile]) + [""]
+            lines += ["Off the training distribution:", "",
+                      *shift_markdown(results["accuracy"][profile]), ""]
     return "\n".join(lines)
 
 

@@ -24,11 +24,20 @@ def evaluate(
     report: Output[HTML],
     external_data: str = "",
     class_map: str = "",
+    robustness: bool = True,
+    robustness_samples: int = 500,
+    tta: bool = False,
+    deployment_prevalence: float = 0.0,
 ):
     """Every trial logs the same scalar names (``val_*``, ``test_*``, ``external_*``) so runs
     compare side by side in the Kubeflow UI; the confusion matrix and ROC are those of the test
     split. ``external_data`` (folder, npz, gs://; empty = none) is evaluated as one more split,
-    ``external``, with ``class_map`` ("SRC=model_class,...") relabelling its classes."""
+    ``external``, with ``class_map`` ("SRC=model_class,...") relabelling its classes.
+    ``robustness``/``robustness_samples``: AUC under simulated acquisition shifts on that many
+    images per split (0 = all); ``tta``: also the AUC of test-time augmentation;
+    ``deployment_prevalence`` (0 = none): the Bayes operating point and PPV/NPV there. The
+    external set's prevalence is also estimated without its labels (EM on scores calibrated on
+    val)."""
     import json
     import shutil
     from pathlib import Path
@@ -36,11 +45,18 @@ def evaluate(
     from lungxray import evaluate as evaluation_lib
 
     output = Path(evaluation.path)
-    results = evaluation_lib.evaluate(Path(model.path), dataset.path, output,
-                                      splits=["val", "test"])
+    options = evaluation_lib.EvalOptions(robustness=robustness,
+                                         robustness_samples=robustness_samples, tta=tta,
+                                         deployment_prevalence=deployment_prevalence)
+    # Every split the prepared dataset holds (val, test and any other, e.g. a shifted proxy).
+    splits = evaluation_lib.dataset_splits(dataset.path)
+    results = evaluation_lib.evaluate(Path(model.path), dataset.path, output, splits=splits,
+                                      options=options)
     if external_data:
+        # Calibrated on the val predictions just written into ``output``.
         results.update(evaluation_lib.evaluate_external(Path(model.path), external_data, output,
-                                                        class_map=class_map or None))
+                                                        class_map=class_map or None,
+                                                        options=options))
     for name, value in evaluation_lib.scalar_metrics(results).items():
         metrics.log_metric(name, value)
     test = results["test"]

@@ -14,11 +14,14 @@ def preprocess(
     report: Output[HTML],
     skip_bad: bool = False,
     keep_aspect: bool = False,
+    shifted_test_fraction: float = 0.0,
 ):
     """Prepare ``source``; ``image_size`` 0 keeps the source's size. ``data_version`` is not read:
     it is part of the cache key, so new data under the same URI is never served from cache.
     ``skip_bad`` leaves unusable files out (listed in the report) instead of failing;
-    ``keep_aspect`` pads images to square instead of stretching them."""
+    ``keep_aspect`` pads images to square instead of stretching them. ``shifted_test_fraction``
+    > 0 also holds out a ``test_shifted`` split of whole image-statistics clusters (a proxy for
+    another machine's images), evaluated beside ``test``."""
     import shutil
     from pathlib import Path
 
@@ -26,7 +29,8 @@ def preprocess(
 
     manifest = data.preprocess(source, Path(dataset.path), image_size=image_size or None,
                                seed=seed, max_per_split=max_per_split, skip_bad=skip_bad,
-                               keep_aspect=keep_aspect)
+                               keep_aspect=keep_aspect,
+                               shifted_test_fraction=shifted_test_fraction)
     dataset.metadata.update(data.manifest_metadata(manifest))
     # The same files also stay inside the dataset, so the report travels with the data.
     for name, artifact in ((datareport.MARKDOWN_FILE, summary), (datareport.HTML_FILE, report)):

@@ -12,7 +12,8 @@ from kfp import dsl
 import components
 
 PIPELINE_NAME = "lungxray"
-DEFAULT_MODELS = ["VGG16", "ResNet152V2", "InceptionV3"]
+# SmallCNN: the from-scratch baseline that says whether transfer learning earns its cost.
+DEFAULT_MODELS = ["VGG16", "ResNet152V2", "InceptionV3", "SmallCNN"]
 GPU_RESOURCE = "nvidia.com/gpu"
 CACHE_MOUNT = "/mnt/lungxray-cache"
 SECRET_MOUNT = "/var/secrets/gcs"
@@ -110,6 +111,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         image_size: int = 0,
         keep_aspect: bool = False,
         skip_bad: bool = False,
+        shifted_test_fraction: float = 0.1,
         weights: str = "imagenet",
         epochs: int = 6,
         tune_trials: int = 3,
@@ -127,10 +129,64 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         class_map: str = "",
         target_sensitivity: float = 0.0,
         data_version: str = "",
+        champion_uri: str = "",
+        promotion_margin: float = 0.0,
+        robustness: bool = True,
+        robustness_samples: int = 500,
+        tta: bool = False,
+        deployment_prevalence: float = 0.0,
     ) -> dsl.HTML:
+        """Tune, train and evaluate each base model, compare them and gate the champion.
+
+        Args:
+            data_source: MedMNIST-style .npz, image folder, CSV manifest, a gs:// URI of any of
+                them, or pneumoniamnist (downloaded and checksummed).
+            base_models: Keras Applications names or SmallCNN (the from-scratch baseline); one
+                trial each.
+            image_size: Side in pixels of the prepared images; 0 keeps the npz size (224 for
+                folders).
+            keep_aspect: Pad images to square instead of stretching them.
+            skip_bad: Leave unusable image files out and list them, instead of failing.
+            shifted_test_fraction: Share of train held out as test_shifted, whole clusters of
+                image statistics: the shift proxy, never trained or chosen on; 0 = none.
+            weights: imagenet, none (from scratch) or a local or gs:// weights file.
+            epochs: Training epochs; pretrained: half head, half fine-tuning.
+            tune_trials: keras-tuner trials per model.
+            tune_epochs: Epochs per tuning trial.
+            tune_train_samples: Fit each trial on a stratified subset of N training images; 0 =
+                all.
+            tune_algorithm: keras-tuner search: hyperband, bayesian or random.
+            tune_hyperband_factor: Hyperband's reduction factor.
+            tune_fine_tune_trials: Pretrained weights: full-model trials searching the fine-tune
+                settings.
+            batch_size: Batch size.
+            max_per_split: Keep at most N images per split, stratified; 0 = all.
+            seed: Seed for splits, subsets, initialisation and tuning.
+            select_metric: Validation metric that picks the best model (val_*; test_* is
+                refused).
+            ensemble_k: The ensemble candidate averages the top-k models; 0 or 1 = none.
+            external_data: Another labelled dataset every trial is also evaluated on; empty =
+                none.
+            class_map: Maps the external set's class names to the model's, e.g.
+                COVID-19=pneumonia,NORMAL=normal (- drops a class).
+            target_sensitivity: 0 = threshold by Youden's J on val; else the highest threshold
+                whose val sensitivity reaches it.
+            data_version: Not read; part of the cache key: change it when the data behind
+                data_source changes.
+            champion_uri: Folder or gs:// prefix of the model in use; empty = no
+                champion/challenger.
+            promotion_margin: The pick replaces the champion only if its val AUC is higher by
+                more than this, with 95% confidence.
+            robustness: Evaluate every split under the seeded acquisition-shift corruption suite.
+            robustness_samples: Stratified images per split for the corruption suite; 0 = all.
+            tta: Also report the AUC with test-time augmentation.
+            deployment_prevalence: 0 = none; else the Bayes threshold and PPV/NPV at this
+                prevalence, from val-calibrated scores.
+        """
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version,
-                              skip_bad=skip_bad, keep_aspect=keep_aspect)
+                              skip_bad=skip_bad, keep_aspect=keep_aspect,
+                              shifted_test_fraction=shifted_test_fraction)
         _apply(prep, platform, heavy=False)
         dataset = prep.outputs["dataset"]
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:
@@ -145,7 +201,10 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               target_sensitivity=target_sensitivity,
                               state_root=platform.state_root)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"],
-                                    external_data=external_data, class_map=class_map)
+                                    external_data=external_data, class_map=class_map,
+                                    robustness=robustness,
+                                    robustness_samples=robustness_samples, tta=tta,
+                                    deployment_prevalence=deployment_prevalence)
             for task, heavy in ((tune, True), (train, True), (evaluate, False)):
                 _apply(task, platform, heavy)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
@@ -154,6 +213,20 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               select_metric=select_metric, ensemble_k=ensemble_k,
                               target_sensitivity=target_sensitivity)
         _apply(compare, platform, heavy=False)
+        # Never cached: the champion behind the same champion_uri changes from run to run.
+        challenge = ops.challenge(dataset=dataset, best_model=compare.outputs["best_model"],
+                                  model_card=compare.outputs["model_card"],
+                                  champion_uri=champion_uri,
+                                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                  promotion_margin=promotion_margin,
+                                  seed=seed).set_caching_options(False)
+        _apply(challenge, platform, heavy=False)
+        with dsl.If(challenge.outputs["Output"] == "promote", name="promote-champion"):
+            promote = ops.promote(best_model=compare.outputs["best_model"],
+                                  card=challenge.outputs["card"],
+                                  decision=challenge.outputs["decision"],
+                                  champion_uri=champion_uri).set_caching_options(False)
+            _apply(promote, platform, heavy=False)
         return compare.outputs["report"]
 
     return lungxray

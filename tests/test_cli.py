@@ -11,7 +11,8 @@ import pytest
 
 from lungxray import cli
 
-SUBCOMMANDS = ["preprocess", "tune", "train", "evaluate", "compare", "models", "predict", "export"]
+SUBCOMMANDS = ["preprocess", "tune", "train", "evaluate", "compare", "models", "predict", "export",
+               "challenge", "promote"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,6 +54,24 @@ def test_preprocess_then_evaluate_then_compare(shared_npz, trained_model, tmp_pa
     assert summary["best_model"] == "VGG16"
     assert (tmp_path / "report" / "report.html").is_file()
     assert (tmp_path / "report" / "best_model" / "model.keras").is_file()
+
+
+def test_challenge_then_promote(small_dataset, trained_model, tmp_path):
+    home = tmp_path / "champion"
+    out = json.loads(run("challenge", "--model", str(trained_model), "--data",
+                         str(small_dataset), "--champion", str(home), "--run-id", "r1",
+                         "--output", str(tmp_path / "c1")).stdout)
+    assert out["decision"] == "promote" and out["reason"] == "no champion yet"
+    assert "no champion yet" in (tmp_path / "c1" / "champion.md").read_text()
+    promoted = json.loads(run("promote", "--model", str(trained_model), "--decision",
+                              out["decision_file"], "--champion", str(home)).stdout)
+    assert promoted["history_entry"] == str(home / "history" / "r1")
+    assert (home / "model" / "model.keras").is_file()
+    # promoting the same run again is refused in one line, and the champion is unchanged
+    again = run("promote", "--model", str(trained_model), "--decision", out["decision_file"],
+                "--champion", str(home), check=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "run r1 was already promoted" in again.stderr
 
 
 @pytest.mark.parametrize("args, message", [

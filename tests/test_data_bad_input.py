@@ -327,7 +327,8 @@ def test_the_source_is_never_inside_the_output_nor_the_output_inside_it(pictures
 @pytest.mark.parametrize(("options", "message"), [
     ({"val_fraction": 0.0}, "val_fraction must be between 0 and 1"),
     ({"test_fraction": -0.1}, "test_fraction must be between 0 and 1"),
-    ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must be below 1"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5},
+     "val_fraction \\+ test_fraction \\+ shifted_test_fraction must be below 1"),
     ({"workers": -1}, "must be 0 or more"),
 ])
 def test_impossible_split_settings_are_refused(folder, tmp_path, options, message):

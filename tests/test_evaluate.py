@@ -46,6 +46,8 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
         for png in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png",
                     "gradcam.png"):
             assert (tmp_path / split / png).stat().st_size > 1000
+        # The corruption suite is opt-in in the library (the CLI and pipeline turn it on).
+        assert metrics["robustness"] is None and not (tmp_path / split / "robustness.png").exists()
         roc = json.loads((tmp_path / split / evaluate.ROC_FILE).read_text())
         assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
         assert all(0.0 <= t <= 1.0 for t in roc["thresholds"])
@@ -70,7 +72,8 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
     assert "| ROC AUC |" in evaluate.describe(results)
     page = (tmp_path / evaluate.REPORT_FILE).read_text()
     srcs = re.findall(r'src="data:image/png;base64,([^"]*)"', page)
-    assert len(srcs) == 2 * 5  # two splits x (confusion, ROC, PR, reliability, Grad-CAM)
+    # two splits x (confusion, ROC, PR, reliability, robustness, Grad-CAM)
+    assert len(srcs) == 2 * 6
     assert all(base64.b64decode(s).startswith(b"\x89PNG") for s in srcs)
     assert "not a medical device" in page
 

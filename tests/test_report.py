@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from lungxray import report, safeio
-from lungxray.errors import ModelError
+from lungxray.errors import ConfigError, ModelError
 from lungxray.limits import Limits
 from lungxray.metrics import compute_metrics
 from lungxray.report import compare, load_trial, pair_trials
@@ -656,3 +656,62 @@ def test_a_failed_copy_fallback_puts_the_previous_report_back(tmp_path, monkeypa
     assert sorted(p.name for p in output.iterdir()) == ["summary.json"]
     assert (output / "summary.json").read_text() == "old summary"
     assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name] == []
+
+
+def _add_robustness(trial: Path, split: str, corrupted: list[float]) -> None:
+    """What evaluate writes for the corruption suite: the clean rows are the split's own
+    predictions, every corruption x severity gives ``corrupted`` (and invert reverses them)."""
+    from lungxray import robustness
+
+    d = trial / "eval" / split
+    preds = pd.read_csv(d / "predictions.csv")
+    clean = preds["prob_pneumonia"].to_numpy()
+    frames = []
+    for name, severity in [("clean", 0)] + [(c, s) for c in ("blur", "invert") for s in (1, 2, 3)]:
+        p = clean if name == "clean" else 1 - clean if name == "invert" else np.asarray(corrupted)
+        frames.append(pd.DataFrame({"row": range(len(p)), "y_true": preds["y_true"],
+                                    "corruption": name, "severity": severity,
+                                    "prob_normal": 1 - p, "prob_pneumonia": p}))
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(d / "robustness_predictions.csv", index=False)
+    summary = robustness.summarize(table, CLASSES)
+    metrics = json.loads((d / "metrics.json").read_text())
+    metrics.update({"robustness": summary, "robust_auc": summary["mean_corrupted_auc"],
+                    "worst_corrupted_auc": summary["worst_corrupted_auc"],
+                    "robust_auc_drop": summary["drop"]})
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_selection_on_robust_auc_and_the_ensembles_robustness(tmp_path: Path) -> None:
+    # A is best on clean validation but collapses under corruption; B holds up.
+    root = tmp_path / "trials"
+    a = make_trial(root, "A", {"val": GOOD, "test": GOOD})
+    b = make_trial(root, "B", {"val": MID, "test": MID})
+    for split in ("val", "test"):
+        _add_robustness(a, split, POOR)
+        _add_robustness(b, split, MID)
+    assert compare([a, b], tmp_path / "clean")["best_model"] == "A"
+    out = tmp_path / "robust"
+    summary = compare([a, b], out, select_metric="val_robust_auc")
+    # Ensemble: the members' corrupted scores averaged row by row -> AUC 8/9, tying B, and a
+    # single model wins a tie.
+    assert [r["model_name"] for r in summary["ranking"]] == ["B", "Ensemble-top2", "A"]
+    assert [r["value"] for r in summary["ranking"]] == pytest.approx([8 / 9, 8 / 9, 6 / 9])
+    ens = json.loads((out / "ensemble" / "val" / "metrics.json").read_text())
+    assert ens["robustness"]["auc"]["blur"]["2"] == pytest.approx(8 / 9)
+    assert ens["robust_auc_drop"] == pytest.approx(1 - 8 / 9)
+    assert (out / "ensemble" / "val" / "robustness.png").is_file()
+    # Calibrated on its own val scores: the ensemble reports a label-free test prevalence.
+    ens_test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
+    assert 0 < ens_test["prevalence_em"] < 1 and ens_test["prevalence"] == 0.5
+    lowest = compare([a, b], tmp_path / "drop", select_metric="val_robust_auc_drop")
+    assert lowest["best_model"] == "B"  # B loses nothing; lower is better
+    page = (out / "report.html").read_text()
+    assert "Robustness to acquisition shift" in page and "robust AUC" in page
+    assert (out / "robustness_val.png").is_file()
+    card = (out / "model_card.md").read_text()
+    assert "## Robustness to acquisition shift" in card
+    assert "| blur | 0.8889 | 0.8889 | 0.8889 |" in card
+    for metric in ("val_prevalence_em", "val_deploy_ppv", "test_robust_auc"):
+        with pytest.raises(ConfigError):
+            report.check_select_metric(metric)

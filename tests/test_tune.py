@@ -4,16 +4,19 @@ features, outputs, resuming a finished search, and train consuming the result.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import keras_tuner as kt
 import numpy as np
 import pandas as pd
 import pytest
 
-from lungxray import features, metrics, models, spaces, train, tune
+from lungxray import features, metrics, models, spaces, train, tune, tuner_compat
+from lungxray.errors import ConfigError
 
 HEAD = {"dense_units", "dropout", "learning_rate", "label_smoothing", "class_weighting"}
-FINE_TUNE = {"unfreeze", "fine_tune_learning_rate", "augment"}
+FINE_TUNE = {"unfreeze", "fine_tune_learning_rate", "augment", "intensity_augment"}
+NOT_SEARCHED_PRETRAINED = {"standardize", "ema"}  # train-only for pretrained backbones
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +36,38 @@ def space_names(space: str) -> set[str]:
 def test_spaces_cover_train_hyperparameters_with_train_defaults():
     assert space_names("head") == HEAD
     assert space_names("fine_tune") == FINE_TUNE
-    assert space_names("scratch") == HEAD | {"augment"}
-    # Between them, the pretrained phases search every hyperparameter train knows.
-    assert set(train.DEFAULT_HPARAMS) == HEAD | FINE_TUNE
+    assert space_names("scratch") == HEAD | {"augment", "intensity_augment", "standardize"}
+    # Between them, the pretrained phases search every hyperparameter train knows but
+    # standardize (cached features are computed without it) and ema (train only).
+    assert set(train.DEFAULT_HPARAMS) == HEAD | FINE_TUNE | NOT_SEARCHED_PRETRAINED
     hp = kt.HyperParameters()
     defaults = {**spaces.head_space(hp), **spaces.fine_tune_space(hp)}
-    assert defaults == train.DEFAULT_HPARAMS
+    assert defaults == {k: v for k, v in train.DEFAULT_HPARAMS.items()
+                        if k not in NOT_SEARCHED_PRETRAINED}
+    # The scratch space starts at train's scratch defaults.
+    scratch = spaces.scratch_space(kt.HyperParameters())
+    assert scratch == {k: v for k, v in train.merge_hparams({}, pretrained=False).items()
+                       if k in scratch}
     rows = spaces.describe("fine_tune")
-    assert [r["name"] for r in rows] == ["unfreeze", "fine_tune_learning_rate", "augment"]
+    assert [r["name"] for r in rows] == ["unfreeze", "fine_tune_learning_rate", "augment",
+                                         "intensity_augment"]
     assert rows[1]["sampling"] == "log" and rows[0]["values"] == "0 – 0.5 step 0.1"
 
 
 @pytest.mark.parametrize("max_epochs, factor, expected", [(1, 3, 1), (2, 3, 2), (9, 3, 23)])
 def test_hyperband_iteration_size(max_epochs, factor, expected):
     # 9 epochs, factor 3: brackets of 9+3+1, 5+2 and 3 trials (keras-tuner's sizes).
-    assert tune.hyperband_trials_per_iteration(max_epochs, factor) == expected
+    objective = kt.Objective(tune.MONITOR, "max")
+    assert tuner_compat.hyperband_trials_per_iteration(max_epochs, factor, objective) == expected
+
+
+def test_keras_tuner_internals_are_checked_and_a_missing_one_is_named(monkeypatch):
+    tuner_compat.check()  # the pinned keras-tuner has every private member used
+    monkeypatch.delattr(kt.oracles.HyperbandOracle, "_get_num_brackets")
+    with pytest.raises(ConfigError, match=r"incompatible.*HyperbandOracle\._get_num_brackets"):
+        tuner_compat.check()
+    with pytest.raises(ConfigError, match="incompatible"):  # before any tuner state is written
+        tune.make_tuner(None, tune.Budget(), Path("/nonexistent/tuner"), "p")
 
 
 @pytest.mark.parametrize("algorithm", tune.ALGORITHMS)
@@ -134,7 +154,7 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
     best = tune.tune(small_dataset, "VGG16", output, max_trials=2, epochs=1, seed=5,
                      algorithm="random")
     assert best["phases"].keys() == {"scratch"} and best["feature_cache"] is None
-    assert set(best["hparams"]) == HEAD | {"augment"}
+    assert set(best["hparams"]) == HEAD | {"augment", "intensity_augment", "standardize"}
     assert 1e-5 <= best["hparams"]["learning_rate"] <= 1e-3  # the from-scratch range
     times = json.loads((output / "tuner" / "scratch" / tune.TIMES_FILE).read_text())
 

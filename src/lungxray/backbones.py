@@ -1,5 +1,6 @@
-"""The registry of Keras Applications backbones: names and input conventions, readable without
-importing Keras (parameter checks use it before any step runs)."""
+"""The registry of backbones: the Keras Applications ones and lungxray's own ``SmallCNN``, with
+names and input conventions, readable without importing Keras (parameter checks use it before
+any step runs)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ class ModelSpec:
     default_size: int
     min_size: int = 32
     module: str = ""  # keras.applications submodule, for documentation only
+    # True for a backbone built here (no published weights): it always trains from scratch and
+    # ``weights`` (imagenet or a file) is ignored for it, so a run over several models with
+    # weights=imagenet still gets a from-scratch baseline without any download.
+    scratch_only: bool = False
 
     def input_size(self, image_size: int) -> int:
         """The backbone input size for a prepared image size: never below the minimum."""
@@ -22,9 +27,17 @@ class ModelSpec:
 
     def constructor(self):
         """The ``keras.applications`` function that builds this backbone."""
+        if self.scratch_only:
+            from lungxray import models  # Keras: only when a backbone is built
+
+            return models.CUSTOM_BACKBONES[self.name]
         import keras  # only when a backbone is built: the registry is read without Keras
 
         return getattr(keras.applications, self.name)
+
+    def weights_for(self, weights: str) -> str:
+        """The weights this backbone really starts from: ``none`` for a scratch-only one."""
+        return "none" if self.scratch_only else weights
 
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [
@@ -55,4 +68,7 @@ REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [
       for v in ["Tiny", "Small", "Base", "Large", "XLarge"]],
     ModelSpec("NASNetMobile", "tf", 224, module="nasnet"),
     ModelSpec("NASNetLarge", "tf", 331, module="nasnet"),
+    # A compact from-scratch CNN (~0.3 M parameters) at the native 28 px: the baseline that
+    # tells whether a large pretrained backbone earns its cost on small grey X-rays.
+    ModelSpec("SmallCNN", "tf", 28, 16, module="lungxray.models", scratch_only=True),
 ]}

@@ -24,7 +24,8 @@ def _preprocess(args: argparse.Namespace) -> dict:
                            max_per_split=args.max_per_split, channels=args.channels,
                            cache_dir=args.cache_dir, skip_bad=args.skip_bad,
                            keep_aspect=args.keep_aspect, min_size=args.min_size,
-                           workers=args.workers, limits=limits)
+                           workers=args.workers, limits=limits,
+                           shifted_test_fraction=args.shifted_test_fraction)
 
 
 def _tune(args: argparse.Namespace) -> dict:
@@ -52,9 +53,12 @@ def _train(args: argparse.Namespace) -> dict:
 def _evaluate(args: argparse.Namespace) -> dict:
     from lungxray import evaluate
 
+    options = evaluate.EvalOptions(
+        robustness=args.robustness, robustness_samples=args.robustness_samples, tta=args.tta,
+        deployment_prevalence=args.deployment_prevalence, reference=args.reference)
     return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
                              cache_dir=args.cache_dir, class_map=args.class_map,
-                             explain=not args.no_gradcam)
+                             explain=not args.no_gradcam, options=options)
 
 
 def _compare(args: argparse.Namespace) -> dict:
@@ -76,6 +80,25 @@ def _export(args: argparse.Namespace) -> dict:
     from lungxray import export
 
     return export.export(args.model, args.output, version=args.version, force=args.force)
+
+
+def _challenge(args: argparse.Namespace) -> dict:
+    from lungxray import champion
+
+    record = champion.challenge(args.model, args.data, args.champion, args.run_id,
+                                margin=args.margin, seed=args.seed, cache_dir=args.cache_dir)
+    champion.write_decision(record, args.output)
+    (args.output / "champion.md").write_text(champion.markdown(record))
+    return {"decision": record["decision"], "reason": record["reason"],
+            "decision_file": str(args.output / champion.DECISION_FILE)}
+
+
+def _promote(args: argparse.Namespace) -> dict:
+    from lungxray import champion, safeio
+
+    record = safeio.load_json_object(args.decision, "decision")
+    entry = champion.promote(args.model, args.champion, record, model_card=args.model_card)
+    return {"champion": args.champion, "history_entry": entry}
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -138,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train carved as val when the source has none (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of train carved as test when the source has none (default 0.1)")
+    p.add_argument("--shifted-test-fraction", type=float, default=0.0,
+                   help="share of train held out first as 'test_shifted': whole k-means "
+                   "clusters of image statistics, a proxy for another machine's images "
+                   "(default 0: none; the pipeline uses 0.1)")
     p.add_argument("--max-per-split", type=int, default=0,
                    help="keep at most N images per split, stratified (0 = all; for quick runs)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable files (corrupt, empty, "
@@ -205,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the classes must match)")
     p.add_argument("--no-gradcam", action="store_true",
                    help="skip the Grad-CAM grid (true/false positives, false negatives)")
+    p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=True,
+                   help="AUC under 11 simulated acquisition shifts x 3 severities (default on)")
+    p.add_argument("--robustness-samples", type=int, default=500, metavar="N",
+                   help="stratified images per split for the robustness suite (default 500; "
+                   "0 = all)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="also report the AUC of test-time augmentation (shifts, zoom; no flips)")
+    p.add_argument("--deployment-prevalence", type=float, default=0.0, metavar="P",
+                   help="also report the Bayes operating point and PPV/NPV at this prevalence, "
+                   "from scores calibrated on validation (default 0: not computed)")
+    p.add_argument("--reference", type=_local_path, default=None, metavar="EVAL_DIR",
+                   help="an earlier evaluation whose val/predictions.csv calibrates the scores "
+                   "when val is not among --split (default: --output's, if any)")
     _common(p, seed=False)
     p.set_defaults(func=_evaluate)
 
@@ -260,6 +300,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="version subdirectory (default 1)")
     p.add_argument("--force", action="store_true", help="replace an existing version")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("challenge", help="compare a new model with the champion in use: "
+                       "decision.json (promote/keep and why)",
+                       description="Paired bootstrap of the ROC AUC difference between the "
+                       "champion at --champion and --model on the same images of --data; "
+                       "decided on val with --margin, every other split reported. Writes "
+                       "<output>/decision.json and <output>/champion.md.")
+    p.add_argument("--model", type=_local_path, required=True,
+                   help="the challenger: a `lungxray train` output or compare's best_model/")
+    p.add_argument("--data", type=_local_path, required=True, help="prepared dataset directory")
+    p.add_argument("--champion", required=True,
+                   help="champion folder or gs:// prefix (empty or missing: no champion yet)")
+    p.add_argument("--run-id", required=True, help="this run's id (its history/ entry name)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="promote only if better by more than this AUC (default 0)")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
+    _common(p)
+    p.set_defaults(func=_challenge)
+
+    p = sub.add_parser("promote", help="make a model the champion (decision.json must say "
+                       "promote)",
+                       description="Copy the model, its model card and decision.json to "
+                       "<champion>/history/<run id>/ and make it the champion: locally by "
+                       "renames, on gs:// by a generation-conditioned swap of champion.json. "
+                       "Refused when the champion changed since the decision.")
+    p.add_argument("--model", type=_local_path, required=True, help="the model to promote")
+    p.add_argument("--decision", type=_local_path, required=True,
+                   help="decision.json written by `lungxray challenge`")
+    p.add_argument("--champion", required=True, help="champion folder or gs:// prefix")
+    p.add_argument("--model-card", type=_local_path, default=None, help="model_card.md to keep")
+    p.set_defaults(func=_promote)
 
     p = sub.add_parser("models", help="list the supported backbones")
     p.set_defaults(func=_models)

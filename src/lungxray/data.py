@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungxray import datareport, download, sources
+from lungxray import datareport, download, shift, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray import splits as splitting
@@ -40,6 +40,8 @@ __all__ = ["DEFAULT_FOLDER_SIZE", "FORMAT", "MANIFEST", "MEDMNIST_CLASS_NAMES", 
            "SPLITS", "DataError", "Split", "is_prepared", "load_split", "manifest_metadata",
            "preprocess", "read_manifest", "stratified_sample"]
 
+# Splits a prepared dataset may hold: the source's own, plus the carved shift proxy.
+OUTPUT_SPLITS = (*SPLITS, shift.SPLIT)
 MANIFEST = "manifest.json"
 FORMAT = "lungxray-dataset/2"  # /1 stored <split>.npz, read still for older prepared datasets
 _FORMAT_NPZ = "lungxray-dataset/1"
@@ -230,37 +232,60 @@ def _decode_arrays(split: sources.ArraySet, path: Path, settings: _Settings) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def _train_groups(pools: dict[str, _Pool], plan: dict[str, tuple[str, np.ndarray]],
+                  by_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train's current rows, their groups (duplicates, patients) and which of them must stay
+    (a copy or the patient sits in another split)."""
+    train = pools["train"]
+    rows = plan["train"][1]
+    others = [pools[p].hashes[i] for split, (p, i) in plan.items() if split != "train"]
+    forced = np.isin(train.hashes[rows], np.concatenate(others) if others else [])
+    patients = train.groups[rows] if by_patient else None
+    if by_patient:
+        other_ids = [pools[p].groups[i] for s, (p, i) in plan.items() if s != "train"]
+        forced |= np.isin(patients, np.concatenate(other_ids) if other_ids else [])
+    return rows, splitting.group_ids(train.hashes[rows], patients), forced
+
+
 def _plan(pools: dict[str, _Pool], carve_missing: bool, fractions: dict[str, float], seed: int,
-          max_per_split: int, by_patient: bool) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
-    """Per output split: (pool name, sorted row indices), and which splits were carved."""
+          max_per_split: int, by_patient: bool, settings: _Settings | None = None
+          ) -> tuple[dict[str, tuple[str, np.ndarray]], dict, dict | None]:
+    """Per output split: (pool name, sorted row indices), which splits were carved, and how the
+    shifted test split was carved (None without one). ``fractions["test_shifted"]`` > 0 carves
+    it first, as whole image-statistics clusters (``lungxray.shift``), so val and test stay
+    random samples of the images left to train on."""
     plan = {name: (name, np.flatnonzero(pool.ok)) for name, pool in pools.items()}
     carved: dict[str, str] = {}
+    shift_info = None
     if carve_missing:
         given = len(plan["train"][1])  # each fraction is a share of train as given
+        if fractions.get(shift.SPLIT, 0.0) > 0:
+            train = pools["train"]
+            rows, groups, forced = _train_groups(pools, plan, by_patient)
+            chunk = settings.rows if settings else 4096
+            features = shift.shift_features(*shift.statistics_of(train.images(), rows, chunk),
+                                            seed)
+            mask, shift_info = shift.carve_shifted(features, train.labels[rows], groups,
+                                                   fractions[shift.SPLIT], seed, forced)
+            plan["train"], plan[shift.SPLIT] = ("train", rows[~mask]), ("train", rows[mask])
+            carved[shift.SPLIT] = "train"
         for name in ("test", "val"):
             if name in plan:
                 continue
             train = pools["train"]
-            rows = plan["train"][1]
-            others = [pools[p].hashes[i] for split, (p, i) in plan.items() if split != "train"]
-            forced = np.isin(train.hashes[rows], np.concatenate(others) if others else [])
-            patients = train.groups[rows] if by_patient else None
-            if by_patient:
-                other_ids = [pools[p].groups[i] for s, (p, i) in plan.items() if s != "train"]
-                forced |= np.isin(patients, np.concatenate(other_ids) if other_ids else [])
-            groups = splitting.group_ids(train.hashes[rows], patients)
+            rows, groups, forced = _train_groups(pools, plan, by_patient)
             mask = splitting.carve(train.labels[rows], groups,
                                    fractions[name] * given / len(rows), seed, forced,
                                    by_patient, name)
             plan["train"], plan[name] = ("train", rows[~mask]), ("train", rows[mask])
             carved[name] = "train"
     ordered = {}
-    for name in SPLITS:
+    for name in OUTPUT_SPLITS:
         if name in plan:
             pool_name, rows = plan[name]
             keep = splitting.stratified_indices(pools[pool_name].labels[rows], max_per_split, seed)
             ordered[name] = (pool_name, rows[keep])
-    return ordered, carved
+    return ordered, carved, shift_info
 
 
 def _write_split(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, out: Path,
@@ -300,7 +325,8 @@ def _write_index(path: Path, written: dict[str, dict], class_names: list[str]) -
 
 # What preprocess writes per split: <split>_images.npy / <split>_labels.npy (format /2), or
 # <split>.npz (format /1, still read).
-_PREPARED_FILE = re.compile(rf"^(?:{'|'.join(SPLITS)})(?:_images\.npy|_labels\.npy|\.npz)$")
+_PREPARED_FILE = re.compile(
+    rf"^(?:{'|'.join(OUTPUT_SPLITS)})(?:_images\.npy|_labels\.npy|\.npz)$")
 
 
 def _check_output(output: Path) -> None:
@@ -391,28 +417,35 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                class_names: list[str] | None = None, carve_missing: bool = True,
                cache_dir: Path | None = None, *, skip_bad: bool = False,
                keep_aspect: bool = False, min_size: int = MIN_IMAGE_SIZE,
-               workers: int = 0, limits: Limits | None = None) -> dict:
+               workers: int = 0, limits: Limits | None = None,
+               shifted_test_fraction: float = 0.0) -> dict:
     """Prepare ``source`` into ``output`` and return the manifest.
 
-    Missing val/test splits are carved from train (stratified, seeded, duplicate- and
-    patient-grouped) unless ``carve_missing`` is False (evaluation of an external set uses the
-    splits as given; a source without splits becomes one ``test`` set). Bad files stop the run
-    with an error naming every one of them, or with ``skip_bad`` are left out and listed in the
-    manifest and report. ``keep_aspect`` pads instead of stretching; source images whose
-    smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below 8, are
-    refused. ``workers`` decode threads
-    (0: one per CPU, at most 8). Nothing is written unless everything succeeds; SIGTERM or
-    SIGINT removes the staging folder, and one left by a killed run is swept by the next run
-    on the same output. ``limits`` bound every reader (docs/limits.md; default: the built-in
-    ones with any ``LUNGXRAY_<LIMIT>`` environment variable applied).
+    ``shifted_test_fraction`` > 0 first carves a ``test_shifted`` split of whole image-statistics
+    clusters from train (``lungxray.shift``: a proxy for data from another machine, evaluated,
+    never trained or tuned on). Missing val/test splits are carved from train (stratified,
+    seeded, duplicate- and patient-grouped) unless ``carve_missing`` is False (evaluation of an
+    external set uses the splits as given; a source without splits becomes one ``test`` set).
+    Bad files stop the run with an error naming every one of them, or with ``skip_bad`` are left
+    out and listed in the manifest and report. ``keep_aspect`` pads instead of stretching; source
+    images whose smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below
+    8, are refused. ``workers`` decode threads (0: one per CPU, at most 8). Nothing is written
+    unless everything succeeds; SIGTERM or SIGINT removes the staging folder, and one left by a
+    killed run is swept by the next run on the same output. ``limits`` bound every reader
+    (docs/limits.md; default: the built-in ones with any ``LUNGXRAY_<LIMIT>`` environment
+    variable applied).
     """
     limits = limits or limiting.from_env()
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < value < 1.0:
             raise DataError(f"{name} must be between 0 and 1 (exclusive), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise DataError(f"val_fraction + test_fraction must be below 1 (train keeps the rest), "
-                        f"got {val_fraction} + {test_fraction}")
+    if not 0.0 <= shifted_test_fraction < 1.0:
+        raise DataError(f"shifted_test_fraction must be 0 (none) or between 0 and 1, got "
+                        f"{shifted_test_fraction}")
+    if val_fraction + test_fraction + shifted_test_fraction >= 1.0:
+        raise DataError(f"val_fraction + test_fraction + shifted_test_fraction must be below 1 "
+                        f"(train keeps the rest), got {val_fraction} + {test_fraction} + "
+                        f"{shifted_test_fraction}")
     if max_per_split < 0 or workers < 0:
         raise DataError(f"max_per_split and workers must be 0 or more, got {max_per_split} and "
                         f"{workers}")
@@ -438,7 +471,8 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                      "lungxray preprocess") as staging:
         manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
                             carve_missing=carve_missing, max_per_split=max_per_split,
-                            fractions={"val": val_fraction, "test": test_fraction})
+                            fractions={"val": val_fraction, "test": test_fraction,
+                                       shift.SPLIT: shifted_test_fraction})
         _check_output(output)  # still ours to replace after the (long) preparation
         with signals_blocked():  # never half-replaced: old output gone, new one not in place
             if output.exists():
@@ -474,7 +508,8 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: _Setting
         _check_classes(source, pools["train"], src.class_names)
         _check_coverage(source, pools, src.class_names)
     by_patient = any((pool.groups != "").any() for pool in pools.values())
-    plan, carved = _plan(pools, carve_missing, fractions, seed, max_per_split, by_patient)
+    plan, carved, shift_info = _plan(pools, carve_missing, fractions, seed, max_per_split,
+                                     by_patient, settings)
     written, histograms = _write_all(pools, plan, staging, settings, len(src.class_names))
     shutil.rmtree(staging / ".pools")
     _write_index(staging / FILES_INDEX, written, src.class_names)
@@ -491,6 +526,8 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: _Setting
         "seed": seed,
         "val_fraction": fractions["val"],
         "test_fraction": fractions["test"],
+        "shifted_test_fraction": fractions.get(shift.SPLIT, 0.0),
+        "shift": shift_info,
         "max_per_split": max_per_split,
         "skip_bad": skip_bad,
         "grouped_by": "patient_id" if by_patient else "content",

@@ -146,6 +146,21 @@ def _counts_rows(manifest: dict) -> list[tuple[str, int, list[int]]]:
             for name, split in manifest["splits"].items()]
 
 
+def _shift_lines(manifest: dict) -> tuple[str, list[list[Any]]]:
+    """The shifted test split in words, and its per-feature shift rows (largest first)."""
+    info = manifest.get("shift")
+    if not info:
+        return "", []
+    text = (f"`test_shifted` ({info['n']} images) holds out {len(info['held_out_clusters'])} of "
+            f"{info['n_clusters']} k-means clusters of image statistics, around a seeded anchor "
+            f"cluster on the edge of that space: a proxy for images from another machine. It is "
+            f"never trained, tuned or thresholded on. Mean difference, held out minus kept, in "
+            f"standard deviations:")
+    rows = sorted(([name, f"{value:+.2f}"] for name, value in info["mean_shift_sd"].items()),
+                  key=lambda row: -abs(float(row[1])))
+    return text, rows
+
+
 def markdown(manifest: dict) -> str:
     """The report as Markdown: the same facts as the HTML, without pictures."""
     classes = manifest["class_names"]
@@ -160,6 +175,10 @@ def markdown(manifest: dict) -> str:
     if manifest.get("grouped_by") == "patient_id":
         lines += ["", "Splits are grouped by `patient_id`: one patient never spans a carved "
                       "split and another."]
+    shift_text, shift_rows = _shift_lines(manifest)
+    if shift_text:
+        lines += ["", shift_text, "", "| feature | shift (SD) |", "|---|---:|"]
+        lines += [f"| {name} | {value} |" for name, value in shift_rows]
     lines += ["", "Images shared between splits (pixel-identical):", ""]
     for pair, info in manifest["cross_split_duplicates"].items():
         files = "; ".join(" = ".join(f"`{f}`" for f in pair_files)
@@ -220,6 +239,9 @@ def to_html(manifest: dict, figures: dict[str, str]) -> str:
         _table(["split", "n", *classes],
                [[name, n, *counts] for name, n, counts in _counts_rows(manifest)]),
         _img(figures["counts"], "images per split and class"),
+        *(["<h2>Shifted test split</h2>", f"<p>{esc(_shift_lines(manifest)[0])}</p>",
+           _table(["feature", "shift (SD)"], _shift_lines(manifest)[1])]
+          if manifest.get("shift") else []),
         "<h2>Sample images per class</h2>", _img(figures["samples"], "sample images"),
         "<h2>Intensity histogram per class</h2>", _img(figures["histogram"], "histograms"),
         "<h2>Duplicates</h2><h3>Across splits</h3>",

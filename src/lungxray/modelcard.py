@@ -58,6 +58,84 @@ def _threshold_text(info: dict) -> str:
     return f"P({positive}) >= {float(info['threshold']):.4f}, chosen by {how}"
 
 
+def _robustness_section(best: dict[str, Any], splits: list[str]) -> list[str]:
+    """ "Robustness to acquisition shift": clean vs corrupted AUC per split and per corruption."""
+    measured = {s: best["splits"][s]["metrics"].get("robustness") for s in splits}
+    measured = {s: r for s, r in measured.items() if r}
+    lines = ["", "## Robustness to acquisition shift", ""]
+    if not measured:
+        return lines + ["Not measured: the evaluation ran without the corruption suite "
+                        "(`--no-robustness`)."]
+    first = next(iter(measured.values()))
+    lines += [
+        f"Simulated acquisition shifts in MedMNIST-C's categories (Di Salvo et al., 2024): "
+        f"{len(first['auc'])} corruptions at {len(first['severities'])} severities, on a "
+        "seeded stratified subset of each split. They show how fragile the model is to "
+        "exposure, noise, resolution and positioning changes; they do not replace images from "
+        "another hospital, which differ in ways no simulation covers.",
+        "",
+        "| split | images | clean AUC | mean corrupted AUC | drop | worst (corruption) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for split, rob in measured.items():
+        lines.append(f"| {split} | {rob['n']} | {_num(rob['clean_auc'])} | "
+                     f"{_num(rob['mean_corrupted_auc'])} | {_num(rob['drop'])} | "
+                     f"{_num(rob['worst_corrupted_auc'])} ({rob['worst_corruption']}) |")
+    shown = "val" if "val" in measured else next(iter(measured))
+    rob = measured[shown]
+    levels = [str(s) for s in rob["severities"]]
+    lines += ["", f"AUC on `{shown}` per corruption and severity (inverted polarity is a reader "
+                  "bug, reported but not in the mean):", "",
+              "| corruption | " + " | ".join(f"severity {s}" for s in levels) + " |",
+              "|---|" + "---:|" * len(levels)]
+    for name, by_level in rob["auc"].items():
+        lines.append(f"| {name} | " + " | ".join(_num(by_level.get(s)) for s in levels) + " |")
+    return lines
+
+
+def _prevalence_section(best: dict[str, Any], splits: list[str]) -> list[str]:
+    """The operating point at the deployment prevalence and label-free prevalence estimates."""
+    metrics = {s: best["splits"][s]["metrics"] for s in splits}
+    points = {s: m["operating_point"] for s, m in metrics.items() if m.get("operating_point")}
+    estimates = {s: m["prevalence_estimate"] for s, m in metrics.items()
+                 if m.get("prevalence_estimate")}
+    if not points and not estimates:
+        return []
+    lines = ["", "## Prevalence and operating point", ""]
+    if points:
+        point = next(iter(points.values()))
+        lines += [
+            f"For a deployment prevalence of {point['deployment_prevalence']:.3f} (validation: "
+            f"{point['validation_prevalence']:.3f}) the scores are calibrated on validation "
+            "(Platt scaling), the posterior odds shifted by the prior ratio (Bayes' rule), and "
+            "a case called positive when that posterior is at least 0.5 (fewest errors for "
+            f"equal costs): score threshold {_num(point['threshold'])}. PPV and NPV below are "
+            "at the deployment prevalence, from each split's sensitivity and specificity.",
+            "",
+            "| split | sensitivity | specificity | PPV | NPV | PPV / NPV at the model's own "
+            "threshold |", "|---|---:|---:|---:|---:|---|"]
+        for split, pt in points.items():
+            own = pt.get("at_model_threshold") or {}
+            lines.append(f"| {split} | {_num(pt['sensitivity'])} | {_num(pt['specificity'])} | "
+                         f"{_num(pt['ppv'])} | {_num(pt['npv'])} | {_num(own.get('ppv'))} / "
+                         f"{_num(own.get('npv'))} |")
+        lines.append("")
+    if estimates:
+        lines += ["Prevalence of each held-out split estimated from the model's scores alone "
+                  "(EM of Saerens, Latinne & Decaestecker 2002, on validation-calibrated "
+                  "posteriors; 95% bootstrap interval); the true prevalence is shown only to "
+                  "check the estimate. A large gap between the estimate and validation's "
+                  "prevalence warns that the operating point needs revisiting.", "",
+                  "| split | EM estimate | 95% CI | true | validation |",
+                  "|---|---:|---|---:|---:|"]
+        for split, est in estimates.items():
+            ci = est.get("ci") or [None, None]
+            lines.append(f"| {split} | {_num(est['estimate'])} | {_num(ci[0])} – "
+                         f"{_num(ci[1])} | {_num(est.get('true_prevalence'))} | "
+                         f"{_num(est['validation_prevalence'])} |")
+    return lines
+
+
 def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
     """Markdown model card for the best trial (``report.load_trial`` layout, or the ensemble)."""
     info = best["model_info"]
@@ -167,6 +245,8 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
             lines.append(f"| {cls} | {v['support']} | {_num(v['recall'])} | "
                          f"{_num(v['specificity'])} | {_num(v['precision'])} | "
                          f"{_num(v['npv'])} | {_num(v.get('roc_auc'))} |")
+    lines += _robustness_section(best, splits)
+    lines += _prevalence_section(best, splits)
     external = [s for s in splits if s not in ("train", "val", "test")]
     n_held = m_held["n"]
     lines += [
@@ -180,7 +260,7 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
                 "source, so performance on another hospital's images, scanners or patients is "
                 "unknown and usually lower."),
         "- PPV and NPV depend on prevalence; they hold only where disease is as common as in "
-        "this data.",
+        "this data (see the operating point at a deployment prevalence, when one was given).",
         "- Probabilities are not recalibrated: see the Brier score, the calibration error and "
         "the reliability diagram before reading them as risks.",
         "- Grad-CAM heatmaps show where the network's evidence lies at the resolution of the "

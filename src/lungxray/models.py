@@ -1,4 +1,5 @@
-"""Registry of Keras Applications backbones and the classifier built around them.
+"""Registry of backbones (Keras Applications and lungxray's ``SmallCNN``) and the classifier
+built around them.
 
 The saved model takes raw pixels (0..255, the prepared image size and channel count): resizing
 to the backbone's input size, grey-to-RGB, the backbone's own ``preprocess_input`` and the
@@ -20,7 +21,7 @@ from lungxray.errors import ModelError, quote
 from lungxray.limits import DEFAULT as LIMITS
 
 __all__ = ["REGISTRY", "ModelError", "ModelSpec", "build_classifier", "get_spec", "load_model",
-           "resolve_weights"]
+           "resolve_weights", "small_cnn"]
 
 # Mean/std per preprocessing family, as in keras.applications.imagenet_utils.
 _CAFFE_MEAN_BGR = [103.939, 116.779, 123.68]
@@ -60,19 +61,110 @@ def preprocessing_layers(spec: ModelSpec, channels: int) -> list[layers.Layer]:
 GEOMETRIC_AUGMENTATION = (layers.RandomRotation, layers.RandomZoom, layers.RandomTranslation)
 
 
-def augmentation_layers(strength: float, seed: int) -> list[layers.Layer]:
+@keras.saving.register_keras_serializable(package="lungxray")
+class RandomGamma(layers.Layer):
+    """Random gamma curve per image on 0..255 pixels, ``gamma = exp(U(-log_range, log_range))``:
+    the exposure/detector response differences between X-ray machines. Training only."""
+
+    def __init__(self, log_range: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.log_range, self.seed = float(log_range), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.log_range <= 0:
+            return inputs
+        ops = keras.ops
+        shape = (ops.shape(inputs)[0], 1, 1, 1)
+        gamma = ops.exp(keras.random.uniform(shape, -self.log_range, self.log_range,
+                                             seed=self.generator))
+        scaled = ops.clip(inputs / 255.0, 0.0, 1.0)
+        return ops.power(scaled + 1e-6, gamma) * 255.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "log_range": self.log_range, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="lungxray")
+class PixelNoise(layers.Layer):
+    """Additive Gaussian noise of ``stddev`` grey levels (0..255 scale; Keras' GaussianNoise
+    only takes a stddev up to 1): detector noise. Training only."""
+
+    def __init__(self, stddev: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.stddev, self.seed = float(stddev), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.stddev <= 0:
+            return inputs
+        noise = keras.random.normal(keras.ops.shape(inputs), stddev=self.stddev,
+                                    seed=self.generator)
+        return keras.ops.clip(inputs + noise, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="lungxray")
+class PerImageStandardization(layers.Layer):
+    """Each image to zero mean and unit standard deviation (over its pixels and channels), then
+    back onto the 0..255 scale the backbone preprocessing expects (mean 127.5, std 64): removes
+    per-image brightness and contrast differences between sources, in training and serving."""
+
+    def __init__(self, center: float = 127.5, scale: float = 64.0, **kwargs):
+        super().__init__(**kwargs)
+        self.center, self.scale = float(center), float(scale)
+
+    def call(self, inputs):
+        ops = keras.ops
+        mean = ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
+        std = ops.std(inputs, axis=(1, 2, 3), keepdims=True)
+        # The floor keeps a blank image (std 0) finite instead of dividing by zero.
+        return (inputs - mean) / ops.maximum(std, 1.0) * self.scale + self.center
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "center": self.center, "scale": self.scale}
+
+
+def augmentation_layers(strength: float, seed: int,
+                        intensity: float = 0.0) -> list[layers.Layer]:
     """Mild geometric and intensity augmentation; no horizontal flip (anatomy is not
-    left-right symmetric). Active only in training."""
-    if strength <= 0:
-        return []
-    return [
-        layers.RandomRotation(0.03 * strength, fill_mode="constant", seed=seed),
-        layers.RandomZoom(0.1 * strength, fill_mode="constant", seed=seed),
-        layers.RandomTranslation(0.05 * strength, 0.05 * strength, fill_mode="constant",
-                                 seed=seed),
-        layers.RandomContrast(0.1 * strength, seed=seed),
-        layers.RandomBrightness(0.1 * strength, value_range=(0, 255), seed=seed),
-    ]
+    left-right symmetric). ``intensity`` > 0 adds acquisition-like intensity changes (gamma,
+    stronger brightness/contrast, Gaussian blur, Gaussian noise), for robustness to other
+    machines and sites. Active only in training."""
+    out: list[layers.Layer] = []
+    if strength > 0:
+        out += [
+            layers.RandomRotation(0.03 * strength, fill_mode="constant", seed=seed),
+            layers.RandomZoom(0.1 * strength, fill_mode="constant", seed=seed),
+            layers.RandomTranslation(0.05 * strength, 0.05 * strength, fill_mode="constant",
+                                     seed=seed),
+            layers.RandomContrast(0.1 * strength, seed=seed),
+            layers.RandomBrightness(0.1 * strength, value_range=(0, 255), seed=seed),
+        ]
+    if intensity > 0:
+        out += [
+            RandomGamma(0.3 * intensity, seed=seed, name="aug_gamma"),
+            layers.RandomContrast(min(0.9, 0.25 * intensity), seed=seed + 1,
+                                  name="aug_contrast"),
+            layers.RandomBrightness(min(0.9, 0.15 * intensity), value_range=(0, 255),
+                                    seed=seed + 1, name="aug_brightness"),
+            layers.RandomGaussianBlur(factor=min(1.0, 0.5 * intensity), kernel_size=3,
+                                      sigma=(0.1, 1.0), value_range=(0, 255), seed=seed,
+                                      name="aug_blur"),
+            PixelNoise(4.0 * intensity, seed=seed, name="aug_noise"),
+        ]
+    return out
 
 
 def resolve_weights(weights: str, cache_dir: Path | None = None) -> str | None:
@@ -116,9 +208,36 @@ def check_weights_file(path: Path, shown: str | None = None) -> None:
     raise ModelError(f"weights file {shown} is not an HDF5 (.h5 / .weights.h5) file")
 
 
-def build_backbone(spec: ModelSpec, input_size: int, weights: str | None) -> keras.Model:
+def small_cnn(weights: str | None = None, include_top: bool = False,
+              input_shape: tuple[int, int, int] = (28, 28, 1),
+              widths: tuple[int, ...] = (32, 64, 128), **_: object) -> keras.Model:
+    """``SmallCNN``: per width two 3x3 Conv-BatchNorm-ReLU layers, max-pooling between blocks
+    (not after the last, so its map stays large enough for Grad-CAM at 28 px: 7x7). Headless,
+    like a Keras Applications backbone called with ``include_top=False``; ~0.29 M parameters
+    for one input channel. No published weights: only ``weights=None``."""
+    if weights is not None or include_top:
+        raise ModelError("SmallCNN has no pretrained weights and no top; it trains from scratch")
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, width in enumerate(widths, start=1):
+        if block > 1:
+            x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        for conv in (1, 2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False,
+                              name=f"block{block}_conv{conv}")(x)
+            x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
+    return keras.Model(inputs, x, name="SmallCNN")
+
+
+# Backbones built here rather than by keras.applications (ModelSpec.scratch_only).
+CUSTOM_BACKBONES = {"SmallCNN": small_cnn}
+
+
+def build_backbone(spec: ModelSpec, input_size: int, weights: str | None,
+                   channels: int = 3) -> keras.Model:
     """Instantiate the headless backbone, failing fast when ImageNet weights can't be fetched."""
-    kwargs = {"include_top": False, "input_shape": (input_size, input_size, 3)}
+    kwargs = {"include_top": False, "input_shape": (input_size, input_size, channels)}
     if spec.name.startswith(("MobileNetV3", "EfficientNetV2", "ConvNeXt")):
         kwargs["include_preprocessing"] = True
     if weights is None or weights == "imagenet":
@@ -147,23 +266,31 @@ def build_backbone(spec: ModelSpec, input_size: int, weights: str | None) -> ker
 
 def build_classifier(name: str, image_size: int, channels: int, num_classes: int,
                      weights: str | None, dropout: float = 0.2, dense_units: int = 0,
-                     augment: float = 1.0, seed: int = 42) -> keras.Model:
-    """Raw pixels in, class probabilities out. The backbone is the layer named ``backbone``."""
+                     augment: float = 1.0, seed: int = 42, intensity_augment: float = 0.0,
+                     standardize: bool = False) -> keras.Model:
+    """Raw pixels in, class probabilities out. The backbone is the layer named ``backbone``.
+    A scratch-only backbone (SmallCNN) ignores ``weights`` and reads the grey channel as is;
+    ``standardize`` puts a :class:`PerImageStandardization` after the augmentation."""
     spec = get_spec(name)
     if image_size < 8:
         raise ModelError(f"image size {image_size} is too small")
+    if spec.scratch_only:
+        weights = None
     input_size = spec.input_size(image_size)
     inputs = keras.Input((image_size, image_size, channels), name="image")
     x = inputs
-    for layer in augmentation_layers(augment, seed):
+    for layer in augmentation_layers(augment, seed, intensity_augment):
         x = layer(x)
+    if standardize:
+        x = PerImageStandardization(name="standardize")(x)
     if input_size != image_size:
         x = layers.Resizing(input_size, input_size, name="resize")(x)
-    if channels == 1:
+    rgb = not spec.scratch_only  # ImageNet backbones take 3 channels; SmallCNN takes the image's
+    if channels == 1 and rgb:
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
     for layer in preprocessing_layers(spec, channels):
         x = layer(x)
-    backbone = build_backbone(spec, input_size, weights)
+    backbone = build_backbone(spec, input_size, weights, 3 if rgb else channels)
     backbone.name = "backbone"
     if weights is None:
         # Keras' 0.99 lets BatchNorm's moving statistics lag for hundreds of steps, so short

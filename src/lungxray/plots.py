@@ -436,3 +436,60 @@ def plot_gradcam_grid(
                 ax.set_title(row["captions"][c], fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_robustness(summary: dict[str, Any], path: Path | str,
+                    title: str = "Robustness to acquisition shift") -> Path:
+    """ROC AUC against corruption severity, one line per corruption (``robustness.summarize``
+    output), the clean AUC as a dashed line at severity 0; sanity-only corruptions dotted."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    clean = summary.get("clean_auc")
+    severities = [0, *summary.get("severities", [])]
+    excluded = set(summary.get("excluded_from_summary") or [])
+    cmap = plt.get_cmap("tab20")
+    for i, (name, levels) in enumerate((summary.get("auc") or {}).items()):
+        ys = [clean] + [levels.get(str(s)) for s in severities[1:]]
+        values = np.array([np.nan if v is None else v for v in ys], dtype=float)
+        ax.plot(severities, values, marker="o", markersize=3, color=cmap(i % 20),
+                linestyle=":" if name in excluded else "-",
+                label=f"{name} (not in mean)" if name in excluded else name)
+    if clean is not None:
+        ax.axhline(clean, color="black", linestyle="--", linewidth=1, label="clean")
+    if summary.get("mean_corrupted_auc") is not None:
+        ax.axhline(summary["mean_corrupted_auc"], color="red", linestyle="-.", linewidth=1,
+                   label=f"mean corrupted ({summary['mean_corrupted_auc']:.3f})")
+    ax.set_xticks(severities, labels=["clean", *map(str, severities[1:])])
+    ax.set_xlabel("severity")
+    ax.set_ylabel("ROC AUC")
+    ax.set_title(f"{title} (n={summary.get('n')})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_robustness_overlay(summaries: dict[str, dict[str, Any]], path: Path | str,
+                            title: str = "Mean ROC AUC under corruption") -> Path:
+    """Per model, the clean AUC and the AUC of each corruption averaged over its severities,
+    as grouped bars (``{model: robustness summary}``)."""
+    if not summaries:
+        raise ValueError("plot_robustness_overlay needs at least one model")
+    names = list(summaries)
+    corruptions = ["clean", *dict.fromkeys(c for s in summaries.values()
+                                           for c in (s.get("mean_by_corruption") or {}))]
+    values = np.array([[summaries[m].get("clean_auc") if c == "clean"
+                        else (summaries[m].get("mean_by_corruption") or {}).get(c)
+                        for c in corruptions] for m in names], dtype=float)
+    width = 0.8 / len(names)
+    x = np.arange(len(corruptions))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(corruptions) * max(1, len(names) / 2)),
+                                    4.5))
+    for i, name in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, values[i], width, label=name)
+    ax.set_xticks(x, labels=corruptions, rotation=30, ha="right")
+    finite = values[np.isfinite(values)]
+    ax.set_ylim(min(0.4, finite.min() - 0.05) if finite.size else 0.0, 1.0)
+    ax.set_ylabel("ROC AUC (mean over severities)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

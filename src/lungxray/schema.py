@@ -40,6 +40,7 @@ class PipelineParams:
     image_size: int = field(metadata=_rng(8, None, zero=True))  # hi: Limits.max_image_size
     keep_aspect: bool = field(metadata=_rng())
     skip_bad: bool = field(metadata=_rng())
+    shifted_test_fraction: float = field(metadata=_rng(0.0, 0.5))
     weights: str = field(metadata=_rng(1, MAX_TEXT))
     epochs: int = field(metadata=_rng(1, MAX_EPOCHS))
     tune_trials: int = field(metadata=_rng(1, MAX_TRIALS))
@@ -57,6 +58,12 @@ class PipelineParams:
     class_map: str = field(metadata=_rng(0, MAX_TEXT))
     target_sensitivity: float = field(metadata=_rng(0.0, 1.0))
     data_version: str = field(metadata=_rng(0, MAX_TEXT))
+    champion_uri: str = field(metadata=_rng(0, MAX_TEXT))
+    promotion_margin: float = field(metadata=_rng(0.0, 0.99))
+    robustness: bool = field(metadata=_rng())
+    robustness_samples: int = field(metadata=_rng(0, MAX_COUNT))
+    tta: bool = field(metadata=_rng())
+    deployment_prevalence: float = field(metadata=_rng(0.001, 0.999, zero=True))
 
 
 _HINTS = typing.get_type_hints(PipelineParams)
@@ -170,6 +177,9 @@ HPARAM_RULES: dict[str, tuple[type, float, float]] = {
     "unfreeze": (float, 0.0, 1.0),
     "fine_tune_learning_rate": (float, 1e-12, 10.0),
     "class_weighting": (bool, 0, 1),
+    "intensity_augment": (float, 0.0, 10.0),
+    "standardize": (bool, 0, 1),
+    "ema": (bool, 0, 1),
 }
 
 

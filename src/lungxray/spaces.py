@@ -14,28 +14,37 @@ Three spaces, used by three kinds of search (see ``lungxray.tune``):
 - **fine-tune** (pretrained backbone, after the head search): ``unfreeze``,
   ``fine_tune_learning_rate``, ``augment``. Searched on the full model, starting from the best
   head. ``unfreeze=0`` is allowed: the search may find that fine-tuning does not pay.
-- **scratch** (``weights=none``): the head space with the lower learning rates a whole network
-  trained from scratch needs, plus ``augment``. There is nothing to freeze or fine-tune.
+- **scratch** (``weights=none``, and always for SmallCNN, which has no pretrained weights): the
+  head space with the lower learning rates a whole network trained from scratch needs, plus
+  ``augment``, ``intensity_augment`` and ``standardize``. There is nothing to freeze or
+  fine-tune.
+
+``intensity_augment`` (acquisition-like intensity changes) is searched wherever augmentation
+is; ``standardize`` (per-image intensity standardisation) only from scratch: the cached
+features of the pretrained head search are computed without it. ``ema`` is not searched (a
+train-only setting, ``--hparams``).
 """
 
 from __future__ import annotations
 
 import keras_tuner as kt
 
-from lungxray.train import DEFAULT_HPARAMS
+from lungxray.train import DEFAULT_HPARAMS, defaults_for
 
 HEAD_UNITS = [0, 64, 128, 256]  # 0: no hidden layer, pooled features straight to softmax
 # Pretrained heads learn fast on fixed features; a whole network from scratch needs lower
-# rates (train.SCRATCH_DEFAULTS uses 1e-4).
+# rates (train.SCRATCH_DEFAULTS uses 1e-4; SmallCNN, with BatchNorm throughout, 1e-3).
 HEAD_LR = {"pretrained": (1e-4, 1e-2), "scratch": (1e-5, 1e-3)}
 FINE_TUNE_LR = (1e-6, 1e-4)  # low, so fine-tuning does not wreck the pretrained features
-SCRATCH_LR_DEFAULT = 1e-4
 
 
-def head_space(hp: kt.HyperParameters, pretrained: bool = True) -> dict:
-    """Head (and, from scratch, optimiser) hyperparameters."""
+def head_space(hp: kt.HyperParameters, pretrained: bool = True,
+               model_name: str | None = None) -> dict:
+    """Head (and, from scratch, optimiser) hyperparameters; from scratch the learning rate
+    starts at the model's own default (train.MODEL_DEFAULTS)."""
     low, high = HEAD_LR["pretrained" if pretrained else "scratch"]
-    lr_default = DEFAULT_HPARAMS["learning_rate"] if pretrained else SCRATCH_LR_DEFAULT
+    lr_default = (DEFAULT_HPARAMS["learning_rate"] if pretrained
+                  else defaults_for(False, model_name)["learning_rate"])
     return {
         "dense_units": hp.Choice("dense_units", HEAD_UNITS,
                                  default=int(DEFAULT_HPARAMS["dense_units"])),
@@ -50,10 +59,14 @@ def head_space(hp: kt.HyperParameters, pretrained: bool = True) -> dict:
     }
 
 
-def augment_space(hp: kt.HyperParameters) -> dict:
-    """Augmentation strength (0 = none; 1 = train's default rotation/zoom/shift/contrast)."""
-    return {"augment": hp.Float("augment", 0.0, 1.5, step=0.5,
-                                default=DEFAULT_HPARAMS["augment"])}
+def augment_space(hp: kt.HyperParameters, pretrained: bool = True,
+                  model_name: str | None = None) -> dict:
+    """Augmentation strength (0 = none; 1 = train's default rotation/zoom/shift/contrast) and
+    intensity augmentation strength (0 = none; gamma, brightness, contrast, blur, noise)."""
+    defaults = defaults_for(pretrained, model_name)
+    return {"augment": hp.Float("augment", 0.0, 1.5, step=0.5, default=defaults["augment"]),
+            "intensity_augment": hp.Float("intensity_augment", 0.0, 2.0, step=0.5,
+                                          default=defaults["intensity_augment"])}
 
 
 def fine_tune_space(hp: kt.HyperParameters) -> dict:
@@ -68,9 +81,12 @@ def fine_tune_space(hp: kt.HyperParameters) -> dict:
     }
 
 
-def scratch_space(hp: kt.HyperParameters) -> dict:
-    """Training a whole network from scratch: head, learning rate and augmentation."""
-    return {**head_space(hp, pretrained=False), **augment_space(hp)}
+def scratch_space(hp: kt.HyperParameters, model_name: str | None = None) -> dict:
+    """Training a whole network from scratch: head, learning rate, augmentation and per-image
+    standardisation, starting at ``model_name``'s defaults."""
+    defaults = defaults_for(False, model_name)
+    return {**head_space(hp, False, model_name), **augment_space(hp, False, model_name),
+            "standardize": hp.Boolean("standardize", default=bool(defaults["standardize"]))}
 
 
 SPACES = {

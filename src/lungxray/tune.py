@@ -42,7 +42,17 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from lungxray import data, features, integrity, models, safeio, schema, spaces, tune_report
+from lungxray import (
+    data,
+    features,
+    integrity,
+    models,
+    safeio,
+    schema,
+    spaces,
+    tune_report,
+    tuner_compat,
+)
 from lungxray.errors import ConfigError, quote
 from lungxray.train import (
     MONITOR,
@@ -121,12 +131,14 @@ class FullHyperModel(_WeightedFit):
         if pretrained:
             chosen = {**spaces.head_space(hp, pretrained=True), "augment": 0.0}
         else:
-            chosen = spaces.scratch_space(hp)
+            chosen = spaces.scratch_space(hp, self.model_name)
         keras.utils.set_random_seed(self.seed)
         model = models.build_classifier(
             self.model_name, self.image_size, self.channels, self.num_classes, self.weights,
             dropout=chosen["dropout"], dense_units=chosen["dense_units"],
-            augment=chosen["augment"], seed=self.seed)
+            augment=chosen["augment"], seed=self.seed,
+            intensity_augment=chosen.get("intensity_augment", 0.0),
+            standardize=bool(chosen.get("standardize", False)))
         if pretrained:
             models.set_trainable(model, 0.0)
             # Start from the very head HeadHyperModel would build, so both searches differ
@@ -161,7 +173,8 @@ class FineTuneHyperModel(_WeightedFit):
         model = models.build_classifier(
             self.model_name, self.image_size, self.channels, self.num_classes, self.weights,
             dropout=head["dropout"], dense_units=head["dense_units"],
-            augment=chosen["augment"], seed=self.seed)
+            augment=chosen["augment"], seed=self.seed,
+            intensity_augment=chosen["intensity_augment"])
         if self._head_weights is None:  # loaded lazily: a finished search needs no head
             self._head_weights = self._head_weights_fn()
         features.copy_head(self._head_weights, model)
@@ -210,50 +223,12 @@ class _TimedTrials:
         super().on_trial_end(trial)
 
 
-class _DefaultsFirst:
-    """Oracle mixin: the first trial is the space's default point (train's untuned
-    hyperparameters), later ones keras-tuner's own draws.
-
-    keras-tuner draws every trial, the first too, so a short search could end with nothing as
-    good as the defaults it never tried: with 2-3 trials all scratch learning rates came out
-    near 1e-5, and the defaults (1e-4) trained ResNet152V2 to a far better val AUC."""
-
-    def _random_values(self):
-        if not self.trials:  # trials are saved, so a resumed search does not repeat it
-            space = self.get_space()
-            return {hp.name: hp.default for hp in space.space if space.is_active(hp)}
-        return super()._random_values()
-
-
-class HyperbandOracle(_DefaultsFirst, kt.oracles.HyperbandOracle):
+class TimedHyperband(_TimedTrials, tuner_compat.HyperbandOnOracle):
     pass
-
-
-class BayesianOracle(_DefaultsFirst, kt.oracles.BayesianOptimizationOracle):
-    pass
-
-
-class RandomOracle(_DefaultsFirst, kt.oracles.RandomSearchOracle):
-    pass
-
-
-class TimedHyperband(_TimedTrials, kt.Hyperband):
-    def __init__(self, oracle: kt.Oracle, hypermodel: kt.HyperModel, **kwargs):
-        # kt.Hyperband.__init__ would build its own oracle; keep its trial logic, use ours.
-        kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
 class TimedTuner(_TimedTrials, kt.Tuner):
     """RandomSearch and BayesianOptimization are kt.Tuner with their oracle."""
-
-
-def hyperband_trials_per_iteration(max_epochs: int, factor: int) -> int:
-    """How many trials one Hyperband iteration runs (all brackets, all rounds), computed by
-    keras-tuner's own oracle so it cannot disagree with it."""
-    oracle = kt.oracles.HyperbandOracle(kt.Objective(MONITOR, "max"), max_epochs=max_epochs,
-                                        factor=factor)
-    brackets = oracle._get_num_brackets()
-    return sum(oracle._get_size(b, r) for b in range(brackets) for r in range(b + 1))
 
 
 @dataclass(frozen=True)
@@ -271,20 +246,22 @@ def make_tuner(hypermodel: kt.HyperModel, budget: Budget, directory: Path,
                project: str) -> kt.Tuner:
     """A resumable tuner (``overwrite=False``) maximising ``val_auc``, that runs at most
     ``budget.max_trials`` trials whatever the algorithm."""
+    tuner_compat.check()
     objective = kt.Objective(MONITOR, direction="max")
     # keras-tuner takes seed 0 for "no seed" (a random one): shift so every seed is honoured.
     seed = budget.seed + 1
     if budget.algorithm == "hyperband":
-        per_iteration = hyperband_trials_per_iteration(budget.epochs, budget.hyperband_factor)
-        oracle = HyperbandOracle(objective, max_epochs=budget.epochs,
+        per_iteration = tuner_compat.hyperband_trials_per_iteration(
+            budget.epochs, budget.hyperband_factor, objective)
+        oracle = tuner_compat.HyperbandOracle(objective, max_epochs=budget.epochs,
                                  factor=budget.hyperband_factor, seed=seed,
                                  hyperband_iterations=math.ceil(budget.max_trials / per_iteration))
         tuner_class = TimedHyperband
     elif budget.algorithm == "bayesian":
-        oracle = BayesianOracle(objective, max_trials=budget.max_trials, seed=seed)
+        oracle = tuner_compat.BayesianOracle(objective, max_trials=budget.max_trials, seed=seed)
         tuner_class = TimedTuner
     elif budget.algorithm == "random":
-        oracle = RandomOracle(objective, max_trials=budget.max_trials, seed=seed)
+        oracle = tuner_compat.RandomOracle(objective, max_trials=budget.max_trials, seed=seed)
         tuner_class = TimedTuner
     else:
         raise ConfigError(f"unknown tuning algorithm {budget.algorithm!r}; "
@@ -392,7 +369,9 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
     # Upper bounds and the seed, with the pipeline's ranges (lungxray.schema).
     schema.check_training(epochs=epochs, batch_size=batch_size, seed=seed,
                           max_trials=max_trials, train_samples=train_samples)
-    models.get_spec(model_name)  # fail on a bad name before any work
+    # Fails on a bad name before any work; a scratch-only backbone (SmallCNN) ignores the
+    # weights, so it gets the scratch search whatever the run's weights.
+    weights = models.get_spec(model_name).weights_for(weights)
     started = time.time()
     manifest = integrity.read_manifest(data_dir)
     num_classes = len(manifest["class_names"])
@@ -476,7 +455,7 @@ def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epo
         phases["scratch"] = _phase_summary(final_tuner, final_best)
         hparams = hparam_values(final_best)
     remove_checkpoints(state)
-    merge_hparams(hparams, pretrained)  # the contract with train: every name must be known
+    merge_hparams(hparams, pretrained, model_name)  # the contract with train: names all known
 
     table = pd.concat(tables, ignore_index=True)
     output.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def test_evaluate_and_compare_components(trained_model, small_dataset, tmp_path)
     classification = artifact(ClassificationMetrics, tmp_path, "classification")
     evaluate(dataset=dataset, model=model, evaluation=evaluation, metrics=metrics,
              test_classification=classification, summary=artifact(Markdown, tmp_path, "md"),
-             report=artifact(HTML, tmp_path, "eval_html"))
+             report=artifact(HTML, tmp_path, "eval_html"), robustness_samples=40)
     expected = json.loads((Path(evaluation.path) / "test" / "metrics.json").read_text())
     assert metrics.metadata["test_roc_auc"] == expected["roc_auc"]
     assert set(metrics.metadata) >= {"val_accuracy", "val_roc_auc", "test_accuracy"}

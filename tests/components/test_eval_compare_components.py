@@ -48,18 +48,25 @@ def test_external_data_is_one_more_split_with_the_same_names(trained_model, smal
         (model_dir / "model_info.json").write_text(json.dumps({**info, "model_name": name}))
         model = Model(name=name, uri=str(model_dir))
         out = run_evaluate(model, dataset, tmp_path, name, external_data=str(tmp_path / "site2"),
-                           class_map="NORMAL=normal,PNEUMONIA=pneumonia")
+                           class_map="NORMAL=normal,PNEUMONIA=pneumonia",
+                           robustness_samples=40, deployment_prevalence=0.2)
         trials.append((model, out))
     names = [set(out["metrics"].metadata) for _, out in trials]
     assert names[0] == names[1]  # every trial logs the same metric names
     assert {"val_roc_auc", "test_roc_auc", "external_roc_auc", "external_sensitivity",
-            "test_latency_ms", "test_roc_auc_ci_lo"} <= names[0]
+            "test_latency_ms", "test_roc_auc_ci_lo", "val_robust_auc",
+            "external_robust_auc_drop", "external_deploy_ppv", "external_prevalence_em",
+            "external_prevalence_em_ci_hi"} <= names[0]
     ext = json.loads((Path(trials[0][1]["evaluation"].path) / "external" / "metrics.json")
                      .read_text())
     assert ext["n"] == 20 and ext["class_map"] == {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}
     assert trials[0][1]["metrics"].metadata["external_roc_auc"] == ext["roc_auc"]
     page = Path(trials[0][1]["report"].path).read_text()
-    assert page.count("data:image/png;base64,") == 3 * 5  # val, test, external: 5 plots each
+    # val, test, external: confusion, ROC, PR, reliability, robustness, Grad-CAM each
+    assert page.count("data:image/png;base64,") == 3 * 6
+    # The external set's prevalence, estimated without its labels, sits beside the truth.
+    assert ext["prevalence_estimate"]["true_prevalence"] == 0.5
+    assert ext["robustness"]["n"] == 20 and ext["operating_point"]["deployment_prevalence"] == 0.2
     assert "| PR AUC (AP) |" in Path(trials[0][1]["summary"].path).read_text()
 
     report, summary = artifact(HTML, tmp_path, "report"), artifact(Markdown, tmp_path, "summary")
@@ -73,6 +80,8 @@ def test_external_data_is_one_more_split_with_the_same_names(trained_model, smal
     assert Path(summary.path).read_text().startswith("# lungxray model comparison")
     assert "Not a medical device" in Path(card.path).read_text()
     assert "Evaluated on data from elsewhere: external" in Path(card.path).read_text()
+    assert "## Robustness to acquisition shift" in Path(card.path).read_text()
+    assert "| external | " in Path(card.path).read_text()  # in the prevalence table
     # Identical members tie the ensemble; the single model wins the tie (simpler).
     assert best.metadata["model_name"] == "NetA" and best.metadata["ensemble"] is False
     assert (Path(best.path) / "model.keras").is_file()

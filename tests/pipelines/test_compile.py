@@ -27,7 +27,7 @@ def load(path):
 def test_cluster_pipeline_shape(tmp_path):
     spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=True))
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"preprocess", "for-loop-1", "compare"}
+    assert set(root) == {"preprocess", "for-loop-1", "compare", "challenge", "condition-2"}
     loop = root["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--base_models"
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -39,6 +39,12 @@ def test_cluster_pipeline_shape(tmp_path):
     for name in ("models", "evaluations", "tunings"):
         assert compare_inputs[name]["isArtifactList"] is True
     assert root["compare"]["dependentTasks"] == ["for-loop-1"]
+    # The champion gate: challenge after compare, promote only under its "promote" verdict.
+    assert sorted(root["challenge"]["dependentTasks"]) == ["compare", "preprocess"]
+    assert root["challenge"]["cachingOptions"] == {}  # caching off: the champion changes
+    gate = root["condition-2"]
+    assert "promote" in gate["triggerPolicy"]["condition"]
+    assert set(spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]) == {"promote"}
 
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
@@ -127,6 +133,8 @@ def test_profiles_only_use_real_parameters():
     for name, profile in PROFILES.items():
         assert set(profile) <= set(defaults), name
         assert resolve_params(name)["base_models"] == DEFAULT_MODELS
+        assert "SmallCNN" in resolve_params(name)["base_models"]
+        assert resolve_params(name)["shifted_test_fraction"] == 0.1
 
 
 def test_platform_settings_for_a_managed_cluster(tmp_path):
@@ -267,3 +275,10 @@ def test_params_files_validate_against_their_packages(tmp_path, params, kwargs):
     values = validate_params(read_pipeline_spec(package), load_params(REPO / "params" / params))
     if params == "kind.yaml":  # small enough for one 8 GiB node
         assert len(values["base_models"]) == 1 and values["image_size"] <= 64
+
+
+def test_every_pipeline_parameter_has_a_description_for_the_kubeflow_ui(tmp_path):
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    undescribed = sorted(name for name, p in params.items() if not p.get("description"))
+    assert params and not undescribed, f"no Args: entry in the pipeline docstring: {undescribed}"

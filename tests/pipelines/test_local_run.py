@@ -15,6 +15,7 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     params = resolve_params("quick", {
         "data_source": str(shared_npz), "weights": "none", "base_models": MODELS,
         "image_size": 32, "max_per_split": 120, "epochs": 1, "tune_trials": 1, "tune_epochs": 1,
+        "champion_uri": str(tmp_path / "champion"), "robustness_samples": 40,
     })
     report = run_local(params, tmp_path / "root")
     run_dir = report.parent.parent  # <root>/<run>/compare/report
@@ -56,7 +57,20 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     assert sorted(rows) == sorted(MODELS)
     assert rows[expected]["val"]["auc"] == val_auc[expected]
     assert table["pick"]["model"] == expected
-    for split in ("val", "test"):
-        assert table["pick"][split]["n"] == 120
+    for split in ("val", "test", "test_shifted"):
         assert abs(table["pick"][split]["auc"] - rows[expected][split]["auc"]) < 1e-6
         assert abs(table["pick"][split]["acc"] - rows[expected][split]["acc"]) < 1e-6
+        # The same corruption suite on the same images gives the same robust AUC.
+        assert table["pick"][split]["robust_auc"] is not None
+        assert abs(table["pick"][split]["robust_auc"] - rows[expected][split]["robust_auc"]) < 1e-6
+    assert table["pick"]["val"]["n"] == table["pick"]["test"]["n"] == 120
+
+    # No champion yet: challenge says promote, and promote (under dsl.If) makes the pick the
+    # champion, with the model card and the decision beside it.
+    decision = json.loads((run_dir / "challenge" / "decision" / "decision.json").read_text())
+    assert decision["decision"] == "promote" and decision["reason"] == "no champion yet"
+    home = tmp_path / "champion"
+    record = json.loads((home / "champion.json").read_text())
+    assert record["run_id"] == decision["run_id"] and record["model_name"] == expected
+    assert json.loads((home / "model" / "model_info.json").read_text())["model_name"] == expected
+    assert "## Champion vs challenger" in (home / "model_card.md").read_text()

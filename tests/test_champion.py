@@ -65,7 +65,7 @@ def test_decision_honours_the_margin_and_a_missing_champion():
     assert "better by more than the margin" in promote["reason"]
     assert keep["decision"] == "keep" and "not better by more than the margin" in keep["reason"]
     worse = champion.decide(champion.paired_bootstrap(y, strong, weak, n_bootstrap=100))
-    assert worse["decision"] == "keep" and "it is worse" in worse["reason"]
+    assert worse["decision"] == "keep" and "the challenger is worse" in worse["reason"]
     assert champion.decide(None) == {"decision": "promote", "reason": "no champion yet"}
     with pytest.raises(ConfigError, match="margin"):
         champion.decide(comparison, margin=-0.1)

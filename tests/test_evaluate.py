@@ -72,8 +72,8 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
     assert "| ROC AUC |" in evaluate.describe(results)
     page = (tmp_path / evaluate.REPORT_FILE).read_text()
     srcs = re.findall(r'src="data:image/png;base64,([^"]*)"', page)
-    # two splits x (confusion, ROC, PR, reliability, robustness, Grad-CAM)
-    assert len(srcs) == 2 * 6
+    # two splits x (confusion, ROC, PR, reliability, Grad-CAM); no robustness chart when off
+    assert len(srcs) == 2 * 5
     assert all(base64.b64decode(s).startswith(b"\x89PNG") for s in srcs)
     assert "not a medical device" in page
 

@@ -120,14 +120,16 @@ def decide(comparison: dict[str, Any] | None, margin: float = 0.0) -> dict[str, 
     lo, hi = comparison["ci"]
     diff = comparison["difference"]
     level = f"{comparison['ci_level']:.0%}"
-    summary = (f"AUC {comparison['challenger']:.4f} vs {comparison['champion']:.4f}, "
+    summary = (f"AUC: challenger {comparison['challenger']:.4f} vs champion "
+               f"{comparison['champion']:.4f}, "
                f"difference {diff:+.4f}, {level} CI [{lo:+.4f}, {hi:+.4f}] on "
                f"{comparison['n']} paired images")
     if lo > margin:
         return {"decision": "promote",
                 "reason": f"the challenger is better by more than the margin {margin:g} with "
                           f"{level} confidence: {summary}"}
-    why = ("it is worse" if hi < 0 else "it is not better by more than the margin "
+    why = ("the challenger is worse" if hi < 0 else "the challenger is not better by more than "
+           "the margin "
            f"{margin:g} with {level} confidence")
     return {"decision": "keep", "reason": f"the champion stays: {why} ({summary})"}
 

@@ -22,9 +22,10 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     html = report.read_text()
     for name in MODELS:
         assert name in html
-    # Per model: curves + 2 splits x (confusion, ROC, PR, reliability, Grad-CAM); the ensemble's
-    # 2 x 4 (no curves, no Grad-CAM); bar chart, 2 ROC overlays, training curves side by side.
-    assert html.count("data:image/png;base64,") == len(MODELS) * 11 + 8 + 4
+    # Per model: curves + 3 splits (val, test, test_shifted) x (confusion, ROC, PR, reliability,
+    # robustness, Grad-CAM); the ensemble's 3 x 5 (no curves, no Grad-CAM); bar chart, 3 ROC
+    # overlays, 3 robustness overlays, training curves side by side.
+    assert html.count("data:image/png;base64,") == len(MODELS) * (1 + 3 * 6) + 3 * 5 + 8
 
     # One tune -> train -> evaluate chain per model, each with real outputs.
     val_auc = {}

@@ -142,7 +142,7 @@ def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, 
         return {str(p.relative_to(home)): p.stat().st_size for p in home.rglob("*")}
 
     before = tree()
-    real_copytree, real_write = shutil.copytree, champion._write_atomic
+    real_copytree, real_write = shutil.copytree, champion.safeio.write_text_atomic
     real_copy_model = champion.safeio.copy_model_folder
 
     def copy_model(src, dst, *args, **kwargs):  # a full disk at the end of staging the model
@@ -155,14 +155,14 @@ def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, 
         if fail_at == "current copy" and Path(dst).name == "current":
             raise OSError(28, "No space left on device")
 
-    def write(path, text):
+    def write(path, text, **kwargs):
         if fail_at == "seal":
             raise OSError(28, "No space left on device")
-        real_write(path, text)
+        real_write(path, text, **kwargs)
 
     monkeypatch.setattr(champion.safeio, "copy_model_folder", copy_model)
     monkeypatch.setattr(champion.shutil, "copytree", copytree)
-    monkeypatch.setattr(champion, "_write_atomic", write)
+    monkeypatch.setattr(champion.safeio, "write_text_atomic", write)
     with pytest.raises(OSError, match="No space left"):
         champion.promote(new, home, {**record, "run_id": "r2"})
     assert tree() == before

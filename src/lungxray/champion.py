@@ -229,21 +229,8 @@ def write_decision(record: dict[str, Any], path: Path | str) -> Path:
     if path.suffix != ".json":
         path = path / DECISION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(record, indent=2) + "\n")
+    safeio.write_text_atomic(path, json.dumps(record, indent=2) + "\n", fsync=True)
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- champion folder
@@ -428,7 +415,8 @@ def _promote_local(model_dir: Path, root: Path, record: dict[str, Any],
             # replaced, so they may share their bytes (a model is hundreds of MB).
             shutil.copytree(entry, staging / "current", symlinks=False, copy_function=_link)
             _swap(root, staging / "current", staging / "retired", moves)
-            _write_atomic(root / RECORD_FILE, _pointer(run_id, record).decode())
+            safeio.write_text_atomic(root / RECORD_FILE, _pointer(run_id, record).decode(),
+                                     fsync=True)
             done = True
         finally:
             if not done:  # put the previous champion back and forget this run, so it may retry

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
-from lungxray import data, models
+from lungxray import data, models, safeio
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -98,24 +96,9 @@ def split_sha256(split: data.Split) -> str:
     return digest.hexdigest()
 
 
-def _replace_atomically(path: Path, write) -> None:
-    # Written beside the target under a unique name and renamed: a killed extraction never
-    # leaves a truncated file that a later run would take for a cache hit, and two pods
-    # filling a shared cache (a PVC) never write into the same temporary file.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(path: Path, array: np.ndarray, meta: dict) -> None:
-    _replace_atomically(path, lambda out: np.save(out, array))
-    _replace_atomically(path.with_suffix(".json"),
-                        lambda out: out.write(json.dumps(meta, indent=2).encode()))
+    safeio.replace_atomically(path, lambda out: np.save(out, array))
+    safeio.write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
 
 def cached_features(model_name: str, image_size: int, channels: int, weights: str,

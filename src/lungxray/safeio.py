@@ -1,4 +1,5 @@
-"""Bounded readers for the JSON and YAML files we read back, and a bounded model-folder copy.
+"""Bounded readers for the JSON and YAML files we read back, a bounded model-folder copy, and
+the one atomic file write.
 
 Every file is sized before it is read and its nesting is limited, so a small hostile file (a
 YAML alias bomb, a 2.7 GB ``config.json`` deflated from a few MB, JSON nested 100000 deep)
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -276,3 +278,27 @@ def _copy_file(src: Path, dst: Path, size: int) -> None:
             fout.write(chunk)
             left -= len(chunk)
     os.utime(dst, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns))
+
+
+def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any], fsync: bool = False
+                       ) -> None:
+    """Write ``path`` through ``write(binary file)`` into a unique temporary file beside it, then
+    rename it over ``path``: a reader sees the old file or the whole new one, never a part; a
+    killed writer, or ``write`` raising, leaves no temporary file and the old file in place;
+    two writers (two pods on a shared volume) never share a temporary file."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
+    """:func:`replace_atomically` for UTF-8 text."""
+    replace_atomically(path, lambda out: out.write(text.encode("utf-8")), fsync=fsync)

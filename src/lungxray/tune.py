@@ -201,10 +201,7 @@ class _TimedTrials:
         return safeio.load_json(path, "trial times", error=ConfigError) if path.is_file() else {}
 
     def _save_times(self, times: dict) -> None:
-        path = self._times_path()
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(times, indent=2))
-        tmp.replace(path)
+        safeio.write_text_atomic(self._times_path(), json.dumps(times, indent=2))
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)

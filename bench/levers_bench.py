@@ -1,5 +1,6 @@
-"""Training levers on the shift proxy: train one model per hyperparameter setting on a prepared
-dataset that has a ``test_shifted`` split, and record val, test and test_shifted ROC AUC.
+"""Training levers on the shift proxies: train one model per hyperparameter setting on a prepared
+dataset that has a ``test_shifted`` split, and record val, test and test_shifted ROC AUC, and the
+corruption suite's mean and worst AUC on val (``lungxray.robustness``).
 
 Defaults are chosen on val and test_shifted only; test is recorded for the report, never used to
 choose. Usage::
@@ -18,15 +19,35 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray import integrity, metrics, models, train
+from lungxray import integrity, metrics, models, robustness, train
+
+ROBUSTNESS_SAMPLES = 200
 
 
-def split_auc(model, data_dir: Path, split: str, manifest: dict) -> float:
-    """ROC AUC of the positive class on one split of a prepared dataset."""
+def predictor(model):
+    """Probabilities of a batch of raw images."""
+    return lambda images: model.predict(np.asarray(images, dtype=np.float32), verbose=0,
+                                        batch_size=256)
+
+
+def split_scores(model, data_dir: Path, split: str, manifest: dict,
+                 threshold: float) -> dict:
+    """ROC AUC of the positive class on one split of a prepared dataset, and the accuracy at
+    the model's validation threshold."""
     loaded = integrity.load_checked_split(data_dir, split, manifest)
-    probs = model.predict(np.asarray(loaded.images, dtype=np.float32), verbose=0,
-                          batch_size=256)
-    return float(metrics.roc_auc(loaded.labels, probs))
+    probs = predictor(model)(loaded.images)
+    accuracy = float(np.mean((probs[:, 1] >= threshold) == (loaded.labels == 1)))
+    return {"auc": float(metrics.roc_auc(loaded.labels, probs)), "acc": accuracy}
+
+
+def corrupted_auc(model, data_dir: Path, split: str, manifest: dict) -> dict:
+    """Mean and worst AUC of the corruption suite on one split."""
+    loaded = integrity.load_checked_split(data_dir, split, manifest)
+    summary, _ = robustness.evaluate_robustness(
+        predictor(model), loaded.images, loaded.labels, manifest["class_names"],
+        samples=ROBUSTNESS_SAMPLES)
+    return {"mean": summary["mean_corrupted_auc"], "worst": summary["worst_corrupted_auc"],
+            "worst_corruption": summary["worst_corruption"]}
 
 
 def run(data_dir: Path, model_name: str, epochs: int, hparams: dict, seed: int) -> dict:
@@ -36,10 +57,15 @@ def run(data_dir: Path, model_name: str, epochs: int, hparams: dict, seed: int) 
         info = train.train(data_dir, model_name, Path(tmp), hparams=hparams, epochs=epochs,
                            seed=seed, patience=3)
         model = models.load_model(Path(tmp) / train.MODEL_FILE)
-        aucs = {split: split_auc(model, data_dir, split, manifest)
-                for split in manifest["splits"] if split != "train"}
-    return {"aucs": aucs, "params": info["params"], "train_seconds": info["train_seconds"],
-            "images_per_s": info["train_images_per_s"], "epochs": info["epochs"]}
+        scores = {split: split_scores(model, data_dir, split, manifest, info["threshold"])
+                  for split in manifest["splits"] if split != "train"}
+        aucs = {split: value["auc"] for split, value in scores.items()}
+        accuracy = {split: value["acc"] for split, value in scores.items()}
+        corrupted = {"val": corrupted_auc(model, data_dir, "val", manifest)}
+    return {"aucs": aucs, "acc_at_threshold": accuracy, "threshold": info["threshold"],
+            "corrupted": corrupted, "params": info["params"],
+            "train_seconds": info["train_seconds"], "images_per_s": info["train_images_per_s"],
+            "epochs": info["epochs"]}
 
 
 def main() -> None:
@@ -63,7 +89,7 @@ def main() -> None:
                             **run(args.data, args.model, args.epochs, json.loads(text), seed),
                             "wall_seconds": round(time.time() - started, 1)}
             args.out.write_text(json.dumps(results, indent=2))
-            print(key, results[key]["aucs"], flush=True)
+            print(key, results[key]["aucs"], results[key]["corrupted"], flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lungxray import data
+from lungxray import prepare
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / \
     "pneumoniamnist_28_trainval.npz"
@@ -47,14 +47,14 @@ def make_png_folder(n_images: int, size: int, root: Path, source: Path = SHARED_
 def bench_preprocess(n_images: int, size: int, workdir: Path, image_size: int | None = None,
                      workers: int = 0) -> dict:
     """Generate (or reuse) ``n_images`` PNGs of ``size`` px under ``workdir`` and time
-    ``data.preprocess`` on them; returns images, seconds, images_per_s and the settings."""
+    ``prepare.preprocess`` on them; returns images, seconds, images_per_s and the settings."""
     workdir = Path(workdir)
     started = time.perf_counter()
     folder = make_png_folder(n_images, size, workdir / f"png{size}x{n_images}")
     generated = time.perf_counter() - started
     output = workdir / "prepared"
     started = time.perf_counter()
-    manifest = data.preprocess(str(folder), output, image_size=image_size, workers=workers)
+    manifest = prepare.preprocess(str(folder), output, image_size=image_size, workers=workers)
     seconds = time.perf_counter() - started
     source_mib = sum(p.stat().st_size for p in folder.rglob("*.png")) / 2**20
     return {"images": n_images, "seconds": round(seconds, 2),

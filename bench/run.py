@@ -9,6 +9,7 @@ accuracy of every model and of the pipeline's pick on validation and on the carv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lungxray import artifacts
 from pipelines.profiles import PROFILES
 
 BENCH = Path(__file__).resolve().parent
@@ -108,17 +110,17 @@ def accuracy(run_dir: Path, workdir: Path) -> dict:
 
     rows, suite = [], None
     for iteration in sorted(run_dir.glob("for-loop-*-iteration-*")):
-        info = json.loads((iteration / "train" / "model" / "model_info.json").read_text())
+        info = json.loads((iteration / "train" / "model" / artifacts.INFO_FILE).read_text())
         evaluation = iteration / "evaluate" / "evaluation"
-        measured = {split: json.loads((evaluation / split / "metrics.json").read_text())
-                    for split in EVAL_SPLITS if (evaluation / split / "metrics.json").is_file()}
+        measured = {split: json.loads(path.read_text()) for split in EVAL_SPLITS
+                    if (path := evaluation / split / artifacts.METRICS_FILE).is_file()}
         suite = suite or measured["val"].get("robustness")
         splits = {split: _split_row(m) for split, m in measured.items()}
         rows.append({"model": info["model_name"], "threshold": info["threshold"],
                      "epochs": info.get("epochs"), "train_seconds": info.get("train_seconds"),
                      **splits})
     best_dir = run_dir / "compare" / "best_model"
-    best = json.loads((best_dir / "model_info.json").read_text())
+    best = json.loads((best_dir / artifacts.INFO_FILE).read_text())
     dataset = run_dir / "preprocess" / "dataset"
     splits = [s for s in evaluate.dataset_splits(dataset) if s in EVAL_SPLITS]
     # The corruption suite as the run's evaluate steps ran it, so the pick's numbers match.
@@ -259,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="profiles of the `make local` runs (default quick full)")
     parser.add_argument("--weights", default="none", help="weights of the `make local` runs")
     parser.add_argument("--output", type=Path, default=BENCH)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the runs and prepared data here (default: a temporary "
+                        "folder, removed at the end)")
     args = parser.parse_args(argv)
     wanted = set(args.only)
     results_path = args.output / "results.json"
@@ -270,13 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=2))
         (args.output / "RESULTS.md").write_text(markdown(results))
 
-    from lungxray import data
+    from lungxray import prepare
 
-    with tempfile.TemporaryDirectory(prefix="lungxray-bench-") as tmp:
+    with (contextlib.nullcontext(str(args.workdir)) if args.workdir
+          else tempfile.TemporaryDirectory(prefix="lungxray-bench-")) as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         prepared = work / "data32"
         if wanted & {"input", "training"}:
-            data.preprocess(str(args.data), prepared, image_size=32)
+            prepare.preprocess(str(args.data), prepared, image_size=32)
         if "preprocess" in wanted:
             from bench.preprocess_bench import bench_preprocess
 
@@ -314,10 +321,10 @@ def bench_tuning_default(bench_tuning, source: Path, work: Path) -> dict:
     backbone (no ImageNet download here)."""
     import keras
 
-    from lungxray import data
+    from lungxray import prepare
 
     prepared = work / "data64"
-    data.preprocess(str(source), prepared, image_size=64, max_per_split=2000)
+    prepare.preprocess(str(source), prepared, image_size=64, max_per_split=2000)
     weights = work / "vgg16_notop.weights.h5"
     keras.applications.VGG16(weights=None, include_top=False,
                              input_shape=(64, 64, 3)).save_weights(weights)

@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from lungxray import data, models, train
+from lungxray import data, models, prepare, train
 
 # The CPU profile's sizes (pipelines/profiles.py): prepared at 32 px, each model resizes to at
 # least its minimum inside itself (InceptionV3: 75 px).
@@ -70,7 +70,7 @@ def bench_train_throughput(data_dir: Path, runs: list[tuple[str, int]] = CPU_PRO
         if data.read_manifest(data_dir)["image_size"] != size:
             prepared = Path(workdir or data_dir.parent) / f"prepared_{size}"
             if not data.is_prepared(prepared):
-                data.preprocess(source, prepared, image_size=size)
+                prepare.preprocess(source, prepared, image_size=size)
         split = data.load_split(prepared, "train")
         num_classes = len(data.read_manifest(prepared)["class_names"])
         model = _model(name, split, num_classes)

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lungxray import data, features, models, tune
+from lungxray import data, features, models, prepare, tune
 from lungxray.train import class_weights, make_dataset
 
 
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data_dir = args.workdir / "data"
     if not data.is_prepared(data_dir):
-        data.preprocess(args.source, data_dir, image_size=args.image_size,
-                        max_per_split=args.max_per_split)
+        prepare.preprocess(args.source, data_dir, image_size=args.image_size,
+                           max_per_split=args.max_per_split)
     weights = save_random_weights(args.model, args.image_size,
                                   args.workdir / f"{args.model}.weights.h5")
     result = bench_tuning(data_dir, args.model, weights, args.trials, args.epochs,

@@ -26,21 +26,22 @@ def compare(
     import tempfile
     from pathlib import Path
 
+    from lungxray import artifacts, safeio, selection
     from lungxray import report as reporting
-    from lungxray import safeio
 
     with tempfile.TemporaryDirectory() as workdir:
-        trials = reporting.pair_trials([Path(m.path) for m in models],
+        trials = selection.pair_trials([Path(m.path) for m in models],
                                        [Path(e.path) for e in evaluations],
-                                       [Path(t.path) for t in tunings], Path(workdir) / "trials")
+                                       [Path(t.path) for t in tunings],
+                                       Path(workdir) / "trials")
         output = Path(workdir) / "compare"
         result = reporting.compare(trials, output, select_metric=select_metric,
                                    ensemble_k=ensemble_k,
                                    target_sensitivity=target_sensitivity or None)
-        shutil.copyfile(output / "report.html", report.path)
-        shutil.copyfile(output / "report.md", summary.path)
-        shutil.copyfile(output / "model_card.md", model_card.path)
-        safeio.copy_model_folder(output / "best_model", Path(best_model.path))
+        shutil.copyfile(output / artifacts.REPORT_HTML, report.path)
+        shutil.copyfile(output / artifacts.REPORT_MD, summary.path)
+        shutil.copyfile(output / artifacts.MODEL_CARD_FILE, model_card.path)
+        safeio.copy_model_folder(output / artifacts.BEST_MODEL_DIR, Path(best_model.path))
     best_model.metadata.update({"model_name": result["best_model"],
                                 select_metric: result["select_value"],
                                 "ensemble": result["best_is_ensemble"]})

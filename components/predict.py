@@ -1,6 +1,7 @@
 """KFP component: apply a trained model or best_model/ to a source of unlabeled images.
 
-Not part of the training pipeline; a batch-scoring pipeline (or a run of its own) calls it."""
+The training pipeline runs it on the pick with ``target_data`` (the target site's images, for
+their prevalence); a batch-scoring run calls it on its own."""
 
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
@@ -16,11 +17,19 @@ def predict(
 ):
     """Writes predictions.csv (path, prob_<class>..., predicted_index, predicted_class at the
     model's saved threshold) into ``predictions``; with ``skip_bad`` unreadable files go to
-    bad_files.csv instead of failing the step, with ``gradcam`` overlays go to gradcam/.
-    ``source``: an image folder, a CSV with a 'path' column, an .npz, or a gs:// URI of any."""
+    bad_files.csv instead of failing the step, with ``gradcam`` overlays go to gradcam/. A
+    two-class model with its validation calibration also writes prevalence.json (EM estimate of
+    these images' prevalence, logged as ``prevalence_em`` with its 95% interval).
+    ``source``: an image folder, a CSV with a 'path' column, an .npz, or a gs:// URI of any;
+    empty: nothing to predict (the pipeline's default ``target_data``), the step only says so."""
     from pathlib import Path
 
     from lungxray import predict as prediction
+
+    if not source:
+        predictions.metadata["skipped"] = "no source given"
+        metrics.log_metric("n_predicted", 0)
+        return
 
     result = prediction.predict(Path(model.path), source, Path(predictions.path),
                                 batch_size=batch_size, skip_bad=skip_bad, explain=gradcam)
@@ -31,3 +40,14 @@ def predict(
     metrics.log_metric("n_unreadable", result["n_bad"])
     for name, count in result["counts"].items():
         metrics.log_metric(f"n_{name}", count)
+    estimate = result["prevalence"]
+    if estimate is None:
+        predictions.metadata["prevalence"] = ("not estimated: needs a two-class model saved "
+                                              "with a validation calibration")
+    else:  # EM on these images
+        metrics.log_metric("prevalence_em", estimate["estimate"])
+        if estimate["ci"]:
+            metrics.log_metric("prevalence_em_ci_low", estimate["ci"][0])
+            metrics.log_metric("prevalence_em_ci_high", estimate["ci"][1])
+        metrics.log_metric("bayes_threshold_at_estimate",
+                           estimate["bayes_threshold_at_estimate"])

@@ -25,12 +25,12 @@ def preprocess(
     import shutil
     from pathlib import Path
 
-    from lungxray import data, datareport
+    from lungxray import data, datareport, prepare
 
-    manifest = data.preprocess(source, Path(dataset.path), image_size=image_size or None,
-                               seed=seed, max_per_split=max_per_split, skip_bad=skip_bad,
-                               keep_aspect=keep_aspect,
-                               shifted_test_fraction=shifted_test_fraction)
+    manifest = prepare.preprocess(source, Path(dataset.path), image_size=image_size or None,
+                                  seed=seed, max_per_split=max_per_split, skip_bad=skip_bad,
+                                  keep_aspect=keep_aspect,
+                                  shifted_test_fraction=shifted_test_fraction)
     dataset.metadata.update(data.manifest_metadata(manifest))
     # The same files also stay inside the dataset, so the report travels with the data.
     for name, artifact in ((datareport.MARKDOWN_FILE, summary), (datareport.HTML_FILE, report)):

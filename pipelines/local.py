@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if decision.is_file():  # champion/challenger: what this run did with champion_uri
         record = json.loads(decision.read_text())
         print(f"Champion: {record['decision']}: {record['reason']}")
+    estimate = report.parent.parent / "predict" / "predictions" / "prevalence.json"
+    if estimate.is_file():  # target_data: the pick's EM estimate of the site's prevalence
+        found = json.loads(estimate.read_text())
+        low, high = found["ci"] or (float("nan"), float("nan"))
+        print(f"Target prevalence ({found['positive_class']}): {found['estimate']:.3f} "
+              f"[95% CI {low:.3f}, {high:.3f}] over {found['n']} images; the pick's threshold "
+              f"there would be {found['bayes_threshold_at_estimate']:.3f}: "
+              f"{estimate.parent}")
     return 0
 
 

@@ -198,7 +198,7 @@ def check_values(params: Mapping[str, Any]) -> None:
     except ConfigError as exc:
         raise ParamsError(str(exc)) from None
     if "select_metric" in params:
-        from lungxray.report import check_select_metric
+        from lungxray.selection import check_select_metric
 
         try:
             check_select_metric(params["select_metric"])

@@ -135,6 +135,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         robustness_samples: int = 500,
         tta: bool = False,
         deployment_prevalence: float = 0.0,
+        target_data: str = "",
     ) -> dsl.HTML:
         """Tune, train and evaluate each base model, compare them and gate the champion.
 
@@ -182,6 +183,9 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
             tta: Also report the AUC with test-time augmentation.
             deployment_prevalence: 0 = none; else the Bayes threshold and PPV/NPV at this
                 prevalence, from val-calibrated scores.
+            target_data: Unlabelled images of the site the model will serve (folder, CSV, npz
+                or gs://); the pick predicts them and estimates their prevalence by EM, with
+                the threshold it implies; empty = none.
         """
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version,
@@ -221,6 +225,10 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                                   promotion_margin=promotion_margin,
                                   seed=seed).set_caching_options(False)
         _apply(challenge, platform, heavy=False)
+        # The pick on the target site's unlabelled images: its prevalence there (EM).
+        target = ops.predict(model=compare.outputs["best_model"], source=target_data,
+                             skip_bad=skip_bad).set_display_name("target-prevalence")
+        _apply(target, platform, heavy=False)
         with dsl.If(challenge.outputs["Output"] == "promote", name="promote-champion"):
             promote = ops.promote(best_model=compare.outputs["best_model"],
                                   card=challenge.outputs["card"],

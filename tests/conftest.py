@@ -17,8 +17,8 @@ SLOW_MODULES = frozenset({
     "test_train.py", "test_train_jax.py", "test_tune.py", "test_tune_resume.py",
     "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
     "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
-    "test_export.py", "test_report.py", "test_metrics.py", "test_cli.py", "test_local_run.py",
-    "test_gpu_bench.py", "test_gpu_profile.py",
+    "test_export.py", "test_report.py", "test_selection.py", "test_metrics.py", "test_cli.py",
+    "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
@@ -34,10 +34,10 @@ def shared_npz() -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory, shared_npz) -> Path:
     """A prepared, stratified 32 px subset of the real data (at most 160 images per split)."""
-    from lungxray import data
+    from lungxray import prepare
 
     output = tmp_path_factory.mktemp("data") / "small"
-    data.preprocess(str(shared_npz), output, image_size=32, max_per_split=160, seed=0)
+    prepare.preprocess(str(shared_npz), output, image_size=32, max_per_split=160, seed=0)
     return output
 
 

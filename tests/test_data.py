@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungxray import data
+from lungxray import data, download, pools, prepare
 from tests.data_helpers import image_hashes, load_npz
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, shared_npz):
     output = tmp_path_factory.mktemp("prep") / "full"
-    return output, data.preprocess(str(shared_npz), output, seed=7)
+    return output, prepare.preprocess(str(shared_npz), output, seed=7)
 
 
 def raw_hashes(npz: str) -> dict[str, np.ndarray]:
@@ -40,7 +40,7 @@ def test_carves_stratified_test_and_keeps_given_val(prepared, shared_npz):
     assert abs(share - 3494 / 4708) < 0.01
     assert manifest["class_names"] == ["normal", "pneumonia"]
     assert manifest["image_size"] == 28 and manifest["channels"] == 1
-    assert manifest["source_sha256"] == data.file_sha256(shared_npz)
+    assert manifest["source_sha256"] == download.file_sha256(shared_npz)
     on_disk = json.loads((output / data.MANIFEST).read_text())
     assert on_disk == manifest
 
@@ -60,8 +60,8 @@ def test_no_image_leaks_into_the_carved_test_split(prepared):
 
 def test_same_seed_same_split_other_seed_other_split(prepared, shared_npz, tmp_path):
     _, manifest = prepared
-    again = data.preprocess(str(shared_npz), tmp_path / "again", seed=7)
-    other = data.preprocess(str(shared_npz), tmp_path / "other", seed=8)
+    again = prepare.preprocess(str(shared_npz), tmp_path / "again", seed=7)
+    other = prepare.preprocess(str(shared_npz), tmp_path / "other", seed=8)
     assert again["splits"]["test"]["sha256"] == manifest["splits"]["test"]["sha256"]
     assert other["splits"]["test"]["sha256"] != manifest["splits"]["test"]["sha256"]
 
@@ -90,7 +90,7 @@ def test_folder_with_splits(shared_npz, tmp_path):
         idx = np.flatnonzero(train.labels == label)
         _write_folder(root / "train", train.images[idx[:40]], train.labels[idx[:40]])
         _write_folder(root / "test", train.images[idx[40:50]], train.labels[idx[40:50]])
-    manifest = data.preprocess(str(root), tmp_path / "out", image_size=48, seed=1)
+    manifest = prepare.preprocess(str(root), tmp_path / "out", image_size=48, seed=1)
     assert manifest["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert manifest["carved"] == {"val": "train"}
     assert manifest["splits"]["test"]["counts"] == {"NORMAL": 10, "PNEUMONIA": 10}
@@ -103,31 +103,31 @@ def test_folder_classes_must_match_between_splits(tmp_path):
         (tmp_path / "src" / split / cls).mkdir(parents=True)
         Image.new("L", (8, 8)).save(tmp_path / "src" / split / cls / "a.png")
     with pytest.raises(data.DataError, match=r"split 'test' lacks class folders \['PNEUMONIA'\]"):
-        data.preprocess(str(tmp_path / "src"), tmp_path / "out")
+        prepare.preprocess(str(tmp_path / "src"), tmp_path / "out")
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, shared_npz):
     bad = tmp_path / "bad.npz"
     np.savez(bad, train_images=np.zeros((4, 8, 8), np.uint8))
     with pytest.raises(data.DataError, match="train_images but not its pair"):
-        data.preprocess(str(bad), tmp_path / "out1")
+        prepare.preprocess(str(bad), tmp_path / "out1")
     assert not (tmp_path / "out1").exists()
 
     corrupt = tmp_path / "folder" / "train" / "NORMAL"
     corrupt.mkdir(parents=True)
     (corrupt / "broken.png").write_bytes(b"not a png")
     with pytest.raises(data.DataError, match="broken.png"):
-        data.preprocess(str(tmp_path / "folder"), tmp_path / "out2")
+        prepare.preprocess(str(tmp_path / "folder"), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 
     with pytest.raises(data.DataError, match="no such file"):
-        data.preprocess(str(tmp_path / "missing.npz"), tmp_path / "out3")
+        prepare.preprocess(str(tmp_path / "missing.npz"), tmp_path / "out3")
 
     pickled = tmp_path / "pickled.npz"
     objects = np.empty((2, 28, 28), dtype=object)  # right shape: refused for its dtype alone
     np.savez(pickled, train_images=objects, train_labels=np.array([0, 1]))
     with pytest.raises(data.DataError, match="train_images: expected uint8 pixels, got object"):
-        data.preprocess(str(pickled), tmp_path / "out4")
+        prepare.preprocess(str(pickled), tmp_path / "out4")
     assert not (tmp_path / "out4").exists()
 
 
@@ -136,14 +136,14 @@ def test_refuses_to_overwrite_a_foreign_directory(shared_npz, tmp_path):
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(data.DataError, match="refusing to overwrite"):
-        data.preprocess(str(shared_npz), precious, max_per_split=50)
+        prepare.preprocess(str(shared_npz), precious, max_per_split=50)
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_source_is_never_modified(shared_npz, tmp_path):
-    before = data.file_sha256(shared_npz)
-    data.preprocess(str(shared_npz), tmp_path / "out", max_per_split=50)
-    assert data.file_sha256(shared_npz) == before
+    before = download.file_sha256(shared_npz)
+    prepare.preprocess(str(shared_npz), tmp_path / "out", max_per_split=50)
+    assert download.file_sha256(shared_npz) == before
 
 
 def test_within_split_duplicates_of_the_shared_file(prepared):
@@ -188,10 +188,10 @@ def test_folder_duplicates_are_grouped_and_seeded(shared_npz, tmp_path):
     for i in range(0, 80, 8):
         name = ("NORMAL", "PNEUMONIA")[labels[i]]
         (root / name / f"copy{i:04d}.png").write_bytes((root / name / f"{i:04d}.png").read_bytes())
-    first = data.preprocess(str(root), tmp_path / "a", image_size=28, seed=5,
-                            val_fraction=0.2, test_fraction=0.2)
-    again = data.preprocess(str(root), tmp_path / "b", image_size=28, seed=5,
-                            val_fraction=0.2, test_fraction=0.2)
+    first = prepare.preprocess(str(root), tmp_path / "a", image_size=28, seed=5,
+                               val_fraction=0.2, test_fraction=0.2)
+    again = prepare.preprocess(str(root), tmp_path / "b", image_size=28, seed=5,
+                               val_fraction=0.2, test_fraction=0.2)
     assert all(info["count"] == 0 for info in first["cross_split_duplicates"].values())
     assert sum(w["count"] for w in first["within_split_duplicates"].values()) == 10
     assert again["splits"] == first["splits"] and again["source_sha256"] == first["source_sha256"]
@@ -204,7 +204,7 @@ def _peak_memory(source, output, size: int) -> int:
 
     tracemalloc.start()
     try:
-        data.preprocess(str(source), output, image_size=size, seed=0, workers=2)
+        prepare.preprocess(str(source), output, image_size=size, seed=0, workers=2)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -213,7 +213,7 @@ def _peak_memory(source, output, size: int) -> int:
 def test_memory_does_not_grow_with_the_number_of_images(shared_npz, tmp_path, monkeypatch):
     train = load_npz(shared_npz)["train"]
     size = 128
-    monkeypatch.setattr(data, "CHUNK_BYTES", 16 * size * size)  # 16 images per step
+    monkeypatch.setattr(pools, "CHUNK_BYTES", 16 * size * size)  # 16 images per step
     peaks = {}
     for n in (150, 450):  # 2.5 MB and 7.4 MB of prepared pixels
         idx = np.concatenate([np.flatnonzero(train.labels == c)[:n // 2] for c in (0, 1)])
@@ -223,10 +223,19 @@ def test_memory_does_not_grow_with_the_number_of_images(shared_npz, tmp_path, mo
     assert peaks[450] - peaks[150] < 1_000_000, peaks
 
 
-def test_datasets_prepared_in_the_old_npz_format_still_load(tmp_path):
-    images, labels = np.zeros((3, 8, 8, 1), np.uint8), np.array([0, 1, 0])
-    np.savez(tmp_path / "val.npz", images=images, labels=labels)
-    (tmp_path / data.MANIFEST).write_text(json.dumps(
-        {"format": "lungxray-dataset/1", "splits": {"val": {"n": 3}}}))
-    assert data.is_prepared(tmp_path)
-    np.testing.assert_array_equal(data.load_split(tmp_path, "val").labels, labels)
+def test_a_dataset_of_an_older_or_unknown_format_is_refused_in_one_line(tmp_path):
+    np.savez(tmp_path / "val.npz", images=np.zeros((3, 8, 8, 1), np.uint8), labels=[0, 1, 0])
+    manifest = tmp_path / data.MANIFEST
+    manifest.write_text(json.dumps({"format": "lungxray-dataset/1", "splits": {"val": {"n": 3}}}))
+    assert not data.is_prepared(tmp_path)
+    with pytest.raises(data.DataError, match=r"older format 'lungxray-dataset/1'.*re-run "
+                                             r"`lungxray preprocess`") as err:
+        data.load_split(tmp_path, "val")
+    assert "\n" not in str(err.value)
+    manifest.write_text(json.dumps({"format": "something-else/7", "splits": {}}))
+    with pytest.raises(data.DataError, match=r"unknown format 'something-else/7', expected "
+                                             r"lungxray-dataset/2"):
+        data.read_manifest(tmp_path)
+    # preprocess will not write over it: it is no prepared dataset this version knows.
+    with pytest.raises(data.DataError, match="is not a prepared dataset; refusing"):
+        prepare.preprocess(str(tmp_path / "val.npz"), tmp_path)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from lungxray import data
+from lungxray.prepare import preprocess
 from tests.data_helpers import real_images, tree_digest, write_folder
 
 
@@ -32,8 +33,8 @@ def assert_no_output(tmp_path, output):
 
 
 def prepare(source, output, **options):
-    return data.preprocess(str(source), output, image_size=28, val_fraction=0.2,
-                           test_fraction=0.2, seed=0, **options)
+    return preprocess(str(source), output, image_size=28, val_fraction=0.2,
+                      test_fraction=0.2, seed=0, **options)
 
 
 # ------------------------------------------------------------------------------- bad files
@@ -209,10 +210,10 @@ def test_npz_images_below_the_minimum_size(pictures, tmp_path):
     grey, labels = pictures
     np.savez(tmp_path / "small.npz", train_images=grey, train_labels=labels)
     with pytest.raises(data.DataError, match=r"minimum of 32 px: train_images: 28x28 px"):
-        data.preprocess(str(tmp_path / "small.npz"), tmp_path / "out", image_size=64,
-                        min_size=32)
+        preprocess(str(tmp_path / "small.npz"), tmp_path / "out", image_size=64,
+                   min_size=32)
     with pytest.raises(data.DataError, match="image size 4 px is below the minimum of 8 px"):
-        data.preprocess(str(tmp_path / "small.npz"), tmp_path / "out", image_size=4)
+        preprocess(str(tmp_path / "small.npz"), tmp_path / "out", image_size=4)
     assert_no_output(tmp_path, tmp_path / "out")
 
 
@@ -334,15 +335,15 @@ def test_the_source_is_never_inside_the_output_nor_the_output_inside_it(pictures
 def test_impossible_split_settings_are_refused(folder, tmp_path, options, message):
     settings = {"image_size": 28, "val_fraction": 0.2, "test_fraction": 0.2, **options}
     with pytest.raises(data.DataError, match=message):
-        data.preprocess(str(folder), tmp_path / "out", **settings)
+        preprocess(str(folder), tmp_path / "out", **settings)
     assert_no_output(tmp_path, tmp_path / "out")
 
 
 def test_both_fractions_are_shares_of_the_given_train(pictures, tmp_path):
     grey, labels = pictures
     write_folder(tmp_path / "flat", grey, labels, size=32)
-    manifest = data.preprocess(str(tmp_path / "flat"), tmp_path / "out", image_size=28,
-                               val_fraction=0.25, test_fraction=0.25, seed=0)
+    manifest = preprocess(str(tmp_path / "flat"), tmp_path / "out", image_size=28,
+                          val_fraction=0.25, test_fraction=0.25, seed=0)
     # 10 and 10 of 40; val as a share of what test left would be 8.
     assert manifest["splits"]["test"]["n"] == manifest["splits"]["val"]["n"] == 10
 

@@ -1,4 +1,4 @@
-"""gs:// sources end to end through data.preprocess, against a real gcp-storage-emulator."""
+"""gs:// sources end to end through prepare.preprocess, against a real gcp-storage-emulator."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from PIL import Image
 
-from lungxray import data
+from lungxray import data, prepare
 from tests.data_helpers import real_images
 
 pytestmark = pytest.mark.timeout(180)
@@ -68,8 +68,8 @@ def test_gs_folder_end_to_end_and_cached(bucket, pictures, tmp_path):
     bucket.blob("elsewhere/x.png").upload_from_string(b"not fetched")
     cache = tmp_path / "cache"
     source = f"gs://{bucket.name}/chest_xray/"
-    manifest = data.preprocess(source, tmp_path / "out", image_size=32, seed=0,
-                               val_fraction=0.2, cache_dir=cache)
+    manifest = prepare.preprocess(source, tmp_path / "out", image_size=32, seed=0,
+                                  val_fraction=0.2, cache_dir=cache)
     assert manifest["source"] == source and manifest["carved"] == {"val": "train"}
     assert manifest["splits"]["test"]["n"] == 6
     assert sum(s["n"] for s in manifest["splits"].values()) == len(names)
@@ -79,8 +79,8 @@ def test_gs_folder_end_to_end_and_cached(bucket, pictures, tmp_path):
     assert not (cache / bucket.name / "elsewhere").exists()
     # A second run downloads nothing: the cached copies are reused as they are.
     stamps = {p: p.stat().st_mtime_ns for p in (cache / bucket.name).rglob("*.png")}
-    again = data.preprocess(source, tmp_path / "again", image_size=32, seed=0,
-                            val_fraction=0.2, cache_dir=cache)
+    again = prepare.preprocess(source, tmp_path / "again", image_size=32, seed=0,
+                               val_fraction=0.2, cache_dir=cache)
     assert again["splits"] == manifest["splits"]
     assert again["source_sha256"] == manifest["source_sha256"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -91,9 +91,9 @@ def test_gs_csv_fetches_its_folder(bucket, pictures, tmp_path):
     table = pd.DataFrame({"path": [n.removeprefix("export/") for n in names],
                           "label": [["normal", "pneumonia"][v] for v in names.values()]})
     bucket.blob("export/labels.csv").upload_from_string(table.to_csv(index=False))
-    manifest = data.preprocess(f"gs://{bucket.name}/export/labels.csv", tmp_path / "out",
-                               image_size=32, seed=0, val_fraction=0.2, test_fraction=0.2,
-                               cache_dir=tmp_path / "cache")
+    manifest = prepare.preprocess(f"gs://{bucket.name}/export/labels.csv", tmp_path / "out",
+                                  image_size=32, seed=0, val_fraction=0.2, test_fraction=0.2,
+                                  cache_dir=tmp_path / "cache")
     assert manifest["source_kind"] == "csv"
     assert sum(s["n"] for s in manifest["splits"].values()) == len(names)
 
@@ -103,14 +103,14 @@ def test_gs_npz(bucket, pictures, tmp_path):
     buffer = io.BytesIO()
     np.savez_compressed(buffer, train_images=grey, train_labels=labels)
     bucket.blob("medmnist/pneumoniamnist.npz").upload_from_string(buffer.getvalue())
-    manifest = data.preprocess(f"gs://{bucket.name}/medmnist/pneumoniamnist.npz",
-                               tmp_path / "out", seed=0, val_fraction=0.2, test_fraction=0.2,
-                               cache_dir=tmp_path / "cache")
+    manifest = prepare.preprocess(f"gs://{bucket.name}/medmnist/pneumoniamnist.npz",
+                                  tmp_path / "out", seed=0, val_fraction=0.2, test_fraction=0.2,
+                                  cache_dir=tmp_path / "cache")
     assert manifest["image_size"] == 28 and manifest["class_names"] == ["normal", "pneumonia"]
 
 
 def test_gs_missing_prefix_is_a_clear_data_error(bucket, tmp_path):
     with pytest.raises(data.DataError, match=f"no objects under gs://{bucket.name}/nothing/"):
-        data.preprocess(f"gs://{bucket.name}/nothing/", tmp_path / "out",
-                        cache_dir=tmp_path / "cache")
+        prepare.preprocess(f"gs://{bucket.name}/nothing/", tmp_path / "out",
+                           cache_dir=tmp_path / "cache")
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Every kind of source through data.preprocess: npz variants, folder trees, CSV manifests."""
+"""Every kind of source through prepare.preprocess: npz variants, folder trees, CSV manifests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungxray import data
+from lungxray import data, pools, prepare
 from tests.data_helpers import real_images, tree_digest, write_folder
 
 
@@ -27,8 +27,8 @@ def test_rgb_npz_with_only_a_train_split_gets_val_and_test(pictures, tmp_path):
     grey, labels = pictures
     rgb = np.stack([grey, 255 - grey, grey // 2], axis=-1)  # (N, 28, 28, 3)
     np.savez_compressed(tmp_path / "rgb.npz", train_images=rgb, train_labels=labels[:, None])
-    manifest = data.preprocess(str(tmp_path / "rgb.npz"), tmp_path / "out", seed=1,
-                               val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare.preprocess(str(tmp_path / "rgb.npz"), tmp_path / "out", seed=1,
+                                  val_fraction=0.2, test_fraction=0.2)
     assert manifest["channels"] == 3 and manifest["image_size"] == 28
     assert manifest["carved"] == {"test": "train", "val": "train"}
     assert manifest["class_names"] == ["0", "1"]  # no names known for an unknown file
@@ -45,8 +45,8 @@ def test_npz_at_64px_with_test_only_is_kept_as_given_for_evaluation(pictures, tm
     grey, labels = pictures
     big = np.stack([np.kron(g, np.ones((2, 2), np.uint8))[..., None] for g in grey])
     np.savez(tmp_path / "pneumoniamnist_64.npz", test_images=big, test_labels=labels)
-    manifest = data.preprocess(str(tmp_path / "pneumoniamnist_64.npz"), tmp_path / "out",
-                               carve_missing=False, image_size=32, channels=3)
+    manifest = prepare.preprocess(str(tmp_path / "pneumoniamnist_64.npz"), tmp_path / "out",
+                                  carve_missing=False, image_size=32, channels=3)
     assert list(manifest["splits"]) == ["test"] and manifest["carved"] == {}
     assert manifest["class_names"] == ["normal", "pneumonia"]  # the MedMNIST names
     test = data.load_split(tmp_path / "out", "test")
@@ -55,9 +55,9 @@ def test_npz_at_64px_with_test_only_is_kept_as_given_for_evaluation(pictures, tm
 
 
 def test_npz_is_read_in_chunks(shared_npz, monkeypatch, tmp_path):
-    whole = data.preprocess(str(shared_npz), tmp_path / "whole", max_per_split=300, seed=2)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 28 * 28 * 7)  # 7 images per step
-    chunked = data.preprocess(str(shared_npz), tmp_path / "chunked", max_per_split=300, seed=2)
+    whole = prepare.preprocess(str(shared_npz), tmp_path / "whole", max_per_split=300, seed=2)
+    monkeypatch.setattr(pools, "CHUNK_BYTES", 28 * 28 * 7)  # 7 images per step
+    chunked = prepare.preprocess(str(shared_npz), tmp_path / "chunked", max_per_split=300, seed=2)
     assert chunked["splits"] == whole["splits"]
 
 
@@ -75,8 +75,8 @@ def test_flat_folder_with_three_classes_nested_files_and_litter(pictures, tmp_pa
     (root / "README.md").write_text("where these came from")
     (root / "normal" / ".DS_Store").write_bytes(b"\0\1")
     (root / "normal" / "Thumbs.db").write_bytes(b"\0\1")
-    manifest = data.preprocess(str(root), tmp_path / "out", image_size=32, seed=0,
-                               val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare.preprocess(str(root), tmp_path / "out", image_size=32, seed=0,
+                                  val_fraction=0.2, test_fraction=0.2)
     assert manifest["class_names"] == list(names)
     assert manifest["ignored"] == ["README.md"]
     total = {c: sum(s["counts"][c] for s in manifest["splits"].values()) for c in names}
@@ -93,7 +93,7 @@ def test_folder_split_layout_keeps_given_splits(pictures, tmp_path):
     write_folder(root / "train", grey[::2], labels[::2])
     write_folder(root / "val", grey[1::4], labels[1::4])
     write_folder(root / "test", grey[3::4], labels[3::4])
-    manifest = data.preprocess(str(root), tmp_path / "out", image_size=28)
+    manifest = prepare.preprocess(str(root), tmp_path / "out", image_size=28)
     assert manifest["carved"] == {}
     assert [manifest["splits"][s]["n"] for s in data.SPLITS] == [30, 15, 15]
 
@@ -104,15 +104,15 @@ def test_folder_mixing_split_and_class_folders_is_refused(pictures, tmp_path):
     write_folder(tmp_path / "src", grey[[0, -1]], labels[[0, -1]])
     with pytest.raises(data.DataError, match=r"mixes split folders \['train'\] with other "
                                              r"folders \['NORMAL', 'PNEUMONIA'\]"):
-        data.preprocess(str(tmp_path / "src"), tmp_path / "out")
+        prepare.preprocess(str(tmp_path / "src"), tmp_path / "out")
 
 
 def test_external_folder_may_lack_a_class_of_the_model(pictures, tmp_path):
     grey, labels = pictures
     write_folder(tmp_path / "ext", grey[labels == 1], labels[labels == 1],
                  names=("normal", "pneumonia"))
-    manifest = data.preprocess(str(tmp_path / "ext"), tmp_path / "out", image_size=28,
-                               class_names=["normal", "pneumonia"], carve_missing=False)
+    manifest = prepare.preprocess(str(tmp_path / "ext"), tmp_path / "out", image_size=28,
+                                  class_names=["normal", "pneumonia"], carve_missing=False)
     assert manifest["splits"]["test"]["counts"] == {"normal": 0, "pneumonia": 30}
     assert set(data.load_split(tmp_path / "out", "test").labels) == {1}
 
@@ -136,8 +136,8 @@ def test_csv_without_splits_is_carved(pictures, tmp_path):
     grey, labels = pictures
     csv = write_csv_source(tmp_path / "src", grey, labels)
     before = tree_digest(tmp_path / "src")
-    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=4,
-                               val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare.preprocess(str(csv), tmp_path / "out", image_size=28, seed=4,
+                                  val_fraction=0.2, test_fraction=0.2)
     assert tree_digest(tmp_path / "src") == before
     assert manifest["source_kind"] == "csv" and manifest["class_names"] == ["normal", "pneumonia"]
     assert manifest["carved"] == {"test": "train", "val": "train"}
@@ -152,7 +152,7 @@ def test_csv_with_split_column_and_windows_separators(pictures, tmp_path):
     table = pd.read_csv(csv)
     table["path"] = table["path"].str.replace("/", "\\")
     table.to_csv(csv, index=False)
-    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28)
+    manifest = prepare.preprocess(str(csv), tmp_path / "out", image_size=28)
     assert manifest["carved"] == {}
     assert [manifest["splits"][s]["n"] for s in data.SPLITS] == [30, 15, 15]
 
@@ -164,8 +164,8 @@ def test_csv_patient_groups_never_span_two_splits(pictures, tmp_path):
     grey, labels = grey[order], labels[order]
     patients = np.array([f"P{i // 3:03d}" for i in range(60)])
     csv = write_csv_source(tmp_path / "src", grey, labels, patients=patients)
-    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=3,
-                               val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare.preprocess(str(csv), tmp_path / "out", image_size=28, seed=3,
+                                  val_fraction=0.2, test_fraction=0.2)
     assert manifest["grouped_by"] == "patient_id"
     files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)
     owners = files.groupby("patient_id")["split"].nunique()
@@ -184,8 +184,8 @@ def test_csv_given_splits_sharing_a_patient_are_reported(pictures, tmp_path):
     patients = np.where(i < 30, np.char.add("S", (i - i % 3).astype(str)),
                         np.char.add("U", i.astype(str)))
     csv = write_csv_source(tmp_path / "src", grey, labels, patients=patients, splits=splits)
-    manifest = data.preprocess(str(csv), tmp_path / "out", image_size=28, seed=0,
-                               val_fraction=0.2)
+    manifest = prepare.preprocess(str(csv), tmp_path / "out", image_size=28, seed=0,
+                                  val_fraction=0.2)
     assert manifest["cross_split_patients"]["train/test"]["count"] == 10
     assert manifest["cross_split_patients"]["train/test"]["examples"][0] == "S0"
     files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)

@@ -14,7 +14,7 @@ from kfp.dsl import HTML, Dataset, Markdown
 from PIL import Image
 
 from components.preprocess import preprocess as preprocess_component
-from lungxray import cli, data, datareport
+from lungxray import cli, datareport, prepare
 from tests.data_helpers import real_images, write_folder
 
 
@@ -26,8 +26,8 @@ def skipped_dataset(tmp_path_factory, shared_npz):
     (root / "NORMAL" / "empty.png").write_bytes(b"")
     (root / "PNEUMONIA" / "notes.txt").write_text("x")
     output = tmp_path_factory.mktemp("out") / "data"
-    manifest = data.preprocess(str(root), output, image_size=32, skip_bad=True, seed=1,
-                               val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare.preprocess(str(root), output, image_size=32, skip_bad=True, seed=1,
+                                  val_fraction=0.2, test_fraction=0.2)
     return output, manifest
 
 
@@ -65,7 +65,7 @@ def test_markdown_report_has_the_tables(skipped_dataset):
 
 
 def test_cross_split_duplicates_are_pictured(shared_npz, tmp_path):
-    data.preprocess(str(shared_npz), tmp_path / "out", max_per_split=0, seed=0)
+    prepare.preprocess(str(shared_npz), tmp_path / "out", max_per_split=0, seed=0)
     page = (tmp_path / "out" / datareport.HTML_FILE).read_text()
     assert len(inline_pngs(page)) == 4  # + the pairs of identical train/val images
     assert "train_images[" in page and "val_images[" in page

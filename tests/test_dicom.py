@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungxray import data, images
+from lungxray import data, images, pixels, prepare
 from tests.data_helpers import real_images, tree_digest, write_dicom
 
 
@@ -13,7 +13,7 @@ from tests.data_helpers import real_images, tree_digest, write_dicom
 def xrays(shared_npz) -> tuple[np.ndarray, np.ndarray]:
     """Real X-rays stretched to the full 0..255 range, and their labels."""
     pictures, labels = real_images(shared_npz, 12)
-    return np.stack([images.stretch(p) for p in pictures]), labels
+    return np.stack([pixels.stretch(p) for p in pictures]), labels
 
 
 def decode(path, size: int = 28) -> np.ndarray:
@@ -84,8 +84,8 @@ def test_a_dicom_folder_through_preprocess(xrays, tmp_path):
                     4095 - stored if mono1 else stored,
                     photometric="MONOCHROME1" if mono1 else "MONOCHROME2", window=(2048, 4096))
     before = tree_digest(root)
-    manifest = data.preprocess(str(root), tmp_path / "out", image_size=28,
-                               val_fraction=0.25, test_fraction=0.25, seed=0)
+    manifest = prepare.preprocess(str(root), tmp_path / "out", image_size=28,
+                                  val_fraction=0.25, test_fraction=0.25, seed=0)
     assert tree_digest(root) == before
     assert manifest["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert sum(s["n"] for s in manifest["splits"].values()) == len(pictures)

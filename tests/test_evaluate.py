@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import recall_score, roc_auc_score
 
-from lungxray import data, evaluate, gradcam, report, train
+from lungxray import data, evaluate, gradcam, prepare, report, selection, train
 from tests.data_helpers import load_npz
 
 CLASSES = ["normal", "pneumonia"]
@@ -199,11 +199,11 @@ def test_saved_ensemble_is_evaluated_as_the_mean_of_its_members(
         (trial / "model" / "model_info.json").write_text(json.dumps({**info, "model_name": name}))
         evaluate.evaluate(trial / "model", str(small_dataset), trial / "eval", ["val", "test"],
                           explain=False)
-        trials.append(report.load_trial(trial))
-    ranked = report.rank_models(report.build_table(trials), "val_roc_auc")
-    ensemble = report.build_ensemble(trials, ranked, "val_roc_auc", k=2)
+        trials.append(selection.load_trial(trial))
+    ranked = selection.rank_models(selection.build_table(trials), "val_roc_auc")
+    ensemble = selection.build_ensemble(trials, ranked, "val_roc_auc", k=2)
     best = tmp_path / "best_model"
-    report._write_ensemble_model(ensemble, trials, best)
+    selection.write_ensemble_model(ensemble, trials, best)
     results = evaluate.evaluate(best, str(small_dataset), tmp_path / "out", ["test"])
     single = json.loads((tmp_path / "trials/NetA/eval/test/metrics.json").read_text())
     spec = json.loads((best / evaluate.ENSEMBLE_FILE).read_text())
@@ -292,7 +292,7 @@ def three_class_data(tmp_path_factory, shared_npz) -> Path:
             for i in chosen:
                 Image.fromarray(origin.images[i, ..., 0]).save(root / split / name / f"{i}.png")
     prepared = root.parent / "prepared"
-    data.preprocess(str(root), prepared, image_size=32, seed=0)
+    prepare.preprocess(str(root), prepared, image_size=32, seed=0)
     return prepared
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray import images
+from lungxray import images, pixels
 from tests.data_helpers import real_images
 
 
 @pytest.fixture(scope="module")
 def xray(shared_npz) -> np.ndarray:
     """A real 28 px chest X-ray, stretched to use the full 0..255 range."""
-    return images.stretch(real_images(shared_npz, 1)[0][0])
+    return pixels.stretch(real_images(shared_npz, 1)[0][0])
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:

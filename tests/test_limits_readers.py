@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import data, images, sources
+from lungxray import data, images, pixels, pools, sources
 from lungxray import limits as limiting
 from lungxray.errors import ConfigError, DataError
+from lungxray.prepare import preprocess
 from tests.fuzz import hostile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ GiB = 1 << 30
 
 
 def prepare(source: Path, output: Path, **options) -> dict:
-    return data.preprocess(str(source), output, seed=0, image_size=16, val_fraction=0.25,
-                           test_fraction=0.25, **options)
+    return preprocess(str(source), output, seed=0, image_size=16, val_fraction=0.25,
+                      test_fraction=0.25, **options)
 
 
 def assert_clean(output: Path) -> None:
@@ -197,10 +198,10 @@ def test_csv_fifo_is_refused_without_hanging_and_skippable(tmp_path):
 @pytest.mark.timeout(30)
 def test_a_fifo_or_device_put_there_after_the_scan_is_refused_on_open(tmp_path):
     os.mkfifo(tmp_path / "late.png")
-    assert data._read_one(sources.Item(tmp_path / "late.png", "late.png", 0),
-                          data._Settings(16, 1, False, 8, 1))[3] == "not a regular file (FIFO)"
-    assert data._read_one(sources.Item(Path("/dev/zero"), "zero.png", 0),
-                          data._Settings(16, 1, False, 8, 1))[3] == (
+    assert pools._read_one(sources.Item(tmp_path / "late.png", "late.png", 0),
+                           pools.Settings(16, 1, False, 8, 1))[3] == "not a regular file (FIFO)"
+    assert pools._read_one(sources.Item(Path("/dev/zero"), "zero.png", 0),
+                           pools.Settings(16, 1, False, 8, 1))[3] == (
         "not a regular file (character device)")
 
 
@@ -355,10 +356,10 @@ def test_npz_default_size_is_capped_and_image_size_bounded(tmp_path):
         f"{s}_{k}": v for s in ("train", "val", "test")
         for k, v in (("images", wide), ("labels", labels))})
     small = limiting.with_overrides(limiting.DEFAULT, ["max_image_size=64"])
-    manifest = data.preprocess(str(npz), tmp_path / "out", limits=small)
+    manifest = preprocess(str(npz), tmp_path / "out", limits=small)
     assert manifest["image_size"] == 64  # max(8, 3000) capped at max_image_size
     with pytest.raises(DataError, match=r"image size 65 px is above the limit of 64 px"):
-        data.preprocess(str(npz), tmp_path / "out2", image_size=65, limits=small)
+        preprocess(str(npz), tmp_path / "out2", image_size=65, limits=small)
     assert_clean(tmp_path / "out2")
 
 
@@ -380,14 +381,14 @@ def test_stretch_makes_no_full_float64_copy():
     wide = (np.arange(3000 * 3000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(3000, -1)
     tracemalloc.start()
     try:
-        out = images.stretch(wide)
+        out = pixels.stretch(wide)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
     assert peak < 4 * wide.size  # a float64 copy alone would be 8 bytes per pixel
     floats = np.array([[np.nan, 0.0, np.inf], [1.0, -np.inf, 2.0]])
-    np.testing.assert_array_equal(images.stretch(floats), [[0, 0, 255], [128, 0, 255]])
+    np.testing.assert_array_equal(pixels.stretch(floats), [[0, 0, 255], [128, 0, 255]])
 
 
 def test_dicom_declared_size_is_checked_before_pixel_data():
@@ -467,7 +468,7 @@ def test_image_size_above_its_limit_is_refused_before_anything_is_written(tmp_pa
     root = folder_source(tmp_path / "src")
     with pytest.raises(DataError, match=r"image size 50000 px is above the limit of 1024 px "
                                         r"\(max_image_size; raise it with --limit"):
-        data.preprocess(str(root), tmp_path / "out" / "prepared", image_size=50000)
+        preprocess(str(root), tmp_path / "out" / "prepared", image_size=50000)
     assert not (tmp_path / "out").exists()
 
 

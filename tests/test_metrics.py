@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from lungxray.artifacts import CI_METRICS
 from lungxray.metrics import (
-    HEADLINE,
     bootstrap_indices,
     choose_threshold,
     compute_metrics,
@@ -425,7 +425,7 @@ def test_bootstrap_ci_equals_percentiles_of_sklearn_on_each_resample(multiclass:
     resamples = list(bootstrap_indices(y, b, seed))
     assert len(resamples) == b and all(len(idx) == n for idx in resamples)
     replicates = [_sklearn_metrics(y[idx], p[idx], threshold) for idx in resamples]
-    for metric in HEADLINE:
+    for metric in CI_METRICS:
         if metric == "ece":  # biased upwards on every resample: no percentile interval
             assert m["ci"][metric] is None
             continue
@@ -487,6 +487,6 @@ def test_no_bootstrap_and_undefined_cis() -> None:
 def test_multiclass_is_plain_json_with_cis() -> None:
     m = compute_metrics(Y3, P3, C3, None)
     _assert_plain_json(m)
-    assert set(m["ci"]) == set(HEADLINE)
+    assert set(m["ci"]) == set(CI_METRICS)
     assert "at_0.5" not in m  # argmax has no threshold to vary
     assert set(m["per_class"]["viral"]["ci"]) >= {"recall", "specificity", "roc_auc"}

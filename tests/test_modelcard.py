@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
+from lungxray.artifacts import EvalSplit, Trial
 from lungxray.modelcard import model_card
 
 SUMMARY = {"select_metric": "val_roc_auc", "n_models": 3, "select_value": 0.99}
 
 
-def trial(splits: list[str], **info) -> dict:
+def trial(splits: list[str], **info) -> Trial:
     metrics = {"n": 4, "roc_auc": 0.9, "accuracy": 0.75, "latency_ms": 1.0}
     predictions = pd.DataFrame({"y_true": [0, 1, 1, 1]})
     model_info = {"model_name": "VGG16", "class_names": ["normal", "pneumonia"],
                   "threshold": 0.4, "threshold_method": "youden", "weights": "none",
                   "epochs": 9, "hparams": {"dense_units": 0, "augment": 0.0},
                   "image_size": 32, "channels": 1, **info}
-    return {"model_info": model_info,
-            "splits": {s: {"metrics": metrics, "predictions": predictions} for s in splits}}
+    return Trial(model_info, {s: EvalSplit(s, metrics, predictions) for s in splits})
 
 
 def test_validation_alone_is_never_called_held_out():
@@ -58,11 +60,11 @@ def test_robustness_and_prevalence_sections_follow_the_metrics():
              "at_model_threshold": {"ppv": 0.2, "npv": 0.99}}
     estimate = {"estimate": 0.31, "ci": [0.25, 0.37], "true_prevalence": 0.3,
                 "validation_prevalence": 0.74}
-    best["splits"] = {s: {**v, "metrics": {**v["metrics"], "robustness": rob,
-                                           "operating_point": point,
-                                           **({"prevalence_estimate": estimate}
-                                              if s == "test" else {})}}
-                      for s, v in best["splits"].items()}
+    best.splits = {s: dataclasses.replace(v, metrics={**v.metrics, "robustness": rob,
+                                                      "operating_point": point,
+                                                      **({"prevalence_estimate": estimate}
+                                                         if s == "test" else {})})
+                   for s, v in best.splits.items()}
     card = model_card(best, SUMMARY)
     assert "| val | 4 | 0.9000 | 0.8000 | 0.1000 | 0.6000 (contrast@3) |" in card
     assert "| contrast | 0.8500 | 0.7000 | 0.6000 |" in card

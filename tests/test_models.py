@@ -115,3 +115,23 @@ def test_fine_tune_unfreezes_the_top_share_but_never_batchnorm():
     assert not any(layer.trainable for layer in backbone.layers
                    if isinstance(layer, keras.layers.BatchNormalization))
     assert not any(flags[:cut])
+
+
+def test_randaugment_and_augmix_change_training_images_only_and_survive_saving(tmp_path):
+    model = models.build_classifier("SmallCNN", 32, 1, 2, None, augment=0.0, seed=3,
+                                    randaugment=0.5, augmix=0.5)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = models.load_model(path)  # Keras' own layers: safe_mode loads them
+    x = np.random.default_rng(2).integers(0, 255, (4, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    for name in ("aug_randaugment", "aug_augmix"):
+        augmented = keras.Model(loaded.input, loaded.get_layer(name).output)
+        np.testing.assert_array_equal(augmented.predict(x, verbose=0), x)  # inference: none
+        trained = np.asarray(augmented(x, training=True))
+        assert trained.shape == x.shape and np.abs(trained - x).mean() > 1.0
+        assert trained.min() >= 0.0 and trained.max() <= 255.0
+    # Off by default: a plain classifier has neither layer.
+    plain = models.build_classifier("SmallCNN", 32, 1, 2, None, augment=0.0)
+    assert not {"aug_randaugment", "aug_augmix"} & {layer.name for layer in plain.layers}

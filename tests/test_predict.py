@@ -332,3 +332,37 @@ def test_gs_folder_and_csv_sources(model_dir, folder, emulator_host, monkeypatch
                     cache_dir=tmp_path / "cache")
     table = predict.read_predictions(tmp_path / "gscsv" / predict.PREDICTIONS_FILE)
     assert table["path"].tolist() == ["ward_b/c.jpg", "ward_a/img1.png"]
+
+
+def test_a_calibrated_model_estimates_the_prevalence_of_what_it_predicted(model_dir, pixels,
+                                                                          tmp_path):
+    from lungxray import prevalence
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated)
+    info = json.loads((calibrated / train.INFO_FILE).read_text())
+    calibration = prevalence.Calibration(slope=1.5, intercept=-0.2, prior=0.74, n=524)
+    info["calibration"] = calibration.as_dict()
+    (calibrated / train.INFO_FILE).write_text(json.dumps(info))
+    source = tmp_path / "target.npz"
+    np.savez(source, images=pixels)
+    out = tmp_path / "out"
+    result = predict.predict(calibrated, str(source), out)
+    table = predict.read_predictions(out / predict.PREDICTIONS_FILE)
+    saved = json.loads((out / predict.PREVALENCE_FILE).read_text())
+    # The estimate is EM on exactly the scores in predictions.csv (6 decimals there).
+    expected = prevalence.target_report(calibration, table["prob_pneumonia"].to_numpy(), 0.5)
+    assert saved["estimate"] == pytest.approx(expected["estimate"], abs=1e-4)
+    assert saved["n"] == len(table) == len(pixels) and saved["positive_class"] == "pneumonia"
+    assert saved["positive_share_at_model_threshold"] == pytest.approx(
+        np.mean(table["predicted_class"] == "pneumonia"))
+    assert result["prevalence"]["estimate"] == saved["estimate"]
+    # A model saved without a calibration (older, or an uncalibratable one) writes none, and
+    # a re-run into the same folder leaves no stale estimate behind.
+    predict.predict(model_dir, str(source), out)
+    assert not (out / predict.PREVALENCE_FILE).exists()
+    info["calibration"] = {**calibration.as_dict(), "slope": -1.0}
+    (calibrated / train.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ModelError, match="slope > 0"):
+        predict.predict(calibrated, str(source), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

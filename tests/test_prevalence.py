@@ -72,3 +72,39 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(DataError, match="do not increase"):
         prevalence.fit_calibration(np.r_[np.zeros(50), np.ones(50)],
                                    np.r_[np.linspace(0.6, 0.9, 50), np.linspace(0.1, 0.4, 50)])
+
+
+def test_a_target_report_estimates_the_prevalence_and_adapts_the_threshold(calibration):
+    y, s = scores(3000, 0.2, seed=5)  # a target site at 20% prevalence; labels never passed
+    report = prevalence.target_report(calibration, s, threshold=0.5, seed=1)
+    assert report["estimate"] == pytest.approx(0.2, abs=0.03)
+    assert report["ci"][0] <= report["estimate"] <= report["ci"][1]
+    assert report["n"] == 3000 and "true_prevalence" not in report
+    assert report["bayes_threshold_at_estimate"] == pytest.approx(
+        prevalence.bayes_threshold(calibration, report["estimate"]))
+    # At a lower prevalence than validation's 0.5 the adapted threshold is stricter.
+    assert report["bayes_threshold_at_estimate"] > prevalence.bayes_threshold(calibration, 0.5)
+    assert report["positive_share_at_bayes_threshold"] == pytest.approx(
+        np.mean(s >= report["bayes_threshold_at_estimate"]))
+    assert report["positive_share_at_model_threshold"] == pytest.approx(np.mean(s >= 0.5))
+
+
+def test_a_saved_calibration_is_checked(calibration):
+    saved = calibration.as_dict()
+    assert prevalence.calibration_from(saved, "info") == calibration
+    for bad, match in (([1, 2], "must be an object"),
+                       ({**saved, "slope": float("nan")}, "finite numbers"),
+                       ({**saved, "prior": True}, "finite numbers"),
+                       ({**saved, "slope": -1.0}, "slope > 0"),
+                       ({**saved, "prior": 1.0}, "0 < prior < 1")):
+        with pytest.raises(DataError, match=match):
+            prevalence.calibration_from(bad, "model_info.json")
+
+
+def test_scores_that_cannot_be_calibrated_give_no_prevalence_evidence_not_a_failure(caplog):
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    falling = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])  # a badly trained model's val scores
+    with caplog.at_level("WARNING", logger="lungxray.prevalence"):
+        assert prevalence.calibration_or_none(labels, falling, "split 'val'") is None
+    assert "no prevalence evidence" in caplog.text and "split 'val'" in caplog.text
+    assert prevalence.calibration_or_none(labels, falling[::-1], "split 'val'") is not None

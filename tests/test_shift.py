@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lungxray import data, integrity, shift
+from lungxray import integrity, prepare, shift
 from lungxray.errors import DataError
 
 
@@ -69,8 +69,8 @@ def test_one_class_everywhere_but_one_cluster_cannot_be_held_out():
 
 def test_preprocess_writes_a_checked_shifted_split_beside_a_random_test(tmp_path, shared_npz):
     output = tmp_path / "prepared"
-    manifest = data.preprocess(str(shared_npz), output, seed=0, max_per_split=400,
-                               shifted_test_fraction=0.1)
+    manifest = prepare.preprocess(str(shared_npz), output, seed=0, max_per_split=400,
+                                  shifted_test_fraction=0.1)
     assert list(manifest["splits"]) == ["train", "val", "test", "test_shifted"]
     assert manifest["carved"]["test_shifted"] == "train"
     assert manifest["shift"]["n"] >= manifest["splits"]["test_shifted"]["n"] > 0
@@ -97,6 +97,6 @@ def test_without_the_option_there_is_no_shifted_split(small_dataset):
 
 def test_fractions_that_leave_no_train_are_refused(tmp_path, shared_npz):
     with pytest.raises(DataError, match="shifted_test_fraction must be below 1"):
-        data.preprocess(str(shared_npz), tmp_path / "out", val_fraction=0.4,
-                        test_fraction=0.4, shifted_test_fraction=0.3)
+        prepare.preprocess(str(shared_npz), tmp_path / "out", val_fraction=0.4,
+                           test_fraction=0.4, shifted_test_fraction=0.3)
     assert not (tmp_path / "out").exists()

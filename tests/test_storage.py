@@ -20,7 +20,9 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from PIL import Image
 
+from lungxray.errors import ConfigError
 from lungxray.storage import StorageError, exists, fetch, is_gcs, parse_gcs, upload
+from tests.gcs_preconditions import enforced
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -153,12 +155,10 @@ def test_parse_gcs_rejects_malformed(uri: str) -> None:
         parse_gcs(uri)
 
 
-def test_fetch_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_refuses_a_local_path(tmp_path: Path) -> None:
     (tmp_path / "x.npz").write_bytes(b"x")
-    monkeypatch.chdir(tmp_path)
-    assert fetch("x.npz") == tmp_path.resolve() / "x.npz"
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        fetch("missing.npz")
+    with pytest.raises(ConfigError, match="not a gs:// URI"):
+        fetch(str(tmp_path / "x.npz"), tmp_path / "cache")
 
 
 # -- fetch --------------------------------------------------------------------------------------
@@ -308,12 +308,11 @@ def test_upload_round_trip(bucket: Bucket, tmp_path: Path) -> None:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(data)
 
-    upload(src, bucket.uri("uploaded/run1"))
-    upload(src / "a.png", bucket.uri("single/"))
+    upload(src, bucket.uri("uploaded/run1"), workers=2)
 
     assert exists(bucket.uri("uploaded/run1/sub/deep/c.bin"))
     assert exists(bucket.uri("uploaded/run1"))  # a prefix
-    assert exists(bucket.uri("single/a.png"))
+    assert exists(bucket.uri("uploaded/run1/a.png"))
     assert exists(bucket.uri())
     assert not exists(bucket.uri("uploaded/run2"))
     assert not exists(f"gs://{bucket.name}-missing/x")
@@ -322,20 +321,32 @@ def test_upload_round_trip(bucket: Bucket, tmp_path: Path) -> None:
 
 
 def test_upload_to_missing_bucket(bucket: Bucket, tmp_path: Path) -> None:
-    (tmp_path / "f.txt").write_text("x")
-    uri = f"gs://{bucket.name}-missing/f.txt"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f.txt").write_text("x")
+    uri = f"gs://{bucket.name}-missing/run"
     with pytest.raises(StorageError, match="not found") as excinfo:
-        upload(tmp_path / "f.txt", uri)
-    assert uri in str(excinfo.value)
+        upload(tmp_path / "src", uri)
+    assert f"{uri}/f.txt" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
 
 
-def test_local_upload_and_exists(tmp_path: Path) -> None:
+def test_upload_without_overwrite_refuses_an_existing_object(bucket: Bucket,
+                                                            tmp_path: Path) -> None:
+    """What promotion relies on: a second writer of the same names fails, naming the object
+    (tests/gcs_preconditions.py makes the emulator enforce generation preconditions)."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
-    (src / "sub" / "f.txt").write_text("x")
-    upload(src, str(tmp_path / "dst"))
-    assert exists(str(tmp_path / "dst" / "sub" / "f.txt"))
-    assert not exists(str(tmp_path / "nope"))
+    (src / "sub" / "f.txt").write_text("first")
+    with enforced():
+        upload(src, bucket.uri("entry"), no_overwrite=True)
+        (src / "sub" / "f.txt").write_text("second")
+        with pytest.raises(StorageError, match=r"entry/sub/f.txt: already exists; not "
+                                               r"overwritten") as excinfo:
+            upload(src, bucket.uri("entry"), no_overwrite=True)
+    assert str(excinfo.value) == f"{bucket.uri('entry/sub/f.txt')}: already exists; not overwritten"
+    assert bucket.handle.blob("entry/sub/f.txt").download_as_bytes() == b"first"
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        upload(src / "sub" / "f.txt", bucket.uri("entry"))
 
 
 # -- credentials --------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import data, metrics, models, train
+from lungxray import data, metrics, models, prepare, prevalence, train
+from lungxray.errors import ConfigError
 
 
 def test_scratch_training_writes_a_complete_model_dir(trained_model, small_dataset):
@@ -30,13 +31,19 @@ def test_scratch_training_writes_a_complete_model_dir(trained_model, small_datas
     # The threshold is Youden's J on the saved model's own validation scores.
     assert info["threshold"] == pytest.approx(metrics.choose_threshold(val.labels, probs[:, 1]),
                                               abs=1e-5)
+    # The saved calibration is Platt scaling of those same scores, at val's prevalence.
+    expected = prevalence.fit_calibration(val.labels, probs[:, 1])
+    saved = prevalence.calibration_from(info["calibration"], "model_info.json")
+    assert saved.prior == pytest.approx(float(np.mean(val.labels == 1)))
+    assert saved.slope == pytest.approx(expected.slope, rel=1e-3)
+    assert saved.intercept == pytest.approx(expected.intercept, abs=1e-3)
 
 
 @pytest.mark.slow
 def test_short_real_training_learns(tmp_path, shared_npz):
     """Two epochs on 600 real images lift validation AUC well above chance."""
     prepared = tmp_path / "data"
-    data.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=600, seed=3)
+    prepare.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=600, seed=3)
     info = train.train(prepared, "VGG16", tmp_path / "model", epochs=2, weights="none", seed=3)
     history = json.loads((tmp_path / "model" / train.HISTORY_FILE).read_text())["history"]
     assert max(history["val_auc"]) > 0.85, history["val_auc"]
@@ -195,3 +202,48 @@ def test_a_state_dir_of_an_older_format_is_refused(small_dataset, tmp_path, monk
     with pytest.raises(ValueError, match="unknown model"):
         train.train(small_dataset, "NoSuchNet", tmp_path / "fresh", epochs=1, weights="none")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_mixup_and_cutmix_blend_training_batches():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 32, 32, 1)).astype("float32")
+    labels = np.eye(2, dtype="float32")[np.r_[np.zeros(8, int), np.ones(8, int)]]
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(16, seed=0).batch(16)
+    assert train.with_mixing(batches, 0.0, 0.0, seed=0) is batches
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
+        mixed_images, mixed_labels = next(iter(train.with_mixing(batches, mixup, cutmix, 0)))
+        mixed_labels = mixed_labels.numpy()
+        np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-5)
+        # Some labels are no longer one-hot: two images were blended, and so were their labels.
+        assert ((mixed_labels > 1e-3) & (mixed_labels < 1 - 1e-3)).any()
+        assert mixed_images.shape == images.shape
+        low, high = float(tf.reduce_min(mixed_images)), float(tf.reduce_max(mixed_images))
+        assert 0.0 <= low <= high <= 255
+    # The PyDataset path (JAX's) blends its batches the same way, as NumPy arrays.
+    split = data.Split(images.astype("uint8"), np.r_[np.zeros(8, int), np.ones(8, int)])
+    plain = train.SplitBatches(split, 2, batch_size=16, shuffle=True, seed=0)
+    mixed = train.with_mixing(plain, 0.4, 0.0, seed=0)
+    assert isinstance(mixed, train.MixedBatches) and len(mixed) == len(plain) == 1
+    batch_images, batch_labels = mixed[0]
+    assert isinstance(batch_labels, np.ndarray) and batch_images.shape == images.shape
+    np.testing.assert_allclose(batch_labels.sum(axis=1), 1.0, rtol=1e-5)
+    assert ((batch_labels > 1e-3) & (batch_labels < 1 - 1e-3)).any()
+
+
+@pytest.mark.slow
+def test_every_lever_trains_and_is_recorded(tmp_path, small_dataset):
+    levers = {"randaugment": 0.2, "augmix": 0.2, "mixup": 0.2, "cutmix": 0.5,
+              "intensity_augment": 0.5, "standardize": True, "ema": True}
+    info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1,
+                       hparams=levers, seed=0)
+    assert {k: info["hparams"][k] for k in levers} == levers
+    model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
+    names = {layer.name for layer in model.layers}
+    assert {"aug_randaugment", "aug_augmix", "standardize"} <= names
+    val = data.load_split(small_dataset, "val")
+    assert metrics.roc_auc(val.labels, model.predict(val.images.astype("float32"),
+                                                     verbose=0)) is not None
+    with pytest.raises(ConfigError, match="mixup"):
+        train.merge_hparams({"mixup": -1.0})

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from lungxray import data, metrics, models, train
+from lungxray import data, metrics, models, prepare, train
 
 # The train CLI in a Python where importing TensorFlow fails as if it were not installed.
 NO_TENSORFLOW = """
@@ -52,7 +52,7 @@ def test_trains_on_jax_without_tensorflow_and_the_model_serves_on_tensorflow(tmp
                                                                               shared_npz):
     # Fewer images than small_dataset: JAX's XLA convolutions on CPU are slow.
     prepared = tmp_path / "data"
-    data.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=48, seed=0)
+    prepare.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=48, seed=0)
     result = subprocess.run(
         [sys.executable, "-c", NO_TENSORFLOW, "train", "--data", str(prepared),
          "--model", "VGG16", "--output", str(tmp_path / "model"), "--epochs", "2",

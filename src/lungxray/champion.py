@@ -35,13 +35,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from lungxray import metrics, safeio, storage
+from lungxray.artifacts import CHAMPION_FILE as RECORD_FILE  # written last: the current run
+from lungxray.artifacts import CHAMPION_HISTORY_DIR as HISTORY_DIR
+from lungxray.artifacts import CHAMPION_MODEL_DIR as MODEL_DIR
+from lungxray.artifacts import DECISION_FILE
+from lungxray.artifacts import MODEL_CARD_FILE as CARD_FILE
 from lungxray.errors import ConfigError, DataError, ModelError, quote
 
-DECISION_FILE = "decision.json"
-RECORD_FILE = "champion.json"  # written last: which run's files are the current champion
-MODEL_DIR = "model"
-CARD_FILE = "model_card.md"
-HISTORY_DIR = "history"
 SWAPPED = (MODEL_DIR, CARD_FILE, DECISION_FILE)  # replaced in this order, decision.json last
 DEFAULT_N_BOOTSTRAP = 1000
 CI_LEVEL = 0.95

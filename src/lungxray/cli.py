@@ -12,20 +12,20 @@ WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch
 
 
 def _preprocess(args: argparse.Namespace) -> dict:
-    from lungxray import data
     from lungxray import limits as limiting
+    from lungxray import prepare
 
     # --limit and --max-image-pixels go over the LUNGXRAY_<LIMIT> environment (docs/limits.md).
     pairs = [*args.limit, *([f"max_image_pixels={args.max_image_pixels}"]
                             if args.max_image_pixels is not None else [])]
     limits = limiting.with_overrides(limiting.from_env(), pairs)
-    return data.preprocess(args.source, args.output, image_size=args.image_size, seed=args.seed,
-                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           max_per_split=args.max_per_split, channels=args.channels,
-                           cache_dir=args.cache_dir, skip_bad=args.skip_bad,
-                           keep_aspect=args.keep_aspect, min_size=args.min_size,
-                           workers=args.workers, limits=limits,
-                           shifted_test_fraction=args.shifted_test_fraction)
+    return prepare.preprocess(args.source, args.output, image_size=args.image_size,
+                              seed=args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, max_per_split=args.max_per_split,
+                              channels=args.channels, cache_dir=args.cache_dir,
+                              skip_bad=args.skip_bad, keep_aspect=args.keep_aspect,
+                              min_size=args.min_size, workers=args.workers, limits=limits,
+                              shifted_test_fraction=args.shifted_test_fraction)
 
 
 def _tune(args: argparse.Namespace) -> dict:
@@ -268,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "best_model/ (single or ensemble), preprocessed as the model was trained. "
                        "Writes <output>/predictions.csv (path, prob_<class>..., predicted_index, "
                        "predicted_class at the model's saved threshold), bad_files.csv with "
-                       "--skip-bad, and gradcam/ with --gradcam. Streams in batches; progress on "
-                       "stderr.")
+                       "--skip-bad, and gradcam/ with --gradcam. For a two-class model saved "
+                       "with its validation calibration, prevalence.json: the images' "
+                       "prevalence estimated by EM (95%% bootstrap interval) and the threshold "
+                       "the model would use at it. Streams in batches; progress on stderr.")
     p.add_argument("--model", type=_local_path, required=True,
                    help="`lungxray train` output directory or compare's best_model/")
     p.add_argument("--source", required=True, help="image folder (any layout; PNG, JPEG, DICOM), "

@@ -1,5 +1,6 @@
-"""The data report of a prepared dataset: ``data_report.html`` (self-contained, images inlined
-as base64 PNG) and ``data_report.md`` (the same facts as text, for the KFP Markdown viewer).
+"""Write the data report of a prepared dataset: ``data_report.html`` (self-contained, images
+inlined as base64 PNG) and ``data_report.md`` (the same facts as text, for the KFP Markdown
+viewer).
 
 It shows counts per split and class (table and bar chart), sample images per class, the
 intensity histogram per class, duplicates within and across splits, and skipped files.
@@ -17,16 +18,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-HTML_FILE = "data_report.html"
-MARKDOWN_FILE = "data_report.md"
+from lungxray import pages
+from lungxray.artifacts import DATA_REPORT_HTML as HTML_FILE
+from lungxray.artifacts import DATA_REPORT_MD as MARKDOWN_FILE
+
 SAMPLES_PER_CLASS = 8
 MAX_PAIRS = 5
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ccc;
-padding:3px 8px}th{background:#f0f0f0}td.n{text-align:right}img{max-width:100%}
-.warn{background:#fff8e1;border-left:4px solid #f9a825;padding:.5em 1em}
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,9 +224,6 @@ def to_html(manifest: dict, figures: dict[str, str]) -> str:
     fitting = ("padded to keep the aspect ratio" if manifest.get("keep_aspect")
                else "stretched to square")
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>lungxray data report</title>',
-        f"<style>{CSS}</style></head><body>",
         f"<h1>Data report: <code>{esc(manifest['source'])}</code></h1>",
         f"<p>{manifest['image_size']}×{manifest['image_size']} px, {manifest['channels']} "
         f"channel(s), {fitting}, seed {manifest['seed']}, splits grouped by "
@@ -273,8 +267,7 @@ def to_html(manifest: dict, figures: dict[str, str]) -> str:
     if manifest.get("ignored"):
         parts.append("<p>Files outside class folders, ignored: "
                      f"{esc(', '.join(manifest['ignored']))}</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return pages.page("lungxray data report", parts)
 
 
 def write_report(directory: Path, manifest: dict, splits: Mapping[str, Any],

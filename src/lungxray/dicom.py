@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image
 
 from lungxray.errors import quote
-from lungxray.images import ImageError, Probed, _describe, check_pixels, stretch
 from lungxray.limits import DEFAULT, Limits
+from lungxray.pixels import ImageError, Probed, check_pixels, describe, stretch
 
+EXTENSIONS = (".dcm", ".dicom")  # names read as DICOM whatever PIL thinks; others as a fallback
 _HEADER_SLACK = 16 << 20  # bytes a data set may hold beside its pixels (overlays, private tags)
 _INFLATE_STEP = 1 << 20
 # pydicom warns about every odd value it reads (and still reads it); a file it cannot use is
@@ -57,7 +58,7 @@ def _check_deflated(data: bytes, limits: Limits) -> None:
     try:
         size = _inflated_size(data, fp.tell(), limit)
     except zlib.error as err:
-        raise ImageError(f"corrupt Deflated DICOM ({_describe(err)})") from err
+        raise ImageError(f"corrupt Deflated DICOM ({describe(err)})") from err
     if size > limit:
         raise ImageError(f"Deflated DICOM inflates to more than {limit:,} bytes "
                          f"(max_image_bytes + {_HEADER_SLACK >> 20} MiB)")
@@ -69,7 +70,7 @@ def _number(ds, keyword: str, default: int) -> int:
         value = ds.get(keyword, default)
         return default if value in (None, "") else int(value)
     except Exception as err:  # noqa: BLE001 - pydicom converts lazily and may raise anything
-        raise ImageError(f"DICOM {keyword} is not a number ({_describe(err)})") from err
+        raise ImageError(f"DICOM {keyword} is not a number ({describe(err)})") from err
 
 
 def _read_dataset(data: bytes, limits: Limits):
@@ -82,7 +83,7 @@ def _read_dataset(data: bytes, limits: Limits):
     except InvalidDicomError as err:
         raise ImageError("not an image: neither a format PIL can read nor DICOM") from err
     except Exception as err:  # noqa: BLE001 - ValueError, RecursionError (deep sequences), ...
-        raise ImageError(f"corrupt DICOM file ({_describe(err)})") from err
+        raise ImageError(f"corrupt DICOM file ({describe(err)})") from err
 
 
 def probe(data: bytes, limits: Limits = DEFAULT) -> Probed:
@@ -91,7 +92,7 @@ def probe(data: bytes, limits: Limits = DEFAULT) -> Probed:
     try:
         has_pixels = "PixelData" in ds
     except Exception as err:  # noqa: BLE001
-        raise ImageError(f"corrupt DICOM file ({_describe(err)})") from err
+        raise ImageError(f"corrupt DICOM file ({describe(err)})") from err
     if not has_pixels:
         raise ImageError("DICOM file without pixel data")
     rows, columns = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
@@ -108,11 +109,6 @@ def probe(data: bytes, limits: Limits = DEFAULT) -> Probed:
     return Probed(columns, rows, cost, lambda: _pixels(ds))
 
 
-def read(data: bytes, limits: Limits = DEFAULT) -> Image.Image:
-    """Decode a DICOM file's bytes into an ``L`` (or ``RGB``) PIL image."""
-    return probe(data, limits).load()
-
-
 def _pixels(ds) -> Image.Image:
     """The checked data set's pixels as an 8-bit PIL image."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -125,7 +121,7 @@ def _pixels(ds) -> Image.Image:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax or "unknown transfer syntax")
         raise ImageError(f"cannot decode DICOM pixel data ({quote(name)}): "
-                         f"{_describe(err)}") from err
+                         f"{describe(err)}") from err
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # RGB (pydicom already converted YBR)
         rgb = pixels if pixels.dtype == np.uint8 else stretch(pixels)
         return Image.fromarray(rgb, mode="RGB")
@@ -141,7 +137,7 @@ def _pixels(ds) -> Image.Image:
     try:
         grey_pixels = stretch(pixels, display)
     except Exception as err:  # noqa: BLE001 - a malformed LUT raises anything
-        raise ImageError(f"cannot apply the DICOM rescale or window ({_describe(err)})") from err
+        raise ImageError(f"cannot apply the DICOM rescale or window ({describe(err)})") from err
     if photometric == "MONOCHROME1":
         np.subtract(255, grey_pixels, out=grey_pixels)
     return Image.fromarray(grey_pixels, mode="L")

@@ -72,6 +72,11 @@ def file_digests(path: Path, algos: Iterable[str]) -> dict[str, str]:
     return {algo: h.hexdigest() for algo, h in hashers.items()}
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return file_digests(path, ["sha256"])["sha256"]
+
+
 def _network_error(url: str, err: BaseException) -> DownloadError:
     if isinstance(err, urllib.error.HTTPError):
         reason: object = f"HTTP {err.code} {err.reason}"

@@ -28,27 +28,36 @@ from lungxray import (
     integrity,
     metrics,
     models,
+    pages,
     plots,
+    prepare,
     prevalence,
     safeio,
     schema,
     staging,
 )
 from lungxray import robustness as suite  # module name; `robustness` is an option below
+from lungxray.artifacts import (
+    AT_HALF,
+    ENSEMBLE_FILE,
+    EVAL_CI_METRICS,
+    EVAL_METRICS,
+    MEMBERS_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLOT_FILES,
+    PREDICTIONS_FILE,
+    ROBUSTNESS_FILE,
+    ROC_FILE,
+    label,
+    split_order,
+)
+from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
 from lungxray.errors import ConfigError, DataError, ModelError, quote, quote_repr
-from lungxray.train import MODEL_FILE, read_model_info
+from lungxray.train import read_model_info
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
-ROC_FILE = "roc_curve.json"
-PREDICTIONS_FILE = "predictions.csv"
-REPORT_FILE = "report.html"
-ENSEMBLE_FILE = "ensemble.json"
-MEMBERS_DIR = "members"
 EXTERNAL_SPLIT = "external"
-ROBUSTNESS_FILE = "robustness_predictions.csv"
-PLOT_FILES = ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "robustness.png",
-              "gradcam.png")
 MAX_ROC_POINTS = 200  # the KFP UI renders every point; a few hundred draw the same curve
 PREDICT_BATCH = 64
 PREDICT_CHUNK = 1024  # images converted to float32 at a time
@@ -211,9 +220,9 @@ def resolve_data(source: str, info: dict, workdir: Path, cache_dir: Path | None 
     if data.is_prepared(source):
         return Path(source)
     prepared = workdir / "prepared"
-    data.preprocess(source, prepared, image_size=info["image_size"], channels=info["channels"],
-                    class_names=None if own_classes else info["class_names"],
-                    carve_missing=False, cache_dir=cache_dir)
+    prepare.preprocess(source, prepared, image_size=info["image_size"], channels=info["channels"],
+                       class_names=None if own_classes else info["class_names"],
+                       carve_missing=False, cache_dir=cache_dir)
     return prepared
 
 
@@ -221,7 +230,7 @@ def dataset_splits(data_dir: str | Path) -> list[str]:
     """The splits of a prepared dataset to evaluate: every one but ``train``, val first, then
     test, then the others (a shifted proxy, ...) by name."""
     names = [s for s in integrity.read_manifest(Path(data_dir))["splits"] if s != "train"]
-    return sorted(names, key=lambda s: ({"val": 0, "test": 1}.get(s, 2), s))
+    return sorted(names, key=split_order)
 
 
 def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
@@ -327,18 +336,6 @@ def _val_scores_from(reference: Path, model_name: str) -> tuple[np.ndarray, np.n
     return table["y_true"].to_numpy(), table[column].to_numpy()
 
 
-def _fit_calibration(labels: np.ndarray, scores: np.ndarray, where: str
-                     ) -> prevalence.Calibration | None:
-    """Platt calibration, or None with a warning when the model's validation scores cannot be
-    calibrated (one class only, or scores that fall with the positive class): a poor model
-    still gets its other metrics, only without prevalence evidence."""
-    try:
-        return prevalence.fit_calibration(labels, scores, where)
-    except DataError as exc:
-        log.warning("no prevalence evidence: %s", exc)
-        return None
-
-
 def _calibration(info: dict, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                  options: EvalOptions, output: Path) -> prevalence.Calibration | None:
     """Platt calibration on validation: the val split evaluated now, else ``reference`` (or an
@@ -349,11 +346,11 @@ def _calibration(info: dict, probs: dict[str, np.ndarray], labels: dict[str, np.
             raise ConfigError("--deployment-prevalence needs a two-class model")
         return None
     if "val" in probs:
-        return _fit_calibration(labels["val"], probs["val"][:, 1], "split 'val'")
+        return prevalence.calibration_or_none(labels["val"], probs["val"][:, 1], "split 'val'")
     for ref in (options.reference, output):
         found = _val_scores_from(Path(ref), info["model_name"]) if ref is not None else None
         if found is not None:
-            return _fit_calibration(*found, f"{ref}/val/{PREDICTIONS_FILE}")
+            return prevalence.calibration_or_none(*found, f"{ref}/val/{PREDICTIONS_FILE}")
     if options.reference is not None:
         raise ConfigError(f"--reference {options.reference}: no val/{PREDICTIONS_FILE} there")
     if options.deployment_prevalence:
@@ -525,35 +522,16 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
 
 # --------------------------------------------------------------------------- summaries
 
-SCALARS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision", "sensitivity",
-           "specificity", "npv", "f1", "mcc", "brier", "ece", "threshold", "latency_ms",
-           "robust_auc", "worst_corrupted_auc", "robust_auc_drop", "tta_roc_auc",
-           "deploy_threshold", "deploy_sensitivity", "deploy_specificity", "deploy_ppv",
-           "deploy_npv", "prevalence", "prevalence_em")
-SCALAR_CIS = ("roc_auc", "sensitivity", "specificity", "prevalence_em")
-LABELS = {"precision": "PPV (precision)", "sensitivity": "sensitivity (recall)",
-          "npv": "NPV", "roc_auc": "ROC AUC", "pr_auc": "PR AUC (AP)", "mcc": "MCC",
-          "ece": "ECE", "brier": "Brier", "f1": "F1", "latency_ms": "latency ms/image",
-          "robust_auc": "ROC AUC, mean over corruptions",
-          "worst_corrupted_auc": "ROC AUC, worst corruption",
-          "robust_auc_drop": "AUC drop under corruption", "tta_roc_auc": "ROC AUC with TTA",
-          "deploy_threshold": "threshold at deployment prevalence",
-          "deploy_sensitivity": "sensitivity at deployment threshold",
-          "deploy_specificity": "specificity at deployment threshold",
-          "deploy_ppv": "PPV at deployment prevalence",
-          "deploy_npv": "NPV at deployment prevalence",
-          "prevalence": "prevalence (true)", "prevalence_em": "prevalence, EM estimate (no labels)"}
-
 
 def scalar_metrics(results: dict[str, dict]) -> dict[str, float]:
     """``<split>_<metric>`` (and ``_ci_lo``/``_ci_hi`` for a few) for a fixed list of metrics,
     so every trial logs the same names; undefined values are left out."""
     out = {}
     for split, values in results.items():
-        for name in SCALARS:
+        for name in EVAL_METRICS:
             if values.get(name) is not None:
                 out[f"{split}_{name}"] = float(values[name])
-        for name in SCALAR_CIS:
+        for name in EVAL_CI_METRICS:
             ci = (values.get("ci") or {}).get(name)
             if ci:
                 out[f"{split}_{name}_ci_lo"], out[f"{split}_{name}_ci_hi"] = map(float, ci)
@@ -578,17 +556,17 @@ def describe(results: dict[str, dict]) -> str:
              "Metrics at the threshold chosen on validation; 95% stratified bootstrap CIs.", "",
              "| metric | " + " | ".join(f"{s} (n={results[s]['n']})" for s in names) + " |",
              "|---|" + "---:|" * len(names)]
-    for name in SCALARS:
+    for name in EVAL_METRICS:
         if any(results[s].get(name) is not None for s in names):
             cells = [format_value(results[s], name) for s in names]
-            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
     at_half = [s for s in names if results[s].get("at_0.5")]
     if at_half:
         lines += ["", "At threshold 0.5 (for comparison with published MedMNIST numbers):", "",
                   "| metric | " + " | ".join(at_half) + " |", "|---|" + "---:|" * len(at_half)]
-        for name in metrics.AT_HALF:
+        for name in AT_HALF:
             cells = [f"{results[s]['at_0.5'][name]:.4f}" for s in at_half]
-            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
     for split in names:
         lines += ["", *(f"- **{split}**: {text}" for text in evidence_lines(results[split]))]
     return "\n".join(lines) + "\n"
@@ -643,17 +621,12 @@ def report_html(results: dict[str, dict], output: Path) -> str:
     """A self-contained HTML page (images embedded) of one model's evaluation."""
     model_name = str(next(iter(results.values()))["model_name"])
     rows = "".join(
-        f"<tr><td>{html.escape(LABELS.get(m, m))}</td>"
+        f"<tr><td>{html.escape(label(m))}</td>"
         + "".join(f"<td>{html.escape(format_value(results[s], m))}</td>" for s in results)
         + "</tr>"
-        for m in SCALARS if any(results[s].get(m) is not None for s in results))
+        for m in EVAL_METRICS if any(results[s].get(m) is not None for s in results))
     head = "".join(f"<th>{html.escape(s)} (n={results[s]['n']})</th>" for s in results)
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(model_name)} evaluation</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px}img{max-width:100%;margin:4px}</style></head><body>",
         f"<h1>{html.escape(model_name)}</h1>",
         "<p>Metrics at the decision threshold chosen on validation (never on the split shown), "
         "with 95% stratified bootstrap confidence intervals.</p>",
@@ -667,8 +640,8 @@ def report_html(results: dict[str, dict], output: Path) -> str:
         if values.get("gradcam") is None:
             parts.append("<p>No Grad-CAM grid: not drawn for ensembles (no single feature map) "
                          "or when explanations are switched off.</p>")
-    parts.append("<p>Research software, not a medical device.</p></body></html>")
-    return "\n".join(parts) + "\n"
+    parts.append("<p>Research software, not a medical device.</p>")
+    return pages.page(f"{model_name} evaluation", parts)
 
 
 def write_report(results: dict[str, dict], output: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
-from lungxray import data, models, safeio
+from lungxray import data, download, models, safeio
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -40,7 +40,7 @@ def weights_identity(weights: str | None) -> str:
         raise ValueError("features are only cached for pretrained weights (got weights=None)")
     if weights == "imagenet":
         return "imagenet"
-    return "sha256:" + data.file_sha256(Path(weights))
+    return "sha256:" + download.file_sha256(Path(weights))
 
 
 def build_extractor(model_name: str, image_size: int, channels: int,

@@ -13,27 +13,24 @@ within ``max_decode_bytes`` whatever the files declare.
 from __future__ import annotations
 
 import io
-import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lungxray.errors import QUOTE_LIMIT, DataError, quote
+from lungxray import dicom
+from lungxray.errors import quote
 from lungxray.limits import DEFAULT, Limits
+from lungxray.pixels import ImageError, Probed, check_pixels, describe, stretch
 
 MIN_SIZE = 8  # smallest side, in pixels, accepted for a source image or a prepared size
 RESAMPLE = Image.Resampling.BILINEAR
-DICOM_EXTENSIONS = (".dcm", ".dicom")
 # PIL modes with more than 8 bits per sample: stretched to 0..255 instead of clipped.
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
-# Elements converted to float64 at once by stretch: 8 MiB, never a full-image float copy.
-_BLOCK_ELEMENTS = 1 << 20
 # Copies of the decoded pixels alive at once while converting (decoded, array, 8 bit, resized).
 _COPIES = 4
 # max_image_pixels is checked right after the header (and is lower), so PIL's own warning for
@@ -42,10 +39,6 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Pillow warns about damaged metadata it skips (TIFF tags, EXIF); a file it cannot use becomes
 # that file's one-line problem, so the warnings would only add lines to the log.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
-
-
-class ImageError(DataError):
-    """One image that cannot be used; the message says why, not where."""
 
 
 class Budget:
@@ -70,78 +63,6 @@ class Budget:
             with self._free:
                 self.used -= nbytes
                 self._free.notify_all()
-
-
-@dataclass
-class Probed:
-    """An image whose header was read and checked; ``load`` decodes its pixels."""
-
-    width: int
-    height: int
-    cost: int  # estimated bytes while decoding and converting
-    load: Callable[[], Image.Image]
-
-
-def check_pixels(width: int, height: int, limits: Limits, frames: int = 1,
-                 bytes_per_pixel: int = 1) -> None:
-    """Refuse an image whose declared size is over the limits, before decoding it."""
-    if width <= 0 or height <= 0:
-        raise ImageError(f"declares an empty image ({width}x{height} px)")
-    if width * height > limits.max_image_pixels:
-        raise ImageError(f"{width}x{height} = {width * height:,} pixels, above the limit of "
-                         f"{limits.max_image_pixels:,} (max_image_pixels)")
-    decoded = width * height * frames * bytes_per_pixel
-    if decoded > limits.max_image_bytes:
-        raise ImageError(f"{width}x{height} px x {frames} frame(s) x {bytes_per_pixel} bytes = "
-                         f"{decoded:,} decoded bytes, above the limit of "
-                         f"{limits.max_image_bytes:,} (max_image_bytes)")
-
-
-def _row_blocks(array: np.ndarray) -> Iterator[slice]:
-    """Slices along the first axis of about _BLOCK_ELEMENTS elements each."""
-    per_row = max(1, math.prod(array.shape[1:]))
-    step = max(1, _BLOCK_ELEMENTS // per_row)
-    for start in range(0, len(array), step):
-        yield slice(start, start + step)
-
-
-def _finite_range(block: np.ndarray) -> tuple[float, float] | None:
-    if block.dtype.kind == "f":
-        block = block[np.isfinite(block)]
-    return (float(block.min()), float(block.max())) if block.size else None
-
-
-def stretch(array: np.ndarray,
-            transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Map an array's own min..max linearly onto 0..255 (uint8), after ``transform`` (applied
-    per block, e.g. a DICOM rescale and window).
-
-    Used for 16-bit PNG and DICOM pixels: the bits actually used (10, 12, 14 or 16) are not
-    recorded reliably in the file, so the image's own range is the only safe scale. Works a
-    block of rows at a time, so no float64 copy of the whole image is ever made; NaN and
-    infinities (float pixel data) count as the range's ends.
-    """
-    array = np.asarray(array)
-    if array.ndim == 0:
-        array = array.reshape(1)
-    convert = transform or (lambda block: block)
-    ranges = [r for s in _row_blocks(array)
-              if (r := _finite_range(np.asarray(convert(array[s])))) is not None]
-    out = np.zeros(array.shape, dtype=np.uint8)
-    if not ranges:
-        return out
-    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
-    if high <= low:
-        return out
-    scale = 255.0 / (high - low)
-    for s in _row_blocks(array):
-        block = np.array(convert(array[s]), dtype=np.float64)  # one block-sized copy, reused
-        np.nan_to_num(block, copy=False, nan=low, posinf=high, neginf=low)
-        np.subtract(block, low, out=block)
-        np.multiply(block, scale, out=block)
-        np.clip(np.round(block, out=block), 0, 255, out=block)
-        out[s] = block
-    return out
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -183,7 +104,7 @@ def _probe_pil(data: bytes, size: int, channels: int, limits: Limits) -> Probed:
     except Image.DecompressionBombError as err:
         raise ImageError(f"too many pixels ({quote(err)})") from err
     except Exception as err:  # noqa: BLE001 - a plugin may raise anything on a hostile header
-        raise ImageError(f"corrupt or truncated image ({_describe(err)})") from err
+        raise ImageError(f"corrupt or truncated image ({describe(err)})") from err
     check_pixels(width, height, limits, bytes_per_pixel=per_pixel)
 
     def load() -> Image.Image:
@@ -196,20 +117,10 @@ def _probe_pil(data: bytes, size: int, channels: int, limits: Limits) -> Probed:
         except Image.DecompressionBombError as err:
             raise ImageError(f"too many pixels ({quote(err)})") from err
         except Exception as err:  # noqa: BLE001 - NotImplementedError, OSError, ... all "bad file"
-            raise ImageError(f"corrupt or truncated image ({_describe(err)})") from err
+            raise ImageError(f"corrupt or truncated image ({describe(err)})") from err
         return image
 
     return Probed(width, height, width * height * per_pixel * _COPIES + len(data), load)
-
-
-def _describe(err: BaseException) -> str:
-    """``str(err)`` cut, with the kind when it says more than a plain OSError/ValueError."""
-    text = " ".join(str(err).split())  # one line
-    if len(text) > QUOTE_LIMIT:
-        text = f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
-    if type(err) in (OSError, ValueError, SyntaxError):
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def probe(data: bytes, name: str, size: int, channels: int,
@@ -217,9 +128,7 @@ def probe(data: bytes, name: str, size: int, channels: int,
     """Read and check an image's header (PIL formats or DICOM) without decoding its pixels."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    from lungxray import dicom
-
-    if PurePath(name).suffix.lower() in DICOM_EXTENSIONS:
+    if PurePath(name).suffix.lower() in dicom.EXTENSIONS:
         return dicom.probe(data, limits)
     try:
         return _probe_pil(data, size, channels, limits)
@@ -255,7 +164,7 @@ def decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool =
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is this file's problem
-        raise ImageError(f"cannot decode ({_describe(err)})") from err
+        raise ImageError(f"cannot decode ({describe(err)})") from err
 
 
 def _decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool,
@@ -270,7 +179,7 @@ def _decode(data: bytes, name: str, size: int, channels: int, keep_aspect: bool,
             image = fit(to_mode(image, channels), size, keep_aspect)
         except (OSError, ValueError) as err:  # e.g. LAB or CMYK-with-alpha: PIL cannot convert
             raise ImageError(f"cannot convert {image.mode} image to "
-                             f"{'grey' if channels == 1 else 'RGB'} ({_describe(err)})") from err
+                             f"{'grey' if channels == 1 else 'RGB'} ({describe(err)})") from err
         return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 

@@ -40,8 +40,8 @@ def read_manifest(data_dir: Path, limits: Limits = DEFAULT) -> dict:
 
 
 def split_sha256(split: data.Split) -> str:
-    """sha256 of a split's pixels then labels, as ``manifest.json`` records it (the recipe of
-    ``data._write_split``), a chunk at a time so memory stays small."""
+    """sha256 of a split's pixels then labels, as ``manifest.json`` records it (the recipe
+    :mod:`lungxray.prepare` writes with), a chunk at a time so memory stays small."""
     from lungxray import features  # Keras-heavy; the recipe lives there for train subsets
 
     return features.split_sha256(split)
@@ -66,8 +66,6 @@ def check_split(manifest: dict, name: str, split: data.Split, where: str) -> Non
     if split.images.shape != expected or len(labels) != record.get("n"):
         raise DataError(f"{where}: split {name!r} has images {split.images.shape} and "
                         f"{len(labels)} labels, the manifest says {expected}")
-    if manifest.get("format") != data.FORMAT:
-        return  # lungxray-dataset/1 (<split>.npz) predates the recorded-hash recipe checked here
     recorded = record.get("sha256")
     if not isinstance(recorded, str):
         raise DataError(f"{where}: manifest records no sha256 for split {name!r}")

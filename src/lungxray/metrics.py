@@ -27,6 +27,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.preprocessing import label_binarize
 
+from lungxray.artifacts import AT_HALF, CI_METRICS
 from lungxray.errors import ConfigError, DataError
 
 DEFAULT_THRESHOLD = 0.5
@@ -35,16 +36,12 @@ DEFAULT_SEED = 0
 CI_LEVEL = 0.95
 ECE_BINS = 10
 PROB_TOLERANCE = 1e-3
-# Metrics with a bootstrap CI (the headline figures), in display order.
-HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision", "sensitivity",
-            "specificity", "npv", "f1", "mcc", "brier", "ece")
+# The metrics with a bootstrap CI (CI_METRICS) and those repeated at 0.5 (AT_HALF) are named,
+# with their labels, in lungxray.artifacts.
 # Headline metrics without an interval: the plug-in ECE is biased upwards and so is every
 # resample of it, so a percentile interval can miss even the point estimate (a perfectly
 # calibrated model's interval lies wholly above 0).
 NO_CI = frozenset({"ece"})
-# Threshold-dependent metrics repeated at 0.5 under ``at_0.5`` (MedMNIST papers report those).
-AT_HALF = ("accuracy", "balanced_accuracy", "precision", "sensitivity", "specificity", "npv", "f1",
-           "mcc")
 PER_CLASS = ("precision", "recall", "specificity", "npv", "f1", "roc_auc", "pr_auc")
 
 
@@ -271,7 +268,7 @@ def compute_metrics(
         # A CI only where the point estimate exists: an undefined metric has no interval.
         result["ci"] = {m: _interval([r[m] for r in reps])
                         if result.get(m) is not None and m not in NO_CI else None
-                        for m in HEADLINE}
+                        for m in CI_METRICS}
         for name, per in (result.get("per_class") or {}).items():
             per["ci"] = {m: _interval([r["per_class"][name][m] for r in reps])
                          if per.get(m) is not None else None for m in PER_CLASS}

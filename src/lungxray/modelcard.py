@@ -1,4 +1,4 @@
-"""The model card of the selected model (Mitchell et al. 2019), as Markdown.
+"""Write the model card of the selected model (Mitchell et al. 2019), as Markdown.
 
 Everything stated is read from the trial's own files (model_info.json, metrics.json,
 predictions.csv); what those files cannot know (who the patients were) is said to be unknown
@@ -11,15 +11,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from lungxray.metrics import AT_HALF, HEADLINE
-
-LABELS = {
-    "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "roc_auc": "ROC AUC",
-    "pr_auc": "PR AUC (average precision)", "precision": "PPV (precision)",
-    "sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "npv": "NPV",
-    "f1": "F1", "mcc": "Matthews correlation", "brier": "Brier score (lower is better)",
-    "ece": "Expected calibration error (lower is better)",
-}
+from lungxray.artifacts import AT_HALF, CI_METRICS, METRICS, Trial, target_sensitivity_of
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -31,19 +23,9 @@ def _ci(metrics: dict, name: str) -> str:
     return f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "—"
 
 
-def _counts(trial: dict, split: str) -> str:
-    names = list(trial["model_info"]["class_names"])
-    counts = trial["splits"][split]["predictions"]["y_true"].value_counts()
-    return ", ".join(f"{name} {int(counts.get(i, 0))}" for i, name in enumerate(names))
-
-
-def target_sensitivity_of(info: dict) -> float | None:
-    """The target sensitivity a model's threshold was chosen for (train records it in
-    ``threshold_method`` as ``sensitivity>=X``), or None for Youden's J."""
-    if info.get("target_sensitivity") is not None:
-        return float(info["target_sensitivity"])
-    method = str(info.get("threshold_method") or "")
-    return float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
+def _counts(trial: Trial, split: str) -> str:
+    counts = trial.splits[split].predictions["y_true"].value_counts()
+    return ", ".join(f"{name} {int(counts.get(i, 0))}" for i, name in enumerate(trial.class_names))
 
 
 def _threshold_text(info: dict) -> str:
@@ -58,9 +40,9 @@ def _threshold_text(info: dict) -> str:
     return f"P({positive}) >= {float(info['threshold']):.4f}, chosen by {how}"
 
 
-def _robustness_section(best: dict[str, Any], splits: list[str]) -> list[str]:
+def _robustness_section(best: Trial, splits: list[str]) -> list[str]:
     """ "Robustness to acquisition shift": clean vs corrupted AUC per split and per corruption."""
-    measured = {s: best["splits"][s]["metrics"].get("robustness") for s in splits}
+    measured = {s: best.splits[s].metrics.get("robustness") for s in splits}
     measured = {s: r for s, r in measured.items() if r}
     lines = ["", "## Robustness to acquisition shift", ""]
     if not measured:
@@ -93,9 +75,9 @@ def _robustness_section(best: dict[str, Any], splits: list[str]) -> list[str]:
     return lines
 
 
-def _prevalence_section(best: dict[str, Any], splits: list[str]) -> list[str]:
+def _prevalence_section(best: Trial, splits: list[str]) -> list[str]:
     """The operating point at the deployment prevalence and label-free prevalence estimates."""
-    metrics = {s: best["splits"][s]["metrics"] for s in splits}
+    metrics = {s: best.splits[s].metrics for s in splits}
     points = {s: m["operating_point"] for s, m in metrics.items() if m.get("operating_point")}
     estimates = {s: m["prevalence_estimate"] for s, m in metrics.items()
                  if m.get("prevalence_estimate")}
@@ -136,17 +118,17 @@ def _prevalence_section(best: dict[str, Any], splits: list[str]) -> list[str]:
     return lines
 
 
-def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Markdown model card for the best trial (``report.load_trial`` layout, or the ensemble)."""
-    info = best["model_info"]
+def model_card(best: Trial, summary: dict[str, Any]) -> str:
+    """Markdown model card for the best trial (a loaded trial, or the ensemble)."""
+    info = best.model_info
     name = str(info["model_name"])
     classes = list(info["class_names"])
-    splits = list(best["splits"])
+    splits = list(best.splits)
     # Validation chose the model and its threshold: only test or external data is held out.
     unbiased = [s for s in splits if s not in ("train", "val")]
     held_out = "test" if "test" in unbiased else unbiased[0] if unbiased else None
     shown = held_out or splits[-1]  # the split the per-class table, latency etc. come from
-    m_held = best["splits"][shown]["metrics"]
+    m_held = best.splits[shown].metrics
     members = info.get("members")
     hparams = info.get("hparams") or {}
     dense = int(hparams.get("dense_units") or 0)
@@ -203,7 +185,7 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
                                               if len(classes) == 2 else "."),
     ]
     for split in splits:
-        lines.append(f"- {split}: {best['splits'][split]['metrics']['n']} images "
+        lines.append(f"- {split}: {best.splits[split].metrics['n']} images "
                      f"({_counts(best, split)}).")
     sha = info.get("data_sha256") or {}
     if sha:
@@ -227,15 +209,15 @@ def model_card(best: dict[str, Any], summary: dict[str, Any]) -> str:
         "| metric | " + " | ".join(f"{s} value | {s} 95% CI" for s in splits) + " |",
         "|---|" + "---:|---:|" * len(splits),
     ]
-    for metric in HEADLINE:
-        if any(best["splits"][s]["metrics"].get(metric) is not None for s in splits):
-            cells = [f"{_num(best['splits'][s]['metrics'].get(metric))} | "
-                     f"{_ci(best['splits'][s]['metrics'], metric)}" for s in splits]
-            lines.append(f"| {LABELS[metric]} | " + " | ".join(cells) + " |")
+    for metric in CI_METRICS:
+        if any(best.splits[s].metrics.get(metric) is not None for s in splits):
+            cells = [f"{_num(best.splits[s].metrics.get(metric))} | "
+                     f"{_ci(best.splits[s].metrics, metric)}" for s in splits]
+            lines.append(f"| {METRICS[metric].card} | " + " | ".join(cells) + " |")
     at_half = m_held.get("at_0.5")
     if at_half:
         lines += ["", f"At threshold 0.5 on `{shown}` (comparable with published MedMNIST "
-                      "numbers): " + ", ".join(f"{LABELS[k]} {_num(at_half[k])}"
+                      "numbers): " + ", ".join(f"{METRICS[k].card} {_num(at_half[k])}"
                                                for k in AT_HALF) + "."]
     per_class = m_held.get("per_class")
     if per_class:

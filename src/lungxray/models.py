@@ -1,5 +1,5 @@
-"""Registry of backbones (Keras Applications and lungxray's ``SmallCNN``) and the classifier
-built around them.
+"""The classifier around a backbone (``lungxray.backbones``): raw pixels in, augmentation and
+the backbone's preprocessing inside, class probabilities out; building, weights and loading.
 
 The saved model takes raw pixels (0..255, the prepared image size and channel count): resizing
 to the backbone's input size, grey-to-RGB, the backbone's own ``preprocess_input`` and the
@@ -136,13 +136,22 @@ class PerImageStandardization(layers.Layer):
         return {**super().get_config(), "center": self.center, "scale": self.scale}
 
 
-def augmentation_layers(strength: float, seed: int,
-                        intensity: float = 0.0) -> list[layers.Layer]:
+def augmentation_layers(strength: float, seed: int, intensity: float = 0.0,
+                        randaugment: float = 0.0, augmix: float = 0.0) -> list[layers.Layer]:
     """Mild geometric and intensity augmentation; no horizontal flip (anatomy is not
     left-right symmetric). ``intensity`` > 0 adds acquisition-like intensity changes (gamma,
     stronger brightness/contrast, Gaussian blur, Gaussian noise), for robustness to other
-    machines and sites. Active only in training."""
+    machines and sites. ``randaugment`` and ``augmix`` > 0 add Keras' RandAugment (two random
+    operations per image at that magnitude) and AugMix (a mix of augmentation chains at that
+    severity). Active only in training."""
     out: list[layers.Layer] = []
+    if randaugment > 0:
+        out.append(layers.RandAugment(value_range=(0, 255), num_ops=2,
+                                      factor=min(1.0, randaugment), seed=seed,
+                                      name="aug_randaugment"))
+    if augmix > 0:
+        out.append(layers.AugMix(value_range=(0, 255), factor=min(1.0, augmix), seed=seed,
+                                 name="aug_augmix"))
     if strength > 0:
         out += [
             layers.RandomRotation(0.03 * strength, fill_mode="constant", seed=seed),
@@ -267,7 +276,8 @@ def build_backbone(spec: ModelSpec, input_size: int, weights: str | None,
 def build_classifier(name: str, image_size: int, channels: int, num_classes: int,
                      weights: str | None, dropout: float = 0.2, dense_units: int = 0,
                      augment: float = 1.0, seed: int = 42, intensity_augment: float = 0.0,
-                     standardize: bool = False) -> keras.Model:
+                     standardize: bool = False, randaugment: float = 0.0,
+                     augmix: float = 0.0) -> keras.Model:
     """Raw pixels in, class probabilities out. The backbone is the layer named ``backbone``.
     A scratch-only backbone (SmallCNN) ignores ``weights`` and reads the grey channel as is;
     ``standardize`` puts a :class:`PerImageStandardization` after the augmentation."""
@@ -279,7 +289,7 @@ def build_classifier(name: str, image_size: int, channels: int, num_classes: int
     input_size = spec.input_size(image_size)
     inputs = keras.Input((image_size, image_size, channels), name="image")
     x = inputs
-    for layer in augmentation_layers(augment, seed, intensity_augment):
+    for layer in augmentation_layers(augment, seed, intensity_augment, randaugment, augmix):
         x = layer(x)
     if standardize:
         x = PerImageStandardization(name="standardize")(x)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -30,13 +30,15 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
+from lungxray import artifacts, prevalence, safeio, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
-from lungxray import sources
 from lungxray.errors import ConfigError, DataError, ModelError, quote
 from lungxray.limits import Limits
+from lungxray.pools import Unusable, read_file
 
 PREDICTIONS_FILE = "predictions.csv"
+PREVALENCE_FILE = "prevalence.json"
 BAD_FILES = "bad_files.csv"
 GRADCAM_DIR = "gradcam"
 BATCH_SIZE = 64
@@ -216,27 +218,6 @@ def settings_for(info: dict[str, Any], workers: int = 0) -> Settings:
                     workers or min(8, os.cpu_count() or 1))
 
 
-def read_file(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, at most ``limit``; opened without blocking and checked on the
-    descriptor, so a FIFO put there after the listing cannot hang a worker."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _Unusable("not a regular file")
-        if info.st_size > limit:
-            raise _Unusable(f"{info.st_size:,} bytes, above the limit of {limit:,} "
-                            f"(max_file_bytes)")
-        data = handle.read(limit + 1)
-    if len(data) > limit:  # grew while being read
-        raise _Unusable(f"more than {limit:,} bytes (max_file_bytes)")
-    return data
-
-
-class _Unusable(Exception):
-    """A file refused before decoding; the message says why."""
-
-
 def _decode_file(entry: Entry, settings: Settings) -> tuple[np.ndarray | None, str]:
     """(pixels, "") or (None, why): a bad file is reported, never raised, so all are named."""
     if entry.problem:
@@ -245,7 +226,7 @@ def _decode_file(entry: Entry, settings: Settings) -> tuple[np.ndarray | None, s
         data = read_file(entry.path, settings.limits.max_file_bytes)
     except FileNotFoundError:
         return None, "no such file"
-    except _Unusable as err:
+    except Unusable as err:
         return None, str(err)
     except OSError as err:
         return None, f"cannot read ({err.strerror or err})"
@@ -466,6 +447,7 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     info = predictor.info
     class_names = [str(c) for c in info["class_names"]]
     threshold = info.get("threshold")
+    calibration = _saved_calibration(info, Path(model_dir))
     settings = settings_for(info, workers)
     _check_input_size(predictor.members, settings, Path(model_dir))
     root, entries = list_source(str(source), cache_dir)
@@ -475,10 +457,14 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     npz = NpzReader(root, _npz_members(root)) if root.suffix.lower() == ".npz" else None
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=output))
     try:
-        counts, bad = _run(predictor.members, entries, settings, npz, staging, class_names,
-                           threshold, batch_size, skip_bad, explain, progress)
+        counts, bad, scores = _run(predictor.members, entries, settings, npz, staging,
+                                   class_names, threshold, batch_size, skip_bad, explain,
+                                   progress)
         if bad and not skip_bad:
             raise _bad_error(str(source), bad, len(entries))
+        estimate = _target_prevalence(calibration, class_names, scores, threshold)
+        if estimate is not None:
+            safeio.write_text_atomic(staging / PREVALENCE_FILE, json.dumps(estimate, indent=2))
         _publish(staging, output, bad, explain)
     except BaseException:
         # A failed run leaves nothing that looks like a result (nor a folder it created).
@@ -489,7 +475,33 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
             "predictions": str(output / PREDICTIONS_FILE), "n": sum(counts.values()),
             "n_bad": len(bad), "bad_files": str(output / BAD_FILES) if bad else None,
             "threshold": threshold, "counts": counts,
-            "gradcam": str(output / GRADCAM_DIR) if explain else None}
+            "gradcam": str(output / GRADCAM_DIR) if explain else None,
+            "prevalence": (None if estimate is None else
+                           {k: estimate[k] for k in ("estimate", "ci",
+                                                     "bayes_threshold_at_estimate")}),
+            "prevalence_file": None if estimate is None else str(output / PREVALENCE_FILE)}
+
+
+def _saved_calibration(info: dict[str, Any], model_dir: Path) -> Any:
+    """The validation calibration a two-class model was saved with (checked before anything
+    is predicted), or None."""
+    saved = info.get("calibration")
+    if len(info["class_names"]) != 2 or saved is None:
+        return None
+    try:
+        return prevalence.calibration_from(saved, str(model_dir / artifacts.INFO_FILE))
+    except DataError as err:
+        raise ModelError(str(err)) from None
+
+
+def _target_prevalence(calibration: Any, class_names: list[str], scores: np.ndarray,
+                       threshold: float | None) -> dict[str, Any] | None:
+    """EM estimate of the prevalence of the images just predicted (lungxray.prevalence), when
+    the model has a calibration; None otherwise."""
+    if calibration is None or not len(scores):
+        return None
+    return {"positive_class": class_names[1],
+            **prevalence.target_report(calibration, scores, threshold)}
 
 
 def _load(model_dir: Path):
@@ -521,11 +533,15 @@ def _check_input_size(members: list[Any], settings: Settings, model_dir: Path) -
 def _run(members: list[Any], entries: list[Entry], settings: Settings, npz: NpzReader | None,
          staging: Path, class_names: list[str], threshold: float | None, batch_size: int,
          skip_bad: bool, explain: bool,
-         progress: TextIO | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Decode, predict and append CSV rows batch by batch into ``staging``. Once a bad file is
-    found without ``skip_bad`` the run is lost: the model stops, decoding goes on to name all."""
+         progress: TextIO | None
+         ) -> tuple[dict[str, int], list[tuple[str, str]], np.ndarray]:
+    """Decode, predict and append CSV rows batch by batch into ``staging``; returns the counts
+    per decided class, the bad files and, for two classes, the positive-class scores. Once a
+    bad file is found without ``skip_bad`` the run is lost: the model stops, decoding goes on
+    to name all."""
     counts = dict.fromkeys(class_names, 0)
     bad: list[tuple[str, str]] = []
+    scores: list[np.ndarray] = []
     meter = Progress(len(entries), progress)
     columns = ["path", *(f"prob_{c}" for c in class_names), "predicted_index", "predicted_class"]
     if explain:
@@ -540,6 +556,8 @@ def _run(members: list[Any], entries: list[Entry], settings: Settings, npz: NpzR
             bad += problems
             if len(good) and (skip_bad or not bad):
                 probs = predict_probs(members, pixels, batch_size)
+                if len(class_names) == 2:
+                    scores.append(probs[:, 1].astype(np.float32))
                 decided = decide(probs, threshold)
                 kept = [batch[i] for i in good]
                 overlays = (write_overlays(members, pixels, decided, kept, [raws[i] for i in good],
@@ -551,7 +569,7 @@ def _run(members: list[Any], entries: list[Entry], settings: Settings, npz: NpzR
                     counts[class_names[decided[row]]] += 1
             meter.update(start + len(batch), len(bad))
     meter.update(len(entries), len(bad), final=True)
-    return counts, bad
+    return counts, bad, np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 def _publish(staging: Path, output: Path, bad: list[tuple[str, str]], explain: bool) -> None:
@@ -565,6 +583,10 @@ def _publish(staging: Path, output: Path, bad: list[tuple[str, str]], explain: b
         shutil.rmtree(output / GRADCAM_DIR)
     if explain and (staging / GRADCAM_DIR).is_dir():
         os.replace(staging / GRADCAM_DIR, output / GRADCAM_DIR)
+    if (staging / PREVALENCE_FILE).is_file():
+        os.replace(staging / PREVALENCE_FILE, output / PREVALENCE_FILE)
+    else:
+        (output / PREVALENCE_FILE).unlink(missing_ok=True)
     os.replace(staging / PREDICTIONS_FILE, output / PREDICTIONS_FILE)
 
 

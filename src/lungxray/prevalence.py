@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from sklearn.linear_model import LogisticRegression
 
 from lungxray.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 EPS = 1e-7  # scores are clipped to [EPS, 1 - EPS] before the logit
 EM_TOL = 1e-6
 EM_MAX_ITER = 1000
@@ -73,6 +75,23 @@ class Calibration:
         return asdict(self)
 
 
+def calibration_from(saved: Any, where: str) -> Calibration:
+    """The :class:`Calibration` saved as a dict (model_info.json's ``calibration``), checked:
+    finite numbers, a positive slope and a prior strictly between 0 and 1."""
+    fields = ("slope", "intercept", "prior", "n")
+    if not isinstance(saved, dict) or any(k not in saved for k in fields):
+        raise DataError(f"{where}: calibration must be an object with {', '.join(fields)}")
+    values = [saved[k] for k in fields]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values):
+        raise DataError(f"{where}: calibration values must be finite numbers")
+    slope, intercept, prior, n = values
+    if slope <= 0 or not 0 < prior < 1 or n < 2:
+        raise DataError(f"{where}: calibration needs slope > 0, 0 < prior < 1 and n >= 2, got "
+                        f"slope {slope:.4g}, prior {prior:.4g}, n {n}")
+    return Calibration(float(slope), float(intercept), float(prior), int(n))
+
+
 def prior_log_odds_shift(from_prior: float, to_prior: float) -> float:
     """What Bayes' rule adds to the log posterior odds when the prior moves."""
     return float(_logit(np.array(to_prior)) - _logit(np.array(from_prior)))
@@ -98,6 +117,18 @@ def fit_calibration(y_true: np.ndarray, scores: np.ndarray, where: str = "valida
         raise DataError(f"{where}: the model's scores do not increase with the positive class "
                         f"(Platt slope {slope:.3g}); no prevalence-aware threshold exists")
     return Calibration(slope, intercept, float(y.mean()), int(y.size))
+
+
+def calibration_or_none(y_true: np.ndarray, scores: np.ndarray, where: str
+                        ) -> Calibration | None:
+    """:func:`fit_calibration`, or None with a warning when the scores cannot be calibrated
+    (one class only, or scores that fall with the positive class): a poor model still gets its
+    other metrics and can be saved, only without prevalence evidence."""
+    try:
+        return fit_calibration(y_true, scores, where)
+    except DataError as exc:
+        log.warning("no prevalence evidence: %s", exc)
+        return None
 
 
 def bayes_threshold(calibration: Calibration, prevalence: float) -> float:
@@ -192,3 +223,24 @@ def estimate_prevalence(calibration: Calibration, scores: np.ndarray,
             "naive_mean_posterior": float(np.mean(posteriors)),
             "validation_prevalence": calibration.prior,
             "true_prevalence": None if y_true is None else float(np.mean(np.asarray(y_true)))}
+
+
+def target_report(calibration: Calibration, scores: np.ndarray, threshold: float | None,
+                  seed: int = 0) -> dict[str, Any]:
+    """What an unlabelled target set says about its prevalence: the EM estimate with its 95%
+    interval, the share of images called positive at the model's threshold, and the Bayes
+    threshold (with its positive share) the model would use at the estimated prevalence."""
+    s = np.asarray(scores, dtype=float)
+    result = estimate_prevalence(calibration, s, seed=seed)
+    del result["true_prevalence"]
+    estimate = min(max(result["estimate"], EPS), 1 - EPS)
+    adapted = bayes_threshold(calibration, estimate)
+    result.update({
+        "n": int(s.size),
+        "model_threshold": threshold,
+        "positive_share_at_model_threshold": (None if threshold is None
+                                              else float(np.mean(s >= threshold))),
+        "bayes_threshold_at_estimate": adapted,
+        "positive_share_at_bayes_threshold": float(np.mean(s >= adapted)),
+    })
+    return result

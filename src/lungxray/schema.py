@@ -64,6 +64,7 @@ class PipelineParams:
     robustness_samples: int = field(metadata=_rng(0, MAX_COUNT))
     tta: bool = field(metadata=_rng())
     deployment_prevalence: float = field(metadata=_rng(0.001, 0.999, zero=True))
+    target_data: str = field(metadata=_rng(0, MAX_TEXT))
 
 
 _HINTS = typing.get_type_hints(PipelineParams)
@@ -178,6 +179,10 @@ HPARAM_RULES: dict[str, tuple[type, float, float]] = {
     "fine_tune_learning_rate": (float, 1e-12, 10.0),
     "class_weighting": (bool, 0, 1),
     "intensity_augment": (float, 0.0, 10.0),
+    "randaugment": (float, 0.0, 1.0),
+    "augmix": (float, 0.0, 1.0),
+    "mixup": (float, 0.0, 10.0),
+    "cutmix": (float, 0.0, 1.0),
     "standardize": (bool, 0, 1),
     "ema": (bool, 0, 1),
 }

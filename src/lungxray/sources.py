@@ -30,7 +30,6 @@ from lungxray.errors import QUOTE_LIMIT, DataError, quote
 from lungxray.limits import DEFAULT, Limits
 
 SPLITS = ("train", "val", "test")
-MAX_CLASSES = DEFAULT.max_classes  # an npz label far above this is corrupt, not a class
 # MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 CSV_COLUMNS = ("path", "label")
@@ -88,7 +87,7 @@ def shown(text: str) -> str:
     return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
     """What a non-regular file is, for messages."""
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
                        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
@@ -385,7 +384,7 @@ def _file_problem(path: Path, real_root: Path, origin: str) -> tuple[str, bool] 
     if stat.S_ISDIR(mode):
         return "", False  # a directory (a symlinked one is not followed): not a file
     if not stat.S_ISREG(mode):
-        return f"not a regular file ({_kind_of(mode)})", False
+        return f"not a regular file ({kind_of(mode)})", False
     if safe_name(origin) != origin:
         return "file name is not valid UTF-8 or holds control characters", False
     return None
@@ -610,7 +609,7 @@ def _row_file_problem(root: str, text: str) -> tuple[Path, str | None, str]:
     except (OSError, ValueError):
         return Path(resolved), None, ""  # missing: named when it is read
     if not stat.S_ISREG(mode):
-        return Path(resolved), None, f"not a regular file ({_kind_of(mode)})"
+        return Path(resolved), None, f"not a regular file ({kind_of(mode)})"
     return Path(resolved), None, ""
 
 
@@ -743,7 +742,7 @@ def open_source(source: str, class_names: list[str] | None = None,
     if stat.S_ISDIR(mode):
         return scan_folder(path, class_names, limits)
     if not stat.S_ISREG(mode):  # a FIFO would block the open forever
-        raise DataError(f"{shown(source)}: not a regular file ({_kind_of(mode)})")
+        raise DataError(f"{shown(source)}: not a regular file ({kind_of(mode)})")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return scan_npz(path, class_names, limits)

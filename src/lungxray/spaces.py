@@ -21,8 +21,10 @@ Three spaces, used by three kinds of search (see ``lungxray.tune``):
 
 ``intensity_augment`` (acquisition-like intensity changes) is searched wherever augmentation
 is; ``standardize`` (per-image intensity standardisation) only from scratch: the cached
-features of the pretrained head search are computed without it. ``ema`` is not searched (a
-train-only setting, ``--hparams``).
+features of the pretrained head search are computed without it. ``ema``, ``randaugment``,
+``augmix``, ``mixup`` and ``cutmix`` are not searched: none gained on val, on the corruption
+suite or on the ``test_shifted`` proxy (bench/levers.md), so they are train-only settings
+(``--hparams``) and a search does not spend trials on them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""Staging folders that never outlive their run: removed on errors, SIGTERM and SIGINT, and
-swept by the next run after a SIGKILL (a live run holds a lock on its own)."""
+"""Build an output in a staging folder and publish it whole: a reader sees the old output or the
+complete new one, never a part.
+
+Staging folders never outlive their run: removed on errors, SIGTERM and SIGINT, and swept by the
+next run after a SIGKILL (a live run holds a lock on its own). :func:`publish` moves a finished
+one into place.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +104,54 @@ def staging_dir(parent: Path, prefix: str, what: str = "lungxray") -> Iterator[P
                 shutil.rmtree(path, ignore_errors=True)
     finally:
         os.close(fd)
+
+
+def check_replaceable(output: Path, markers: tuple[str, ...]) -> None:
+    """Refuse to replace ``output`` unless it is absent, empty or an earlier output of the same
+    kind (every file in ``markers`` present): a foreign directory is never removed."""
+    output = Path(output)
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise FileExistsError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not all(
+        (output / m).exists() for m in markers
+    ):
+        raise FileExistsError(f"output {output} is a non-empty directory that is not a report")
+
+
+def _move_or_copy(build: Path, output: Path, markers: tuple[str, ...]) -> None:
+    try:
+        os.replace(build, output)
+    except OSError:
+        # Some mounts (e.g. object-store FUSE) cannot rename directories: copy instead, with the
+        # files that make the output look complete (``markers``) copied last.
+        output.mkdir(parents=True, exist_ok=True)
+        for item in sorted(build.iterdir(), key=lambda p: p.name in markers):
+            dest = output / item.name
+            if item.is_dir():
+                shutil.copytree(item, dest)
+            else:
+                shutil.copy2(item, dest)
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def publish(build: Path, output: Path, markers: tuple[str, ...]) -> None:
+    """Move the finished ``build`` folder to ``output`` in one rename, replacing an earlier
+    output (checked first with :func:`check_replaceable`). Where directories cannot be renamed
+    the copy writes ``markers`` last; a failed copy puts the previous output back."""
+    build, output = Path(build), Path(output)
+    old = None
+    if output.is_dir():
+        if any(output.iterdir()):
+            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output, old)
+        else:
+            output.rmdir()
+    try:
+        _move_or_copy(build, output, markers)
+    except BaseException:
+        if old is not None:  # put the previous output back rather than lose it
+            shutil.rmtree(output, ignore_errors=True)  # a partial copy, if any
+            os.replace(old, output)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

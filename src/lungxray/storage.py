@@ -1,10 +1,11 @@
-"""Local and ``gs://`` storage: cached parallel fetch, upload and existence checks.
+"""``gs://`` storage: cached parallel fetch, upload, existence checks and conditional writes.
 
 Objects fetched from Google Cloud Storage land in a local cache laid out as
 ``<cache>/<bucket>/<object name>``, so a fetched prefix is an ordinary directory tree. The
 generation of every cached object is recorded in a sidecar index under
 ``<cache>/.generations`` (outside the data tree, so dataset loaders never see it); an object is
-downloaded again only when its generation or size changes.
+downloaded again only when its generation or size changes. Many objects move in parallel
+through ``google.cloud.storage.transfer_manager`` (threads).
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError, RefreshError, TransportError
 from google.cloud import storage
+from google.cloud.storage import transfer_manager
 from google.cloud.storage.exceptions import DataCorruption
 
 from lungxray.errors import ConfigError, LungxrayError
@@ -40,6 +40,9 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # bucket directory; bucket names cannot start with a dot, so they cannot collide.
 _GENERATIONS_DIR = ".generations"
 _TMP_DIR = ".tmp"
+# Objects handed to transfer_manager at once, per worker: progress moves and a failure stops the
+# fetch after at most this many more downloads per worker.
+_BATCH_PER_WORKER = 8
 
 # GCS bucket naming rules, loosely: 3-222 chars of lowercase letters, digits, '-', '_' and '.',
 # starting and ending with a letter or digit.
@@ -134,6 +137,46 @@ def _gcs_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"GCS request for {uri} failed: {_first_line(err)}") from err
 
 
+def _object_uri(bucket: str, name: str) -> str:
+    return f"{GCS_SCHEME}{bucket}/{name}"
+
+
+def _raise_transfer_error(err: BaseException, where: str) -> NoReturn:
+    """Raise the exception a transfer_manager worker returned, as a StorageError naming the
+    object ``where`` when it is a GCS or credentials error; anything else as it is."""
+    with _gcs_errors(where):
+        raise err
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A minimal stderr counter: rewrites one line on a terminal, prints every 10% in logs."""
+
+    def __init__(self, label: str, total: int, total_bytes: int, stream: TextIO) -> None:
+        self.label, self.total, self.total_bytes, self.stream = label, total, total_bytes, stream
+        self.done = self.done_bytes = 0
+        self._tty = stream.isatty()
+        self._last_decile = -1
+
+    def advance(self, nbytes: int) -> None:
+        self.done += 1
+        self.done_bytes += nbytes
+        decile = self.done * 10 // max(self.total, 1)
+        if not self._tty and decile == self._last_decile:
+            return  # keeps pod logs short
+        self._last_decile = decile
+        line = (
+            f"{self.label}: {self.done}/{self.total} files, "
+            f"{self.done_bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} MiB"
+        )
+        end = "\n" if not self._tty or self.done == self.total else ""
+        self.stream.write(("\r" if self._tty else "") + line + end)
+        self.stream.flush()
+
+
 # --------------------------------------------------------------------------------------------
 # Cache layout
 
@@ -216,84 +259,61 @@ class _Cache:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dest)
 
-    def download(self, blob: storage.Blob, path: Path) -> None:
-        """Download ``blob`` to ``path`` via a temp file, then record its generation."""
-        # Taken from the listing before downloading: the download refreshes the blob's
-        # properties from response headers, which need not carry the generation.
-        record = {"name": blob.name, "generation": str(blob.generation), "size": blob.size}
-        tmp = self._temp_file()
-        try:
-            # The listed blob carries its generation, so this fetches exactly that version.
-            blob.download_to_filename(str(tmp))
-            self._replace(tmp, path)
-        except DataCorruption as err:
-            where = f"{GCS_SCHEME}{blob.bucket.name}/{blob.name}"
-            raise StorageError(f"checksum mismatch downloading {where}; try again") from err
-        finally:
-            tmp.unlink(missing_ok=True)
-        # Written only after the data is in place: a crash in between leaves a stale record,
-        # which just means one more download next time, never a wrong file passed off as fresh.
+    def _record(self, record: dict[str, str | int | None]) -> None:
         tmp = self._temp_file()
         try:
             tmp.write_text(json.dumps(record))
-            self._replace(tmp, self._record_path(blob.name))
+            self._replace(tmp, self._record_path(str(record["name"])))
         finally:
             tmp.unlink(missing_ok=True)
 
+    def download(self, pairs: Sequence[tuple[storage.Blob, Path]], workers: int,
+                 progress: _Progress | None) -> None:
+        """Download each blob to its path, each via a temp file then renamed into place, and
+        record its generation; ``workers`` at a time, a batch at a time, so the first failure
+        stops the rest (the downloads that succeeded stay, recorded)."""
+        batch = max(1, workers) * _BATCH_PER_WORKER
+        for start in range(0, len(pairs), batch):
+            self._download_batch(pairs[start:start + batch], workers, progress)
 
-# --------------------------------------------------------------------------------------------
-# Progress
-
-
-class _Progress:
-    """A minimal stderr counter: rewrites one line on a terminal, prints every 10% in logs."""
-
-    def __init__(self, label: str, total: int, total_bytes: int, stream: TextIO) -> None:
-        self.label, self.total, self.total_bytes, self.stream = label, total, total_bytes, stream
-        self.done = self.done_bytes = 0
-        self._tty = stream.isatty()
-        self._last_decile = -1
-
-    def advance(self, nbytes: int) -> None:
-        self.done += 1
-        self.done_bytes += nbytes
-        decile = self.done * 10 // max(self.total, 1)
-        if not self._tty and decile == self._last_decile:
-            return  # keeps pod logs short
-        self._last_decile = decile
-        line = (
-            f"{self.label}: {self.done}/{self.total} files, "
-            f"{self.done_bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} MiB"
-        )
-        end = "\n" if not self._tty or self.done == self.total else ""
-        self.stream.write(("\r" if self._tty else "") + line + end)
-        self.stream.flush()
-
-
-def _run_parallel(
-    tasks: Sequence[tuple[Callable[[], None], int]], workers: int, progress: _Progress | None
-) -> None:
-    """Run ``(job, nbytes)`` tasks on a thread pool; the first failure cancels what is queued."""
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lungxray-gcs")
-    try:
-        futures = {pool.submit(job): nbytes for job, nbytes in tasks}
-        for future in as_completed(futures):
-            future.result()
-            if progress is not None:
-                progress.advance(futures[future])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    def _download_batch(self, pairs: Sequence[tuple[storage.Blob, Path]], workers: int,
+                        progress: _Progress | None) -> None:
+        # Taken from the listing before downloading: the download refreshes the blob's
+        # properties from response headers, which need not carry the generation.
+        records = [{"name": blob.name, "generation": str(blob.generation), "size": blob.size}
+                   for blob, _ in pairs]
+        temps = [self._temp_file() for _ in pairs]
+        try:
+            # The listed blobs carry their generation, so this fetches exactly those versions.
+            results = transfer_manager.download_many(
+                [(blob, str(tmp)) for (blob, _), tmp in zip(pairs, temps, strict=True)],
+                max_workers=max(1, workers), worker_type=transfer_manager.THREAD)
+            failed: tuple[storage.Blob, BaseException] | None = None
+            for (blob, path), tmp, record, result in zip(pairs, temps, records, results,
+                                                          strict=True):
+                if isinstance(result, BaseException):
+                    failed = failed or (blob, result)
+                    continue
+                self._replace(tmp, path)
+                # Written only after the data is in place: a crash in between leaves a stale
+                # record, which just means one more download next time, never a wrong file
+                # passed off as fresh.
+                self._record(record)
+                if progress is not None:
+                    progress.advance(blob.size or 0)
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+        if failed is not None:
+            blob, err = failed
+            where = _object_uri(blob.bucket.name, blob.name)
+            if isinstance(err, DataCorruption):
+                raise StorageError(f"checksum mismatch downloading {where}; try again") from err
+            _raise_transfer_error(err, where)
 
 
 # --------------------------------------------------------------------------------------------
 # fetch
-
-
-def _fetch_local(uri: str | os.PathLike[str]) -> Path:
-    path = Path(uri).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    return path
 
 
 def _list_prefix(client: storage.Client, bucket: str, prefix: str, uri: str) -> list[storage.Blob]:
@@ -317,11 +337,7 @@ def _sync(
     if stale:
         total_bytes = sum(blob.size or 0 for blob, _ in stale)
         bar = _Progress(f"fetch {uri}", len(stale), total_bytes, sys.stderr) if progress else None
-        tasks = [
-            (lambda blob=blob, path=path: cache.download(blob, path), blob.size or 0)
-            for blob, path in stale
-        ]
-        _run_parallel(tasks, workers, bar)
+        cache.download(stale, workers, bar)
     log.info("%s: %d downloaded, %d already cached", uri, len(stale), len(blobs) - len(stale))
     return len(stale)
 
@@ -329,9 +345,8 @@ def _sync(
 def fetch(
     uri: str, cache_dir: Path | None = None, *, workers: int = 8, progress: bool = True
 ) -> Path:
-    """Return a local path for ``uri``, downloading from GCS into the cache when needed.
+    """Return a local path for the ``gs://`` URI ``uri``, downloading into the cache when needed.
 
-    - a local path is returned resolved (FileNotFoundError if it does not exist);
     - ``gs://bucket/path/file.ext`` names one object and returns its cached file;
     - ``gs://bucket/prefix/`` (or ``gs://bucket/prefix`` when no object has that exact name)
       downloads every object under the prefix, in parallel, and returns the directory that
@@ -339,8 +354,6 @@ def fetch(
 
     Cached objects whose generation is unchanged are not downloaded again.
     """
-    if not is_gcs(uri):
-        return _fetch_local(uri)
     bucket_name, name = parse_gcs(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = _Cache(root.resolve(), bucket_name)
@@ -368,38 +381,20 @@ def fetch(
 
 
 def _upload_plan(local: Path, name: str) -> list[tuple[Path, str]]:
-    """Pair each local file with its object name.
-
-    A file goes to ``name`` itself, or to ``name + file name`` when ``name`` is empty or ends
-    in '/'. A directory's files go under ``name`` with their relative paths.
-    """
-    if local.is_file():
-        target = name + local.name if not name or name.endswith("/") else name
-        return [(local, target)]
+    """Pair each file under the directory ``local`` with its object name: ``name`` then the
+    file's path relative to ``local``."""
     base = name.rstrip("/")
     files = sorted(p for p in local.rglob("*") if p.is_file())
     return [(p, f"{base}/{p.relative_to(local).as_posix()}".lstrip("/")) for p in files]
 
 
-def _copy_local(src: Path, dest: Path) -> None:
-    dest = dest.expanduser()
-    if src.is_dir():
-        shutil.copytree(src, dest, dirs_exist_ok=True)
-    else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dest)
-
-
 def upload(local: Path, uri: str, *, workers: int = 8, no_overwrite: bool = False) -> None:
-    """Upload a file or a directory tree to ``uri`` (or copy it there if ``uri`` is local).
+    """Upload a directory tree to the ``gs://`` prefix ``uri``, ``workers`` files at a time.
     ``no_overwrite``: every object is created only if absent (generation precondition 0), so
     a second writer of the same names fails instead of mixing its files with the first's."""
     src = Path(local).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"no such file or directory: {src}")
-    if not is_gcs(uri):
-        _copy_local(src, Path(uri))
-        return
+    if not src.is_dir():
+        raise FileNotFoundError(f"no such directory: {src}")
     bucket_name, name = parse_gcs(uri)
     plan = _upload_plan(src, name)
     if not plan:
@@ -407,26 +402,26 @@ def upload(local: Path, uri: str, *, workers: int = 8, no_overwrite: bool = Fals
         return
     with _gcs_errors(uri):
         bucket = _client(uri).bucket(bucket_name)
-        match = 0 if no_overwrite else None
-        tasks = [
-            (lambda p=path, o=obj: bucket.blob(o).upload_from_filename(
-                str(p), if_generation_match=match), 0)
-            for path, obj in plan
-        ]
-        try:
-            _run_parallel(tasks, workers, None)
-        except api_exceptions.NotFound as err:
-            msg = f"bucket {bucket_name!r} not found (while uploading to {uri})"
-            raise StorageError(msg) from err
-        except api_exceptions.PreconditionFailed as err:
-            raise StorageError(f"{uri}: an object there already exists; not overwritten") from err
+        results = transfer_manager.upload_many(
+            [(str(path), bucket.blob(obj)) for path, obj in plan],
+            upload_kwargs={"if_generation_match": 0} if no_overwrite else {},
+            max_workers=max(1, workers), worker_type=transfer_manager.THREAD)
+    for (_, obj), result in zip(plan, results, strict=True):
+        if not isinstance(result, BaseException):
+            continue
+        where = _object_uri(bucket_name, obj)
+        if isinstance(result, api_exceptions.NotFound):
+            msg = f"bucket {bucket_name!r} not found (while uploading {where})"
+            raise StorageError(msg) from result
+        if isinstance(result, api_exceptions.PreconditionFailed):
+            raise StorageError(f"{where}: already exists; not overwritten") from result
+        _raise_transfer_error(result, where)
     log.info("uploaded %d file(s) from %s to %s", len(plan), src, uri)
 
 
 def exists(uri: str) -> bool:
-    """True when ``uri`` names an existing local path, GCS bucket, object, or non-empty prefix."""
-    if not is_gcs(uri):
-        return Path(uri).expanduser().exists()
+    """True when the ``gs://`` URI ``uri`` names an existing bucket, object or non-empty
+    prefix."""
     bucket_name, name = parse_gcs(uri)
     with _gcs_errors(uri):
         client = _client(uri)

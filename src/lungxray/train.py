@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,15 +18,25 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
-from lungxray import data, features, integrity, metrics, models, plots, safeio, schema
+from lungxray import (
+    artifacts,
+    data,
+    features,
+    integrity,
+    metrics,
+    models,
+    plots,
+    prevalence,
+    safeio,
+    schema,
+)
 from lungxray.errors import ConfigError, ModelError, quote
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-MODEL_FILE = "model.keras"
-INFO_FILE = "model_info.json"
-HISTORY_FILE = "history.json"
+MODEL_FILE, INFO_FILE, HISTORY_FILE = (artifacts.MODEL_FILE, artifacts.INFO_FILE,
+                                       artifacts.HISTORY_FILE)
 JOB_FILE = "job.json"  # in the state dir: what the saved checkpoints belong to
 # Bump when the state dir's files change shape or meaning (2: epoch_started in the epoch logs;
 # 3: val_auc exact), so a resume is refused instead of mixing two kinds of epoch log.
@@ -56,6 +67,12 @@ DEFAULT_HPARAMS: dict[str, float | int | bool] = {
     # Adam keeps an exponential moving average of the weights, validated and saved instead of
     # the raw weights (keras.callbacks.SwapEMAWeights).
     "ema": False,
+    # Keras' RandAugment magnitude and AugMix severity (models.augmentation_layers), 0 = off.
+    "randaugment": 0.0,
+    "augmix": 0.0,
+    # MixUp's Beta alpha and CutMix's factor on training batches (with_mixing), 0 = off.
+    "mixup": 0.0,
+    "cutmix": 0.0,
 }
 # Without BatchNorm (VGG) a from-scratch network at 1e-3 collapses to one class; 1e-4 learns.
 SCRATCH_DEFAULTS: dict[str, float | int | bool] = {"learning_rate": 1e-4}
@@ -112,6 +129,39 @@ def gather_batch(split: data.Split, num_classes: int, index: np.ndarray
     return split.images[index].astype(np.float32), onehot
 
 
+def classifier_options(hp: dict) -> dict:
+    """The keyword arguments of ``models.build_classifier`` that come from hyperparameters."""
+    return {"dropout": hp["dropout"], "dense_units": int(hp["dense_units"]),
+            "augment": hp["augment"], "intensity_augment": hp["intensity_augment"],
+            "standardize": bool(hp["standardize"]), "randaugment": hp["randaugment"],
+            "augmix": hp["augmix"]}
+
+
+def with_mixing(dataset: tf.data.Dataset | SplitBatches, mixup: float, cutmix: float,
+                seed: int) -> tf.data.Dataset | SplitBatches:
+    """Training batches blended by Keras' MixUp (Beta ``mixup`` alpha) and/or CutMix
+    (``cutmix`` factor), images and one-hot labels alike; unchanged when both are 0."""
+    mixers = []
+    if mixup > 0:
+        mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed))
+    if cutmix > 0:
+        mixers.append(keras.layers.CutMix(factor=min(1.0, cutmix), seed=seed))
+    if not mixers:
+        return dataset
+
+    def mix(images, labels):
+        batch = {"images": images, "labels": labels}
+        for mixer in mixers:
+            batch = mixer(batch, training=True)
+        return batch["images"], batch["labels"]
+
+    if isinstance(dataset, SplitBatches):
+        return MixedBatches(dataset, mix)
+    import tensorflow as tf
+
+    return dataset.map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def make_dataset(split: data.Split, num_classes: int, batch_size: int, shuffle: bool = False,
                  seed: int = 42) -> tf.data.Dataset | SplitBatches:
     """Batches gathered from the (possibly memory-mapped) arrays in parallel, so a dataset larger
@@ -155,6 +205,25 @@ class SplitBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self.rng.shuffle(self.order)
+
+
+class MixedBatches(keras.utils.PyDataset):
+    """A :class:`SplitBatches` whose batches go through ``mix`` (:func:`with_mixing`, JAX), in
+    one thread: the mixing layers' seed generators are not safe to share between threads."""
+
+    def __init__(self, batches: SplitBatches, mix: Callable):
+        super().__init__()
+        self.batches, self.mix = batches, mix
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.mix(*self.batches[index])
+        return np.asarray(images), np.asarray(labels)
+
+    def on_epoch_end(self) -> None:
+        self.batches.on_epoch_end()
 
 
 def compile_model(model: keras.Model, learning_rate: float, label_smoothing: float,
@@ -370,9 +439,7 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     with strategy.scope():
         model = models.build_classifier(
             model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
-            dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"],
-            seed=seed, intensity_augment=hp["intensity_augment"],
-            standardize=bool(hp["standardize"]))
+            seed=seed, **classifier_options(hp))
     check_state(state.root, {
         "state_format": STATE_FORMAT, "model_name": model_name, "hparams": hp, "epochs": epochs,
         "batch_size": batch_size, "seed": seed,
@@ -382,7 +449,9 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     }, JOB_FILE, "training job")
     (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
     global_batch = batch_size * strategy.num_replicas_in_sync
-    train_ds = make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed)
+    train_ds = with_mixing(
+        make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed),
+        hp["mixup"], hp["cutmix"], seed)
     val_ds = make_dataset(val_split, num_classes, global_batch)
     weights_by_class = (class_weights(train_split.labels, num_classes)
                         if hp["class_weighting"] else None)
@@ -420,10 +489,13 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         for key, values in record["history"].items():
             history.setdefault(key, []).extend(values)
     val_probs = model.predict(val_ds, verbose=0)
-    threshold = None
+    threshold = calibration = None
     if num_classes == 2:
         threshold = metrics.choose_threshold(val_split.labels, val_probs[:, 1],
                                              target_sensitivity=target_sensitivity)
+        fitted = prevalence.calibration_or_none(val_split.labels, val_probs[:, 1],
+                                                "split 'val'")
+        calibration = fitted.as_dict() if fitted else None
 
     model.save(output / MODEL_FILE)
     (output / HISTORY_FILE).write_text(json.dumps({"history": history, "phases": phases},
@@ -438,6 +510,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
         "threshold_method": (None if threshold is None else "youden" if target_sensitivity is None
                              else f"sensitivity>={target_sensitivity}"),
         "target_sensitivity": target_sensitivity,
+        # Platt scaling on val: `lungxray predict` estimates a target set's prevalence with it.
+        "calibration": calibration,
         "image_size": manifest["image_size"],
         "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
         "channels": manifest["channels"],

@@ -43,6 +43,7 @@ import pandas as pd
 import tensorflow as tf
 
 from lungxray import (
+    artifacts,
     data,
     features,
     integrity,
@@ -55,16 +56,18 @@ from lungxray import (
 )
 from lungxray.errors import ConfigError, quote
 from lungxray.train import (
+    DEFAULT_HPARAMS,
     MONITOR,
     ValidationAUC,
     check_state,
     class_weights,
+    classifier_options,
     compile_model,
     make_dataset,
     merge_hparams,
 )
 
-BEST_FILE = "best_hparams.json"
+BEST_FILE = artifacts.BEST_HPARAMS_FILE
 TRIALS_FILE = "trials.csv"
 PLOT_FILE = "tuning.png"
 SUMMARY_FILE = "summary.html"
@@ -135,10 +138,7 @@ class FullHyperModel(_WeightedFit):
         keras.utils.set_random_seed(self.seed)
         model = models.build_classifier(
             self.model_name, self.image_size, self.channels, self.num_classes, self.weights,
-            dropout=chosen["dropout"], dense_units=chosen["dense_units"],
-            augment=chosen["augment"], seed=self.seed,
-            intensity_augment=chosen.get("intensity_augment", 0.0),
-            standardize=bool(chosen.get("standardize", False)))
+            seed=self.seed, **classifier_options({**DEFAULT_HPARAMS, **chosen}))
         if pretrained:
             models.set_trainable(model, 0.0)
             # Start from the very head HeadHyperModel would build, so both searches differ
@@ -172,9 +172,7 @@ class FineTuneHyperModel(_WeightedFit):
         keras.utils.set_random_seed(self.seed)
         model = models.build_classifier(
             self.model_name, self.image_size, self.channels, self.num_classes, self.weights,
-            dropout=head["dropout"], dense_units=head["dense_units"],
-            augment=chosen["augment"], seed=self.seed,
-            intensity_augment=chosen["intensity_augment"])
+            seed=self.seed, **classifier_options({**DEFAULT_HPARAMS, **head, **chosen}))
         if self._head_weights is None:  # loaded lazily: a finished search needs no head
             self._head_weights = self._head_weights_fn()
         features.copy_head(self._head_weights, model)

@@ -1,4 +1,4 @@
-"""The tuning plot (objective per trial, and the explored values against it) and the
+"""Draw the tuning plot (objective per trial, and the explored values against it) and write the
 self-contained HTML summary of a search."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from lungxray import plots, spaces  # noqa: E402
+from lungxray import pages, plots, spaces  # noqa: E402
 from lungxray.train import DEFAULT_HPARAMS  # noqa: E402
 
 PHASE_COLOURS = {"head": "tab:blue", "fine_tune": "tab:orange", "scratch": "tab:green"}
@@ -96,12 +96,6 @@ def summary_html(best: dict, table: pd.DataFrame, plot: Path,
     phases = [{"phase": name, **info} for name, info in best["phases"].items()]
     space_rows = [row for name in spaces_used for row in spaces.describe(name)]
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>Tuning {esc(best['model_name'])}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
-        "img{max-width:100%}</style></head><body>",
         f"<h1>Tuning {esc(best['model_name'])}</h1>",
         f"<p>Best {esc(best['objective'])} of the {esc(list(best['phases'])[-1])} phase, "
         f"whose trial gives the chosen hyperparameters: <b>{best['best_score']:.4f}</b> "
@@ -121,6 +115,5 @@ def summary_html(best: dict, table: pd.DataFrame, plot: Path,
         "<h2>Trials</h2>", plots.img_tag(png, "tuning plot"),
         _table(table),
         "<h2>Search spaces</h2>", _table(space_rows),
-        "</body></html>",
     ]
-    return "\n".join(parts)
+    return pages.page(f"Tuning {best['model_name']}", parts)

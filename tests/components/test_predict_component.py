@@ -38,7 +38,17 @@ def test_predict_component_writes_predictions_and_counts(shared_npz, tmp_path):
     assert np.isclose(table[["prob_normal", "prob_pneumonia"]].sum(axis=1), 1.0).all()
 
 
-def test_predict_component_builds_without_the_pipeline_calling_it():
+def test_without_a_source_the_step_only_says_so(tmp_path):
+    out = Artifact(name="predictions", uri=str(tmp_path / "predictions"))
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))
+    predict(model=Model(name="model", uri=str(tmp_path / "no-model")), source="",
+            predictions=out, metrics=metrics)
+    assert out.metadata == {"skipped": "no source given"}
+    assert metrics.metadata == {"n_predicted": 0}
+    assert not Path(out.path).exists()
+
+
+def test_predict_component_builds_for_an_image():
     op = components.build("registry.example/lungxray:abc").predict
     spec = op.component_spec
     assert spec.implementation.container.image == "registry.example/lungxray:abc"

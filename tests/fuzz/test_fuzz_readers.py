@@ -19,7 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lungxray import data, images, sources
+from lungxray import data, images, prepare, sources
 from lungxray import limits as limiting
 from lungxray.errors import DataError
 from tests.data_helpers import tree_digest
@@ -255,9 +255,9 @@ def test_fuzz_preprocess_writes_only_its_output(files, skip_bad):
         before = tree_digest(root)
         output = Path(tmp) / "out" / "prepared"
         try:
-            manifest = data.preprocess(str(root), output, image_size=16, seed=0,
-                                       val_fraction=0.25, test_fraction=0.25,
-                                       skip_bad=skip_bad, limits=SMALL, workers=2)
+            manifest = prepare.preprocess(str(root), output, image_size=16, seed=0,
+                                          val_fraction=0.25, test_fraction=0.25,
+                                          skip_bad=skip_bad, limits=SMALL, workers=2)
             assert data.is_prepared(output) and len(manifest["skipped"]) <= len(files)
         except DataError as err:
             assert_one_line(err)

@@ -27,7 +27,8 @@ def load(path):
 def test_cluster_pipeline_shape(tmp_path):
     spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=True))
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"preprocess", "for-loop-1", "compare", "challenge", "condition-2"}
+    assert set(root) == {"preprocess", "for-loop-1", "compare", "challenge", "condition-2",
+                         "predict"}
     loop = root["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--base_models"
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -42,6 +43,11 @@ def test_cluster_pipeline_shape(tmp_path):
     # The champion gate: challenge after compare, promote only under its "promote" verdict.
     assert sorted(root["challenge"]["dependentTasks"]) == ["compare", "preprocess"]
     assert root["challenge"]["cachingOptions"] == {}  # caching off: the champion changes
+    # The target site's prevalence: the pick predicts target_data after compare.
+    assert root["predict"]["dependentTasks"] == ["compare"]
+    assert root["predict"]["taskInfo"]["name"] == "target-prevalence"
+    assert (root["predict"]["inputs"]["parameters"]["source"]["componentInputParameter"]
+            == "target_data")
     gate = root["condition-2"]
     assert "promote" in gate["triggerPolicy"]["condition"]
     assert set(spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]) == {"promote"}
@@ -132,9 +138,14 @@ def test_profiles_only_use_real_parameters():
     defaults = pipeline_defaults()
     for name, profile in PROFILES.items():
         assert set(profile) <= set(defaults), name
-        assert resolve_params(name)["base_models"] == DEFAULT_MODELS
-        assert "SmallCNN" in resolve_params(name)["base_models"]
+        models = resolve_params(name)["base_models"]
+        # The from-scratch baseline beside ImageNet backbones in every profile.
+        assert "SmallCNN" in models and {"VGG16", "InceptionV3"} <= set(models)
+        assert set(models) <= set(DEFAULT_MODELS)
         assert resolve_params(name)["shifted_test_fraction"] == 0.1
+    assert resolve_params("quick")["base_models"] == DEFAULT_MODELS
+    assert resolve_params("cluster")["base_models"] == DEFAULT_MODELS
+    assert "ResNet152V2" not in resolve_params("full")["base_models"]
 
 
 def test_platform_settings_for_a_managed_cluster(tmp_path):

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from bench.run import accuracy
 from pipelines.local import run_local
 from pipelines.profiles import resolve_params
 
-MODELS = ["VGG16", "MobileNetV3Small"]
+# SmallCNN learns something in one epoch on 120 images, so the pick has calibratable
+# validation scores and the target-prevalence step has an estimate to make.
+MODELS = ["VGG16", "SmallCNN"]
 
 
 def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
+    with np.load(shared_npz) as npz:  # a "target site": 50 unlabelled val images
+        np.savez(tmp_path / "target.npz", images=npz["val_images"][:50])
     params = resolve_params("quick", {
         "data_source": str(shared_npz), "weights": "none", "base_models": MODELS,
         "image_size": 32, "max_per_split": 120, "epochs": 1, "tune_trials": 1, "tune_epochs": 1,
         "champion_uri": str(tmp_path / "champion"), "robustness_samples": 40,
+        "target_data": str(tmp_path / "target.npz"),
     })
     report = run_local(params, tmp_path / "root")
     run_dir = report.parent.parent  # <root>/<run>/compare/report
@@ -75,3 +82,11 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     assert record["run_id"] == decision["run_id"] and record["model_name"] == expected
     assert json.loads((home / "model" / "model_info.json").read_text())["model_name"] == expected
     assert "## Champion vs challenger" in (home / "model_card.md").read_text()
+
+    # The pick predicted the target site's images and estimated their prevalence by EM.
+    target = run_dir / "predict" / "predictions"
+    assert len((target / "predictions.csv").read_text().splitlines()) == 51
+    assert best_info["calibration"] is not None, val_auc
+    estimate = json.loads((target / "prevalence.json").read_text())
+    assert estimate["n"] == 50 and estimate["ci"][0] <= estimate["estimate"] <= estimate["ci"][1]
+    assert estimate["validation_prevalence"] == best_info["calibration"]["prior"]

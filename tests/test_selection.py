@@ -1,0 +1,424 @@
+"""lungxray.selection on fake trial dirs that follow the train/evaluate file contract: loading
+and pairing trials, ranking on a validation metric, the ensemble candidate and the model folder
+that ships (through :func:`lungxray.report.compare`, the public entry, where files matter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lungxray import safeio, selection
+from lungxray.artifacts import Ensemble, Trial
+from lungxray.errors import ConfigError, ModelError
+from lungxray.limits import Limits
+from lungxray.report import compare
+from lungxray.selection import load_trial, pair_trials
+from tests.trial_helpers import (
+    CLASSES,
+    ENS_A,
+    ENS_B,
+    GOOD,
+    MID,
+    POOR,
+    Y,
+    add_robustness,
+    make_trial,
+    three_trials,
+)
+
+
+@pytest.fixture
+def trials(tmp_path: Path) -> list[Path]:
+    return three_trials(tmp_path)
+
+
+def test_compare_selects_on_validation_not_test(trials: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    summary = compare(trials, out)
+    assert summary["best_model"] == "VGG16"
+    assert summary["select_metric"] == "val_roc_auc"
+    assert summary["select_value"] == pytest.approx(1.0)
+    # The top-2 ensemble (VGG16 + ResNet152V2) ties VGG16 at 1.0; the single model wins the tie.
+    assert [r["model_name"] for r in summary["ranking"]] == [
+        "VGG16", "Ensemble-top2", "ResNet152V2", "InceptionV3"]
+    assert [r["value"] for r in summary["ranking"]] == pytest.approx([1.0, 1.0, 8 / 9, 6 / 9])
+    assert summary["best_is_ensemble"] is False
+    # The test split would have chosen another model.
+    assert summary["best_model_scores"]["test_roc_auc"] == pytest.approx(6 / 9)
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_best_model_is_a_real_copy(trials: list[Path], tmp_path: Path) -> None:
+    # Links at both levels (pair_trials' dir link, a link to a file inside model/) are
+    # dereferenced: best_model/ holds regular files only.
+    model = trials[1] / "model"
+    (model / "inner.bin").write_bytes(b"inner")
+    (model / "alias.bin").symlink_to(model / "inner.bin")
+    paired = pair_trials([t / "model" for t in trials], [t / "eval" for t in trials], None,
+                         tmp_path / "work")
+    out = tmp_path / "report"
+    compare(paired, out)
+    best = out / "best_model"
+    assert not best.is_symlink()
+    assert (best / "model.keras").read_bytes() == b"fake keras model VGG16"
+    assert (best / "alias.bin").read_bytes() == b"inner"
+    assert not any(p.is_symlink() for p in best.rglob("*"))
+    assert json.loads((best / "model_info.json").read_text())["model_name"] == "VGG16"
+    assert sorted(p.name for p in best.iterdir()) == sorted(
+        p.name for p in (tmp_path / "trials" / "VGG16" / "model").iterdir())
+
+
+@pytest.mark.parametrize("target", ["outside", "/dev/zero"])
+def test_best_model_never_follows_a_link_out(trials: list[Path], tmp_path: Path,
+                                             target: str) -> None:
+    # Issue 26: a link in model/ to a file outside was copied into best_model/; /dev/zero
+    # filled the disk. Refused in one line, nothing written, the fixed trial then compares.
+    keras = trials[1] / "model" / "model.keras"
+    original = keras.read_bytes()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of the model")
+    keras.unlink()
+    keras.symlink_to(outside if target == "outside" else Path(target))
+    out = tmp_path / "report"
+    with pytest.raises(ModelError, match="model.keras' links outside the folder"):
+        compare(trials, out)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".report.build-*"))
+    if target == "outside":  # the corrected trial compares (once: a compare takes ~10 s)
+        keras.unlink()
+        keras.write_bytes(original)
+        assert compare(trials, out)["best_model"] == "VGG16"
+
+
+def test_copy_model_folder_bounds(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "w.bin").write_bytes(b"x" * 1000)
+    os.mkfifo(source / "pipe")
+    with pytest.raises(ModelError, match="'pipe' is not a regular file"):
+        safeio.copy_model_folder(source, tmp_path / "a")
+    (source / "pipe").unlink()
+    (source / "loop").symlink_to(source / "sub", target_is_directory=True)
+    with pytest.raises(ModelError, match="is a link to a folder"):
+        safeio.copy_model_folder(source, tmp_path / "a")
+    (source / "loop").unlink()
+    with pytest.raises(ModelError, match="holds more than 999 bytes"):
+        safeio.copy_model_folder(source, tmp_path / "a", Limits(max_model_folder_bytes=999))
+    assert not (tmp_path / "a").exists()
+    safeio.copy_model_folder(source, tmp_path / "a")
+    assert (tmp_path / "a" / "sub" / "w.bin").read_bytes() == b"x" * 1000
+
+
+def test_select_on_test_is_refused(trials: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match="never select on the test split"):
+        compare(trials, out, select_metric="test_roc_auc")
+    with pytest.raises(ValueError, match="val_"):
+        compare(trials, out, select_metric="roc_auc")
+    with pytest.raises(ValueError, match="not one of"):
+        compare(trials, out, select_metric="val_threshold")
+    assert not out.exists()
+
+
+def test_lower_is_better_metric(trials: list[Path], tmp_path: Path) -> None:
+    briers = {t.name: np.mean((np.array(s) - Y) ** 2)
+              for t, s in zip(trials, (MID, GOOD, POOR), strict=True)}
+    summary = compare(trials, tmp_path / "report", select_metric="val_brier")
+    assert summary["best_model"] == min(briers, key=briers.get)
+    assert summary["select_value"] == pytest.approx(min(briers.values()))
+
+
+def test_ties_are_broken_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, n, {"val": GOOD, "test": GOOD}) for n in ("Zeta", "Alpha", "Mid")]
+    summary = compare(dirs, tmp_path / "report")
+    # Single models before the (equally good) ensemble, then by name.
+    assert [r["model_name"] for r in summary["ranking"]] == ["Alpha", "Mid", "Zeta",
+                                                             "Ensemble-top2"]
+    assert [r["rank"] for r in summary["ranking"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("metric", "values", "expected"), [
+    ("val_roc_auc", [0.9, None, 0.95], ["C", "A", "B"]),  # higher is better
+    ("val_brier", [0.2, None, 0.1], ["C", "A", "B"]),  # lower is better
+])
+def test_undefined_select_metric_ranks_last(metric, values, expected) -> None:
+    table = pd.DataFrame({"model_name": ["A", "B", "C"], metric: values})
+    assert selection.rank_models(table, metric)["model_name"].tolist() == expected
+
+
+def test_a_metric_undefined_for_every_trial_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    labels = {"val": np.zeros(6, dtype=int)}
+    a = make_trial(root, "A", {"val": GOOD, "test": GOOD}, labels=labels)
+    with pytest.raises(ValueError, match="undefined for every trial"):
+        compare([a], tmp_path / "report")
+
+
+def test_multiclass_trials(tmp_path: Path) -> None:
+    classes = ["normal", "bacterial", "viral"]
+    y = np.array([0, 1, 2, 0, 1, 2])
+    eye = np.eye(3) * 0.7 + 0.1
+    good = eye[y]
+    bad = eye[(y + 1) % 3]
+    labels = {"val": y, "test": y}
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "Good", {"val": good, "test": bad}, classes=classes, labels=labels),
+            make_trial(root, "Bad", {"val": bad, "test": good}, classes=classes, labels=labels)]
+    summary = compare(dirs, tmp_path / "report", select_metric="val_accuracy")
+    assert summary["best_model"] == "Good"
+    df = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert df["val_threshold"].isna().all()
+
+
+def test_load_trial_names_missing_file(trials: list[Path]) -> None:
+    (trials[1] / "eval" / "test" / "predictions.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"predictions\.csv.*VGG16"):
+        load_trial(trials[1])
+    (trials[2] / "model" / "history.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"history\.json.*InceptionV3"):
+        load_trial(trials[2])
+
+
+def test_load_trial_reads_contract(trials: list[Path]) -> None:
+    t = load_trial(trials[1])
+    assert isinstance(t, Trial) and t.model_name == "VGG16" and t.members == []
+    assert list(t.splits) == ["val", "test"]
+    assert t.phases[1]["name"] == "finetune"
+    assert t.tune_dir is None
+    assert t.splits["val"].metrics["roc_auc"] == pytest.approx(1.0)
+    assert t.splits["val"].dir == trials[1] / "eval" / "val"
+    assert t.splits["test"].robustness is None
+
+
+def test_different_validation_data_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    a = make_trial(root, "A", {"val": GOOD})
+    b = make_trial(root, "B", {"val": GOOD}, labels={"val": np.array([0, 0, 1, 1, 1, 1])})
+    with pytest.raises(ValueError, match="same data"):
+        compare([a, b], tmp_path / "report")
+
+
+def test_duplicate_trial_names_are_refused(tmp_path: Path) -> None:
+    a = make_trial(tmp_path / "one", "VGG16", {"val": GOOD})
+    b = make_trial(tmp_path / "two", "VGG16", {"val": MID})
+    with pytest.raises(ValueError,
+                       match=r"duplicate model names across trial dirs: \['VGG16'\]"):
+        compare([a, b], tmp_path / "report")
+
+
+# --------------------------------------------------------------------------- pair_trials
+
+
+def test_pair_trials_shuffled(trials: list[Path], tmp_path: Path) -> None:
+    models = [t / "model" for t in trials]
+    evals = [t / "eval" for t in trials]
+    random.Random(1).shuffle(models)
+    evals.reverse()
+    paired = pair_trials(models, evals, None, tmp_path / "work")
+    assert [p.name for p in paired] == ["InceptionV3", "ResNet152V2", "VGG16"]
+    for p in paired:
+        assert (p / "model").resolve() == (tmp_path / "trials" / p.name / "model").resolve()
+        assert (p / "eval").resolve() == (tmp_path / "trials" / p.name / "eval").resolve()
+        assert not (p / "tune").exists()
+        assert load_trial(p).model_name == p.name
+    assert compare(paired, tmp_path / "report")["best_model"] == "VGG16"
+
+
+def test_pair_trials_with_tune_dirs(trials: list[Path], tmp_path: Path) -> None:
+    tunes = []
+    for t in trials[:2]:
+        d = tmp_path / "tune" / f"out-{len(tunes)}"
+        d.mkdir(parents=True)
+        (d / "best_hparams.json").write_text(json.dumps({"model_name": t.name, "hparams": {}}))
+        tunes.append(d)
+    paired = pair_trials([t / "model" for t in trials], [t / "eval" for t in trials],
+                         list(reversed(tunes)), tmp_path / "work")
+    by_name = {p.name: p for p in paired}
+    assert (by_name["ResNet152V2"] / "tune").resolve() == tunes[0].resolve()
+    assert (by_name["VGG16"] / "tune").resolve() == tunes[1].resolve()
+    assert not (by_name["InceptionV3"] / "tune").exists()
+
+
+def test_pair_trials_duplicates(trials: list[Path], tmp_path: Path) -> None:
+    models = [t / "model" for t in trials] + [trials[1] / "model"]
+    with pytest.raises(ValueError, match="duplicate.*VGG16"):
+        pair_trials(models, [t / "eval" for t in trials], None, tmp_path / "work")
+    evals = [t / "eval" for t in trials] + [trials[0] / "eval"]
+    with pytest.raises(ValueError, match="duplicate.*ResNet152V2"):
+        pair_trials([t / "model" for t in trials], evals, None, tmp_path / "work")
+
+
+def test_pair_trials_unmatched(trials: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="models without evaluation.*InceptionV3"):
+        pair_trials([t / "model" for t in trials], [t / "eval" for t in trials[:2]], None,
+                    tmp_path / "work")
+    with pytest.raises(ValueError, match="evaluations without model.*VGG16"):
+        pair_trials([trials[0] / "model"], [t / "eval" for t in trials[:2]], None,
+                    tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+def test_ensemble_is_the_members_mean_with_its_own_val_threshold(
+    trials: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    compare(trials, out)
+    ens_val = json.loads((out / "ensemble" / "val" / "metrics.json").read_text())
+    ens_test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
+    # Top 2 on val_roc_auc: VGG16 (GOOD) and ResNet152V2 (MID). Mean on val:
+    # [.1, .2, .525, .7, .8, .9] -> perfect split, most conservative threshold 0.7.
+    assert ens_val["threshold"] == pytest.approx(0.7)
+    assert ens_val["roc_auc"] == pytest.approx(1.0)
+    # Mean on test of POOR (VGG16) and GOOD (ResNet152V2): [.1, .525, .525, .7, .8, .9];
+    # at 0.7 every sample is right.
+    assert ens_test["threshold"] == pytest.approx(0.7)
+    assert ens_test["confusion_matrix"] == [[3, 0], [0, 3]]
+    preds = pd.read_csv(out / "ensemble" / "test" / "predictions.csv")
+    assert preds["prob_pneumonia"].tolist() == pytest.approx([.1, .525, .525, .7, .8, .9])
+    assert ens_test["ci"]["roc_auc"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ensemble"]["members"] == ["VGG16", "ResNet152V2"]
+
+
+def test_winning_ensemble_becomes_best_model(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "A", {"val": ENS_A, "test": ENS_A}),
+            make_trial(root, "B", {"val": ENS_B, "test": ENS_B}),
+            make_trial(root, "C", {"val": POOR, "test": POOR})]
+    out = tmp_path / "report"
+    summary = compare(dirs, out)
+    assert summary["best_model"] == "Ensemble-top2" and summary["best_is_ensemble"]
+    assert summary["select_value"] == pytest.approx(1.0)
+    best = out / "best_model"
+    spec = json.loads((best / "ensemble.json").read_text())
+    assert spec["members"] == ["A", "B"] and spec["kind"] == "mean_probability"
+    assert spec["class_names"] == CLASSES and spec["image_size"] == 32
+    # Threshold chosen on the ensemble's own val probabilities (both classes perfectly split:
+    # negatives up to 0.425, positives from 0.55 -> the highest perfect threshold is 0.55).
+    assert spec["threshold"] == pytest.approx(0.55)
+    for name in ("A", "B"):
+        member = best / "members" / name
+        assert (member / "model.keras").read_bytes() == f"fake keras model {name}".encode()
+        assert json.loads((member / "model_info.json").read_text())["model_name"] == name
+    assert json.loads((best / "model_info.json").read_text()) == spec
+    assert (out / "model_card.md").read_text().startswith("# Model card: Ensemble-top2")
+
+
+def test_ensemble_threshold_can_target_a_sensitivity(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "A", {"val": ENS_A}), make_trial(root, "B", {"val": ENS_B})]
+    summary = compare(dirs, tmp_path / "report", ensemble_k=2, target_sensitivity=0.6)
+    # Ensemble val positives score .55, .75, .9: sensitivity 2/3 >= 0.6 first at 0.75.
+    assert summary["ensemble"]["threshold"] == pytest.approx(0.75)
+    assert summary["ensemble"]["target_sensitivity"] == 0.6
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        compare(dirs, tmp_path / "r2", target_sensitivity=1.5)
+    # Members whose thresholds were chosen for a target sensitivity pass it on.
+    extra = {"threshold_method": "sensitivity>=0.6"}
+    dirs = [make_trial(root / "t", "A", {"val": ENS_A}, info_extra=extra),
+            make_trial(root / "t", "B", {"val": ENS_B}, info_extra=extra)]
+    inherited = compare(dirs, tmp_path / "r3")["ensemble"]
+    assert inherited["threshold"] == pytest.approx(0.75)
+    assert inherited["threshold_method"] == "sensitivity>=0.6"
+
+
+def test_ensemble_skipped_with_reason(tmp_path: Path) -> None:
+    root = tmp_path / "trials"
+    a = make_trial(root, "A", {"val": ENS_A})
+    # Same labels, other order: rows of the two predictions.csv do not describe the same images.
+    b = make_trial(root, "B", {"val": ENS_B}, labels={"val": np.array([1, 0, 0, 0, 1, 1])})
+    summary = compare([a, b], tmp_path / "report")
+    assert "same order" in summary["ensemble"]["skipped"]
+    # B on its labels: positive 0.1 loses to all three negatives -> AUC 6/9, below A's 8/9.
+    assert [r["model_name"] for r in summary["ranking"]] == ["A", "B"]
+    assert not (tmp_path / "report" / "ensemble").exists()
+    assert compare([a], tmp_path / "r1")["ensemble"] == {"skipped": "only one model"}
+    off = compare([a, b], tmp_path / "r0", ensemble_k=0)["ensemble"]["skipped"]
+    assert "ensemble_k=0" in off
+    page = (tmp_path / "r0" / "report.html").read_text()
+    assert "No ensemble candidate" in page
+
+
+def test_ensemble_multiclass(tmp_path: Path) -> None:
+    classes = ["normal", "bacterial", "viral"]
+    y = np.array([0, 1, 2, 0, 1, 2])
+    eye = np.eye(3) * 0.7 + 0.1
+    labels = {"val": y, "test": y}
+    root = tmp_path / "trials"
+    dirs = [make_trial(root, "Good", {"val": eye[y], "test": eye[y]}, classes=classes,
+                       labels=labels),
+            make_trial(root, "Bad", {"val": eye[(y + 1) % 3], "test": eye[y]}, classes=classes,
+                       labels=labels)]
+    summary = compare(dirs, tmp_path / "report", select_metric="val_accuracy")
+    assert summary["best_model"] == "Good"
+    ens = json.loads((tmp_path / "report/ensemble/val/metrics.json").read_text())
+    assert ens["threshold"] is None
+    # Mean of the right one-hot-ish rows and the shifted ones: true class .45, next class .45,
+    # the third .1 -> argmax ties go to the lower index.
+    expected = (eye[y] + eye[(y + 1) % 3]) / 2
+    pred = expected.argmax(axis=1)
+    assert ens["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert set(ens["per_class"]) == set(classes)
+    assert ens["per_class"]["viral"]["ci"]["recall"] is not None
+
+
+def test_selection_on_robust_auc_and_the_ensembles_robustness(tmp_path: Path) -> None:
+    # A is best on clean validation but collapses under corruption; B holds up.
+    root = tmp_path / "trials"
+    a = make_trial(root, "A", {"val": GOOD, "test": GOOD})
+    b = make_trial(root, "B", {"val": MID, "test": MID})
+    for split in ("val", "test"):
+        add_robustness(a, split, POOR)
+        add_robustness(b, split, MID)
+    assert compare([a, b], tmp_path / "clean")["best_model"] == "A"
+    out = tmp_path / "robust"
+    summary = compare([a, b], out, select_metric="val_robust_auc")
+    # Ensemble: the members' corrupted scores averaged row by row -> AUC 8/9, tying B, and a
+    # single model wins a tie.
+    assert [r["model_name"] for r in summary["ranking"]] == ["B", "Ensemble-top2", "A"]
+    assert [r["value"] for r in summary["ranking"]] == pytest.approx([8 / 9, 8 / 9, 6 / 9])
+    ens = json.loads((out / "ensemble" / "val" / "metrics.json").read_text())
+    assert ens["robustness"]["auc"]["blur"]["2"] == pytest.approx(8 / 9)
+    assert ens["robust_auc_drop"] == pytest.approx(1 - 8 / 9)
+    assert (out / "ensemble" / "val" / "robustness.png").is_file()
+    # Calibrated on its own val scores: the ensemble reports a label-free test prevalence.
+    ens_test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
+    assert 0 < ens_test["prevalence_em"] < 1 and ens_test["prevalence"] == 0.5
+    lowest = compare([a, b], tmp_path / "drop", select_metric="val_robust_auc_drop")
+    assert lowest["best_model"] == "B"  # B loses nothing; lower is better
+    page = (out / "report.html").read_text()
+    assert "Robustness to acquisition shift" in page and "robust AUC" in page
+    assert (out / "robustness_val.png").is_file()
+    card = (out / "model_card.md").read_text()
+    assert "## Robustness to acquisition shift" in card
+    assert "| blur | 0.8889 | 0.8889 | 0.8889 |" in card
+    for metric in ("val_prevalence_em", "val_deploy_ppv", "test_robust_auc"):
+        with pytest.raises(ConfigError):
+            selection.check_select_metric(metric)
+
+
+def test_select_decides_without_writing(trials: list[Path], tmp_path: Path) -> None:
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    loaded = [load_trial(t) for t in trials]
+    chosen = selection.select(loaded, "val_roc_auc", ensemble_k=2)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert chosen.best.model_name == "VGG16" and not isinstance(chosen.best, Ensemble)
+    assert isinstance(chosen.ensemble, Ensemble)
+    assert chosen.ensemble.members == ["VGG16", "ResNet152V2"]
+    assert chosen.ensemble.model_info["members"] == chosen.ensemble.members
+    assert all(s.dir is None for s in chosen.ensemble.splits.values())  # nothing saved yet
+    assert chosen.ranked["model_name"].tolist() == [r["model_name"]
+                                                    for r in chosen.summary["ranking"]]
+    assert chosen.splits == ["val", "test"] and chosen.candidates[-1] is chosen.ensemble
+    with pytest.raises(ConfigError, match="at least one trial"):
+        selection.select([], "val_roc_auc")

@@ -1,0 +1,58 @@
+"""lungxray.staging.publish: a finished output replaces the previous one whole, or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lungxray import staging
+from lungxray.artifacts import REPORT_MARKERS
+
+
+def test_a_failed_copy_fallback_puts_the_previous_report_back(tmp_path, monkeypatch):
+    """On a mount that cannot rename directories the report is copied; if that copy fails
+    half-way, the previous report comes back whole and no partial one is left."""
+    output, build = tmp_path / "report", tmp_path / ".report.build"
+    output.mkdir()
+    (output / "summary.json").write_text("old summary")
+    build.mkdir()
+    for name in ("a_chart.png", "summary.json", "report.html"):
+        (build / name).write_text(f"new {name}")
+    real_replace, real_copy = staging.os.replace, staging.shutil.copy2
+
+    def no_dir_rename(src, dst):
+        if Path(src) == build:
+            raise OSError("Operation not supported")
+        return real_replace(src, dst)
+
+    def disk_full_after_first(src, dst):
+        if Path(src).name != "a_chart.png":
+            raise OSError("No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", no_dir_rename)
+    monkeypatch.setattr(staging.shutil, "copy2", disk_full_after_first)
+    with pytest.raises(OSError, match="No space left"):
+        staging.publish(build, output, REPORT_MARKERS)
+    assert sorted(p.name for p in output.iterdir()) == ["summary.json"]
+    assert (output / "summary.json").read_text() == "old summary"
+    assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name] == []
+
+
+def test_publish_replaces_an_earlier_output_and_refuses_a_foreign_one(tmp_path):
+    output = tmp_path / "report"
+    for text in ("first", "second"):
+        build = tmp_path / f".build-{text}"
+        build.mkdir()
+        for name in REPORT_MARKERS:
+            (build / name).write_text(text)
+        staging.check_replaceable(output, REPORT_MARKERS)
+        staging.publish(build, output, REPORT_MARKERS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert (output / REPORT_MARKERS[0]).read_text() == "second"
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a report"):
+        staging.check_replaceable(foreign, REPORT_MARKERS)

@@ -43,6 +43,7 @@ def evaluate(
     from pathlib import Path
 
     from lungxray import evaluate as evaluation_lib
+    from lungxray import evaluation_report
 
     output = Path(evaluation.path)
     options = evaluation_lib.EvalOptions(robustness=robustness,
@@ -57,7 +58,7 @@ def evaluate(
         results.update(evaluation_lib.evaluate_external(Path(model.path), external_data, output,
                                                         class_map=class_map or None,
                                                         options=options))
-    for name, value in evaluation_lib.scalar_metrics(results).items():
+    for name, value in evaluation_report.scalar_metrics(results).items():
         metrics.log_metric(name, value)
     test = results["test"]
     test_classification.log_confusion_matrix(test["class_names"], test["confusion_matrix"])
@@ -67,6 +68,6 @@ def evaluate(
         test_classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
     evaluation.metadata["model_name"] = test["model_name"]
     evaluation.metadata["splits"] = list(results)
-    Path(summary.path).write_text(evaluation_lib.describe(results))
+    Path(summary.path).write_text(evaluation_report.describe(results))
     # One page for every split evaluated, external included.
-    shutil.copyfile(evaluation_lib.write_report(results, output), report.path)
+    shutil.copyfile(evaluation_report.write_report(results, output), report.path)

@@ -17,7 +17,8 @@ SLOW_MODULES = frozenset({
     "test_train.py", "test_train_jax.py", "test_tune.py", "test_tune_resume.py",
     "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
     "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
-    "test_export.py", "test_report.py", "test_selection.py", "test_metrics.py", "test_cli.py",
+    "test_export.py", "test_report.py", "test_selection.py", "test_ensemble.py",
+    "test_metrics.py", "test_cli.py",
     "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps

@@ -67,6 +67,8 @@ def _string_constants(module: str) -> dict[str, str]:
     ("data", {"MANIFEST", "FILES_INDEX"}),
     ("evaluate", {"METRICS_FILE", "PREDICTIONS_FILE", "ENSEMBLE_FILE", "MEMBERS_DIR",
                   "REPORT_FILE", "ROBUSTNESS_FILE", "ROC_FILE"}),
+    ("predictor", {"ENSEMBLE_FILE", "MEMBERS_DIR", "MODEL_FILE"}),
+    ("evaluation_report", {"REPORT_FILE"}),
 ])
 def test_no_step_spells_a_shared_file_name_itself(module, names):
     """train, tune, data and evaluate take their file names from lungxray.artifacts (read

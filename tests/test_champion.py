@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungxray import champion, data, evaluate, train
+from lungxray import champion, data, predictor, train
 from lungxray.errors import ConfigError, DataError, ModelError
 from tests.test_predict import tiny_model_dir
 
@@ -94,7 +94,7 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
 def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_path):
     old, new = two_models
     test = data.load_split(small_dataset, "test")
-    probs = {name: evaluate.load_predictor(d).predict(test.images)[0]
+    probs = {name: predictor.load_predictor(d).predict(test.images)[0]
              for name, d in (("old", old), ("new", new))}
     infos = {name: train.read_model_info(d) for name, d in (("old", old), ("new", new))}
     comparison = champion.paired_bootstrap(test.labels, probs["old"], probs["new"],
@@ -122,7 +122,7 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     assert (home / "history" / "run-1" / champion.CARD_FILE).read_text() == "# old model\n"
     assert not (home / champion.CARD_FILE).exists()  # run-2 came without a card
     assert not [p for p in home.iterdir() if p.name.startswith(".")]  # no staging left
-    reloaded = evaluate.load_predictor(champion.read_champion(home)).predict(test.images)[0]
+    reloaded = predictor.load_predictor(champion.read_champion(home)).predict(test.images)[0]
     np.testing.assert_allclose(reloaded, probs["new"], atol=1e-6)
     with pytest.raises(ConfigError, match="run run-2 was already promoted"):
         champion.promote(new, home, forced)
@@ -216,7 +216,7 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     assert second["split"] == "val" and second["comparison"]["n"] == len(val)
     assert set(second["evidence"]) == {"test"} and second["evidence"]["test"]["n"] == len(test)
     assert second["champion_state"]["run_id"] == "run-1"
-    probs = {name: evaluate.load_predictor(d).predict(val.images)[0]
+    probs = {name: predictor.load_predictor(d).predict(val.images)[0]
              for name, d in (("old", old), ("new", new))}
     assert second["comparison"]["champion"] == pytest.approx(
         roc_auc_score(val.labels, probs["old"][:, 1]))
@@ -292,8 +292,8 @@ def test_gcs_promotion_is_a_compare_and_swap(two_models, small_dataset, gcs_buck
     assert state["run_id"] == "run-1" and state["generation"] > 0
     fetched = champion.read_champion(uri, tmp_path / "cache")
     val = data.load_split(small_dataset, "val")
-    np.testing.assert_allclose(evaluate.load_predictor(fetched).predict(val.images)[0],
-                               evaluate.load_predictor(old).predict(val.images)[0], atol=1e-6)
+    np.testing.assert_allclose(predictor.load_predictor(fetched).predict(val.images)[0],
+                               predictor.load_predictor(old).predict(val.images)[0], atol=1e-6)
 
     # Two runs finish together, both compared with run-1.
     a = {**champion.challenge(new, small_dataset, uri, "run-a", n_bootstrap=50,

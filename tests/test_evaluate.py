@@ -15,7 +15,18 @@ import pytest
 from PIL import Image
 from sklearn.metrics import recall_score, roc_auc_score
 
-from lungxray import data, evaluate, gradcam, prepare, report, selection, train
+from lungxray import (
+    artifacts,
+    data,
+    ensemble,
+    evaluate,
+    evaluation_report,
+    gradcam,
+    prepare,
+    report,
+    selection,
+    train,
+)
 from tests.data_helpers import load_npz
 
 CLASSES = ["normal", "pneumonia"]
@@ -66,10 +77,10 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
                                         evaluate.GRADCAM_PER_CATEGORY)
         assert kinds == {c["label"].replace("\n", " "): c["indices"] for c in expected}
         assert sum(len(v) for v in kinds.values()) > 0
-    scalars = evaluate.scalar_metrics(results)
+    scalars = evaluation_report.scalar_metrics(results)
     assert {"val_roc_auc", "test_roc_auc", "test_accuracy", "val_threshold", "test_ece",
             "test_latency_ms", "test_roc_auc_ci_lo", "test_roc_auc_ci_hi"} <= set(scalars)
-    assert "| ROC AUC |" in evaluate.describe(results)
+    assert "| ROC AUC |" in evaluation_report.describe(results)
     page = (tmp_path / evaluate.REPORT_FILE).read_text()
     srcs = re.findall(r'src="data:image/png;base64,([^"]*)"', page)
     # two splits x (confusion, ROC, PR, reliability, Grad-CAM); no robustness chart when off
@@ -201,12 +212,12 @@ def test_saved_ensemble_is_evaluated_as_the_mean_of_its_members(
                           explain=False)
         trials.append(selection.load_trial(trial))
     ranked = selection.rank_models(selection.build_table(trials), "val_roc_auc")
-    ensemble = selection.build_ensemble(trials, ranked, "val_roc_auc", k=2)
+    candidate = ensemble.build_ensemble(trials, ranked, "val_roc_auc", k=2)
     best = tmp_path / "best_model"
-    selection.write_ensemble_model(ensemble, trials, best)
+    ensemble.write_ensemble_model(candidate, trials, best)
     results = evaluate.evaluate(best, str(small_dataset), tmp_path / "out", ["test"])
     single = json.loads((tmp_path / "trials/NetA/eval/test/metrics.json").read_text())
-    spec = json.loads((best / evaluate.ENSEMBLE_FILE).read_text())
+    spec = json.loads((best / artifacts.ENSEMBLE_FILE).read_text())
     assert results["test"]["model_name"] == "Ensemble-top2"
     assert results["test"]["threshold"] == pytest.approx(spec["threshold"])
     mine = pd.read_csv(tmp_path / "out" / "test" / evaluate.PREDICTIONS_FILE)
@@ -222,7 +233,7 @@ def test_saved_ensemble_is_evaluated_as_the_mean_of_its_members(
     # A member named in ensemble.json cannot be a model elsewhere on disk.
     escaping = tmp_path / "escaping"
     shutil.copytree(best, escaping)
-    (escaping / evaluate.ENSEMBLE_FILE).write_text(json.dumps(
+    (escaping / artifacts.ENSEMBLE_FILE).write_text(json.dumps(
         {**spec, "members": ["NetA", "../../trials/NetB/model"]}))
     with pytest.raises(ValueError, match="member '../../trials/NetB/model' is not a directory in"):
         evaluate.evaluate(escaping, str(small_dataset), tmp_path / "c")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungxray import evaluate, prevalence, robustness
+from lungxray import evaluate, evaluation_report, prevalence, robustness
 from lungxray.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def test_corrupted_auc_is_measured_on_the_same_images_as_the_clean_one(evaluated
         assert results[split]["robust_auc_drop"] == pytest.approx(
             rob["clean_auc"] - rob["mean_corrupted_auc"])
         assert (out / split / "robustness.png").stat().st_size > 1000
-    scalars = evaluate.scalar_metrics(results)
+    scalars = evaluation_report.scalar_metrics(results)
     assert {"val_robust_auc", "val_worst_corrupted_auc", "test_robust_auc_drop",
             "val_tta_roc_auc", "test_deploy_ppv", "test_prevalence_em",
             "test_prevalence_em_ci_lo"} <= set(scalars)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import data, images, pixels, pools, sources
+from lungxray import data, images, manifest_csv, pixels, pools, raw_source, sources
 from lungxray import limits as limiting
 from lungxray.errors import ConfigError, DataError
 from lungxray.prepare import preprocess
@@ -214,7 +214,7 @@ def test_csv_with_150k_labels_hits_the_class_limit_and_lookup_is_linear(tmp_path
     # With the limit raised, 30k labels scan in seconds (names.index per row was quadratic).
     (tmp_path / "labels.csv").write_text("path,label\n" + rows[:rows.index("img/30000.png")])
     many = limiting.with_overrides(limiting.DEFAULT, ["max_classes=100000"])
-    source = sources.scan_csv(tmp_path / "labels.csv", limits=many)
+    source = manifest_csv.scan_csv(tmp_path / "labels.csv", limits=many)
     assert len(source.class_names) == 30_000
     assert source.splits["train"].items[-1].label == source.class_names.index("label29999")
 
@@ -296,7 +296,7 @@ def test_npz_labels_declaring_gigabytes_are_refused_at_the_header(tmp_path):
     try:
         with pytest.raises(DataError, match=r"train_labels: declares 300000000 of int64 = "
                                             r"2,400,000,000 bytes, above the limit"):
-            sources.open_source(str(npz))
+            raw_source.open_source(str(npz))
         assert tracemalloc.get_traced_memory()[1] < 32 << 20
     finally:
         tracemalloc.stop()
@@ -320,7 +320,7 @@ def test_npz_invalid_label_headers_are_one_line_data_errors(tmp_path, member, me
     npz = hostile.write_npz(tmp_path / "bad.npz", {
         "train_images": hostile.npy(hostile.good_images()), "train_labels": member})
     with pytest.raises(DataError, match=message) as err:
-        sources.open_source(str(npz))
+        raw_source.open_source(str(npz))
     one_line(err)
 
 
@@ -333,7 +333,7 @@ def test_npz_member_with_a_damaged_local_header_is_one_line(tmp_path):
     raw[0] = 0  # the first member's local header signature
     npz.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"train_images.*cannot read \(BadZipFile: Bad magic"):
-        sources.open_source(str(npz))
+        raw_source.open_source(str(npz))
 
 
 def test_npz_image_member_has_a_pixel_limit(tmp_path):
@@ -342,9 +342,9 @@ def test_npz_image_member_has_a_pixel_limit(tmp_path):
         "train_labels": hostile.npy(hostile.good_labels(2))})
     with pytest.raises(DataError, match=r"images of 50000x50000 = 2,500,000,000 pixels, above "
                                         r"the limit of 40,000,000 \(max_image_pixels\)"):
-        sources.open_source(str(npz))
+        raw_source.open_source(str(npz))
     with pytest.raises(DataError, match="invalid .npy header"):
-        sources.open_source(str(hostile.write_npz(tmp_path / "cut.npz", {
+        raw_source.open_source(str(hostile.write_npz(tmp_path / "cut.npz", {
             "train_images": b"\x93NUMPY\x01\x00\xff", "train_labels": b""})))
 
 

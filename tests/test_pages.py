@@ -20,7 +20,7 @@ def test_page_is_one_whole_document():
     assert pages.page("t", "<p>one</p>") == pages.page("t", ["<p>one</p>"])
 
 
-@pytest.mark.parametrize("module", ["report", "evaluate", "datareport", "tune_report"])
+@pytest.mark.parametrize("module", ["report", "evaluation_report", "datareport", "tune_report"])
 def test_every_html_writer_uses_the_shared_skeleton(module):
     source = (SRC / f"{module}.py").read_text()
     assert "pages.page(" in source

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungxray import cli, evaluate, predict, train
+from lungxray import artifacts, cli, predict, train
 from lungxray import images as imaging
 from lungxray.errors import ConfigError, DataError, ModelError
 from tests.data_helpers import real_images, write_dicom
@@ -46,10 +46,10 @@ def tiny_model_dir(path: Path, seed: int = 0, channels: int = 1, size: int = SIZ
 def ensemble_dir(path: Path, members: dict[str, Path], threshold: float = 0.5) -> Path:
     """best_model/ of an ensemble as compare writes it: ensemble.json + members/<name>/."""
     for name, source in members.items():
-        shutil.copytree(source, path / evaluate.MEMBERS_DIR / name)
+        shutil.copytree(source, path / artifacts.MEMBERS_DIR / name)
     spec = {"model_name": "Ensemble-top2", "members": list(members), "class_names": CLASSES,
             "threshold": threshold, "image_size": SIZE, "channels": 1}
-    (path / evaluate.ENSEMBLE_FILE).write_text(json.dumps(spec))
+    (path / artifacts.ENSEMBLE_FILE).write_text(json.dumps(spec))
     (path / train.INFO_FILE).write_text(json.dumps(spec))
     return path
 

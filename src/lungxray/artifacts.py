@@ -153,6 +153,16 @@ class Ensemble(Trial):
         return list(self.member_names)
 
 
+def model_size_mb(trial: Trial) -> float | None:
+    """The trial's MODEL_FILE in MB; for an ensemble, the ``size_mb`` its model_info records."""
+    if trial.members:
+        return trial.model_info.get("size_mb")
+    if trial.model_dir is None:
+        return None
+    path = Path(trial.model_dir) / MODEL_FILE
+    return round(path.stat().st_size / 1e6, 3) if path.is_file() else None
+
+
 # --------------------------------------------------------------------------- metrics
 
 

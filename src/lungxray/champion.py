@@ -165,7 +165,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     return the decision record. Decided on validation (like every selection here); every
     other split of the dataset (test, a shifted test) is compared and reported beside it.
     Without ``champion_uri`` the decision is ``skip``; with an empty one, ``promote``."""
-    from lungxray import evaluate, integrity
+    from lungxray import integrity, predictor
     from lungxray.train import read_model_info
 
     check_run_id(run_id)
@@ -183,7 +183,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     manifest = integrity.read_manifest(Path(data_dir))
     if DECISION_SPLIT not in manifest["splits"]:
         raise DataError(f"{data_dir}: has no {DECISION_SPLIT} split to decide on")
-    predictors = [evaluate.load_predictor(d) for d in (champion_dir, challenger_dir)]
+    predictors = [predictor.load_predictor(d) for d in (champion_dir, challenger_dir)]
     compared: dict[str, Any] = {}
     for split in [DECISION_SPLIT, *(s for s in manifest["splits"] if s != DECISION_SPLIT)]:
         if split == "train":

@@ -7,7 +7,6 @@ its classes differently: ``class_map`` maps its class names onto the model's.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
@@ -27,8 +26,6 @@ from lungxray import (
     gradcam,
     integrity,
     metrics,
-    models,
-    pages,
     plots,
     prepare,
     prevalence,
@@ -37,30 +34,21 @@ from lungxray import (
     staging,
 )
 from lungxray import robustness as suite  # module name; `robustness` is an option below
+from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
 from lungxray.artifacts import (
-    AT_HALF,
-    ENSEMBLE_FILE,
-    EVAL_CI_METRICS,
-    EVAL_METRICS,
-    MEMBERS_DIR,
     METRICS_FILE,
-    MODEL_FILE,
-    PLOT_FILES,
     PREDICTIONS_FILE,
     ROBUSTNESS_FILE,
     ROC_FILE,
-    label,
     split_order,
 )
-from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
-from lungxray.errors import ConfigError, DataError, ModelError, quote, quote_repr
-from lungxray.train import read_model_info
+from lungxray.errors import ConfigError, DataError, quote, quote_repr
+from lungxray.evaluation_report import write_report
+from lungxray.predictor import PREDICT_BATCH, Predictor, device_name, load_predictor
 
 log = logging.getLogger(__name__)
 EXTERNAL_SPLIT = "external"
 MAX_ROC_POINTS = 200  # the KFP UI renders every point; a few hundred draw the same curve
-PREDICT_BATCH = 64
-PREDICT_CHUNK = 1024  # images converted to float32 at a time
 DROP = "-"  # class_map target that leaves a source class out of the evaluation
 GRADCAM_PER_CATEGORY = 4
 
@@ -78,85 +66,6 @@ def roc_points(y_true: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]
 
 
 # --------------------------------------------------------------------------- models
-
-
-@dataclass
-class Predictor:
-    """One saved model, or the members of a saved ensemble whose probabilities are averaged."""
-
-    info: dict[str, Any]
-    members: list[Any]  # keras.Model objects
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.members) > 1 or bool(self.info.get("ensemble"))
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, float]:
-        """(probabilities, wall-clock ms per image) over the whole array, members in turn.
-
-        Each member first predicts one batch untimed (graph tracing, memory allocation), so the
-        time is the steady-state cost a deployment would see.
-        """
-        n = len(images)
-        total, elapsed = None, 0.0
-        for model in self.members:
-            model.predict(np.asarray(images[:PREDICT_BATCH], dtype=np.float32),
-                          batch_size=PREDICT_BATCH, verbose=0)
-            parts = []
-            start = time.perf_counter()
-            # Slices of a (memory-mapped) split: float32 copies of a whole large set would not
-            # fit in memory. Converting them is part of the cost a deployment pays, so timed.
-            for first in range(0, n, PREDICT_CHUNK):
-                x = np.asarray(images[first:first + PREDICT_CHUNK], dtype=np.float32)
-                parts.append(model.predict(x, batch_size=PREDICT_BATCH, verbose=0))
-            elapsed += time.perf_counter() - start
-            probs = np.concatenate(parts).astype(np.float64)
-            total = probs if total is None else total + probs
-        return total / len(self.members), 1000.0 * elapsed / max(n, 1)
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Mean member probabilities of an in-memory batch, untimed and without a warm-up (the
-        corrupted and test-time views of a split, after :meth:`predict` warmed up)."""
-        x = np.asarray(images, dtype=np.float32)
-        return np.mean([m.predict(x, batch_size=PREDICT_BATCH, verbose=0) for m in self.members],
-                       axis=0).astype(np.float64)
-
-
-def _device() -> str:
-    import tensorflow as tf  # the Keras backend; already loaded with the model
-
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"GPU x{len(gpus)}" if gpus else "CPU"
-
-
-def load_predictor(model_dir: Path | str) -> Predictor:
-    """A `lungxray train` output dir, or a dir with ``ensemble.json`` and ``members/<name>/``."""
-    model_dir = Path(model_dir)
-    spec_path = model_dir / ENSEMBLE_FILE
-    if not spec_path.is_file():
-        return Predictor(read_model_info(model_dir), [models.load_model(model_dir / MODEL_FILE)])
-    spec = safeio.load_json_object(spec_path, "ensemble spec", error=ModelError)
-    names = spec.get("members")
-    if not isinstance(names, list) or not 2 <= len(names) <= schema.MAX_MODELS:
-        raise ModelError(f"{spec_path}: 'members' must list at least two member model dirs")
-    members_root = (model_dir / MEMBERS_DIR).resolve()
-    loaded = []
-    for name in names:
-        member_dir = model_dir / MEMBERS_DIR / str(name)
-        # The spec is input like any other: a member cannot point outside members/.
-        if str(name) in {"", "."} or members_root not in member_dir.resolve().parents:
-            raise ModelError(f"{spec_path}: member {quote(str(name), 60)} is not a directory in "
-                             f"{model_dir / MEMBERS_DIR}")
-        info = read_model_info(member_dir)
-        for key in ("class_names", "image_size", "channels"):
-            if info.get(key) != spec.get(key):
-                raise ModelError(f"{spec_path}: member {name} has {key}="
-                                 f"{quote_repr(info.get(key), 80)}, the ensemble "
-                                 f"{quote_repr(spec.get(key), 80)}")
-        loaded.append(models.load_model(member_dir / MODEL_FILE))
-    return Predictor({**spec, "ensemble": True}, loaded)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -427,7 +336,7 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
     result.update({"split": split_name, "model_name": info["model_name"],
                    "threshold_method": info.get("threshold_method"),
                    "latency_ms": latency_ms, "latency_batch_size": PREDICT_BATCH,
-                   "latency_device": _device(), **(extra or {})})
+                   "latency_device": device_name(), **(extra or {})})
     output.mkdir(parents=True, exist_ok=True)
     predictions = pd.DataFrame({"y_true": split.labels})
     for i, name in enumerate(class_names):
@@ -518,134 +427,3 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
                     shutil.rmtree(output / name)
                 os.replace(Path(build) / name, output / name)
     return results
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-def scalar_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """``<split>_<metric>`` (and ``_ci_lo``/``_ci_hi`` for a few) for a fixed list of metrics,
-    so every trial logs the same names; undefined values are left out."""
-    out = {}
-    for split, values in results.items():
-        for name in EVAL_METRICS:
-            if values.get(name) is not None:
-                out[f"{split}_{name}"] = float(values[name])
-        for name in EVAL_CI_METRICS:
-            ci = (values.get("ci") or {}).get(name)
-            if ci:
-                out[f"{split}_{name}_ci_lo"], out[f"{split}_{name}_ci_hi"] = map(float, ci)
-    return out
-
-
-def format_value(values: dict, name: str) -> str:
-    """``0.9123 [0.8901, 0.9302]``: the value with its 95% CI when there is one."""
-    value = values.get(name)
-    if value is None:
-        return "—"
-    ci = (values.get("ci") or {}).get(name)
-    text = f"{value:.4f}" if name != "latency_ms" else f"{value:.2f}"
-    return f"{text} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else text
-
-
-def describe(results: dict[str, dict]) -> str:
-    """A Markdown table of the headline metrics (with 95% CIs) per split."""
-    model_name = next(iter(results.values()))["model_name"]
-    names = list(results)
-    lines = [f"# {model_name}", "",
-             "Metrics at the threshold chosen on validation; 95% stratified bootstrap CIs.", "",
-             "| metric | " + " | ".join(f"{s} (n={results[s]['n']})" for s in names) + " |",
-             "|---|" + "---:|" * len(names)]
-    for name in EVAL_METRICS:
-        if any(results[s].get(name) is not None for s in names):
-            cells = [format_value(results[s], name) for s in names]
-            lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
-    at_half = [s for s in names if results[s].get("at_0.5")]
-    if at_half:
-        lines += ["", "At threshold 0.5 (for comparison with published MedMNIST numbers):", "",
-                  "| metric | " + " | ".join(at_half) + " |", "|---|" + "---:|" * len(at_half)]
-        for name in AT_HALF:
-            cells = [f"{results[s]['at_0.5'][name]:.4f}" for s in at_half]
-            lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
-    for split in names:
-        lines += ["", *(f"- **{split}**: {text}" for text in evidence_lines(results[split]))]
-    return "\n".join(lines) + "\n"
-
-
-def _f(value: Any) -> str:
-    return "—" if value is None else f"{float(value):.4f}"
-
-
-def evidence_lines(values: dict) -> list[str]:
-    """Plain sentences on one split's robustness, TTA and prevalence evidence (those present)."""
-    lines = []
-    rob = values.get("robustness")
-    if rob:
-        lines.append(
-            f"Robustness to acquisition shift ({len(rob['auc'])} corruptions x "
-            f"{len(rob['severities'])} severities, MedMNIST-C categories, on {rob['n']} "
-            f"images): clean ROC AUC {_f(rob['clean_auc'])}, mean corrupted "
-            f"{_f(rob['mean_corrupted_auc'])} (drop {_f(rob['drop'])}), worst "
-            f"{_f(rob['worst_corrupted_auc'])} ({rob['worst_corruption']}); inverted polarity "
-            f"(a reader bug, not in the mean): "
-            f"{_f((rob['auc'].get('invert') or {}).get('1'))}. Took {rob.get('seconds')} s.")
-    tta = values.get("tta")
-    if tta:
-        lines.append(f"Test-time augmentation ({len(tta['views'])} views, no flips): ROC AUC "
-                     f"{_f(tta['roc_auc'])} vs {_f(tta['roc_auc_plain'])} without "
-                     f"(gain {_f(tta['gain'])}); headline metrics use the plain predictions.")
-    point = values.get("operating_point")
-    if point:
-        lines.append(
-            f"At a deployment prevalence of {point['deployment_prevalence']:.3f} (validation: "
-            f"{point['validation_prevalence']:.3f}) the Bayes rule (calibrated posterior >= "
-            f"0.5) puts the threshold at {_f(point['threshold'])}: sensitivity "
-            f"{_f(point['sensitivity'])}, specificity {_f(point['specificity'])}, PPV "
-            f"{_f(point['ppv'])}, NPV {_f(point['npv'])} at that prevalence.")
-    est = values.get("prevalence_estimate")
-    if est:
-        ci = est.get("ci") or [None, None]
-        lines.append(
-            f"Prevalence estimated without labels (EM on validation-calibrated scores): "
-            f"{_f(est['estimate'])} [95% CI {_f(ci[0])}, {_f(ci[1])}]; true "
-            f"{_f(est.get('true_prevalence'))}; validation {_f(est['validation_prevalence'])}.")
-    return lines
-
-
-def _png_tag(path: Path, alt: str) -> str:
-    b64 = plots.png_base64(path)
-    return plots.img_tag(b64, alt) if b64 else ""
-
-
-def report_html(results: dict[str, dict], output: Path) -> str:
-    """A self-contained HTML page (images embedded) of one model's evaluation."""
-    model_name = str(next(iter(results.values()))["model_name"])
-    rows = "".join(
-        f"<tr><td>{html.escape(label(m))}</td>"
-        + "".join(f"<td>{html.escape(format_value(results[s], m))}</td>" for s in results)
-        + "</tr>"
-        for m in EVAL_METRICS if any(results[s].get(m) is not None for s in results))
-    head = "".join(f"<th>{html.escape(s)} (n={results[s]['n']})</th>" for s in results)
-    parts = [
-        f"<h1>{html.escape(model_name)}</h1>",
-        "<p>Metrics at the decision threshold chosen on validation (never on the split shown), "
-        "with 95% stratified bootstrap confidence intervals.</p>",
-        f"<table><tr><th>metric</th>{head}</tr>{rows}</table>",
-    ]
-    for split, values in results.items():
-        parts.append(f"<h2>{html.escape(split)}</h2>")
-        parts += [f"<p>{html.escape(line)}</p>" for line in evidence_lines(values)]
-        for name in PLOT_FILES:
-            parts.append(_png_tag(output / split / name, f"{model_name} {split} {name[:-4]}"))
-        if values.get("gradcam") is None:
-            parts.append("<p>No Grad-CAM grid: not drawn for ensembles (no single feature map) "
-                         "or when explanations are switched off.</p>")
-    parts.append("<p>Research software, not a medical device.</p>")
-    return pages.page(f"{model_name} evaluation", parts)
-
-
-def write_report(results: dict[str, dict], output: Path) -> Path:
-    """``<output>/report.html`` for the splits just evaluated."""
-    path = Path(output) / REPORT_FILE
-    path.write_text(report_html(results, Path(output)), encoding="utf-8")
-    return path

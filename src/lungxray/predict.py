@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
-from lungxray import artifacts, prevalence, safeio, sources
+from lungxray import artifacts, prevalence, raw_source, safeio, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray.errors import ConfigError, DataError, ModelError, quote
@@ -170,7 +170,7 @@ def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...]]]:
 def list_source(source: str, cache_dir: Path | None = None) -> tuple[Path, list[Entry]]:
     """(local root, entries) of a folder, CSV, ``.npz`` or ``gs://`` URI of any of them.
     Only paths are listed here; no image is read."""
-    path = sources.resolve(source, cache_dir)
+    path = raw_source.resolve(source, cache_dir)
     if not path.exists():
         raise DataError(f"{quote(source)}: no such file or directory")
     if path.is_dir():
@@ -506,7 +506,7 @@ def _target_prevalence(calibration: Any, class_names: list[str], scores: np.ndar
 
 def _load(model_dir: Path):
     """The predictor; a folder that holds no model is a one-line ModelError."""
-    from lungxray.evaluate import load_predictor
+    from lungxray.predictor import load_predictor
 
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: no such model directory")

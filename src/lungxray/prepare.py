@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungxray import datareport, shift, sources
+from lungxray import datareport, raw_source, shift, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray import splits as splitting
@@ -265,7 +265,7 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
         _check_image_size(shown, image_size, limits)
     output = Path(output)
     _check_output(output)
-    src = sources.open_source(source, class_names, cache_dir, limits)
+    src = raw_source.open_source(source, class_names, cache_dir, limits)
     _check_outside_source(shown, src, output)
     floor = max(MIN_IMAGE_SIZE, min_size)
     # An npz keeps its own size by default, capped: (N, 8, 200000) images would need 40 GB each.

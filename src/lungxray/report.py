@@ -44,6 +44,7 @@ from lungxray.artifacts import (
     Trial,
     split_order,
 )
+from lungxray.ensemble import write_ensemble_eval
 from lungxray.modelcard import model_card
 from lungxray.plots import (
     img_tag,
@@ -65,7 +66,6 @@ from lungxray.selection import (
     load_trial,
     save_best_model,
     select,
-    write_ensemble_eval,
 )
 
 TITLE = "lungxray model comparison"

@@ -201,6 +201,13 @@ def check_keras_archive(path: Path, limits: Limits = DEFAULT) -> None:
 # --------------------------------------------------------------------------- model folders
 
 
+def check_dir_name(name: str) -> None:
+    """Refuse a model name that cannot be a single directory name (empty, ``.``/``..``, a path
+    separator, hidden)."""
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+        raise DataError(f"model name {quote(name, 60)} cannot be used as a directory name")
+
+
 def _plan_copy(source: Path, limits: Limits) -> Iterator[tuple[Path, int]]:
     """(relative path, size) of every file to copy; refuses links out, special files and a
     total over ``max_model_folder_bytes``. Directories are walked without following links."""

@@ -2,26 +2,25 @@
 
 A source is a MedMNIST-style ``.npz``, a folder tree ``<root>/[train|val|test/]<CLASS>/...``, a
 CSV manifest ``path,label[,split][,patient_id]``, any of them on ``gs://``, or the name of a
-published dataset. :func:`open_source` returns a :class:`Source`: class names and, per given
+published dataset. It is described as a :class:`Source`: class names and, per given
 split, either a list of files (:class:`FileSet`) or an ``.npz`` member read in chunks
 (:class:`ArraySet`). Structural problems (missing keys, classes that differ between splits,
 paths escaping the CSV's folder, ...) are collected and raised together as one
 :class:`DataError`; problems with single files are found later, when they are decoded.
+Folders and ``.npz`` files are scanned here, CSV manifests by :mod:`lungxray.manifest_csv`;
+:mod:`lungxray.raw_source` turns a source string into a :class:`Source` through them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
-import os
-import re
 import stat
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -32,14 +31,12 @@ from lungxray.limits import DEFAULT, Limits
 SPLITS = ("train", "val", "test")
 # MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
-CSV_COLUMNS = ("path", "label")
-CSV_OPTIONAL = ("split", "patient_id")
 # Operating-system litter that is never data; hidden names (".DS_Store", "._x") are skipped too.
 JUNK = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
-__all__ = ["SPLITS", "ArraySet", "DataError", "FileSet", "Item", "Source", "open_source",
-           "problems_error", "safe_name", "scan_csv", "scan_folder", "scan_npz"]
+__all__ = ["SPLITS", "ArraySet", "DataError", "FileSet", "Item", "Source",
+           "problems_error", "safe_name", "scan_folder", "scan_npz"]
 
 
 def problems_error(where: str, what: str, problems: list[str], hint: str = "",
@@ -454,7 +451,7 @@ def scan_folder(root: Path, class_names: list[str] | None = None,
                             f"{quote(sorted(have - set(found)))}")
     if problems:
         raise problems_error(str(root), "class folder mismatch(es) between splits", problems)
-    names = _check_class_names(str(root), "class folders", found, class_names)
+    names = check_class_names(str(root), "class folders", found, class_names)
     index = {name: i for i, name in enumerate(names)}
     real_root, outside = root.resolve(), Problems(limits.max_problems_shown)
     splits: dict[str, FileSet | ArraySet] = {}
@@ -487,7 +484,7 @@ def _check_class_folders(root: Path, found: list[str], limits: Limits) -> None:
                         f"UTF-8 or hold control characters; rename them")
 
 
-def _check_class_names(where: str, what: str, found: list[str],
+def check_class_names(where: str, what: str, found: list[str],
                        expected: list[str] | None) -> list[str]:
     """The class list to use: ``expected`` when given (``found`` must be a subset of it, so an
     external set may lack a class), else ``found`` in sorted order."""
@@ -497,257 +494,3 @@ def _check_class_names(where: str, what: str, found: list[str],
         raise DataError(f"{where}: {what} {quote(sorted(found))} differ from the expected "
                         f"{quote(expected)}")
     return list(expected)
-
-
-# ---------------------------------------------------------------------------------------------
-# CSV manifests
-# ---------------------------------------------------------------------------------------------
-
-
-def _path_problem(text: str, limits: Limits = DEFAULT) -> str | None:
-    """Why a CSV path may not be used, or None. Paths must stay inside the CSV's folder; their
-    length is checked first, so resolving one can never take long. String checks only: this
-    runs once per row of a manifest that may hold millions."""
-    if not text:
-        return "empty path"
-    if len(text) > limits.max_path_chars:
-        return (f"path {quote(text)} is longer than {limits.max_path_chars} characters "
-                f"(max_path_chars)")
-    if text[0] in "/\\" or _DRIVE.match(text):
-        return f"absolute path {quote(text)} is not allowed; paths are relative to the CSV's folder"
-    parts = _SEPARATORS.split(text)  # both '/' and '\\', as Windows tools write them
-    if ".." in parts:
-        return f"path {quote(text)} contains '..'; paths may not leave the CSV's folder"
-    if max(map(len, parts)) > limits.max_path_component:
-        return (f"path {quote(text)} has a component longer than {limits.max_path_component} "
-                f"characters (max_path_component)")
-    if "\0" in text:
-        return f"path {quote(text)} holds a NUL character"
-    return None
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:")
-_SEPARATORS = re.compile(r"[\\/]")
-
-
-def _bounded_lines(fh: IO[str], where: str, limit: int) -> Iterator[str]:
-    """The lines of a text file, refusing one longer than ``limit`` characters as soon as it is
-    seen: a 10-million-comma line is never parsed."""
-    number = 0
-    while line := fh.readline(limit + 2):  # room for "\r\n"
-        number += 1
-        if len(line.rstrip("\r\n")) > limit:
-            raise DataError(f"{where}: line {number} is longer than {limit:,} characters "
-                            f"(max_csv_line); starts {quote(line[:40])}")
-        yield line
-
-
-def _csv_records(path: Path, limits: Limits) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) rows of a CSV manifest, parsed by the csv module with
-    every size bounded: file bytes, line length, field length, fields per row, row count."""
-    size = path.stat().st_size
-    if size > limits.max_csv_bytes:
-        raise DataError(f"{path}: {size:,} bytes, above the limit of {limits.max_csv_bytes:,} "
-                        f"(max_csv_bytes)")
-    rows: list[tuple[int, list[str]]] = []
-    reader = csv.reader([])
-    if limits.max_csv_field >= csv.field_size_limit():
-        # The csv module's own (process-wide) bound, 128 KiB, would cut a raised limit short;
-        # it is only ever raised here, so other readers in the process lose nothing.
-        csv.field_size_limit(limits.max_csv_field + 1)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(_bounded_lines(fh, str(path), limits.max_csv_line),
-                                skipinitialspace=True, strict=True)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise DataError(f"{path}: empty file; expected a header path,label[,split]"
-                                f"[,patient_id]")
-            for record in reader:
-                if not record or record == [""]:
-                    continue  # blank line
-                _check_record(path, reader.line_num, record, header, len(rows), limits)
-                rows.append((reader.line_num, [value.strip() for value in record]))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line: "
-                        f"{quote(err.reason)})") from err
-    except csv.Error as err:
-        if "field larger than field limit" in str(err):  # the csv module's own bound (128 KiB)
-            raise DataError(f"{path}: line {reader.line_num} has a field longer than "
-                            f"{csv.field_size_limit():,} characters, above the limit of "
-                            f"{limits.max_csv_field} (max_csv_field)") from err
-        raise DataError(f"{path}: not a readable CSV ({quote(err)})") from err
-    return header, rows
-
-
-def _check_record(path: Path, line: int, record: list[str], header: list[str], count: int,
-                  limits: Limits) -> None:
-    """Stop at the first row over a limit, before reading on."""
-    if len(record) > len(header):
-        raise DataError(f"{path}: line {line} has {len(record):,} fields but the header has "
-                        f"{len(header)}")
-    longest = max(record, key=len)
-    if len(longest) > limits.max_csv_field:
-        raise DataError(f"{path}: line {line} has a field of {len(longest):,} characters, above "
-                        f"the limit of {limits.max_csv_field} (max_csv_field): {quote(longest)}")
-    if count >= limits.max_csv_rows:
-        raise DataError(f"{path}: more than {limits.max_csv_rows:,} rows (max_csv_rows)")
-
-
-def _row_file_problem(root: str, text: str) -> tuple[Path, str | None, str]:
-    """(resolved path, structural problem, file problem) of a CSV path that passed
-    _path_problem: a symlink out of the folder is structural, a FIFO or device the file's.
-    os.path on strings: pathlib costs a few times more per row."""
-    try:
-        resolved = os.path.realpath(os.path.join(root, text))
-    except (OSError, ValueError) as err:
-        return Path(root, text), None, f"unresolvable path ({quote(err)})"
-    if not resolved.startswith(root.rstrip(os.sep) + os.sep):
-        return Path(resolved), f"path {quote(text)} leads outside the CSV's folder (symlink)", ""
-    try:
-        mode = os.stat(resolved).st_mode
-    except (OSError, ValueError):
-        return Path(resolved), None, ""  # missing: named when it is read
-    if not stat.S_ISREG(mode):
-        return Path(resolved), None, f"not a regular file ({kind_of(mode)})"
-    return Path(resolved), None, ""
-
-
-def scan_csv(path: Path, class_names: list[str] | None = None,
-             limits: Limits = DEFAULT) -> Source:
-    """A CSV with columns ``path,label`` and optionally ``split`` and ``patient_id``; paths
-    are relative to the CSV's folder and may not leave it."""
-    header, records = _csv_records(path, limits)
-    missing = [c for c in CSV_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected path,label[,split]"
-                        f"[,patient_id], found {quote(header)}")
-    if len(set(header)) < len(header):
-        raise DataError(f"{path}: repeated column names in {quote(header)}")
-    if not records:
-        raise DataError(f"{path}: has a header but no rows")
-    column = {name: header.index(name) for name in (*CSV_COLUMNS, *CSV_OPTIONAL) if name in header}
-    root = path.parent.resolve()
-    problems = Problems(limits.max_problems_shown)
-    seen: dict[str, int] = {}
-    labels: dict[str, set[str]] = {}
-    rows: list[tuple[str, Path, str, str, str, str]] = []
-    for line, record in records:
-        record += [""] * (len(header) - len(record))
-        fields = {name: record[i] for name, i in column.items()}
-        # Backslashes are separators (exports from Windows tools); the file name is POSIX below.
-        # An over-long path stays as it is: _path_problem refuses it before any parsing.
-        raw = fields["path"]
-        text = PureWindowsPath(raw).as_posix() if 0 < len(raw) <= limits.max_path_chars else raw
-        row = _csv_row(root, line, text, fields, problems, seen, limits)
-        if row is not None:
-            rows.append(row)
-            labels.setdefault(row[3], set()).add(row[2])
-            if len(labels.get(row[3], ())) > limits.max_classes:
-                raise DataError(f"{path}: more than {limits.max_classes} distinct labels "
-                                f"(max_classes); is the label column right?")
-    if problems:
-        raise problems.error(str(path), "bad row(s)")
-    every = set().union(*labels.values())
-    if len(every) > limits.max_classes:
-        raise DataError(f"{path}: {len(every)} distinct labels, above the limit of "
-                        f"{limits.max_classes} (max_classes)")
-    for split, have in labels.items():
-        if have != every:
-            problems.add(f"split '{split}' lacks classes {quote(sorted(every - have))}")
-    if problems:
-        raise problems.error(str(path), "class mismatch(es) between splits")
-    names = _check_class_names(str(path), "labels", sorted(every), class_names)
-    index = {name: i for i, name in enumerate(names)}  # a dict: 150 000 labels stay linear
-    splits: dict[str, FileSet | ArraySet] = {
-        split: FileSet([Item(resolved, text, index[label], group, problem)
-                        for text, resolved, label, split_of, group, problem in rows
-                        if split_of == split])
-        for split in SPLITS if split in labels}
-    return Source("csv", path.parent, names, splits, flat="split" not in column,
-                  extra_hashed=[path])
-
-
-def _csv_row(root: Path, line: int, text: str, fields: dict[str, str], problems: Problems,
-             seen: dict[str, int], limits: Limits) -> tuple[str, Path, str, str, str, str] | None:
-    """(path, resolved path, label, split, patient, file problem) of one row, or None with its
-    problems added."""
-    before = problems.total
-    where = f"line {line}"
-    problem = _path_problem(text, limits)
-    resolved, file_problem = root / text, ""
-    if problem is None:
-        resolved, problem, file_problem = _row_file_problem(str(root), text)
-    if problem:
-        problems.add(f"{where}: {problem}")
-    if not fields["label"]:
-        problems.add(f"{where}: empty label")
-    split = fields.get("split", "train")
-    if split not in SPLITS:
-        problems.add(f"{where}: split {quote(split)} is not one of {list(SPLITS)}")
-    if "patient_id" in fields and not fields["patient_id"]:
-        problems.add(f"{where}: empty patient_id")
-    if text and text in seen:
-        problems.add(f"{where}: path {quote(text)} is listed more than once (first on line "
-                     f"{seen[text]})")
-    seen.setdefault(text, line)
-    if problems.total > before:
-        return None
-    return text, resolved, fields["label"], split, fields.get("patient_id", ""), file_problem
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving a source string
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve(source: str, cache_dir: Path | None = None) -> Path:
-    """A local path for ``source``: itself, a cached copy of a ``gs://`` object or prefix (for a
-    CSV: its whole folder, since the rows point into it) or a downloaded published dataset."""
-    if source.startswith("gs://"):
-        from lungxray import storage  # google-cloud-storage only loads for gs:// sources
-
-        uri = source
-        if source.lower().endswith(".csv"):
-            uri = source.rpartition("/")[0] + "/"
-        try:
-            local = storage.fetch(uri, cache_dir)
-        except (storage.StorageError, ValueError, FileNotFoundError) as err:
-            raise DataError(f"{source}: {err}") from err
-        return local / source.rpartition("/")[2] if uri != source else local
-    if re.fullmatch(r"pneumoniamnist(_\d+)?", source) and not Path(source).exists():
-        from lungxray import download
-
-        size = int(source.rpartition("_")[2]) if "_" in source else 28
-        try:
-            return download.fetch_pneumoniamnist(size, cache_dir)
-        except download.DownloadError as err:
-            raise DataError(str(err)) from err
-    return Path(source)
-
-
-def open_source(source: str, class_names: list[str] | None = None,
-                cache_dir: Path | None = None, limits: Limits = DEFAULT) -> Source:
-    """Describe ``source`` (npz, folder, CSV, on gs:// or local, or a published name)."""
-    if len(source) > limits.max_path_chars:
-        raise DataError(f"source {quote(source)} is longer than {limits.max_path_chars} "
-                        f"characters (max_path_chars)")
-    path = resolve(source, cache_dir)
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        raise DataError(f"{shown(source)}: no such file or directory"
-                        if isinstance(err, FileNotFoundError) else
-                        f"{shown(source)}: cannot read ({err.strerror})") from err
-    if stat.S_ISDIR(mode):
-        return scan_folder(path, class_names, limits)
-    if not stat.S_ISREG(mode):  # a FIFO would block the open forever
-        raise DataError(f"{shown(source)}: not a regular file ({kind_of(mode)})")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return scan_npz(path, class_names, limits)
-    if suffix == ".csv":
-        return scan_csv(path, class_names, limits)
-    raise DataError(f"{shown(source)}: a file source must be a MedMNIST-style .npz or a .csv "
-                    f"manifest (path,label[,split][,patient_id]); got "
-                    f"{shown(path.suffix) or 'no extension'}")

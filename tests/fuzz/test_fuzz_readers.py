@@ -19,7 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lungxray import data, images, prepare, sources
+from lungxray import data, images, prepare, raw_source
 from lungxray import limits as limiting
 from lungxray.errors import DataError
 from tests.data_helpers import tree_digest
@@ -80,7 +80,7 @@ def test_fuzz_csv_manifest_returns_or_raises_one_line(raw):
         _csv_folder(root)
         (root / "labels.csv").write_bytes(raw)
         try:
-            source = sources.open_source(str(root / "labels.csv"), limits=SMALL)
+            source = raw_source.open_source(str(root / "labels.csv"), limits=SMALL)
         except DataError as err:
             assert_one_line(err)
             return
@@ -144,7 +144,7 @@ def test_fuzz_npz_headers_and_members_return_or_raise_one_line(raw):
         path = Path(tmp) / "data.npz"
         path.write_bytes(raw)
         try:
-            source = sources.open_source(str(path), limits=SMALL)
+            source = raw_source.open_source(str(path), limits=SMALL)
             for split in source.splits.values():
                 for chunk in split.chunks(4):
                     assert chunk.dtype == np.uint8 and chunk.ndim == 4

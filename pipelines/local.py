@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kfp import compiler
 
+from lungxray import artifacts
 from pipelines.params import (
     apply_sets,
     load_params,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if decision.is_file():  # champion/challenger: what this run did with champion_uri
         record = json.loads(decision.read_text())
         print(f"Champion: {record['decision']}: {record['reason']}")
-    estimate = report.parent.parent / "predict" / "predictions" / "prevalence.json"
+    estimate = report.parent.parent / "predict" / "predictions" / artifacts.PREVALENCE_FILE
     if estimate.is_file():  # target_data: the pick's EM estimate of the site's prevalence
         found = json.loads(estimate.read_text())
         low, high = found["ci"] or (float("nan"), float("nan"))

@@ -71,6 +71,10 @@ ENSEMBLE_EVAL_DIR = "ensemble"  # the ensemble candidate's <split>/ files, as ev
 # Files whose presence marks an existing directory as an earlier comparison that may be replaced.
 REPORT_MARKERS = (SUMMARY_FILE, REPORT_HTML)
 
+# --------------------------------------------------------------------------- predict output
+# predict -> the user, make local (pipelines.local prints the target site's estimate)
+PREVALENCE_FILE = "prevalence.json"  # EM estimate of the predicted images' prevalence
+
 # --------------------------------------------------------------------------- champion folder
 # promote -> the next run's challenge
 CHAMPION_MODEL_DIR = "model"

@@ -38,7 +38,7 @@ from lungxray.limits import Limits
 from lungxray.pools import Unusable, read_file
 
 PREDICTIONS_FILE = "predictions.csv"
-PREVALENCE_FILE = "prevalence.json"
+PREVALENCE_FILE = artifacts.PREVALENCE_FILE
 BAD_FILES = "bad_files.csv"
 GRADCAM_DIR = "gradcam"
 BATCH_SIZE = 64

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kfp import dsl
 
 import components
+from lungxray.artifacts import DEFAULT_SELECT_METRIC
 
 PIPELINE_NAME = "lungxray"
 # SmallCNN: the from-scratch baseline that says whether transfer learning earns its cost.
@@ -123,7 +124,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         batch_size: int = 32,
         max_per_split: int = 0,
         seed: int = 42,
-        select_metric: str = "val_roc_auc",
+        select_metric: str = DEFAULT_SELECT_METRIC,
         ensemble_k: int = 2,
         external_data: str = "",
         class_map: str = "",

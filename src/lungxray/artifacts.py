@@ -256,6 +256,8 @@ HEADLINE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precisio
 BAR_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 # What a model may be selected on.
 SELECTABLE = frozenset(m for m in TABLE_METRICS if METRICS[m].selectable)
+# What compare selects on unless told otherwise (pipeline, CLI and library share it).
+DEFAULT_SELECT_METRIC = "val_roc_auc"
 
 _unknown = sorted({m for group in (CI_METRICS, AT_HALF, EVAL_METRICS, EVAL_CI_METRICS,
                                    TABLE_METRICS, HEADLINE_METRICS, BAR_METRICS)

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from lungxray import artifacts
+
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
                 "gs:// weights file (.h5 / .weights.h5)")
 
@@ -253,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval/ (evaluate output with val/ and test/) and optionally tune/.")
     p.add_argument("--trials", type=_local_path, nargs="+", required=True, help="trial directories")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
-    p.add_argument("--select-metric", default="val_roc_auc",
-                   help="validation metric that picks the best model (default val_roc_auc)")
+    p.add_argument("--select-metric", default=artifacts.DEFAULT_SELECT_METRIC,
+                   help="validation metric that picks the best model (default "
+                   f"{artifacts.DEFAULT_SELECT_METRIC})")
     p.add_argument("--ensemble-k", type=int, default=2,
                    help="also compare the mean-probability ensemble of the top K models on the "
                    "selection metric (default 2; 0 = none)")

@@ -28,6 +28,7 @@ from lungxray.artifacts import (
     BAR_METRICS,
     BEST_MODEL_DIR,
     CURVES_FILE,
+    DEFAULT_SELECT_METRIC,
     ENSEMBLE_EVAL_DIR,
     HEADLINE_METRICS,
     LOWER_IS_BETTER,
@@ -74,7 +75,7 @@ TITLE = "lungxray model comparison"
 # --------------------------------------------------------------------------- orchestration
 
 
-def compare(trial_dirs: list[Path], output: Path, select_metric: str = "val_roc_auc",
+def compare(trial_dirs: list[Path], output: Path, select_metric: str = DEFAULT_SELECT_METRIC,
             ensemble_k: int = 2, target_sensitivity: float | None = None) -> dict:
     """Compare trials (plus an ensemble of the top ``ensemble_k``), pick the best on a
     validation metric, write the report; return the summary.

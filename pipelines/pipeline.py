@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kfp import dsl
 
 import components
-from lungxray.artifacts import DEFAULT_SELECT_METRIC
+from lungxray.artifacts import DEFAULT_ENSEMBLE_K, DEFAULT_SELECT_METRIC
 
 PIPELINE_NAME = "lungxray"
 # SmallCNN: the from-scratch baseline that says whether transfer learning earns its cost.
@@ -125,7 +125,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         max_per_split: int = 0,
         seed: int = 42,
         select_metric: str = DEFAULT_SELECT_METRIC,
-        ensemble_k: int = 2,
+        ensemble_k: int = DEFAULT_ENSEMBLE_K,
         external_data: str = "",
         class_map: str = "",
         target_sensitivity: float = 0.0,

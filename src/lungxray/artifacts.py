@@ -256,8 +256,10 @@ HEADLINE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precisio
 BAR_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 # What a model may be selected on.
 SELECTABLE = frozenset(m for m in TABLE_METRICS if METRICS[m].selectable)
-# What compare selects on unless told otherwise (pipeline, CLI and library share it).
+# What compare selects on, and how many top models its ensemble candidate averages, unless told
+# otherwise (pipeline, CLI and library share them).
 DEFAULT_SELECT_METRIC = "val_roc_auc"
+DEFAULT_ENSEMBLE_K = 2
 
 _unknown = sorted({m for group in (CI_METRICS, AT_HALF, EVAL_METRICS, EVAL_CI_METRICS,
                                    TABLE_METRICS, HEADLINE_METRICS, BAR_METRICS)

@@ -258,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-metric", default=artifacts.DEFAULT_SELECT_METRIC,
                    help="validation metric that picks the best model (default "
                    f"{artifacts.DEFAULT_SELECT_METRIC})")
-    p.add_argument("--ensemble-k", type=int, default=2,
+    p.add_argument("--ensemble-k", type=int, default=artifacts.DEFAULT_ENSEMBLE_K,
                    help="also compare the mean-probability ensemble of the top K models on the "
-                   "selection metric (default 2; 0 = none)")
+                   f"selection metric (default {artifacts.DEFAULT_ENSEMBLE_K}; 0 = none)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the ensemble's threshold as the highest reaching this "
                    "validation sensitivity (default: as its members, else Youden's J)")

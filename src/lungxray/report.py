@@ -28,6 +28,7 @@ from lungxray.artifacts import (
     BAR_METRICS,
     BEST_MODEL_DIR,
     CURVES_FILE,
+    DEFAULT_ENSEMBLE_K,
     DEFAULT_SELECT_METRIC,
     ENSEMBLE_EVAL_DIR,
     HEADLINE_METRICS,
@@ -76,7 +77,7 @@ TITLE = "lungxray model comparison"
 
 
 def compare(trial_dirs: list[Path], output: Path, select_metric: str = DEFAULT_SELECT_METRIC,
-            ensemble_k: int = 2, target_sensitivity: float | None = None) -> dict:
+            ensemble_k: int = DEFAULT_ENSEMBLE_K, target_sensitivity: float | None = None) -> dict:
     """Compare trials (plus an ensemble of the top ``ensemble_k``), pick the best on a
     validation metric, write the report; return the summary.
 

@@ -28,6 +28,7 @@ from lungxray import metrics as metrics_lib
 from lungxray import safeio
 from lungxray.artifacts import (
     BEST_HPARAMS_FILE,
+    DEFAULT_ENSEMBLE_K,
     DEFAULT_SELECT_METRIC,
     HISTORY_FILE,
     INFO_FILE,
@@ -407,7 +408,8 @@ def check_options(select_metric: str, trials: list[Any],
     metrics_lib.check_target_sensitivity(target_sensitivity)
 
 
-def select(trials: list[Trial], select_metric: str = DEFAULT_SELECT_METRIC, ensemble_k: int = 2,
+def select(trials: list[Trial], select_metric: str = DEFAULT_SELECT_METRIC,
+           ensemble_k: int = DEFAULT_ENSEMBLE_K,
            target_sensitivity: float | None = None) -> Selection:
     """Rank ``trials`` and an ensemble of the top ``ensemble_k`` (0 or 1: none) on a validation
     metric and pick the best; nothing is written.

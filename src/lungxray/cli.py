@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lungxray import artifacts
+from lungxray import artifacts, quiet
 
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
                 "gs:// weights file (.h5 / .weights.h5)")
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the supported backbones")
     p.set_defaults(func=_models)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="let TensorFlow's native start-up logging through to stderr")
     return parser
 
 
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     from lungxray.errors import LungxrayError
 
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet.quiet_native_logs()  # stderr carries the one-line error, not TensorFlow's banner
     try:
         result = args.func(args)
     except (LungxrayError, OSError) as err:

@@ -71,7 +71,9 @@ def quiet_native_logs() -> None:
 
     Errors still surface: an import that fails raises as usual once stderr is back.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ INFO/WARNING lines
+    # Later C++ lines too: oneDNN's "DT_BOOL only on AVX-512" is logged at ERROR level on
+    # every training run on such CPUs. Real failures still raise Python exceptions.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietFinder())

@@ -274,7 +274,10 @@ def test_selection_on_robust_auc_and_the_ensembles_robustness(tmp_path: Path) ->
     for split in ("val", "test"):
         add_robustness(a, split, POOR)
         add_robustness(b, split, MID)
-    assert compare([a, b], tmp_path / "clean")["best_model"] == "A"
+    clean = compare([a, b], tmp_path / "clean")
+    # Six images: every candidate is tied with A on val AUC, and the tie goes to robustness.
+    assert clean["ties"]["tied"][0] == "A" and len(clean["ties"]["tied"]) == 3
+    assert clean["best_model"] != "A" and clean["ties"]["winner"] == clean["best_model"]
     out = tmp_path / "robust"
     summary = compare([a, b], out, select_metric="val_robust_auc")
     # Ensemble: the members' corrupted scores averaged row by row -> AUC 8/9, tying B, and a
@@ -299,6 +302,44 @@ def test_selection_on_robust_auc_and_the_ensembles_robustness(tmp_path: Path) ->
     for metric in ("val_prevalence_em", "val_deploy_ppv", "test_robust_auc"):
         with pytest.raises(ConfigError):
             selection.check_select_metric(metric)
+
+
+def _scores(y: np.ndarray, noise: float, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(1 / (1 + np.exp(-(4 * (y - 0.5) + rng.normal(0, noise, len(y))))))
+
+
+def test_ties_on_validation_auc_go_to_the_more_robust_candidate(tmp_path: Path) -> None:
+    y = np.tile([0, 1], 150)
+    labels = {"val": y, "test": y}
+    root = tmp_path / "trials"
+    # A and B are indistinguishable on val (A a hair ahead); C is clearly worse.
+    a = make_trial(root, "A", {"val": _scores(y, 1.6, 0), "test": _scores(y, 1.6, 1)},
+                   labels=labels)
+    b = make_trial(root, "B", {"val": _scores(y, 1.6, 11), "test": _scores(y, 1.6, 2)},
+                   labels=labels)
+    c = make_trial(root, "C", {"val": _scores(y, 6.0, 3), "test": _scores(y, 6.0, 4)},
+                   labels=labels)
+    for trial, corrupted in ((a, _scores(y, 12.0, 5)), (b, _scores(y, 1.7, 6)),
+                             (c, _scores(y, 12.0, 7))):
+        add_robustness(trial, "val", corrupted)
+    out = tmp_path / "report"
+    summary = compare([a, b, c], out, ensemble_k=0)
+    ties = summary["ties"]
+    assert ties["leader"] == "A" and ties["tied"] == ["A", "B"]
+    lo, hi = ties["vs_leader"]["B"]["ci"]
+    assert lo < 0 < hi and ties["vs_leader"]["C"]["ci"][1] < 0
+    assert summary["best_model"] == "B" and ties["winner"] == "B"
+    assert [r["model_name"] for r in summary["ranking"]] == ["B", "A", "C"]
+    assert "Tied on validation AUC: A, B" in (out / "report.md").read_text()
+    assert "broken on val_robust_auc" in (out / "model_card.md").read_text()
+    # Clearly apart: no tie, and the validation order stands whatever the robustness says.
+    alone = compare([a, c], tmp_path / "alone", ensemble_k=0)
+    assert alone["best_model"] == "A" and alone["ties"]["tied"] == ["A"]
+    assert "Not tied" in (tmp_path / "alone" / "report.md").read_text()
+    # Other selection metrics have no paired test: the order is the metric's.
+    brier = compare([a, b, c], tmp_path / "brier", ensemble_k=0, select_metric="val_brier")
+    assert brier["ties"]["tested"] is False
 
 
 def test_select_decides_without_writing(trials: list[Path], tmp_path: Path) -> None:

@@ -118,6 +118,23 @@ def _prevalence_section(best: Trial, splits: list[str]) -> list[str]:
     return lines
 
 
+def tie_text(summary: dict[str, Any]) -> str:
+    """What the tie test found: "tied" and how it was broken, or that the pick stands alone."""
+    ties = summary.get("ties") or {}
+    if not ties.get("tested"):
+        return ""
+    tied = ties["tied"]
+    if len(tied) < 2:
+        return (f"Not tied: every other candidate's validation AUC is below {ties['leader']}'s "
+                "(paired bootstrap 95% CI of the difference excludes 0).")
+    text = (f"Tied on validation AUC: {', '.join(tied)} (paired bootstrap 95% CI of each "
+            f"difference to {ties['leader']} covers 0)")
+    if ties.get("winner"):
+        return (f"{text}; the tie is broken on {ties['break']} (mean AUC under simulated "
+                f"acquisition shifts): {ties['winner']}.")
+    return f"{text}; {ties['break']}, so the validation order stands."
+
+
 def model_card(best: Trial, summary: dict[str, Any]) -> str:
     """Markdown model card for the best trial (a loaded trial, or the ensemble)."""
     info = best.model_info
@@ -168,7 +185,8 @@ def model_card(best: Trial, summary: dict[str, Any]) -> str:
         f"{m_held.get('latency_batch_size', '—')}, {m_held.get('latency_device', 'unknown')}).",
         f"- Selection: best of {summary['n_models']} candidates on "
         f"`{summary['select_metric']}` = {_num(summary['select_value'])} (validation only; the "
-        "test split played no part in any choice).",
+        "test split played no part in any choice)." + (f" {tie_text(summary)}"
+                                                         if tie_text(summary) else ""),
         "",
         "## Intended use",
         "",

@@ -47,7 +47,7 @@ from lungxray.artifacts import (
     split_order,
 )
 from lungxray.ensemble import write_ensemble_eval
-from lungxray.modelcard import model_card
+from lungxray.modelcard import model_card, tie_text
 from lungxray.plots import (
     img_tag,
     plot_confusion_matrix,
@@ -328,6 +328,8 @@ def _summary_html(summary: dict[str, Any], ranked: pd.DataFrame) -> str:
         "<p>The test split plays no part in the choice; its numbers are the unbiased estimate of "
         "how the chosen model performs on unseen data.</p>",
     ]
+    if tie_text(summary):
+        parts.append(f"<p>{html.escape(tie_text(summary))}</p>")
     if held_out:
         parts.append(f"<p>Best model on the other splits: {'; '.join(held_out)}.</p>")
     parts.append(f"<p>Ranking on <code>{html.escape(metric)}</code>:</p><ol>{ranking}</ol>")
@@ -442,6 +444,7 @@ def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame, trials: list[
     lines = [f"# {TITLE}", "", f"> {NOT_A_DEVICE}", "",
              f"**Best model: {summary['best_model']}**, selected on `{metric}` = "
              f"{_fmt(summary['select_value'])} (chosen on validation, never on test).", "",
+             *([tie_text(summary), ""] if tie_text(summary) else []),
              _ensemble_text(summary), "", "## Headline metrics", "", _ci_note(trials), ""]
     for split in _splits(trials):
         lines += [f"### {_split_title(split, trials)}", "",

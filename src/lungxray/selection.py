@@ -53,6 +53,12 @@ from lungxray.ensemble import EnsembleSkipped, build_ensemble, write_ensemble_mo
 from lungxray.errors import ConfigError, DataError, quote, quote_repr
 
 SELECT_SPLIT = VAL_SPLIT  # models, thresholds and the ensemble's members are chosen here only
+# Candidates whose validation AUC is not distinguishable from the leader's (paired bootstrap CI
+# of the difference covering 0) are tied; the tie goes to the better score under shift, still on
+# validation: the corruption suite's mean AUC. Ties on the point estimate alone are noise.
+TIE_METRIC = "roc_auc"
+TIE_BREAK = f"{SELECT_SPLIT}_robust_auc"
+TIE_N_BOOTSTRAP = 1000
 FIXED_COLUMNS = ["model_name", "members", "weights", "params", "size_mb", "train_seconds",
                  "epochs", "latency_ms", "latency_device"]
 
@@ -398,6 +404,60 @@ def _summary(ranked: pd.DataFrame, select_metric: str, splits: list[str]) -> dic
     }
 
 
+def _val_probs(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
+    preds = trial.splits[SELECT_SPLIT].predictions
+    probs = preds[[f"prob_{c}" for c in trial.class_names]].to_numpy(dtype=np.float64)
+    return preds["y_true"].to_numpy(dtype=int), probs
+
+
+def break_ties(ranked: pd.DataFrame, candidates: list[Trial],
+               select_metric: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Move the best-under-shift of the candidates tied with the leader to the top.
+
+    Tied: a paired, stratified bootstrap 95% CI of the validation ROC AUC difference to the
+    leader covers 0. Only for selection on the validation ROC AUC (other metrics have no paired
+    test here) and only when every tied candidate has ``val_robust_auc``; otherwise the order
+    stays and the summary says why. Returns the (re)ranked table and the tie record.
+    """
+    from lungxray.champion import paired_bootstrap
+
+    if select_metric != f"{SELECT_SPLIT}_{TIE_METRIC}" or len(ranked) < 2:
+        return ranked, {"tested": False, "reason": f"ties are tested on "
+                        f"{SELECT_SPLIT}_{TIE_METRIC} only" if len(ranked) > 1 else
+                        "one candidate"}
+    by_name = {t.model_name: t for t in candidates}
+    leader = str(ranked.iloc[0]["model_name"])
+    y, leader_probs = _val_probs(by_name[leader])
+    tied, intervals = [leader], {}
+    for name in ranked["model_name"].iloc[1:].astype(str):
+        _, probs = _val_probs(by_name[name])
+        try:
+            test = paired_bootstrap(y, leader_probs, probs, n_bootstrap=TIE_N_BOOTSTRAP)
+        except (DataError, ConfigError):
+            continue  # AUC undefined on val: not comparable, so not tied
+        intervals[name] = {"difference": test["difference"], "ci": test["ci"]}
+        if test["ci"][0] <= 0.0 <= test["ci"][1]:
+            tied.append(name)
+    record: dict[str, Any] = {"tested": True, "leader": leader, "tied": tied,
+                              "ci_level": 0.95, "vs_leader": intervals, "break": None}
+    if len(tied) < 2:
+        return ranked, record
+    breaker = (pd.to_numeric(ranked.set_index("model_name").loc[tied, TIE_BREAK],
+                             errors="coerce") if TIE_BREAK in ranked.columns else None)
+    if breaker is None or breaker.isna().any():
+        record["break"] = f"not broken: {TIE_BREAK} is not measured for every tied candidate"
+        return ranked, record
+    # Stable: among equal tie-break scores the selection order stays.
+    winner = str(breaker.astype(float).sort_values(ascending=False, kind="mergesort").index[0])
+    record["break"] = TIE_BREAK
+    record["winner"] = winner
+    order = [winner, *[n for n in ranked["model_name"].astype(str) if n != winner]]
+    reordered = ranked.set_index(ranked["model_name"].astype(str)).loc[order]
+    reordered = reordered.reset_index(drop=True)
+    reordered["rank"] = range(1, len(reordered) + 1)
+    return reordered, record
+
+
 def check_options(select_metric: str, trials: list[Any],
                   target_sensitivity: float | None) -> None:
     """What :func:`select` is asked, refused before any file is read: a validation metric to
@@ -438,9 +498,11 @@ def select(trials: list[Trial], select_metric: str = DEFAULT_SELECT_METRIC,
                                                   "threshold_method", "target_sensitivity")}
     candidates = [*trials, *([ensemble] if ensemble else [])]
     ranked = rank_models(build_table(candidates), select_metric)
+    ranked, ties = break_ties(ranked, candidates, select_metric)
     splits = sorted({s for t in candidates for s in t.splits}, key=split_order)
     summary = _summary(ranked, select_metric, splits)
     summary["ensemble"] = ensemble_note
+    summary["ties"] = ties
     best = next(t for t in candidates if t.model_name == summary["best_model"])
     summary["best_is_ensemble"] = bool(best.members)
     by_name = {t.model_name: t for t in trials}

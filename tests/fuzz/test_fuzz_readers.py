@@ -7,10 +7,12 @@ Limits are set low here so that generated inputs reach every limit's branch chea
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +74,25 @@ def _csv_folder(root: Path) -> None:
     os.symlink(root.parent, root / "link")
 
 
+@contextlib.contextmanager
+def _source(raw: bytes, name: str) -> Iterator[Path]:
+    """``raw`` as ``src/<name>`` in a temp dir; a CSV beside images, a FIFO and a symlink out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "src"
+        if name.endswith(".csv"):
+            _csv_folder(root)
+        root.mkdir(exist_ok=True)
+        (root / name).write_bytes(raw)
+        yield root / name
+
+
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=csv_bytes())
 def test_fuzz_csv_manifest_returns_or_raises_one_line(raw):
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "src"
-        _csv_folder(root)
-        (root / "labels.csv").write_bytes(raw)
+    with _source(raw, "labels.csv") as csv:
+        root = csv.parent
         try:
-            source = raw_source.open_source(str(root / "labels.csv"), limits=SMALL)
+            source = raw_source.open_source(str(csv), limits=SMALL)
         except DataError as err:
             assert_one_line(err)
             return
@@ -140,9 +152,7 @@ def npz_bytes(draw) -> bytes:
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=npz_bytes())
 def test_fuzz_npz_headers_and_members_return_or_raise_one_line(raw):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        path.write_bytes(raw)
+    with _source(raw, "data.npz") as path:
         try:
             source = raw_source.open_source(str(path), limits=SMALL)
             for split in source.splits.values():
@@ -200,40 +210,37 @@ def image_npz_bytes(draw) -> bytes:
     return buffer.getvalue()
 
 
+def _listed(raw: bytes, name: str) -> tuple[predict.Listing, list[predict.Entry]] | None:
+    """predict's listing of ``raw`` as ``src/<name>``, read to its end; None when it is refused
+    with a one-line DataError."""
+    with _source(raw, name) as path:
+        try:
+            listing = predict.list_source(str(path), limits=SMALL)
+            return listing, assert_listed(listing, path.parent)
+        except DataError as err:
+            assert_one_line(err)
+            event(f"refused: {str(err).partition(': ')[2][:20]}")
+            return None
+
+
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=st.one_of(csv_bytes(), path_csv_bytes()))
 def test_fuzz_predict_csv_listing_streams_or_raises_one_line(raw):
     """predict's CSV listing (a 'path' column, the rest ignored) is the data step's reader."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "src"
-        _csv_folder(root)
-        (root / "todo.csv").write_bytes(raw)
-        try:
-            listing = predict.list_source(str(root / "todo.csv"), limits=SMALL)
-            found = assert_listed(listing, root)
-        except DataError as err:
-            assert_one_line(err)
-            event(f"refused: {str(err).partition(': ')[2][:20]}")
-            return
+    if (listed := _listed(raw, "labels.csv")) is not None:
+        listing, found = listed
         event("stopped by a bad row" if listing.stops else "listed")
         assert 1 <= len(found) <= SMALL.max_csv_rows
         if listing.stops:
-            assert_one_line(listing.stops.error("todo.csv", "bad row(s)"))
+            assert_one_line(listing.stops.error("labels.csv", "bad row(s)"))
 
 
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=st.one_of(npz_bytes(), image_npz_bytes()))
 def test_fuzz_predict_npz_listing_reads_or_raises_one_line(raw):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        path.write_bytes(raw)
-        try:
-            listing = predict.list_source(str(path), limits=SMALL)
-            assert len(assert_listed(listing, Path(tmp))) == listing.total
-            event("listed")
-        except DataError as err:
-            assert_one_line(err)
-            event(f"refused: {str(err).partition(': ')[2][:20]}")
+    if (listed := _listed(raw, "data.npz")) is not None:
+        event("listed")
+        assert len(listed[1]) == listed[0].total
 
 
 _NAME = st.binary(min_size=1, max_size=24).filter(

@@ -286,6 +286,8 @@ def test_arguments_and_outputs_are_refused_before_the_model_is_loaded(model_dir,
     images.mkdir()
     (images / "x.png").write_bytes(hostile.small_png(1))
     (tmp_path / "file").write_text("x")
+    (tmp_path / "mine" / "gradcam").mkdir(parents=True)  # the user's own: never removed
+    (tmp_path / "odd" / "predictions.csv").mkdir(parents=True)
     cases = [
         (dict(model_dir=tmp_path / "nope"), ModelError, "no such model directory"),
         (dict(source=str(tmp_path / "void")), DataError, "no such file or directory"),
@@ -297,6 +299,9 @@ def test_arguments_and_outputs_are_refused_before_the_model_is_loaded(model_dir,
         (dict(output=tmp_path / "file" / "out"), ConfigError, "is not a directory"),
         (dict(output=images / "out"), ConfigError, "lies inside the source folder"),
         (dict(output=model_dir / "out"), ConfigError, "lies inside the model folder"),
+        (dict(output=tmp_path / "mine"), ConfigError, "holds gradcam but no predictions.csv"),
+        (dict(output=tmp_path / "odd"), ConfigError, "predictions.csv there is a symlink or not "
+                                                     "a regular file"),
         (dict(batch_size=0), ConfigError, "batch size must be at least 1"),
         (dict(workers=-1), ConfigError, "workers must be 0"),
     ]
@@ -307,6 +312,7 @@ def test_arguments_and_outputs_are_refused_before_the_model_is_loaded(model_dir,
                             **args)
         one_line(err)
     assert not (tmp_path / "out").exists() and sorted(p.name for p in model_dir.iterdir()) == []
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["gradcam"]
 
 
 def test_cli_fails_on_bad_arguments_before_tensorflow_is_imported(tmp_path):

@@ -1,18 +1,13 @@
 """Apply a trained model (or a saved ensemble) to unlabeled images, streamed in batches.
 
-Sources are read by the data step's own bounded readers (:func:`lungxray.sources.walk_files`
-for folders, :func:`lungxray.manifest_csv.list_paths` for CSVs,
-:func:`lungxray.sources.image_members` for ``.npz`` files, within :mod:`lungxray.limits`) and
-the images go through its decoding (:func:`lungxray.images.decode` for files,
-:func:`lungxray.images.convert_array` for ``.npz`` rows) at the size and channel count saved
-with the model, so a prediction sees the pixels training saw. Everything that can be checked
-without the model (arguments, the source, a folder's listing, a CSV's header, an npz's headers,
-the output) is checked before TensorFlow is imported. A CSV is then read as it is predicted,
-and every batch is decoded, predicted and written in turn: memory stays flat whatever the
-number of images. Names are written escaped (:func:`lungxray.errors.safe_name`). The files are
-built in a ``.predict-*`` staging folder (removed on errors, SIGTERM and SIGINT; one left by a
-killed run is swept by the next) and moved into place when complete, so a failed run never
-leaves a file that looks like a result.
+Sources are read by the data step's bounded readers (``sources.walk_files``,
+``manifest_csv.list_paths``, ``sources.image_members``; docs/limits.md) and decoded by its
+decoding (``images.decode``, ``images.convert_array``) at the size and channels saved with the
+model, so a prediction sees the pixels training saw. All that can be checked without the model
+(arguments, source, listing, CSV header, npz headers, output) is checked before TensorFlow is
+imported; a CSV is then read as it is predicted, a batch at a time: memory stays flat. Names
+are written escaped (``errors.safe_name``). Files are built in a ``.predict-*`` staging folder
+(removed on errors, SIGTERM and SIGINT, swept after a kill) and moved into place complete.
 """
 
 from __future__ import annotations
@@ -53,6 +48,7 @@ PROGRESS_EVERY_S = 10.0
 OVERLAY_ALPHA = 0.4  # heatmap weight, as in the evaluation report's Grad-CAM grid
 FULL_SIZE = 1 << 30  # "decode at full resolution": larger than any JPEG draft target
 MISSING = "no such file"
+_OUTPUTS = (PREDICTIONS_FILE, BAD_FILES, PREVALENCE_FILE, GRADCAM_DIR)  # what a run replaces
 
 
 # --------------------------------------------------------------------------- listing
@@ -374,12 +370,28 @@ def _check_output(output: Path, root: Path, model_dir: Path) -> None:
                               f"output outside it")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{where}: exists and is not a directory")
+    _check_replaceable(output, where)
     existing = next(p for p in (output.absolute(), *output.absolute().parents)
                     if os.path.lexists(p))
     if not existing.is_dir():
         raise ConfigError(f"{where}: {shown(str(existing))} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: {shown(str(existing))} is not writable")
+
+
+def _check_replaceable(output: Path, where: str) -> None:
+    """What a run replaces in ``output`` must be an earlier run's: a foreign ``gradcam/`` (or
+    any of the names, of another kind or a symlink) is never removed or written through."""
+    found = [name for name in _OUTPUTS if os.path.lexists(output / name)]
+    for name in found:
+        target = output / name
+        if target.is_symlink() or target.is_dir() != (name == GRADCAM_DIR):
+            raise ConfigError(f"{where}: {name} there is a symlink or not a "
+                              f"{'folder' if name == GRADCAM_DIR else 'regular file'}; "
+                              f"choose another output")
+    if found and PREDICTIONS_FILE not in found:
+        raise ConfigError(f"{where}: holds {', '.join(found)} but no {PREDICTIONS_FILE}, so it "
+                          f"is not an earlier predict output; choose another output")
 
 
 def _bad_error(where: str, named: list[str], n_bad: int, total: int) -> DataError:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 from typing import IO
 
-from lungxray.errors import DataError, quote
+from lungxray.errors import DataError, quote, safe_name
 from lungxray.limits import DEFAULT, Limits
 from lungxray.sources import (
     SPLITS,
@@ -27,7 +27,6 @@ from lungxray.sources import (
     Source,
     check_class_names,
     kind_of,
-    shown,
 )
 
 CSV_COLUMNS = ("path", "label")
@@ -81,7 +80,7 @@ def csv_records(path: Path, limits: Limits) -> Iterator[tuple[int, list[str]]]:
     line length, field length, fields per row, row count. Blank lines are skipped."""
     size = path.stat().st_size
     if size > limits.max_csv_bytes:
-        raise DataError(f"{shown(str(path))}: {size:,} bytes, above the limit of "
+        raise DataError(f"{safe_name(str(path))}: {size:,} bytes, above the limit of "
                         f"{limits.max_csv_bytes:,} (max_csv_bytes)")
     reader = csv.reader([])
     if limits.max_csv_field >= csv.field_size_limit():
@@ -90,11 +89,11 @@ def csv_records(path: Path, limits: Limits) -> Iterator[tuple[int, list[str]]]:
         csv.field_size_limit(limits.max_csv_field + 1)
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(_bounded_lines(fh, str(path), limits.max_csv_line),
+            reader = csv.reader(_bounded_lines(fh, safe_name(str(path)), limits.max_csv_line),
                                 skipinitialspace=True, strict=True)
             header = [name.strip() for name in next(reader, [])]
             if not header:
-                raise DataError(f"{shown(str(path))}: empty file; expected a header line")
+                raise DataError(f"{safe_name(str(path))}: empty file; expected a header line")
             yield reader.line_num, header
             count = 0
             for record in reader:
@@ -104,14 +103,14 @@ def csv_records(path: Path, limits: Limits) -> Iterator[tuple[int, list[str]]]:
                 count += 1
                 yield reader.line_num, [value.strip() for value in record]
     except UnicodeDecodeError as err:
-        raise DataError(f"{shown(str(path))}: not UTF-8 text (byte {err.start} of a line: "
+        raise DataError(f"{safe_name(str(path))}: not UTF-8 text (byte {err.start} of a line: "
                         f"{quote(err.reason)})") from err
     except csv.Error as err:
         if "field larger than field limit" in str(err):  # the csv module's own bound (128 KiB)
-            raise DataError(f"{shown(str(path))}: line {reader.line_num} has a field longer "
+            raise DataError(f"{safe_name(str(path))}: line {reader.line_num} has a field longer "
                             f"than {csv.field_size_limit():,} characters, above the limit of "
                             f"{limits.max_csv_field} (max_csv_field)") from err
-        raise DataError(f"{shown(str(path))}: not a readable CSV ({quote(err)})") from err
+        raise DataError(f"{safe_name(str(path))}: not a readable CSV ({quote(err)})") from err
 
 
 def _check_record(path: Path, line: int, record: list[str], header: list[str], count: int,
@@ -183,10 +182,10 @@ def _header(path: Path, header: list[str], required: tuple[str, ...], expected: 
     """The header, with every ``required`` column, each column once."""
     missing = [c for c in required if c not in header]
     if missing:
-        raise DataError(f"{shown(str(path))}: missing column(s) {missing}; expected {expected}, "
-                        f"found {quote(header)}")
+        raise DataError(f"{safe_name(str(path))}: missing column(s) {missing}; expected "
+                        f"{expected}, found {quote(header)}")
     if len(set(header)) < len(header):
-        raise DataError(f"{shown(str(path))}: repeated column names in {quote(header)}")
+        raise DataError(f"{safe_name(str(path))}: repeated column names in {quote(header)}")
     return header
 
 
@@ -240,7 +239,7 @@ def scan_csv(path: Path, class_names: list[str] | None = None,
     if problems:
         raise problems.error(str(path), "bad row(s)")
     if not rows:
-        raise DataError(f"{shown(str(path))}: has a header but no rows")
+        raise DataError(f"{safe_name(str(path))}: has a header but no rows")
     every = set().union(*labels.values())
     if len(every) > limits.max_classes:
         raise DataError(f"{path}: {len(every)} distinct labels, above the limit of "

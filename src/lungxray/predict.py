@@ -97,7 +97,7 @@ def _list_folder(root: Path, meter: Progress) -> list[Entry]:
     entries = []
     for path, origin, problem in sources.walk_files(root, root, strict_names=False):
         entries.append(Entry(origin, path, problem=problem))
-        meter.listing(shown(str(root)), len(entries))
+        meter.listing(safe_name(str(root)), len(entries))
     entries.sort(key=lambda entry: entry.origin)
     return entries
 
@@ -123,7 +123,7 @@ def list_source(source: str, cache_dir: Path | None = None, limits: Limits | Non
     limits = limits or limiting.from_env()
     meter = meter or Progress()
     path = raw_source.local_source(source, cache_dir, limits)
-    where = shown(source)
+    where = safe_name(source)
     if path.is_dir():
         files = _list_folder(path, meter)
         listing = Listing(where, path, files, total=len(files))
@@ -359,14 +359,14 @@ def _check_output(output: Path, root: Path, model_dir: Path) -> None:
     """The output may not lie inside the source folder (the next run would read it as images)
     or the model folder (what predict reads it never changes), and must be a folder that can
     be made: all checked before the model is loaded."""
-    where = shown(str(output))
+    where = safe_name(str(output))
     try:
         real = output.resolve()
     except (OSError, RuntimeError, ValueError) as err:
         raise ConfigError(f"{where}: not a usable output path ({err})") from err
     for folder, what in ((root, "the source folder"), (model_dir, "the model folder")):
         if folder.is_dir() and real.is_relative_to(folder.resolve()):
-            raise ConfigError(f"{where}: lies inside {what} {shown(str(folder))}; choose an "
+            raise ConfigError(f"{where}: lies inside {what} {safe_name(str(folder))}; choose an "
                               f"output outside it")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{where}: exists and is not a directory")
@@ -374,9 +374,9 @@ def _check_output(output: Path, root: Path, model_dir: Path) -> None:
     existing = next(p for p in (output.absolute(), *output.absolute().parents)
                     if os.path.lexists(p))
     if not existing.is_dir():
-        raise ConfigError(f"{where}: {shown(str(existing))} is not a directory")
+        raise ConfigError(f"{where}: {safe_name(str(existing))} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{where}: {shown(str(existing))} is not writable")
+        raise ConfigError(f"{where}: {safe_name(str(existing))} is not writable")
 
 
 def _check_replaceable(output: Path, where: str) -> None:
@@ -415,7 +415,7 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
         raise ConfigError(f"workers must be 0 (one per CPU) or more, got {workers}")
     output, limits, meter = Path(output), limiting.from_env(), Progress(progress)
     if not Path(model_dir).is_dir():
-        raise ModelError(f"{shown(str(model_dir))}: no such model directory")
+        raise ModelError(f"{safe_name(str(model_dir))}: no such model directory")
     listing = list_source(str(source), cache_dir, limits, meter)
     _check_output(output, listing.root, Path(model_dir))
     predictor = _load(Path(model_dir))
@@ -532,7 +532,8 @@ def _run(members: list[Any], listing: Listing, settings: Settings, staging: Path
                 if not listing.stops:
                     pixels, good, problems, raws = decode_batch(batch, rows, settings, executor)
                     for origin, problem in problems:
-                        bad_writer.writerow([origin, safe_name(problem)])
+                        problem = safe_name(problem)  # an OSError's text may quote a path
+                        bad_writer.writerow([origin, problem])
                         if len(named) < MAX_NAMED:
                             named.append(f"{origin}: {problem}")
                     n_bad += len(problems)

@@ -269,7 +269,7 @@ def _open_npz(path: Path) -> tuple[zipfile.ZipFile, set[str]]:
         archive = zipfile.ZipFile(path)
         return archive, {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
     except _ZIP_ERRORS as err:
-        raise DataError(f"{shown(str(path))}: not a readable .npz file ({quote(err)})") from err
+        raise DataError(f"{safe_name(str(path))}: not a readable .npz file ({quote(err)})") from err
 
 
 def image_members(path: Path, limits: Limits = DEFAULT) -> list[ArraySet]:
@@ -292,9 +292,9 @@ def image_members(path: Path, limits: Limits = DEFAULT) -> list[ArraySet]:
             if not wrong:
                 found.append(ArraySet(path, key, tuple(int(n) for n in shape)))
     if problems:
-        raise problems_error(shown(str(path)), "problem(s) with its image members", problems)
+        raise problems_error(safe_name(str(path)), "problem(s) with its image members", problems)
     if not found:
-        raise DataError(f"{shown(str(path))}: no image key (expected 'images' or "
+        raise DataError(f"{safe_name(str(path))}: no image key (expected 'images' or "
                         f"'<split>_images'; found: {shown(', '.join(sorted(keys)) or 'nothing')})")
     return found
 
@@ -445,7 +445,7 @@ def walk_files(folder: Path, root: Path, outside: Problems | None = None,
                 entries = [entry for entry in listing if _visible(entry.name)]
         except OSError as err:
             if not prefix:
-                raise DataError(f"{shown(str(current))}: cannot list the folder "
+                raise DataError(f"{safe_name(str(current))}: cannot list the folder "
                                 f"({err.strerror or err})") from err
             yield current, safe_name(prefix[:-1]), f"cannot list folder ({err.strerror or err})"
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,8 +269,6 @@ def test_cli_predict_and_its_one_line_errors(model_dir, folder, tmp_path, capsys
 
 
 def test_fifos_and_symlinks_out_of_the_folder_are_bad_files(model_dir, folder, tmp_path):
-    import os
-
     secret = tmp_path / "secret.png"
     shutil.copyfile(folder / "ward_a" / "img0.png", secret)
     (folder / "ward_a" / "link.png").symlink_to(secret)
@@ -278,7 +277,7 @@ def test_fifos_and_symlinks_out_of_the_folder_are_bad_files(model_dir, folder, t
     bad = pd.read_csv(tmp_path / "out" / predict.BAD_FILES)
     assert dict(zip(bad["path"], bad["problem"], strict=True)) == {
         "ward_a/link.png": "leads outside the source folder (symlink)",
-        "ward_b/pipe.png": "not a regular file"}
+        "ward_b/pipe.png": "not a regular file (FIFO)"}
 
 
 def test_the_data_steps_limits_apply(model_dir, folder, tmp_path, monkeypatch):
@@ -366,3 +365,122 @@ def test_a_calibrated_model_estimates_the_prevalence_of_what_it_predicted(model_
     with pytest.raises(ModelError, match="slope > 0"):
         predict.predict(calibrated, str(source), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------ issue 34: hostile input
+
+
+def _write_named(root: Path, raw_name: bytes, data: bytes) -> None:
+    """A file whose name is any bytes the file system allows (not UTF-8, a newline, ...)."""
+    Path(os.fsdecode(os.fsencode(root) + b"/" + raw_name)).write_bytes(data)
+
+
+def test_names_are_data_written_escaped_never_dropped(model_dir, folder, tmp_path, capsys):
+    """Issue 34: non-UTF-8 names made predict die with UnicodeEncodeError after writing its
+    CSVs, with or without --skip-bad. Every name is now written, escaped, to predictions.csv,
+    bad_files.csv, the JSON summary, the overlays and the error line."""
+    png = (folder / "ward_a" / "img0.png").read_bytes()
+    for raw in (b"\xff\xfe.png", b'new\nline, "quoted".png', b"tab\t.png"):
+        _write_named(folder / "ward_a", raw, png)
+    _write_named(folder / "ward_b", b"broken\xe9.png", b"\x89PNG\r\n\x1a\n not really")
+    assert cli.main(["predict", "--model", str(model_dir), "--source", str(folder),
+                     "--output", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lungxray predict: error: ")
+    assert r"1 of 15 file(s) unreadable" in err[0] and r"ward_b/broken\xe9.png: " in err[0]
+    assert not (tmp_path / "o1").exists()
+    assert cli.main(["predict", "--model", str(model_dir), "--source", str(folder),
+                     "--output", str(tmp_path / "o2"), "--skip-bad", "--gradcam"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 14 and summary["n_bad"] == 1
+    table = predict.read_predictions(tmp_path / "o2" / predict.PREDICTIONS_FILE)
+    assert {r"ward_a/\xff\xfe.png", r'ward_a/new\nline, "quoted".png',
+            r"ward_a/tab\t.png"} <= set(table["path"])
+    assert len((tmp_path / "o2" / predict.PREDICTIONS_FILE).read_text().splitlines()) == 15
+    row = table.set_index("path").loc[r"ward_a/\xff\xfe.png"]
+    same = table.set_index("path").loc["ward_a/img0.png"]
+    assert row["prob_pneumonia"] == same["prob_pneumonia"]  # predicted, not only listed
+    assert (tmp_path / "o2" / row["gradcam"]).is_file()
+    bad = pd.read_csv(tmp_path / "o2" / predict.BAD_FILES)
+    assert bad["path"].tolist() == [r"ward_b/broken\xe9.png"]
+
+
+def test_a_csv_of_missing_files_streams_names_the_first_and_counts_the_rest(
+        model_dir, folder, tmp_path, monkeypatch):
+    """Issue 34: a CSV of missing paths was listed whole, silently, before anything else.
+    It now streams with progress; missing files are bad files like any other."""
+    rows = ["ward_a/img1.png", *(f"gone/m{i}.png" for i in range(3000)), "ward_b/c.jpg"]
+    (folder / "todo.csv").write_text("path\n" + "\n".join(rows) + "\n")
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
+    progress = io.StringIO()
+    with pytest.raises(DataError) as err:
+        predict.predict(model_dir, str(folder / "todo.csv"), tmp_path / "o1", progress=progress)
+    message = str(err.value)
+    assert "\n" not in message and "3000 of 3002 file(s) unreadable" in message
+    assert "gone/m0.png: no such file; gone/m1.png: no such file" in message
+    assert f"gone/m{predict.MAX_NAMED - 1}.png" in message
+    assert f"gone/m{predict.MAX_NAMED}.png" not in message
+    assert message.endswith(f"... and {3000 - predict.MAX_NAMED} more")
+    lines = progress.getvalue().splitlines()
+    assert lines[0] == "predict: 64 images, " + lines[0].split(", ")[1] + ", 63 unreadable"
+    assert not any("/3002" in line for line in lines)  # no total while the CSV streams
+    assert not (tmp_path / "o1").exists()
+    progress = io.StringIO()
+    summary = predict.predict(model_dir, str(folder / "todo.csv"), tmp_path / "o2",
+                              skip_bad=True, progress=progress)
+    assert summary["n"] == 2 and summary["n_bad"] == 3000
+    assert progress.getvalue().splitlines()[-1].startswith("predict: 3002/3002 images")
+    bad = pd.read_csv(tmp_path / "o2" / predict.BAD_FILES)
+    assert bad["path"].tolist() == [f"gone/m{i}.png" for i in range(3000)]
+    assert set(bad["problem"]) == {predict.MISSING}
+    table = predict.read_predictions(tmp_path / "o2" / predict.PREDICTIONS_FILE)
+    assert table["path"].tolist() == ["ward_a/img1.png", "ward_b/c.jpg"]
+
+
+_SLOW_CLI = """
+import sys, time
+from lungxray import cli, predict
+real = predict.predict_probs
+def slow(*args):
+    time.sleep(120)  # the signal arrives while the run is in its staging folder
+    return real(*args)
+predict.predict_probs = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_and_sigint_remove_the_staging_and_a_later_run_sweeps_leftovers(
+        model_dir, folder, tmp_path):
+    """Issue 34: SIGTERM left `.predict-*` behind, and a later successful run left it there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    kept = tmp_path / "kept"
+    predict.predict(model_dir, str(folder), kept)
+    before = (kept / predict.PREDICTIONS_FILE).read_bytes()
+    runs = {}
+    for signum, output in ((signal.SIGTERM, tmp_path / "fresh"), (signal.SIGINT, kept)):
+        runs[signum] = output, subprocess.Popen(
+            [sys.executable, "-c", _SLOW_CLI, "predict", "--model", str(model_dir),
+             "--source", str(folder), "--output", str(output)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for signum, (output, process) in runs.items():
+        deadline = time.monotonic() + 120
+        while not list(output.glob(".predict-*")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 128 + signum, err
+        assert "Traceback" not in err and f"stopped by {signal.Signals(signum).name}" in err
+        assert not list(output.glob(".predict-*"))
+    assert not (tmp_path / "fresh").exists()  # the stopped run's own folder is gone too
+    assert (kept / predict.PREDICTIONS_FILE).read_bytes() == before  # the old result stays
+    (kept / ".predict-killed").mkdir()  # as SIGKILL leaves it
+    (kept / ".predict-killed" / predict.PREDICTIONS_FILE).write_text("partial")
+    predict.predict(model_dir, str(folder), kept)
+    assert sorted(p.name for p in kept.iterdir()) == [predict.PREDICTIONS_FILE]

@@ -34,6 +34,18 @@ class ModelError(LungxrayError):
     kind = "model"
 
 
+def safe_name(text: str) -> str:
+    """``text`` printable on one UTF-8 line, every character kept: bytes that are not UTF-8
+    (which the file system's decoding keeps as surrogates, e.g. ``b'\\xff'``) become ``\\xNN``,
+    control characters (a newline in a file name) their escapes. Names are data: any name the
+    file system allows can be written this way into a CSV, JSON or a log line."""
+    if text.isprintable():  # the usual case, at C speed: a CSV may hold millions of names
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                   repr(c)[1:-1] for c in text)
+
+
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr`` of a user's value cut to ``limit`` characters, stating its full length when cut,
     so that a 10 MB field never ends up in an error line."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 from typing import IO
 
-from lungxray.errors import DataError, quote
+from lungxray.errors import DataError, quote, safe_name
 from lungxray.limits import DEFAULT, Limits
 from lungxray.sources import (
     SPLITS,
@@ -32,7 +32,8 @@ from lungxray.sources import (
 CSV_COLUMNS = ("path", "label")
 CSV_OPTIONAL = ("split", "patient_id")
 
-__all__ = ["CSV_COLUMNS", "CSV_OPTIONAL", "scan_csv"]
+__all__ = ["CSV_COLUMNS", "CSV_OPTIONAL", "RowPaths", "csv_records", "list_paths", "row_path",
+           "scan_csv"]
 
 
 def _path_problem(text: str, limits: Limits = DEFAULT) -> str | None:
@@ -73,14 +74,14 @@ def _bounded_lines(fh: IO[str], where: str, limit: int) -> Iterator[str]:
         yield line
 
 
-def _csv_records(path: Path, limits: Limits) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) rows of a CSV manifest, parsed by the csv module with
-    every size bounded: file bytes, line length, field length, fields per row, row count."""
+def csv_records(path: Path, limits: Limits) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped fields) of a CSV's header, then of each row, parsed by the csv
+    module as the file is read (a row at a time in memory) with every size bounded: file bytes,
+    line length, field length, fields per row, row count. Blank lines are skipped."""
     size = path.stat().st_size
     if size > limits.max_csv_bytes:
-        raise DataError(f"{path}: {size:,} bytes, above the limit of {limits.max_csv_bytes:,} "
-                        f"(max_csv_bytes)")
-    rows: list[tuple[int, list[str]]] = []
+        raise DataError(f"{safe_name(str(path))}: {size:,} bytes, above the limit of "
+                        f"{limits.max_csv_bytes:,} (max_csv_bytes)")
     reader = csv.reader([])
     if limits.max_csv_field >= csv.field_size_limit():
         # The csv module's own (process-wide) bound, 128 KiB, would cut a raised limit short;
@@ -88,27 +89,28 @@ def _csv_records(path: Path, limits: Limits) -> tuple[list[str], list[tuple[int,
         csv.field_size_limit(limits.max_csv_field + 1)
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(_bounded_lines(fh, str(path), limits.max_csv_line),
+            reader = csv.reader(_bounded_lines(fh, safe_name(str(path)), limits.max_csv_line),
                                 skipinitialspace=True, strict=True)
             header = [name.strip() for name in next(reader, [])]
             if not header:
-                raise DataError(f"{path}: empty file; expected a header path,label[,split]"
-                                f"[,patient_id]")
+                raise DataError(f"{safe_name(str(path))}: empty file; expected a header line")
+            yield reader.line_num, header
+            count = 0
             for record in reader:
                 if not record or record == [""]:
                     continue  # blank line
-                _check_record(path, reader.line_num, record, header, len(rows), limits)
-                rows.append((reader.line_num, [value.strip() for value in record]))
+                _check_record(path, reader.line_num, record, header, count, limits)
+                count += 1
+                yield reader.line_num, [value.strip() for value in record]
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line: "
+        raise DataError(f"{safe_name(str(path))}: not UTF-8 text (byte {err.start} of a line: "
                         f"{quote(err.reason)})") from err
     except csv.Error as err:
         if "field larger than field limit" in str(err):  # the csv module's own bound (128 KiB)
-            raise DataError(f"{path}: line {reader.line_num} has a field longer than "
-                            f"{csv.field_size_limit():,} characters, above the limit of "
+            raise DataError(f"{safe_name(str(path))}: line {reader.line_num} has a field longer "
+                            f"than {csv.field_size_limit():,} characters, above the limit of "
                             f"{limits.max_csv_field} (max_csv_field)") from err
-        raise DataError(f"{path}: not a readable CSV ({quote(err)})") from err
-    return header, rows
+        raise DataError(f"{safe_name(str(path))}: not a readable CSV ({quote(err)})") from err
 
 
 def _check_record(path: Path, line: int, record: list[str], header: list[str], count: int,
@@ -125,40 +127,101 @@ def _check_record(path: Path, line: int, record: list[str], header: list[str], c
         raise DataError(f"{path}: more than {limits.max_csv_rows:,} rows (max_csv_rows)")
 
 
-def _row_file_problem(root: str, text: str) -> tuple[Path, str | None, str]:
-    """(resolved path, structural problem, file problem) of a CSV path that passed
-    _path_problem: a symlink out of the folder is structural, a FIFO or device the file's.
-    os.path on strings: pathlib costs a few times more per row."""
-    try:
-        resolved = os.path.realpath(os.path.join(root, text))
-    except (OSError, ValueError) as err:
-        return Path(root, text), None, f"unresolvable path ({quote(err)})"
-    if not resolved.startswith(root.rstrip(os.sep) + os.sep):
-        return Path(resolved), f"path {quote(text)} leads outside the CSV's folder (symlink)", ""
-    try:
-        mode = os.stat(resolved).st_mode
-    except (OSError, ValueError):
-        return Path(resolved), None, ""  # missing: named when it is read
-    if not stat.S_ISREG(mode):
-        return Path(resolved), None, f"not a regular file ({kind_of(mode)})"
-    return Path(resolved), None, ""
+_MAX_FOLDERS = 65536  # resolved folders remembered while checking a CSV's rows
+
+
+class RowPaths:
+    """Checks CSV paths relative to a resolved folder ``root``: string checks first (length,
+    absolute, '..'), then the file system's (a symlink out of the folder is structural, a FIFO
+    or device the file's problem, a missing file's problem ``missing``; "" means it is named
+    when read). Each row's folder is resolved once (a CSV of millions of rows names a few
+    folders), then one ``lstat`` per row looks at the file; only a symlink is resolved whole."""
+
+    def __init__(self, root: str, limits: Limits = DEFAULT, missing: str = "") -> None:
+        self.root, self.limits, self.missing = root, limits, missing
+        self._inside = root.rstrip(os.sep) + os.sep
+        self._folders: dict[str, str] = {}
+
+    def _folder(self, head: str) -> str:
+        real = self._folders.get(head)
+        if real is None:
+            real = os.path.realpath(os.path.join(self.root, head)) if head else self.root
+            if len(self._folders) >= _MAX_FOLDERS:
+                self._folders.clear()  # memory stays bounded whatever the CSV names
+            self._folders[head] = real
+        return real
+
+    def check(self, text: str) -> tuple[str, str | None, str]:
+        """(resolved path, structural problem, file problem) of one row's path. os.path on
+        strings: pathlib costs a few times more per row."""
+        problem = _path_problem(text, self.limits)
+        if problem is not None:
+            return os.path.join(self.root, text), problem, ""
+        head, _, name = text.rpartition("/")
+        try:
+            resolved = os.path.join(self._folder(head), name)
+            try:
+                mode: int | None = os.lstat(resolved).st_mode
+            except OSError:
+                mode = None  # missing (or a file where a folder should be)
+            if mode is not None and stat.S_ISLNK(mode):
+                resolved = os.path.realpath(resolved)
+                mode = os.stat(resolved).st_mode if os.path.exists(resolved) else None
+        except (OSError, ValueError) as err:
+            return os.path.join(self.root, text), None, f"unresolvable path ({quote(err)})"
+        if not resolved.startswith(self._inside):
+            return resolved, f"path {quote(text)} leads outside the CSV's folder (symlink)", ""
+        if mode is None:
+            return resolved, None, self.missing
+        if not stat.S_ISREG(mode):
+            return resolved, None, f"not a regular file ({kind_of(mode)})"
+        return resolved, None, ""
+
+
+def _header(path: Path, header: list[str], required: tuple[str, ...], expected: str) -> list[str]:
+    """The header, with every ``required`` column, each column once."""
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{safe_name(str(path))}: missing column(s) {missing}; expected "
+                        f"{expected}, found {quote(header)}")
+    if len(set(header)) < len(header):
+        raise DataError(f"{safe_name(str(path))}: repeated column names in {quote(header)}")
+    return header
+
+
+def row_path(raw: str, limits: Limits = DEFAULT) -> str:
+    """A CSV path as POSIX text: backslashes are separators too (exports from Windows tools).
+    An over-long path stays as it is: :class:`RowPaths` refuses it before any parsing."""
+    if not 0 < len(raw) <= limits.max_path_chars:
+        return raw
+    parts = raw.split("/")
+    if "\\" not in raw and ":" not in raw and "" not in parts and "." not in parts:
+        return raw  # already POSIX and normal: the common case, without pathlib's parsing
+    return PureWindowsPath(raw).as_posix()
+
+
+def list_paths(path: Path, limits: Limits = DEFAULT,
+               missing: str = "") -> Iterator[tuple[int, str, str, str | None, str]]:
+    """(line, path as written in POSIX form, resolved path, structural problem, file problem)
+    of each row of a CSV with a ``path`` column (other columns ignored), streamed: rows are
+    checked as they are read, within the limits. The header is checked at the first ``next``.
+    What predict reads; :func:`scan_csv` checks a labelled manifest's rows the same way."""
+    records = csv_records(path, limits)
+    column = _header(path, next(records)[1], ("path",), "a 'path' column").index("path")
+    paths = RowPaths(str(path.parent.resolve()), limits, missing)
+    for line, record in records:
+        text = row_path(record[column] if column < len(record) else "", limits)
+        yield line, text, *paths.check(text)
 
 
 def scan_csv(path: Path, class_names: list[str] | None = None,
              limits: Limits = DEFAULT) -> Source:
     """A CSV with columns ``path,label`` and optionally ``split`` and ``patient_id``; paths
     are relative to the CSV's folder and may not leave it."""
-    header, records = _csv_records(path, limits)
-    missing = [c for c in CSV_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected path,label[,split]"
-                        f"[,patient_id], found {quote(header)}")
-    if len(set(header)) < len(header):
-        raise DataError(f"{path}: repeated column names in {quote(header)}")
-    if not records:
-        raise DataError(f"{path}: has a header but no rows")
+    records = csv_records(path, limits)
+    header = _header(path, next(records)[1], CSV_COLUMNS, "path,label[,split][,patient_id]")
     column = {name: header.index(name) for name in (*CSV_COLUMNS, *CSV_OPTIONAL) if name in header}
-    root = path.parent.resolve()
+    paths = RowPaths(str(path.parent.resolve()), limits)
     problems = Problems(limits.max_problems_shown)
     seen: dict[str, int] = {}
     labels: dict[str, set[str]] = {}
@@ -166,11 +229,7 @@ def scan_csv(path: Path, class_names: list[str] | None = None,
     for line, record in records:
         record += [""] * (len(header) - len(record))
         fields = {name: record[i] for name, i in column.items()}
-        # Backslashes are separators (exports from Windows tools); the file name is POSIX below.
-        # An over-long path stays as it is: _path_problem refuses it before any parsing.
-        raw = fields["path"]
-        text = PureWindowsPath(raw).as_posix() if 0 < len(raw) <= limits.max_path_chars else raw
-        row = _csv_row(root, line, text, fields, problems, seen, limits)
+        row = _csv_row(paths, line, row_path(fields["path"], limits), fields, problems, seen)
         if row is not None:
             rows.append(row)
             labels.setdefault(row[3], set()).add(row[2])
@@ -179,6 +238,8 @@ def scan_csv(path: Path, class_names: list[str] | None = None,
                                 f"(max_classes); is the label column right?")
     if problems:
         raise problems.error(str(path), "bad row(s)")
+    if not rows:
+        raise DataError(f"{safe_name(str(path))}: has a header but no rows")
     every = set().union(*labels.values())
     if len(every) > limits.max_classes:
         raise DataError(f"{path}: {len(every)} distinct labels, above the limit of "
@@ -199,16 +260,13 @@ def scan_csv(path: Path, class_names: list[str] | None = None,
                   extra_hashed=[path])
 
 
-def _csv_row(root: Path, line: int, text: str, fields: dict[str, str], problems: Problems,
-             seen: dict[str, int], limits: Limits) -> tuple[str, Path, str, str, str, str] | None:
+def _csv_row(paths: RowPaths, line: int, text: str, fields: dict[str, str], problems: Problems,
+             seen: dict[str, int]) -> tuple[str, Path, str, str, str, str] | None:
     """(path, resolved path, label, split, patient, file problem) of one row, or None with its
     problems added."""
     before = problems.total
     where = f"line {line}"
-    problem = _path_problem(text, limits)
-    resolved, file_problem = root / text, ""
-    if problem is None:
-        resolved, problem, file_problem = _row_file_problem(str(root), text)
+    resolved, problem, file_problem = paths.check(text)
     if problem:
         problems.add(f"{where}: {problem}")
     if not fields["label"]:
@@ -224,4 +282,4 @@ def _csv_row(root: Path, line: int, text: str, fields: dict[str, str], problems:
     seen.setdefault(text, line)
     if problems.total > before:
         return None
-    return text, resolved, fields["label"], split, fields.get("patient_id", ""), file_problem
+    return text, Path(resolved), fields["label"], split, fields.get("patient_id", ""), file_problem

@@ -162,7 +162,7 @@ def _decode_arrays(split: sources.ArraySet, path: Path, settings: Settings) -> P
     hashes = []
     start = 0
     # A chunk is bounded in source bytes too: an npz of 40 MP images reads a few at a time.
-    rows = max(1, min(settings.rows, CHUNK_BYTES // max(1, int(np.prod(split.shape[1:])))))
+    rows = min(settings.rows, split.rows_within(CHUNK_BYTES))
     for chunk in split.chunks(rows):
         converted = imaging.convert_array(chunk, settings.size, settings.channels,
                                           settings.keep_aspect)

@@ -1,191 +1,149 @@
 """Apply a trained model (or a saved ensemble) to unlabeled images, streamed in batches.
 
-The images go through the data step's own decoding (:func:`lungxray.images.decode` for files,
-:func:`lungxray.images.convert_array` for ``.npz`` rows) at the size and channel count saved with
-the model, so a prediction sees the pixels training saw. Files are listed first (paths only),
-then decoded, predicted and written one batch at a time: memory stays flat whatever the number
-of images. ``predictions.csv`` is written to a temporary name and renamed when complete, so a
-failed run never leaves a file that looks like a result.
+Sources are read by the data step's bounded readers (``sources.walk_files``,
+``manifest_csv.list_paths``, ``sources.image_members``; docs/limits.md) and decoded by its
+decoding (``images.decode``, ``images.convert_array``) at the size and channels saved with the
+model, so a prediction sees the pixels training saw. All that can be checked without the model
+(arguments, source, listing, CSV header, npz headers, output) is checked before TensorFlow is
+imported; a CSV is then read as it is predicted, a batch at a time: memory stays flat. Names
+are written escaped (``errors.safe_name``). Files are built in a ``.predict-*`` staging folder
+(removed on errors, SIGTERM and SIGINT, swept after a kill) and moved into place complete.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-import zipfile
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
 
-from lungxray import artifacts, prevalence, raw_source, safeio, sources
+from lungxray import artifacts, manifest_csv, prevalence, raw_source, safeio, sources, staging
 from lungxray import images as imaging
 from lungxray import limits as limiting
-from lungxray.errors import ConfigError, DataError, ModelError, quote
+from lungxray.errors import ConfigError, DataError, ModelError, safe_name
 from lungxray.limits import Limits
-from lungxray.pools import Unusable, read_file
+from lungxray.pools import CHUNK_BYTES, Unusable, read_file
+from lungxray.sources import shown
 
 PREDICTIONS_FILE = "predictions.csv"
 PREVALENCE_FILE = artifacts.PREVALENCE_FILE
 BAD_FILES = "bad_files.csv"
 GRADCAM_DIR = "gradcam"
+STAGING_PREFIX = ".predict-"
 BATCH_SIZE = 64
 MAX_NAMED = 10  # bad files named in an error line; the rest are counted
-PROGRESS_EVERY_S = 5.0
+PROGRESS_EVERY_S = 10.0
 OVERLAY_ALPHA = 0.4  # heatmap weight, as in the evaluation report's Grad-CAM grid
 FULL_SIZE = 1 << 30  # "decode at full resolution": larger than any JPEG draft target
+MISSING = "no such file"
+_OUTPUTS = (PREDICTIONS_FILE, BAD_FILES, PREVALENCE_FILE, GRADCAM_DIR)  # what a run replaces
 
 
 # --------------------------------------------------------------------------- listing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One image to predict: a file, or row ``index`` of an ``.npz`` member ``key``."""
 
-    origin: str  # how predictions.csv names it (relative to the source root)
+    origin: str  # how predictions.csv names it: relative to the source root, escaped
     path: Path | None = None
     key: str = ""
     index: int = -1
     problem: str = ""  # found while listing (a FIFO, a symlink out of the root): a bad file
 
 
-def _visible(relative: PurePath) -> bool:
-    # The data step's rule: hidden names and OS litter are never data.
-    return all(not part.startswith(".") and part not in sources.JUNK for part in relative.parts)
+@dataclass
+class Listing:
+    """A source's images, listed without decoding any: a folder's files (all, sorted), a CSV's
+    rows (streamed: checked as they are read) or an npz's image members (headers checked)."""
+
+    where: str  # the source as messages name it
+    root: Path  # the local folder, CSV or npz
+    files: Iterable[Entry] = ()
+    members: list[sources.ArraySet] = field(default_factory=list)
+    total: int | None = 0  # None for a CSV: counted as it streams
+    stops: sources.Problems = field(default_factory=sources.Problems)  # CSV rows that stop it
+
+    def batches(self, size: int) -> Iterator[tuple[list[Entry], np.ndarray | None]]:
+        """(entries, their npz rows or None for files), ``size`` at a time; npz rows are also
+        bounded by CHUNK_BYTES of source pixels, so big images come a few at a time."""
+        for member in self.members:
+            start = 0
+            for rows in member.chunks(min(size, member.rows_within(CHUNK_BYTES))):
+                yield [Entry(member.origin(i), self.root, member.key, i)
+                       for i in range(start, start + len(rows))], rows
+                start += len(rows)
+        files = iter(self.files)
+        while batch := list(itertools.islice(files, size)):
+            yield batch, None
 
 
-def _file_entry(path: Path, root: Path, origin: str) -> Entry:
-    """An entry for ``path``, with a problem when it is not a regular file inside ``root``
-    (reading a FIFO could hang; a symlink must not leak files from elsewhere)."""
-    try:
-        inside = path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):  # a symlink loop
-        return Entry(origin, path, problem="unresolvable symlink")
-    if not inside:
-        return Entry(origin, path, problem="leads outside the source folder (symlink)")
-    if path.exists() and not path.is_file():
-        return Entry(origin, path, problem="not a regular file")
-    return Entry(origin, path)
-
-
-def _list_folder(root: Path) -> list[Entry]:
-    """Every visible file below ``root``, class folders or not (the images are unlabeled)."""
-    found = [p for p in root.rglob("*") if _visible(p.relative_to(root)) and not p.is_dir()]
-    found.sort(key=lambda p: p.relative_to(root).as_posix())
-    return [_file_entry(p, root, p.relative_to(root).as_posix()) for p in found]
-
-
-def _path_problem(text: str) -> str | None:
-    """Why a CSV path may not be used: as in the data step, paths stay inside its folder."""
-    if not text:
-        return "empty path"
-    if "\0" in text:
-        return f"path {quote(text)} holds a NUL character"
-    posix, windows = PurePosixPath(text), PureWindowsPath(text)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or text.startswith("\\"):
-        return f"absolute path {quote(text)} is not allowed; paths are relative to the CSV's folder"
-    if ".." in windows.parts:  # PureWindowsPath splits on both '/' and '\\'
-        return f"path {quote(text)} contains '..'; paths may not leave the CSV's folder"
-    return None
-
-
-def _list_csv(path: Path) -> list[Entry]:
-    """A CSV with a ``path`` column (other columns, a label too, are ignored); paths are
-    relative to the CSV's folder and may not leave it, as in the data step."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({quote(str(err))})") from err
-    table.columns = [str(c).strip() for c in table.columns]
-    if "path" not in table.columns:
-        raise DataError(f"{path}: no 'path' column (found {quote(str(list(table.columns)))})")
-    root = path.parent.resolve()
-    entries, problems = [], []
-    for line, text in enumerate(table["path"].str.strip(), start=2):
-        text = PureWindowsPath(text).as_posix() if text else text
-        problem = _path_problem(text)
-        if problem:
-            problems.append(f"line {line}: {problem}")
-            continue
-        entry = _file_entry(root / text, root, text)
-        if entry.problem.startswith("leads outside"):
-            problems.append(f"line {line}: path {quote(text)} {entry.problem}")
-        entries.append(entry)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems[:MAX_NAMED]))
-    if not entries:
-        raise DataError(f"{path}: has a header but no rows")
+def _list_folder(root: Path, meter: Progress) -> list[Entry]:
+    """Every visible file below ``root``, class folders or not (the images are unlabeled), as
+    the data step lists them; a symlink out of the root or a FIFO is that file's problem."""
+    entries = []
+    for path, origin, problem in sources.walk_files(root, root, strict_names=False):
+        entries.append(Entry(origin, path, problem=problem))
+        meter.listing(safe_name(str(root)), len(entries))
+    entries.sort(key=lambda entry: entry.origin)
     return entries
 
 
-def _npy_header(fp: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran order, dtype) from an ``.npy`` member's header."""
-    try:
-        version = np.lib.format.read_magic(fp)
-        read = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}[version]
-        shape, fortran, dtype = read(fp)
-    except Exception as err:  # noqa: BLE001 - numpy's header parser raises many kinds
-        raise DataError(f"{where}: invalid .npy header ({type(err).__name__})") from err
-    return tuple(int(n) for n in shape), bool(fortran), dtype
+def _csv_entries(path: Path, limits: Limits, stops: sources.Problems) -> Iterator[Entry]:
+    """The rows of a CSV with a ``path`` column (other columns, a label too, are ignored) as
+    they are read; paths are relative to the CSV's folder and may not leave it, as in the data
+    step. A row that stops the run (absolute, '..', too long, a symlink out) goes to ``stops``."""
+    for line, text, resolved, problem, file_problem in manifest_csv.list_paths(path, limits,
+                                                                                MISSING):
+        if problem:
+            stops.add(f"line {line}: {problem}")
+        else:
+            # A bad file needs no Path (costly, per row of millions): it is never opened.
+            yield Entry(safe_name(text), None if file_problem else Path(resolved),
+                        problem=file_problem)
 
 
-def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) of the image members: ``images`` or ``<split>_images``, labels ignored."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
-            keys = [k for k in ("images", *(f"{s}_images" for s in sources.SPLITS)) if k in names]
-            found = []
-            for key in keys:
-                with archive.open(f"{key}.npy") as fp:
-                    shape, fortran, dtype = _npy_header(fp, f"{path}:{key}")
-                if len(shape) == 3:
-                    shape = (*shape, 1)
-                if len(shape) != 4 or shape[-1] not in (1, 3) or dtype != np.uint8 or fortran:
-                    raise DataError(f"{path}:{key}: expected uint8 images shaped (N, H, W) or "
-                                    f"(N, H, W, 1|3), got {dtype} {shape}")
-                found.append((key, shape))
-    except (zipfile.BadZipFile, OSError, zlib.error) as err:
-        raise DataError(f"{path}: not a readable .npz file ({quote(str(err))})") from err
-    if not found:
-        raise DataError(f"{path}: no image key (expected 'images' or '<split>_images'; found: "
-                        f"{quote(', '.join(sorted(names)) or 'nothing')})")
-    return found
-
-
-def list_source(source: str, cache_dir: Path | None = None) -> tuple[Path, list[Entry]]:
-    """(local root, entries) of a folder, CSV, ``.npz`` or ``gs://`` URI of any of them.
-    Only paths are listed here; no image is read."""
-    path = raw_source.resolve(source, cache_dir)
-    if not path.exists():
-        raise DataError(f"{quote(source)}: no such file or directory")
+def list_source(source: str, cache_dir: Path | None = None, limits: Limits | None = None,
+                meter: Progress | None = None) -> Listing:
+    """The :class:`Listing` of a folder, CSV, ``.npz`` or ``gs://`` URI of any of them. No image
+    is read; a CSV's header and rows up to its first usable one are."""
+    limits = limits or limiting.from_env()
+    meter = meter or Progress()
+    path = raw_source.local_source(source, cache_dir, limits)
+    where = safe_name(source)
     if path.is_dir():
-        entries = _list_folder(path)
+        files = _list_folder(path, meter)
+        listing = Listing(where, path, files, total=len(files))
     elif path.suffix.lower() == ".csv":
-        entries = _list_csv(path)
+        stops = sources.Problems(limits.max_problems_shown)
+        rows = _csv_entries(path, limits, stops)
+        first = next(rows, None)
+        if first is None:
+            raise (stops.error(where, "bad row(s)") if stops
+                   else DataError(f"{where}: has a header but no rows"))
+        listing = Listing(where, path, itertools.chain([first], rows), total=None, stops=stops)
     elif path.suffix.lower() == ".npz":
-        entries = [Entry(f"{key}[{i}]", path, key, i)
-                   for key, shape in _npz_members(path) for i in range(shape[0])]
+        members = sources.image_members(path, limits)
+        listing = Listing(where, path, members=members, total=sum(map(len, members)))
     else:
-        raise DataError(f"{quote(source)}: expected an image folder, a .csv with a 'path' "
-                        f"column or an .npz; got {path.suffix or 'a file without extension'}")
-    if not entries:
-        raise DataError(f"{quote(source)}: holds no image files")
-    return path, entries
+        raise DataError(f"{where}: expected an image folder, a .csv with a 'path' column or an "
+                        f".npz; got {shown(path.suffix) or 'a file without extension'}")
+    if listing.total == 0:
+        raise DataError(f"{where}: holds no image files")
+    return listing
 
 
 # --------------------------------------------------------------------------- decoding
@@ -208,14 +166,15 @@ class Settings:
             object.__setattr__(self, "budget", imaging.Budget(self.limits.max_decode_bytes))
 
 
-def settings_for(info: dict[str, Any], workers: int = 0) -> Settings:
+def settings_for(info: dict[str, Any], workers: int = 0,
+                 limits: Limits | None = None) -> Settings:
     """The preprocessing saved with a model (``model_info.json`` / ``ensemble.json``)."""
     try:
         size, channels = int(info["image_size"]), int(info["channels"])
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"model info lacks a usable image_size/channels ({err})") from err
     return Settings(size, channels, bool(info.get("keep_aspect", False)),
-                    workers or min(8, os.cpu_count() or 1))
+                    workers or min(8, os.cpu_count() or 1), limits or limiting.from_env())
 
 
 def _decode_file(entry: Entry, settings: Settings) -> tuple[np.ndarray | None, str]:
@@ -240,61 +199,22 @@ def _decode_file(entry: Entry, settings: Settings) -> tuple[np.ndarray | None, s
         return None, f"cannot decode ({type(err).__name__})"
 
 
-class NpzReader:
-    """Rows of the ``.npz`` image members, read forward a chunk at a time: a compressed member
-    is inflated as it goes, so the whole array never sits in memory."""
-
-    def __init__(self, path: Path, members: list[tuple[str, tuple[int, ...]]]):
-        self.path, self.shapes = path, dict(members)
-        self._iter: Iterator[np.ndarray] | None = None
-        self._key, self._buffer, self._start = "", np.zeros((0,)), 0
-
-    def _chunks(self, key: str, rows: int) -> Iterator[np.ndarray]:
-        shape, where = self.shapes[key], f"{self.path}:{key}"
-        per_image = math.prod(shape[1:])
-        try:
-            with zipfile.ZipFile(self.path) as archive, archive.open(f"{key}.npy") as fp:
-                _npy_header(fp, where)
-                for start in range(0, shape[0], rows):
-                    count = min(rows, shape[0] - start)
-                    buffer = fp.read(count * per_image)
-                    if len(buffer) != count * per_image:
-                        raise DataError(f"{where}: truncated after image {start}")
-                    yield np.frombuffer(buffer, dtype=np.uint8).reshape(count, *shape[1:])
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{where}: cannot read ({quote(str(err))})") from err
-
-    def rows(self, key: str, first: int, count: int, chunk: int) -> np.ndarray:
-        """Rows ``first..first+count`` of ``key``; calls must go forward through the members."""
-        out = []
-        while count:
-            if key != self._key:
-                self._key, self._iter = key, self._chunks(key, chunk)
-                self._buffer, self._start = np.zeros((0,)), 0
-            end = self._start + len(self._buffer)
-            if first >= end:
-                self._start, self._buffer = end, next(self._iter)
-                continue
-            take = min(count, end - first)
-            out.append(self._buffer[first - self._start:first - self._start + take])
-            first, count = first + take, count - take
-        return np.concatenate(out)
-
-
-def decode_batch(batch: list[Entry], settings: Settings, executor: ThreadPoolExecutor,
-                 npz: NpzReader | None) -> tuple[np.ndarray, list[int], list[tuple[str, str]],
-                                                 list[np.ndarray | None]]:
+def decode_batch(batch: list[Entry], rows: np.ndarray | None, settings: Settings,
+                 executor: ThreadPoolExecutor) -> tuple[np.ndarray, list[int],
+                                                        list[tuple[str, str]],
+                                                        list[np.ndarray | None]]:
     """(model inputs uint8 (n_ok, S, S, C), positions of the good entries, (origin, problem)
-    of the bad ones, the source rows of npz entries for overlays)."""
-    if npz is not None:
-        blocks = []
-        for key in dict.fromkeys(e.key for e in batch):  # a batch may span two members
-            rows = [e.index for e in batch if e.key == key]
-            blocks.append(npz.rows(key, rows[0], len(rows), max(len(batch), BATCH_SIZE)))
-        pixels = np.concatenate([imaging.convert_array(b, settings.size, settings.channels,
-                                                       settings.keep_aspect) for b in blocks])
-        return pixels, list(range(len(batch))), [], [row for b in blocks for row in b]
-    results = list(executor.map(lambda e: _decode_file(e, settings), batch))
+    of the bad ones, the source rows of npz entries for overlays). Files already known to be
+    bad (missing, a FIFO) are not handed to a thread: two million missing rows pass quickly."""
+    if rows is not None:
+        pixels = imaging.convert_array(rows, settings.size, settings.channels,
+                                       settings.keep_aspect)
+        return pixels, list(range(len(batch))), [], list(rows)
+    results: list[tuple[np.ndarray | None, str]] = [(None, e.problem) for e in batch]
+    todo = [i for i, entry in enumerate(batch) if not entry.problem]
+    for i, result in zip(todo, executor.map(lambda i: _decode_file(batch[i], settings), todo),
+                         strict=True):
+        results[i] = result
     good = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
     bad = [(batch[i].origin, problem) for i, (_, problem) in enumerate(results) if problem]
     shape = (0, settings.size, settings.size, settings.channels)
@@ -321,20 +241,40 @@ def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
 
 
 class Progress:
-    """``predict: 1280/100000 images, 42.0 img/s, 3 unreadable`` on stderr every few seconds."""
+    """Progress on stderr, at most every PROGRESS_EVERY_S (a short run prints only its last
+    line): ``predict: listing /data: 120000 files so far`` while a folder is listed, then
+    ``predict: 1280/100000 images, 42.0 img/s, 3 unreadable`` (a CSV, read as it streams,
+    has no total until its end)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None):
-        self.total, self.stream = total, stream or sys.stderr
+    def __init__(self, stream: TextIO | None = None, every: float | None = None):
+        self.stream = stream or sys.stderr
+        self.every = PROGRESS_EVERY_S if every is None else every
         self.started = self.last = time.monotonic()
 
-    def update(self, done: int, bad: int, final: bool = False) -> None:
+    def _due(self) -> bool:
         now = time.monotonic()
-        if not final and now - self.last < PROGRESS_EVERY_S:
-            return
+        if now - self.last < self.every:
+            return False
         self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        print(f"predict: {done}/{self.total} images, {rate:.1f} img/s"
-              + (f", {bad} unreadable" if bad else ""), file=self.stream, flush=True)
+        return True
+
+    def _print(self, text: str) -> None:
+        print(f"predict: {text}", file=self.stream, flush=True)
+
+    def listing(self, where: str, found: int) -> None:
+        if self._due():
+            self._print(f"listing {where}: {found} files so far")
+
+    def start(self) -> None:
+        """Images per second count from here (the model is loaded)."""
+        self.started = time.monotonic()
+
+    def update(self, done: int, total: int | None, bad: int, final: bool = False) -> None:
+        if not final and not self._due():
+            return
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        self._print(f"{done}{'' if total is None else f'/{total}'} images, {rate:.1f} img/s"
+                    + (f", {bad} unreadable" if bad else ""))
 
 
 # --------------------------------------------------------------------------- Grad-CAM overlays
@@ -415,23 +355,52 @@ def write_overlays(members: list[Any], pixels: np.ndarray, classes: np.ndarray,
 # --------------------------------------------------------------------------- the command
 
 
-def _check_output(output: Path, root: Path) -> None:
-    """The output may not lie inside a source folder: the next run would read it as images."""
-    if root.is_dir() and output.resolve().is_relative_to(root.resolve()):
-        raise ConfigError(f"{output}: lies inside the source folder {root}; choose an output "
-                          f"outside it")
+def _check_output(output: Path, root: Path, model_dir: Path) -> None:
+    """The output may not lie inside the source folder (the next run would read it as images)
+    or the model folder (what predict reads it never changes), and must be a folder that can
+    be made: all checked before the model is loaded."""
+    where = safe_name(str(output))
+    try:
+        real = output.resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"{where}: not a usable output path ({err})") from err
+    for folder, what in ((root, "the source folder"), (model_dir, "the model folder")):
+        if folder.is_dir() and real.is_relative_to(folder.resolve()):
+            raise ConfigError(f"{where}: lies inside {what} {safe_name(str(folder))}; choose an "
+                              f"output outside it")
     if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output}: exists and is not a directory")
+        raise ConfigError(f"{where}: exists and is not a directory")
+    _check_replaceable(output, where)
+    existing = next(p for p in (output.absolute(), *output.absolute().parents)
+                    if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {safe_name(str(existing))} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {safe_name(str(existing))} is not writable")
 
 
-def _bad_error(source: str, bad: list[tuple[str, str]], total: int) -> DataError:
-    named = [f"{origin}: {problem}" for origin, problem in bad[:MAX_NAMED]]
-    more = f"; and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
-    return DataError(f"{quote(source)}: {len(bad)} of {total} file(s) unreadable "
-                     f"(pass --skip-bad to skip them and list them in {BAD_FILES}): "
-                     + "; ".join(p.replace("\n", " ") for p in named) + more)
+def _check_replaceable(output: Path, where: str) -> None:
+    """What a run replaces in ``output`` must be an earlier run's: a foreign ``gradcam/`` (or
+    any of the names, of another kind or a symlink) is never removed or written through."""
+    found = [name for name in _OUTPUTS if os.path.lexists(output / name)]
+    for name in found:
+        target = output / name
+        if target.is_symlink() or target.is_dir() != (name == GRADCAM_DIR):
+            raise ConfigError(f"{where}: {name} there is a symlink or not a "
+                              f"{'folder' if name == GRADCAM_DIR else 'regular file'}; "
+                              f"choose another output")
+    if found and PREDICTIONS_FILE not in found:
+        raise ConfigError(f"{where}: holds {', '.join(found)} but no {PREDICTIONS_FILE}, so it "
+                          f"is not an earlier predict output; choose another output")
 
 
+def _bad_error(where: str, named: list[str], n_bad: int, total: int) -> DataError:
+    return sources.problems_error(where, f"of {total} file(s) unreadable", named,
+                                  f" (pass --skip-bad to skip them and list them in "
+                                  f"{BAD_FILES})", total=n_bad, shown=MAX_NAMED)
+
+
+@staging.stop_on_signals()  # SIGTERM/SIGINT: exit 128 + signal, no traceback, nothing left
 def predict(model_dir: Path | str, source: str, output: Path | str, *,
             batch_size: int = BATCH_SIZE, skip_bad: bool = False, explain: bool = False,
             cache_dir: Path | None = None, workers: int = 0,
@@ -442,44 +411,49 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     ``skip_bad``. Returns a summary (also what the CLI prints)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    output = Path(output)
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (one per CPU) or more, got {workers}")
+    output, limits, meter = Path(output), limiting.from_env(), Progress(progress)
+    if not Path(model_dir).is_dir():
+        raise ModelError(f"{safe_name(str(model_dir))}: no such model directory")
+    listing = list_source(str(source), cache_dir, limits, meter)
+    _check_output(output, listing.root, Path(model_dir))
     predictor = _load(Path(model_dir))
     info = predictor.info
     class_names = [str(c) for c in info["class_names"]]
     threshold = info.get("threshold")
     calibration = _saved_calibration(info, Path(model_dir))
-    settings = settings_for(info, workers)
+    settings = settings_for(info, workers, limits)
     _check_input_size(predictor.members, settings, Path(model_dir))
-    root, entries = list_source(str(source), cache_dir)
-    _check_output(output, root)
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    npz = NpzReader(root, _npz_members(root)) if root.suffix.lower() == ".npz" else None
-    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=output))
+    created, published = not output.exists(), False
     try:
-        counts, bad, scores = _run(predictor.members, entries, settings, npz, staging,
-                                   class_names, threshold, batch_size, skip_bad, explain,
-                                   progress)
-        if bad and not skip_bad:
-            raise _bad_error(str(source), bad, len(entries))
-        estimate = _target_prevalence(calibration, class_names, scores, threshold)
-        if estimate is not None:
-            safeio.write_text_atomic(staging / PREVALENCE_FILE, json.dumps(estimate, indent=2))
-        _publish(staging, output, bad, explain)
+        with staging.staging_dir(output, STAGING_PREFIX, "lungxray predict") as build:
+            counts, n_bad, scores = _run(predictor.members, listing, settings, build,
+                                         class_names, threshold, batch_size, skip_bad, explain,
+                                         meter)
+            estimate = _target_prevalence(calibration, class_names, scores, threshold)
+            if estimate is not None:
+                safeio.write_text_atomic(build / PREVALENCE_FILE, json.dumps(estimate, indent=2))
+            with staging.signals_blocked():  # the old files, or all the new ones
+                _publish(build, output, n_bad, explain)
+                published = True
     except BaseException:
-        # A failed run leaves nothing that looks like a result (nor a folder it created).
-        shutil.rmtree(output if created else staging, ignore_errors=True)
+        # A failed or stopped run leaves nothing that looks like a result (nor a folder it
+        # created).
+        if created and not published:
+            shutil.rmtree(output, ignore_errors=True)
         raise
-    shutil.rmtree(staging, ignore_errors=True)
-    return {"model_name": info.get("model_name"), "source": str(source),
-            "predictions": str(output / PREDICTIONS_FILE), "n": sum(counts.values()),
-            "n_bad": len(bad), "bad_files": str(output / BAD_FILES) if bad else None,
+    return {"model_name": info.get("model_name"), "source": safe_name(str(source)),
+            "predictions": safe_name(str(output / PREDICTIONS_FILE)),
+            "n": sum(counts.values()), "n_bad": n_bad,
+            "bad_files": safe_name(str(output / BAD_FILES)) if n_bad else None,
             "threshold": threshold, "counts": counts,
-            "gradcam": str(output / GRADCAM_DIR) if explain else None,
+            "gradcam": safe_name(str(output / GRADCAM_DIR)) if explain else None,
             "prevalence": (None if estimate is None else
                            {k: estimate[k] for k in ("estimate", "ci",
                                                      "bayes_threshold_at_estimate")}),
-            "prevalence_file": None if estimate is None else str(output / PREVALENCE_FILE)}
+            "prevalence_file": (None if estimate is None else
+                                safe_name(str(output / PREVALENCE_FILE)))}
 
 
 def _saved_calibration(info: dict[str, Any], model_dir: Path) -> Any:
@@ -530,52 +504,80 @@ def _check_input_size(members: list[Any], settings: Settings, model_dir: Path) -
                              f"{expected}")
 
 
-def _run(members: list[Any], entries: list[Entry], settings: Settings, npz: NpzReader | None,
-         staging: Path, class_names: list[str], threshold: float | None, batch_size: int,
-         skip_bad: bool, explain: bool,
-         progress: TextIO | None
-         ) -> tuple[dict[str, int], list[tuple[str, str]], np.ndarray]:
-    """Decode, predict and append CSV rows batch by batch into ``staging``; returns the counts
-    per decided class, the bad files and, for two classes, the positive-class scores. Once a
-    bad file is found without ``skip_bad`` the run is lost: the model stops, decoding goes on
-    to name all."""
+def _run(members: list[Any], listing: Listing, settings: Settings, staging: Path,
+         class_names: list[str], threshold: float | None, batch_size: int, skip_bad: bool,
+         explain: bool, meter: Progress) -> tuple[dict[str, int], int, np.ndarray]:
+    """Decode, predict and append rows batch by batch to ``staging``'s predictions.csv and
+    bad_files.csv; returns the counts per decided class, the number of bad files and, for two
+    classes, the positive-class scores. Once the run is lost the model stops: after a bad file
+    without ``skip_bad`` decoding goes on to name and count all, after a CSV row that stops
+    the run only the listing does, to count those rows."""
     counts = dict.fromkeys(class_names, 0)
-    bad: list[tuple[str, str]] = []
     scores: list[np.ndarray] = []
-    meter = Progress(len(entries), progress)
+    named: list[str] = []
+    done = n_bad = 0
     columns = ["path", *(f"prob_{c}" for c in class_names), "predicted_index", "predicted_class"]
     if explain:
         columns.append("gradcam")
-    with (open(staging / PREDICTIONS_FILE, "w", newline="", encoding="utf-8") as handle,
-          ThreadPoolExecutor(max_workers=settings.workers) as executor):
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for start in range(0, len(entries), batch_size):
-            batch = entries[start:start + batch_size]
-            pixels, good, problems, raws = decode_batch(batch, settings, executor, npz)
-            bad += problems
-            if len(good) and (skip_bad or not bad):
-                probs = predict_probs(members, pixels, batch_size)
-                if len(class_names) == 2:
-                    scores.append(probs[:, 1].astype(np.float32))
-                decided = decide(probs, threshold)
-                kept = [batch[i] for i in good]
-                overlays = (write_overlays(members, pixels, decided, kept, [raws[i] for i in good],
-                                           settings, staging / GRADCAM_DIR) if explain else None)
-                for row, entry in enumerate(kept):
-                    cells = [entry.origin, *(f"{p:.6f}" for p in probs[row]), int(decided[row]),
-                             class_names[decided[row]]]
-                    writer.writerow(cells + ([overlays[row]] if explain else []))
-                    counts[class_names[decided[row]]] += 1
-            meter.update(start + len(batch), len(bad))
-    meter.update(len(entries), len(bad), final=True)
-    return counts, bad, np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    meter.start()
+    executor = ThreadPoolExecutor(max_workers=settings.workers)
+    try:
+        with (open(staging / PREDICTIONS_FILE, "w", newline="", encoding="utf-8") as handle,
+              open(staging / BAD_FILES, "w", newline="", encoding="utf-8") as bad_handle):
+            writer, bad_writer = csv.writer(handle), csv.writer(bad_handle)
+            writer.writerow(columns)
+            bad_writer.writerow(["path", "problem"])
+            for batch, rows in listing.batches(batch_size):
+                done += len(batch)
+                if not listing.stops:
+                    pixels, good, problems, raws = decode_batch(batch, rows, settings, executor)
+                    for origin, problem in problems:
+                        problem = safe_name(problem)  # an OSError's text may quote a path
+                        bad_writer.writerow([origin, problem])
+                        if len(named) < MAX_NAMED:
+                            named.append(f"{origin}: {problem}")
+                    n_bad += len(problems)
+                    if len(good) and (skip_bad or not n_bad):
+                        kept = [batch[i] for i in good]
+                        writer.writerows(_predicted(members, pixels, kept, [raws[i] for i in good],
+                                                    settings, staging, class_names, threshold,
+                                                    batch_size, explain, counts, scores))
+                meter.update(done, listing.total, n_bad)
+    finally:
+        # On SIGTERM/SIGINT the queued files are dropped, not decoded first.
+        executor.shutdown(wait=True, cancel_futures=True)
+    if listing.stops:
+        raise listing.stops.error(listing.where, "bad row(s)")
+    if n_bad and not skip_bad:
+        raise _bad_error(listing.where, named, n_bad, done)
+    meter.update(done, done, n_bad, final=True)
+    return counts, n_bad, np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
-def _publish(staging: Path, output: Path, bad: list[tuple[str, str]], explain: bool) -> None:
+def _predicted(members: list[Any], pixels: np.ndarray, kept: list[Entry],
+               raws: list[np.ndarray | None], settings: Settings, staging: Path,
+               class_names: list[str], threshold: float | None, batch_size: int, explain: bool,
+               counts: dict[str, int], scores: list[np.ndarray]) -> list[list[Any]]:
+    """predictions.csv rows of one decoded batch (overlays written with ``explain``); the
+    counts and scores are added to."""
+    probs = predict_probs(members, pixels, batch_size)
+    if len(class_names) == 2:
+        scores.append(probs[:, 1].astype(np.float32))
+    decided = decide(probs, threshold)
+    overlays = (write_overlays(members, pixels, decided, kept, raws, settings,
+                               staging / GRADCAM_DIR) if explain else None)
+    lines = []
+    for row, entry in enumerate(kept):
+        cells = [entry.origin, *(f"{p:.6f}" for p in probs[row]), int(decided[row]),
+                 class_names[decided[row]]]
+        lines.append(cells + ([overlays[row]] if explain else []))
+        counts[class_names[decided[row]]] += 1
+    return lines
+
+
+def _publish(staging: Path, output: Path, n_bad: int, explain: bool) -> None:
     """Move the finished files into ``output``; predictions.csv last, stale files removed."""
-    if bad:
-        pd.DataFrame(bad, columns=["path", "problem"]).to_csv(staging / BAD_FILES, index=False)
+    if n_bad:
         os.replace(staging / BAD_FILES, output / BAD_FILES)
     else:
         (output / BAD_FILES).unlink(missing_ok=True)

@@ -39,23 +39,35 @@ def resolve(source: str, cache_dir: Path | None = None) -> Path:
     return Path(source)
 
 
-def open_source(source: str, class_names: list[str] | None = None,
-                cache_dir: Path | None = None, limits: Limits = DEFAULT) -> Source:
-    """Describe ``source`` (npz, folder, CSV, on gs:// or local, or a published name)."""
+def local_source(source: str, cache_dir: Path | None = None,
+                 limits: Limits = DEFAULT) -> Path:
+    """The local folder or regular file behind ``source`` (:func:`resolve`), its length
+    checked first; a missing path, a FIFO (it would block the open forever) or a device is a
+    DataError. Preprocess, evaluate and predict all start here."""
+    if not source:
+        raise DataError("the source is empty; give a folder, a file or a gs:// URI")
     if len(source) > limits.max_path_chars:
         raise DataError(f"source {quote(source)} is longer than {limits.max_path_chars} "
                         f"characters (max_path_chars)")
     path = resolve(source, cache_dir)
     try:
         mode = path.stat().st_mode
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte
         raise DataError(f"{shown(source)}: no such file or directory"
                         if isinstance(err, FileNotFoundError) else
-                        f"{shown(source)}: cannot read ({err.strerror})") from err
-    if stat.S_ISDIR(mode):
-        return scan_folder(path, class_names, limits)
-    if not stat.S_ISREG(mode):  # a FIFO would block the open forever
+                        f"{shown(source)}: cannot read "
+                        f"({getattr(err, 'strerror', None) or err})") from err
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
         raise DataError(f"{shown(source)}: not a regular file ({kind_of(mode)})")
+    return path
+
+
+def open_source(source: str, class_names: list[str] | None = None,
+                cache_dir: Path | None = None, limits: Limits = DEFAULT) -> Source:
+    """Describe ``source`` (npz, folder, CSV, on gs:// or local, or a published name)."""
+    path = local_source(source, cache_dir, limits)
+    if path.is_dir():
+        return scan_folder(path, class_names, limits)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return scan_npz(path, class_names, limits)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import stat
 import zipfile
 import zlib
@@ -25,7 +26,7 @@ from typing import IO
 
 import numpy as np
 
-from lungxray.errors import QUOTE_LIMIT, DataError, quote
+from lungxray.errors import QUOTE_LIMIT, DataError, quote, safe_name
 from lungxray.limits import DEFAULT, Limits
 
 SPLITS = ("train", "val", "test")
@@ -35,8 +36,8 @@ MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 JUNK = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
-__all__ = ["SPLITS", "ArraySet", "DataError", "FileSet", "Item", "Source",
-           "problems_error", "safe_name", "scan_folder", "scan_npz"]
+__all__ = ["SPLITS", "ArraySet", "DataError", "FileSet", "Item", "Source", "image_members",
+           "problems_error", "safe_name", "scan_folder", "scan_npz", "walk_files"]
 
 
 def problems_error(where: str, what: str, problems: list[str], hint: str = "",
@@ -69,13 +70,6 @@ class Problems:
 
     def error(self, where: str, what: str, hint: str = "") -> DataError:
         return problems_error(where, what, self.kept, hint, self.total, self.keep)
-
-
-def safe_name(text: str) -> str:
-    """``text`` printable on one UTF-8 line: bytes that are not UTF-8 (kept by the file system
-    decoding as surrogates) become ``\\xNN`` and control characters their escapes."""
-    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in clean)
 
 
 def shown(text: str) -> str:
@@ -126,10 +120,14 @@ class ArraySet:
     npz: Path
     key: str
     shape: tuple[int, ...]  # (N, H, W, C), channel axis added for grey files
-    labels: np.ndarray
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # none: unlabeled
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def rows_within(self, nbytes: int) -> int:
+        """Images per chunk so that a chunk holds at most ``nbytes`` (at least one image)."""
+        return max(1, nbytes // max(1, math.prod(self.shape[1:])))
 
     def origin(self, index: int) -> str:
         return f"{self.key}[{index}]"
@@ -223,10 +221,22 @@ def _open_member(archive: zipfile.ZipFile, key: str, where: str) -> Iterator[IO[
         raise DataError(f"{where}: cannot read ({type(err).__name__}: {quote(err)})") from err
 
 
-def _member_header(archive: zipfile.ZipFile, key: str,
-                   where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    with _open_member(archive, key, where) as fp:
-        return _read_header(fp, where)
+def _image_member(archive: zipfile.ZipFile, key: str,
+                  limits: Limits) -> tuple[tuple[int, ...], list[str]]:
+    """An images member's shape (N, H, W, C) and what is wrong with it, from its header alone:
+    layout, dtype, pixels per image, and a member too short for what it declares (a 216-byte
+    member declaring 10**12 images is refused here, not when the images are read)."""
+    with _open_member(archive, key, key) as fp:
+        shape, fortran, dtype = _read_header(fp, key)
+        stored = archive.getinfo(f"{key}.npy").file_size - fp.tell()
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    problems = _image_member_problems(key, shape, fortran, dtype, limits)
+    declared = math.prod(shape) * dtype.itemsize
+    if not problems and declared > stored:
+        problems.append(f"{key}: declares {'x'.join(map(str, shape))} of {dtype} = "
+                        f"{declared:,} bytes but holds {max(stored, 0):,} (truncated)")
+    return shape, problems
 
 
 def _check_member_bytes(where: str, shape: tuple[int, ...], dtype: np.dtype, limit: int) -> int:
@@ -253,15 +263,47 @@ def _read_member(archive: zipfile.ZipFile, key: str, where: str, limit: int) -> 
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
+def _open_npz(path: Path) -> tuple[zipfile.ZipFile, set[str]]:
+    """The archive and its ``.npy`` member keys; a damaged archive is a DataError."""
+    try:
+        archive = zipfile.ZipFile(path)
+        return archive, {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{safe_name(str(path))}: not a readable .npz file ({quote(err)})") from err
+
+
+def image_members(path: Path, limits: Limits = DEFAULT) -> list[ArraySet]:
+    """The image members of an unlabeled ``.npz`` (``images``, ``<split>_images``; labels are
+    ignored), each header checked as :func:`scan_npz` checks it, before anything is inflated.
+    What predict reads; every problem is named in one error."""
+    archive, keys = _open_npz(path)
+    found: list[ArraySet] = []
+    problems: list[str] = []
+    with archive:
+        for key in ("images", *(f"{s}_images" for s in SPLITS)):
+            if key not in keys:
+                continue
+            try:
+                shape, wrong = _image_member(archive, key, limits)
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            problems += wrong
+            if not wrong:
+                found.append(ArraySet(path, key, tuple(int(n) for n in shape)))
+    if problems:
+        raise problems_error(safe_name(str(path)), "problem(s) with its image members", problems)
+    if not found:
+        raise DataError(f"{safe_name(str(path))}: no image key (expected 'images' or "
+                        f"'<split>_images'; found: {shown(', '.join(sorted(keys)) or 'nothing')})")
+    return found
+
+
 def scan_npz(path: Path, class_names: list[str] | None = None,
              limits: Limits = DEFAULT) -> Source:
     """Validate a MedMNIST-style ``.npz`` (``<split>_images`` / ``<split>_labels``) and describe
     it; only the labels are loaded. Every wrong key, shape or dtype is named in one error."""
-    try:
-        archive = zipfile.ZipFile(path)
-        keys = {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
-    except _ZIP_ERRORS as err:
-        raise DataError(f"{path}: not a readable .npz file ({quote(err)})") from err
+    archive, keys = _open_npz(path)
     problems: list[str] = []
     splits: dict[str, FileSet | ArraySet] = {}
     with archive:
@@ -323,13 +365,11 @@ def _npz_split(path: Path, archive: zipfile.ZipFile, image_key: str, label_key: 
     every size is checked; the labels are then read within max_npz_member_bytes."""
     before = len(problems)
     try:
-        shape, fortran, dtype = _member_header(archive, image_key, image_key)
+        shape, wrong = _image_member(archive, image_key, limits)
     except DataError as err:
         problems.append(str(err))
         return None
-    if len(shape) == 3:
-        shape = (*shape, 1)
-    problems += _image_member_problems(image_key, shape, fortran, dtype, limits)
+    problems += wrong
     try:
         labels = _read_member(archive, label_key, label_key, limits.max_npz_member_bytes)
     except DataError as err:
@@ -364,14 +404,15 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name not in JUNK
 
 
-def _file_problem(path: Path, real_root: Path, origin: str) -> tuple[str, bool] | None:
-    """(problem, structural) for one entry below a class folder, or None when it is a usable
-    file. A symlink leaving the root is structural (a red flag, as in a CSV); a FIFO, device
-    or socket (reading it could hang) and a name that is not UTF-8 are that file's problem."""
-    if path.is_symlink():
+def _file_problem(path: Path, is_link: bool, real_root: Path) -> tuple[str, bool] | None:
+    """(problem, structural) of one entry that is not a real folder, ("", False) for a
+    symlinked folder (never followed), None for a usable file. A symlink leaving the root is
+    structural (a red flag, as in a CSV); a FIFO, device or socket (reading it could hang) is
+    that file's problem."""
+    if is_link:
         try:
             if not path.resolve().is_relative_to(real_root):
-                return f"{quote(origin)} leads outside the source folder (symlink)", True
+                return "leads outside the source folder (symlink)", True
         except (OSError, RuntimeError) as err:  # a symlink loop
             return f"unresolvable symlink ({quote(err)})", False
     try:
@@ -379,32 +420,49 @@ def _file_problem(path: Path, real_root: Path, origin: str) -> tuple[str, bool] 
     except OSError as err:
         return f"cannot read ({quote(err.strerror or str(err))})", False
     if stat.S_ISDIR(mode):
-        return "", False  # a directory (a symlinked one is not followed): not a file
+        return "", False
     if not stat.S_ISREG(mode):
         return f"not a regular file ({kind_of(mode)})", False
-    if safe_name(origin) != origin:
-        return "file name is not valid UTF-8 or holds control characters", False
     return None
 
 
-def _files_under(folder: Path, root: Path, real_root: Path,
-                 outside: Problems) -> list[tuple[Path, str, str]]:
-    """(path, origin, problem) of every visible file below ``folder`` (recursively), sorted by
-    origin; symlinks leaving the root go to ``outside``."""
-    files = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(root)
-        if not all(_visible(part) for part in relative.parts):
+def walk_files(folder: Path, root: Path, outside: Problems | None = None,
+               strict_names: bool = True) -> Iterator[tuple[Path, str, str]]:
+    """(path, origin, problem) of every visible file below ``folder``, in no set order; the
+    origin is its POSIX path relative to ``root``, escaped by :func:`safe_name`. Folders are
+    walked with a stack (any depth) and hidden ones never entered; symlinked folders are not
+    followed. A symlink leaving ``root`` goes to ``outside`` (structural) or, without it, is
+    that file's problem; so is a name that is not printable UTF-8 with ``strict_names``
+    (preprocess writes names into its manifest; predict only reports them, escaped). Both the
+    data step and predict list folders through here."""
+    real_root = root.resolve()
+    relative = folder.relative_to(root).as_posix()
+    stack = [(folder, "" if relative == "." else relative + "/")]
+    while stack:
+        current, prefix = stack.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = [entry for entry in listing if _visible(entry.name)]
+        except OSError as err:
+            if not prefix:
+                raise DataError(f"{safe_name(str(current))}: cannot list the folder "
+                                f"({err.strerror or err})") from err
+            yield current, safe_name(prefix[:-1]), f"cannot list folder ({err.strerror or err})"
             continue
-        origin = relative.as_posix()
-        found = _file_problem(path, real_root, origin)
-        if found is None:
-            files.append((path, origin, ""))
-        elif found[1]:
-            outside.add(found[0])
-        elif found[0]:
-            files.append((path, safe_name(origin), found[0]))
-    return sorted(files, key=lambda entry: entry[1])
+        for entry in entries:
+            origin, path = prefix + entry.name, Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((path, origin + "/"))
+                continue
+            found = _file_problem(path, entry.is_symlink(), real_root)
+            if found is None and strict_names and safe_name(origin) != origin:
+                found = "file name is not valid UTF-8 or holds control characters", False
+            if found is None:
+                yield path, safe_name(origin), ""
+            elif found[1] and outside is not None:
+                outside.add(f"{quote(origin)} {found[0]}")
+            elif found[0]:
+                yield path, safe_name(origin), found[0]
 
 
 def scan_folder(root: Path, class_names: list[str] | None = None,
@@ -463,7 +521,7 @@ def scan_folder(root: Path, class_names: list[str] | None = None,
                             f"folder (symlink)")
                 continue
             items += [Item(path, origin, index[d.name], problem=problem)
-                      for path, origin, problem in _files_under(d, root, real_root, outside)]
+                      for path, origin, problem in walk_files(d, root, outside)]
         splits[split] = FileSet(sorted(items, key=lambda item: item.origin))
     if outside:
         raise outside.error(str(root), "file(s) outside the source folder")

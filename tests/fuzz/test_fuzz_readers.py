@@ -7,10 +7,12 @@ Limits are set low here so that generated inputs reach every limit's branch chea
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lungxray import data, images, prepare, raw_source
+from lungxray import data, images, predict, prepare, raw_source
 from lungxray import limits as limiting
-from lungxray.errors import DataError
+from lungxray.errors import DataError, safe_name
 from tests.data_helpers import tree_digest
 from tests.fuzz import hostile
 
@@ -72,15 +74,25 @@ def _csv_folder(root: Path) -> None:
     os.symlink(root.parent, root / "link")
 
 
+@contextlib.contextmanager
+def _source(raw: bytes, name: str) -> Iterator[Path]:
+    """``raw`` as ``src/<name>`` in a temp dir; a CSV beside images, a FIFO and a symlink out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "src"
+        if name.endswith(".csv"):
+            _csv_folder(root)
+        root.mkdir(exist_ok=True)
+        (root / name).write_bytes(raw)
+        yield root / name
+
+
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=csv_bytes())
 def test_fuzz_csv_manifest_returns_or_raises_one_line(raw):
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "src"
-        _csv_folder(root)
-        (root / "labels.csv").write_bytes(raw)
+    with _source(raw, "labels.csv") as csv:
+        root = csv.parent
         try:
-            source = raw_source.open_source(str(root / "labels.csv"), limits=SMALL)
+            source = raw_source.open_source(str(csv), limits=SMALL)
         except DataError as err:
             assert_one_line(err)
             return
@@ -140,9 +152,7 @@ def npz_bytes(draw) -> bytes:
 @pytest.mark.timeout(TIMEOUT)
 @given(raw=npz_bytes())
 def test_fuzz_npz_headers_and_members_return_or_raise_one_line(raw):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        path.write_bytes(raw)
+    with _source(raw, "data.npz") as path:
         try:
             source = raw_source.open_source(str(path), limits=SMALL)
             for split in source.splits.values():
@@ -150,6 +160,122 @@ def test_fuzz_npz_headers_and_members_return_or_raise_one_line(raw):
                     assert chunk.dtype == np.uint8 and chunk.ndim == 4
         except DataError as err:
             assert_one_line(err)
+
+
+# ------------------------------------------------------------------ predict's source listing
+
+
+def assert_listed(listing: predict.Listing, root: Path) -> list[predict.Entry]:
+    """Every batch of a listing: names printable on one UTF-8 line, files inside the root."""
+    found = []
+    for batch, rows in listing.batches(5):
+        assert 1 <= len(batch) <= 5
+        if rows is not None:
+            assert rows.dtype == np.uint8 and rows.ndim == 4 and len(rows) == len(batch)
+        for entry in batch:
+            assert safe_name(entry.origin) == entry.origin
+            entry.origin.encode("utf-8")
+            if entry.path is not None and entry.key == "":
+                assert entry.path.resolve().is_relative_to(root.resolve())
+        found += batch
+    return found
+
+
+@st.composite
+def path_csv_bytes(draw) -> bytes:
+    """A CSV as predict takes it: a 'path' column, maybe others, rows of likely paths."""
+    header = draw(st.sampled_from(["path"] * 4 + ["path,note", "note,path", "\ufeffpath",
+                                                  "path,path", "x", "path,label"]))
+    rows = draw(st.lists(st.one_of(_CELL, _CELL, st.lists(_CELL, min_size=1, max_size=2).map(
+        ",".join)), max_size=40))
+    return "\n".join([header, *rows]).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def image_npz_bytes(draw) -> bytes:
+    """An unlabeled npz: image members, valid or not, and other members that are ignored."""
+    keys = draw(st.lists(st.sampled_from(["images", "train_images", "val_images", "test_images",
+                                          "train_labels", "x"]), max_size=4, unique=True))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key in keys:
+            if draw(st.integers(0, 3)):
+                shape = (draw(st.integers(0, 6)), draw(st.integers(1, 20)),
+                         draw(st.integers(1, 20)), *draw(st.sampled_from([(), (1,), (3,)])))
+                member = hostile.npy(np.full(shape, draw(st.integers(0, 255)), np.uint8))
+                cut = draw(st.one_of(st.none(), st.integers(0, len(member))))
+                archive.writestr(f"{key}.npy", member if cut is None else member[:cut])
+            else:
+                archive.writestr(f"{key}.npy", draw(npy_member()))
+    return buffer.getvalue()
+
+
+def _listed(raw: bytes, name: str) -> tuple[predict.Listing, list[predict.Entry]] | None:
+    """predict's listing of ``raw`` as ``src/<name>``, read to its end; None when it is refused
+    with a one-line DataError."""
+    with _source(raw, name) as path:
+        try:
+            listing = predict.list_source(str(path), limits=SMALL)
+            return listing, assert_listed(listing, path.parent)
+        except DataError as err:
+            assert_one_line(err)
+            event(f"refused: {str(err).partition(': ')[2][:20]}")
+            return None
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(raw=st.one_of(csv_bytes(), path_csv_bytes()))
+def test_fuzz_predict_csv_listing_streams_or_raises_one_line(raw):
+    """predict's CSV listing (a 'path' column, the rest ignored) is the data step's reader."""
+    if (listed := _listed(raw, "labels.csv")) is not None:
+        listing, found = listed
+        event("stopped by a bad row" if listing.stops else "listed")
+        assert 1 <= len(found) <= SMALL.max_csv_rows
+        if listing.stops:
+            assert_one_line(listing.stops.error("labels.csv", "bad row(s)"))
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(raw=st.one_of(npz_bytes(), image_npz_bytes()))
+def test_fuzz_predict_npz_listing_reads_or_raises_one_line(raw):
+    if (listed := _listed(raw, "data.npz")) is not None:
+        event("listed")
+        assert len(listed[1]) == listed[0].total
+
+
+_NAME = st.binary(min_size=1, max_size=24).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@pytest.mark.timeout(TIMEOUT)
+@given(names=st.lists(st.tuples(st.booleans(), _NAME), max_size=8, unique=True),
+       fifo=st.booleans())
+def test_fuzz_predict_folder_listing_keeps_every_name(names, fifo):
+    """Any bytes the file system allows as a name: every visible file is listed once, its
+    name escaped, never dropped (issue 34)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(Path(tmp) / "src")
+        os.makedirs(root + b"/sub\xff")
+        expected = set()
+        for nested, name in names:
+            path = root + (b"/sub\xff/" if nested else b"/") + name
+            with open(path, "wb") as fh:
+                fh.write(hostile.small_png(len(name)))
+            if not name.startswith(b".") and os.fsdecode(name) not in {"Thumbs.db",
+                                                                      "desktop.ini"}:
+                expected.add(safe_name(os.fsdecode(path[len(root) + 1:])))
+        if fifo:
+            os.mkfifo(root + b"/pipe")
+            expected.add("pipe")
+        try:
+            listing = predict.list_source(os.fsdecode(root), limits=SMALL)
+        except DataError as err:
+            assert not expected and "holds no image files" in str(err)
+            return
+        found = assert_listed(listing, Path(os.fsdecode(root)))
+        assert sorted(e.origin for e in found) == sorted(expected)  # escaped names may repeat
+        assert [e.problem for e in found if e.origin == "pipe"] in ([], [
+            "not a regular file (FIFO)"])
 
 
 # -------------------------------------------------------------------------------- image bytes

@@ -82,6 +82,22 @@ def _refuse_foreign(where: str, names: Any) -> None:
                              f"folder")
 
 
+def _names(root: Path) -> list[str]:
+    """The names in a local folder, as many as it takes to tell whether it is a champion's
+    (a foreign name stops the listing: "/" is not read whole)."""
+    names = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                if not _ours(entry.name):
+                    break
+    except OSError as err:
+        raise ModelError(f"cannot read the champion folder {quote(str(root))}: "
+                         f"{err.strerror or err}") from None
+    return names
+
+
 def check_uri(champion_uri: str, what: str = "champion_uri") -> str:
     """``champion_uri`` if a champion can live there: a local folder or ``gs://`` prefix
     (:func:`lungxray.uris.check_location`) and, when it is a local folder that exists, a
@@ -90,9 +106,7 @@ def check_uri(champion_uri: str, what: str = "champion_uri") -> str:
     if not uris.is_gcs(champion_uri):
         root = Path(champion_uri)
         if root.is_dir() and not os.path.lexists(root / RECORD_FILE):
-            with os.scandir(root) as entries:
-                _refuse_foreign(f"{what} {quote(champion_uri)}",
-                                (entry.name for entry in entries))
+            _refuse_foreign(f"{what} {quote(champion_uri)}", _names(root))
     return champion_uri
 
 
@@ -136,8 +150,7 @@ def _check_empty(champion_uri: str | Path) -> None:
         return
     if not root.is_dir():
         raise ModelError(f"{root}: not a champion folder (not a folder)")
-    with os.scandir(root) as entries:
-        _refuse_foreign(str(root), (entry.name for entry in entries))
+    _refuse_foreign(str(root), _names(root))
 
 
 def champion_model(champion_uri: str | Path, state: dict[str, Any],

@@ -25,10 +25,11 @@ def challenge(
     ``--``-named task outputs."""
     from pathlib import Path
 
-    from lungxray import champion
+    from lungxray import champion, staging
 
-    record = champion.challenge(Path(best_model.path), Path(dataset.path), champion_uri, run_id,
-                                margin=promotion_margin, seed=seed)
+    with staging.stop_on_signals():  # SIGTERM: a fetch's temporary files are removed
+        record = champion.challenge(Path(best_model.path), Path(dataset.path), champion_uri,
+                                    run_id, margin=promotion_margin, seed=seed)
     Path(decision.path).mkdir(parents=True, exist_ok=True)
     champion.write_decision(record, Path(decision.path))
     section = champion.markdown(record)

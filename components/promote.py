@@ -10,12 +10,17 @@ def promote(
     champion_uri: str,
 ) -> str:
     """Copies the model, its model card and decision.json to ``champion_uri/history/<run id>/``
-    and makes it the champion: locally by renames, on gs:// by a generation-conditioned swap
-    of champion.json. Refuses if the champion changed since the decision. Returns the entry."""
+    and makes it the champion by one swap of champion.json (on gs:// conditioned on its
+    generation). Verifies first that the decision's own numbers say promote and that it was
+    made for this model, this champion and its classes; refuses if the champion changed since.
+    A promotion that was stopped or killed is finished or undone by the next one. Returns the
+    history entry."""
     from pathlib import Path
 
     from lungxray import champion, safeio
+    from lungxray.errors import ConfigError
 
-    record = safeio.load_json_object(Path(decision.path) / champion.DECISION_FILE, "decision")
+    record = safeio.load_json_object(Path(decision.path) / champion.DECISION_FILE, "decision",
+                                     error=ConfigError)
     return champion.promote(Path(best_model.path), champion_uri, record,
                             model_card=Path(card.path))

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from kfp import compiler
 
-from lungxray import artifacts
+from lungxray import artifacts, schema
+from lungxray.errors import ConfigError
 from pipelines.params import (
+    ParamsError,
     apply_sets,
     load_params,
     read_pipeline_spec,
@@ -45,6 +47,10 @@ def cli_params(profile: str, params_file: Path | None, sets: list[str]) -> dict:
     submit checks them, before anything runs."""
     overrides = apply_sets(load_params(params_file) if params_file else {}, sets)
     params = resolve_params(profile, overrides)
+    try:  # before compiling (seconds): a local target_data must exist here
+        schema.check_locations(params, local_run=True)
+    except ConfigError as err:
+        raise ParamsError(str(err)) from None
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "pipeline.yaml"
         compiler.Compiler().compile(build_pipeline(), str(package))

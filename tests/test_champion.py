@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungxray import champion, data, predictor, train
+from lungxray import champion, champion_store, data, predictor, promotion, train
 from lungxray.errors import ConfigError, DataError, ModelError
+from tests.champion_helpers import decision, tree, winning
 from tests.test_predict import tiny_model_dir
 
 
@@ -102,47 +104,42 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     assert comparison["n"] == len(test)
     home = tmp_path / "champion"
     assert champion.read_champion(home) is None
-    first = champion.decision_record("run-1", infos["old"], None, None, margin=0.0)
+    first = decision(old, home, "run-1")
     card = tmp_path / "card.md"
     card.write_text("# old model\n")
     champion.promote(old, home, first, model_card=card)
-    assert champion.read_champion(home) == home / "model"
+    assert champion.read_champion(home) == home / "history" / "run-1" / "model"
     second = champion.decision_record("run-2", infos["new"], infos["old"], comparison,
                                       margin=0.0, split="test")
     champion.write_decision(second, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / champion.DECISION_FILE).read_text())
     assert saved["decision"] in ("promote", "keep") and saved["comparison"]["n"] == len(test)
     assert saved["champion"]["model_name"] == "VGG16" and saved["split"] == "test"
-    forced = {**second, "decision": "promote"}  # promote regardless, to test the swap
-    champion.promote(new, home, forced)
-    current = json.loads((home / champion.DECISION_FILE).read_text())
-    assert current["run_id"] == "run-2"
+    won = winning(decision(new, home, "run-2", comparison))  # promote, to test the swap
+    champion.promote(new, home, won)
     assert json.loads((home / champion.RECORD_FILE).read_text())["history"] == "history/run-2"
+    entry = home / "history" / "run-2"
+    assert json.loads((entry / champion.DECISION_FILE).read_text())["run_id"] == "run-2"
     assert sorted(p.name for p in (home / "history").iterdir()) == ["run-1", "run-2"]
     assert (home / "history" / "run-1" / champion.CARD_FILE).read_text() == "# old model\n"
-    assert not (home / champion.CARD_FILE).exists()  # run-2 came without a card
-    assert not [p for p in home.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not (entry / champion.CARD_FILE).exists()  # run-2 came without a card
+    assert sorted(p.name for p in home.iterdir()) == ["champion.json", "history"]  # no staging
     reloaded = predictor.load_predictor(champion.read_champion(home)).predict(test.images)[0]
     np.testing.assert_allclose(reloaded, probs["new"], atol=1e-6)
     with pytest.raises(ConfigError, match="run run-2 was already promoted"):
-        champion.promote(new, home, forced)
+        champion.promote(new, home, won)
     with pytest.raises(ConfigError, match="not 'promote'"):
-        champion.promote(new, home, {**forced, "run_id": "run-3", "decision": "keep"})
+        champion.promote(new, home, {**won, "run_id": "run-3", "decision": "keep"})
 
 
-@pytest.mark.parametrize("fail_at", ["staging", "current copy", "seal"])
+@pytest.mark.parametrize("fail_at", ["staging", "entry", "pointer"])
 def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, monkeypatch,
                                                           fail_at):
     old, new = two_models
     home = tmp_path / "champion"
-    record = champion.decision_record("r1", {"model_name": "VGG16"}, None, None, 0.0)
-    champion.promote(old, home, record, model_card=_card(tmp_path))
-
-    def tree() -> dict[str, int]:
-        return {str(p.relative_to(home)): p.stat().st_size for p in home.rglob("*")}
-
-    before = tree()
-    real_copytree, real_write = shutil.copytree, champion.safeio.write_text_atomic
+    champion.promote(old, home, decision(old, home, "r1"), model_card=_card(tmp_path))
+    before = tree(home)
+    real_replace, real_write = os.replace, champion.safeio.write_text_atomic
     real_copy_model = champion.safeio.copy_model_folder
 
     def copy_model(src, dst, *args, **kwargs):  # a full disk at the end of staging the model
@@ -150,27 +147,27 @@ def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, 
         if fail_at == "staging":
             raise OSError(28, "No space left on device")
 
-    def copytree(src, dst, *args, **kwargs):  # ... or at the end of linking the current files
-        real_copytree(src, dst, *args, **kwargs)
-        if fail_at == "current copy" and Path(dst).name == "current":
+    def replace(src, dst, *args, **kwargs):  # ... or when the entry moves into history/
+        if fail_at == "entry" and Path(dst).parent.name == "history":
             raise OSError(28, "No space left on device")
+        real_replace(src, dst, *args, **kwargs)
 
-    def write(path, text, **kwargs):
-        if fail_at == "seal":
+    def write(path, text, **kwargs):  # ... or when the pointer is written
+        if fail_at == "pointer":
             raise OSError(28, "No space left on device")
         real_write(path, text, **kwargs)
 
+    record = winning(decision(new, home, "r2"))
     monkeypatch.setattr(champion.safeio, "copy_model_folder", copy_model)
-    monkeypatch.setattr(champion.shutil, "copytree", copytree)
+    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(champion.safeio, "write_text_atomic", write)
     with pytest.raises(OSError, match="No space left"):
-        champion.promote(new, home, {**record, "run_id": "r2"})
-    assert tree() == before
-    assert json.loads((home / champion.DECISION_FILE).read_text())["run_id"] == "r1"
-    assert champion.read_champion(home) == home / "model"
+        champion.promote(new, home, record)
     monkeypatch.undo()
-    champion.promote(new, home, {**record, "run_id": "r2"})  # the same run may retry
-    assert json.loads((home / champion.DECISION_FILE).read_text())["run_id"] == "r2"
+    assert tree(home) == before
+    assert champion.read_champion(home) == home / "history" / "r1" / "model"
+    champion.promote(new, home, record)  # the same run may retry
+    assert champion.current(home)["run_id"] == "r2"
 
 
 def _card(tmp_path: Path) -> Path:
@@ -181,19 +178,22 @@ def _card(tmp_path: Path) -> Path:
 
 def test_champion_folders_that_cannot_be_used_are_refused(two_models, tmp_path):
     old, _ = two_models
-    record = champion.decision_record("r1", {"model_name": "VGG16"}, None, None, 0.0)
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "cat.jpg").write_bytes(b"x")
-    with pytest.raises(ModelError, match="photos: not a champion folder"):
-        champion.promote(old, stranger, record)
+    with pytest.raises(ModelError, match="photos': not a champion folder"):
+        champion.promote(old, stranger, decision(old, tmp_path / "new", "r1"))
     assert sorted(p.name for p in stranger.iterdir()) == ["cat.jpg"]
+    empty = tmp_path / "empty"
+    (empty / "m").mkdir(parents=True)
+    (empty / "m" / "model.keras").write_bytes(b"x")
+    record = decision(old, tmp_path / "c", "r1")
     with pytest.raises(ModelError, match="not a model folder"):
-        champion.promote(tmp_path, tmp_path / "c", record)
+        champion.promote(empty / "m", tmp_path / "c", record)
     home = tmp_path / "home"
-    champion.promote(old, home, record)
-    (home / champion.DECISION_FILE).write_text(json.dumps({**record, "run_id": "other"}))
-    with pytest.raises(ModelError, match="half-promoted"):
+    champion.promote(old, home, decision(old, home, "r1"))
+    (home / "history" / "r1" / "model" / "model_info.json").unlink()  # damaged by hand
+    with pytest.raises(ModelError, match="names run r1, whose history entry is not complete"):
         champion.read_champion(home)
     for bad in ("../x", "", "a/b"):
         with pytest.raises(ConfigError, match="run id"):
@@ -209,6 +209,8 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     first = champion.challenge(old, small_dataset, str(home), "run-1")
     assert first["decision"] == "promote" and first["reason"] == "no champion yet"
     assert first["champion_state"] == {"run_id": None, "generation": 0}
+    assert first["challenger"]["sha256"] == champion_store.model_sha256(old)
+    assert first["champion_uri"] == str(home.resolve())
     champion.promote(old, home, first, model_card=_card(tmp_path))
 
     second = champion.challenge(new, small_dataset, str(home), "run-2", n_bootstrap=200)
@@ -231,9 +233,9 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     # A third run compared with run-1 too; run-2 is promoted first: the third must not replace
     # a champion it never saw.
     third = champion.challenge(new, small_dataset, str(home), "run-3", n_bootstrap=50)
-    champion.promote(new, home, {**second, "decision": "promote"})
+    champion.promote(new, home, winning(second))
     with pytest.raises(ConfigError, match="champion changed since run run-3"):
-        champion.promote(new, home, {**third, "decision": "promote"})
+        champion.promote(new, home, winning(third))
     assert champion.current(home)["run_id"] == "run-2"
 
 
@@ -243,8 +245,7 @@ def test_challenge_refuses_a_champion_of_another_input(two_models, small_dataset
     old, _ = two_models
     home = tmp_path / "champion"
     other = tiny_model_dir(tmp_path / "other", seed=1, size=48)
-    champion.promote(other, home, champion.decision_record("r1", {"model_name": "VGG16"},
-                                                           None, None, 0.0))
+    champion.promote(other, home, decision(other, home, "r1"))
     with pytest.raises(ModelError, match="image_size 48 differs"):
         champion.challenge(old, small_dataset, str(home), "r2")
     (tmp_path / "junk").mkdir()
@@ -296,8 +297,8 @@ def test_gcs_promotion_is_a_compare_and_swap(two_models, small_dataset, gcs_buck
                                predictor.load_predictor(old).predict(val.images)[0], atol=1e-6)
 
     # Two runs finish together, both compared with run-1.
-    a = {**champion.challenge(new, small_dataset, uri, "run-a", n_bootstrap=50,
-                              cache_dir=tmp_path / "cache"), "decision": "promote"}
+    a = winning(champion.challenge(new, small_dataset, uri, "run-a", n_bootstrap=50,
+                                   cache_dir=tmp_path / "cache"))
     b = {**a, "run_id": "run-b"}
     champion.promote(new, uri, a)
     with pytest.raises(ConfigError, match="champion changed since run run-b"):
@@ -306,11 +307,81 @@ def test_gcs_promotion_is_a_compare_and_swap(two_models, small_dataset, gcs_buck
     # and b's uploaded history entry is removed again.
     with monkeypatch.context() as patch, pytest.raises(storage.PreconditionError,
                                                        match="another writer"):
-        patch.setattr(champion, "_check_unchanged", lambda *args: None)
-        patch.setattr(champion, "current", lambda u: state)  # what b read before a won
+        patch.setattr(promotion, "_check_unchanged", lambda *args: None)
+        patch.setattr(champion_store, "current", lambda u: state)  # what b read before a won
         champion.promote(new, uri, b)
     assert champion.current(uri)["run_id"] == "run-a"
     assert not storage.exists(f"{uri}/history/run-b/")
     assert storage.exists(f"{uri}/history/run-1/model_card.md")
     with pytest.raises(ConfigError, match="run run-a was already promoted"):
         champion.promote(new, uri, a)
+
+
+def test_gcs_promotion_killed_before_or_after_its_swap_is_finished_by_the_next(
+        gcs_bucket, tmp_path, monkeypatch):
+    """A promotion to gs:// killed halfway through its upload leaves the old champion and an
+    entry no pointer names, which the next promotion of that run replaces; killed just after
+    the swap, the new champion is whole and the retry says it is done."""
+    from lungxray import storage
+    from tests.champion_helpers import Killed, fake_model
+
+    cache = tmp_path / "cache"
+    models = {run: fake_model(tmp_path / run, seed=i) for i, run in enumerate(("r1", "r2", "r3"))}
+    uri = f"gs://{gcs_bucket}/champ"
+
+    def whole() -> str | None:
+        run_id = champion.current(uri)["run_id"]
+        model = champion.read_champion(uri, cache)
+        if run_id is None:
+            assert model is None
+        else:
+            assert champion_store.model_sha256(model) == champion_store.model_sha256(
+                models[run_id])
+        return run_id
+
+    def dead(*args, **kwargs):
+        raise Killed("after the kill")
+
+    real_upload, real_swap = storage.upload, storage.write_if_generation
+
+    def half_upload(local, entry, **kwargs):  # the model's info arrives, then the pod dies
+        part = tmp_path / "part"
+        shutil.rmtree(part, ignore_errors=True)
+        (part / "model").mkdir(parents=True)
+        shutil.copy(Path(local) / "model" / "model_info.json", part / "model")
+        real_upload(part, entry, **kwargs)
+        raise Killed("upload")
+
+    storage.upload(tmp_path / "r1", f"gs://{gcs_bucket}/photos")
+    with pytest.raises(ModelError, match="photos: not a champion folder"):
+        champion.read_champion(f"gs://{gcs_bucket}/photos", cache)
+    for old, new in ((None, "r1"), ("r1", "r2")):  # the first promotion, then a replacement
+        record = decision(models[new], uri, new, cache_dir=cache)
+        record = record if old is None else winning(record)
+        with monkeypatch.context() as patch:
+            for name, replacement in (("upload", half_upload), ("delete_prefix", dead),
+                                      ("read_generation", dead)):
+                patch.setattr(storage, name, replacement)
+            patch.setattr(champion_store, "current",  # what it read before it died
+                          lambda u, state=record["champion_state"]: dict(state))
+            with pytest.raises(Killed):
+                champion.promote(models[new], uri, record)
+        assert storage.exists(f"{uri}/history/{new}/model/model_info.json")  # the orphan
+        assert whole() == old  # challenge reads the old champion (or none yet)
+        champion.promote(models[new], uri, record)  # finishes: the orphan is replaced
+        assert whole() == new
+
+    record = winning(decision(models["r3"], uri, "r3", cache_dir=cache))
+
+    def swap_then_die(*args, **kwargs):
+        real_swap(*args, **kwargs)
+        raise Killed("swap")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "write_if_generation", swap_then_die)
+        patch.setattr(storage, "delete_prefix", dead)
+        with pytest.raises(Killed):
+            champion.promote(models["r3"], uri, record)
+    assert whole() == "r3"
+    with pytest.raises(ConfigError, match="run r3 was already promoted"):
+        champion.promote(models["r3"], uri, record)

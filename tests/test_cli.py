@@ -58,6 +58,7 @@ def test_preprocess_then_evaluate_then_compare(shared_npz, trained_model, tmp_pa
 
 def test_challenge_then_promote(small_dataset, trained_model, tmp_path):
     home = tmp_path / "champion"
+    (home / ".promote-r0-killed").mkdir(parents=True)  # what a SIGKILLed promotion leaves
     out = json.loads(run("challenge", "--model", str(trained_model), "--data",
                          str(small_dataset), "--champion", str(home), "--run-id", "r1",
                          "--output", str(tmp_path / "c1")).stdout)
@@ -66,12 +67,42 @@ def test_challenge_then_promote(small_dataset, trained_model, tmp_path):
     promoted = json.loads(run("promote", "--model", str(trained_model), "--decision",
                               out["decision_file"], "--champion", str(home)).stdout)
     assert promoted["history_entry"] == str(home / "history" / "r1")
-    assert (home / "model" / "model.keras").is_file()
+    assert (home / "history" / "r1" / "model" / "model.keras").is_file()
+    assert sorted(p.name for p in home.iterdir()) == ["champion.json", "history"]  # swept
     # promoting the same run again is refused in one line, and the champion is unchanged
     again = run("promote", "--model", str(trained_model), "--decision", out["decision_file"],
                 "--champion", str(home), check=False)
     assert again.returncode == 2 and again.stderr.count("\n") == 1
     assert "run r1 was already promoted" in again.stderr
+
+
+def test_challenge_stopped_by_sigterm_leaves_no_staging(tmp_path):
+    """SIGTERM while challenge works: exit 143, its staging folder removed, and the one a
+    SIGKILLed run left before it swept."""
+    import os
+    import signal
+    import time
+
+    from tests.champion_helpers import fake_model
+
+    model = fake_model(tmp_path / "model")
+    out = tmp_path / "out"
+    stale = out / ".challenge-killed"
+    stale.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "challenge", "--model",
+                             str(model), "--data", str(tmp_path / "data"), "--champion",
+                             str(tmp_path / "champion"), "--run-id", "r1", "--output", str(out)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    deadline = time.monotonic() + 60
+    while not [p for p in out.glob(".challenge-*") if p != stale]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "lungxray challenge: stopped by SIGTERM; removed the staging folder" in stderr
+    assert "Traceback" not in stderr
+    assert not list(out.iterdir())  # no staging, no half decision
 
 
 @pytest.mark.parametrize("args, message", [

@@ -56,3 +56,35 @@ def test_publish_replaces_an_earlier_output_and_refuses_a_foreign_one(tmp_path):
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a report"):
         staging.check_replaceable(foreign, REPORT_MARKERS)
+
+
+def test_signals_blocked_defers_a_stop_that_another_thread_takes():
+    """Issue 34: with numpy's or TensorFlow's threads running, a SIGTERM is delivered to one of
+    them and its handler runs in the main thread all the same: inside signals_blocked() it must
+    wait for the section's end (a promotion's pointer swap and its note are one step)."""
+    import os
+    import signal
+    import threading
+
+    from lungxray import staging
+
+    go, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:  # started before the block: SIGTERM is not blocked here
+        go.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    steps = []
+    with pytest.raises(staging.Stopped) as stopped, staging.stop_on_signals():
+        with staging.signals_blocked():
+            go.set()
+            assert done.wait(10)
+            for step in range(1000):  # bytecodes at which a handler could run
+                steps.append(step)
+        steps.append("after")
+    thread.join()
+    assert stopped.value.signum == signal.SIGTERM
+    assert steps[-1] == 999  # the section finished, nothing after it ran

@@ -10,23 +10,15 @@ The challenger is promoted only when the lower end of the CI of ``AUC(challenger
 AUC(champion)`` lies above ``margin``: better by more than the margin with (default) 95%
 confidence. Otherwise the champion is kept, and ``decision.json`` says why.
 
-A champion folder (local) holds the current ``model/``, ``model_card.md`` and ``decision.json``,
-and ``history/<run id>/`` with the same three for every promotion. :func:`promote` writes the
-history entry complete under a temporary name and renames it; then swaps the current files by
-renames and records the swap last in ``champion.json``, so a reader checks
-:func:`read_champion` and never uses a half-promoted champion.
+The champion folder (its pointer champion.json and one history entry per promotion) is read
+through :mod:`lungxray.champion_store`; :mod:`lungxray.promotion` verifies a decision and
+carries it out. A decision records who it belongs to: a SHA-256 of the challenger's model files,
+the champion location and the champion it was compared with.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,19 +26,24 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from lungxray import metrics, safeio, storage
-from lungxray.artifacts import CHAMPION_FILE as RECORD_FILE  # written last: the current run
-from lungxray.artifacts import CHAMPION_HISTORY_DIR as HISTORY_DIR
-from lungxray.artifacts import CHAMPION_MODEL_DIR as MODEL_DIR
-from lungxray.artifacts import DECISION_FILE
-from lungxray.artifacts import MODEL_CARD_FILE as CARD_FILE
+from lungxray import champion_store as store
+from lungxray import metrics, safeio
+from lungxray.champion_store import (  # noqa: F401 - the champion API, as before #34
+    CARD_FILE,
+    DECISION_FILE,
+    HISTORY_DIR,
+    MODEL_DIR,
+    RECORD_FILE,
+    RUN_ID,
+    check_run_id,
+    current,
+    read_champion,
+)
 from lungxray.errors import ConfigError, DataError, ModelError, quote
 
-SWAPPED = (MODEL_DIR, CARD_FILE, DECISION_FILE)  # replaced in this order, decision.json last
 DEFAULT_N_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
 COMPATIBLE_KEYS = ("class_names", "image_size", "channels")
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 # --------------------------------------------------------------------------- comparison
@@ -137,10 +134,13 @@ def decide(comparison: dict[str, Any] | None, margin: float = 0.0) -> dict[str, 
 def decision_record(run_id: str, challenger: dict[str, Any], champion: dict[str, Any] | None,
                     comparison: dict[str, Any] | None, margin: float,
                     split: str = "", champion_state: dict[str, Any] | None = None,
-                    evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+                    evidence: dict[str, Any] | None = None, challenger_sha256: str | None = None,
+                    champion_uri: str | Path | None = None) -> dict[str, Any]:
     """The content of ``decision.json``: the decision, its reason and the evidence.
     ``champion_state`` (:func:`current`) is who was compared with; ``evidence`` the
-    comparisons on other splits, reported but not decided on."""
+    comparisons on other splits, reported but not decided on. ``challenger_sha256``
+    (:func:`lungxray.champion_store.model_sha256`) and ``champion_uri`` tie the decision to
+    one model and one champion location: a promotion checks both."""
     check_run_id(run_id)
     verdict = decide(comparison, margin)
 
@@ -149,8 +149,10 @@ def decision_record(run_id: str, challenger: dict[str, Any], champion: dict[str,
             "model_name", "threshold", "class_names", "image_size", "channels", "members")}
 
     return {**verdict, "run_id": run_id, "split": split or None, "margin": margin,
-            "challenger": who(challenger), "champion": who(champion), "comparison": comparison,
+            "challenger": {**who(challenger), "sha256": challenger_sha256},
+            "champion": who(champion), "comparison": comparison,
             "evidence": evidence or {}, "champion_state": champion_state,
+            "champion_uri": store.identity(champion_uri) if champion_uri else None,
             "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
@@ -173,11 +175,14 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     if not champion_uri:
         return {"decision": "skip", "reason": "no champion_uri given", "run_id": run_id,
                 "margin": margin, "comparison": None, "evidence": {}}
+    champion_uri = store.check_uri(str(champion_uri))
+    owner = {"challenger_sha256": store.model_sha256(Path(challenger_dir)),
+             "champion_uri": champion_uri}
     state = current(champion_uri)
-    champion_dir = read_champion(champion_uri, cache_dir)
+    champion_dir = store.champion_model(champion_uri, state, cache_dir)
     if champion_dir is None:
         return decision_record(run_id, challenger_info, None, None, margin,
-                               champion_state=state)
+                               champion_state=state, **owner)
     champion_info = read_model_info(champion_dir)
     check_compatible(champion_info, challenger_info, where=f"champion {champion_uri}")
     manifest = integrity.read_manifest(Path(data_dir))
@@ -193,7 +198,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
         compared[split] = paired_bootstrap(images.labels, old, new, n_bootstrap, seed)
     return decision_record(run_id, challenger_info, champion_info, compared.pop(DECISION_SPLIT),
                            margin, split=DECISION_SPLIT, champion_state=state,
-                           evidence=compared)
+                           evidence=compared, **owner)
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -233,249 +238,12 @@ def write_decision(record: dict[str, Any], path: Path | str) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- champion folder
-
-
-def check_run_id(run_id: str) -> None:
-    """A run id becomes a folder name under history/: no separators, no '..'."""
-    if not RUN_ID.fullmatch(str(run_id)) or ".." in str(run_id):
-        raise ConfigError(f"run id {quote(str(run_id))} must be 1-128 letters, digits, '.', "
-                          f"'_' or '-', starting with a letter or digit")
-
-
-def _is_gcs(champion_uri: str | Path) -> bool:
-    return str(champion_uri).startswith("gs://")
-
-
-def _gcs_name(champion_uri: str, *parts: str) -> str:
-    return "/".join([str(champion_uri).rstrip("/"), *parts])
-
-
-def current(champion_uri: str | Path) -> dict[str, Any]:
-    """Who the champion is now: ``{"run_id": ... or None, "generation": ...}``. A decision
-    records it, and :func:`promote` refuses to replace any other champion than the one the
-    challenger was compared with. ``generation`` is the GCS generation of champion.json (0:
-    none yet); locally always 0."""
-    if _is_gcs(champion_uri):
-        found = storage.read_generation(_gcs_name(str(champion_uri), RECORD_FILE))
-        if found is None:
-            return {"run_id": None, "generation": 0}
-        record = safeio.loads_json(found[0], f"{champion_uri}/{RECORD_FILE}", error=ModelError)
-        return {"run_id": _record_run_id(record, str(champion_uri)), "generation": found[1]}
-    record_path = Path(champion_uri) / RECORD_FILE
-    if not record_path.is_file():
-        return {"run_id": None, "generation": 0}
-    record = safeio.load_json_object(record_path, "champion record", error=ModelError)
-    return {"run_id": _record_run_id(record, str(champion_uri)), "generation": 0}
-
-
-def _record_run_id(record: Any, where: str) -> str:
-    run_id = record.get("run_id") if isinstance(record, dict) else None
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
-        raise ModelError(f"{where}: {RECORD_FILE} names no valid run id")
-    return run_id
-
-
-def read_champion(champion_uri: str | Path, cache_dir: Path | None = None) -> Path | None:
-    """The current champion's ``model/`` folder (on ``gs://``: fetched into the cache), or None
-    when ``champion_uri`` holds none yet (missing or empty). A folder that holds something else,
-    or a half-promoted champion, is a ModelError naming it."""
-    from lungxray.train import read_model_info
-
-    if _is_gcs(champion_uri):
-        run_id = current(champion_uri)["run_id"]
-        if run_id is None:
-            if storage.exists(str(champion_uri)):
-                raise ModelError(f"{champion_uri}: not a champion folder (no {RECORD_FILE}); "
-                                 f"expected one written by promote, or an empty prefix")
-            return None
-        model = storage.fetch(_gcs_name(str(champion_uri), HISTORY_DIR, run_id, MODEL_DIR) + "/",
-                              cache_dir, progress=False)
-        try:
-            read_model_info(model)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"{champion_uri}: champion of run {run_id} is incomplete "
-                             f"({quote(str(err))})") from err
-        return model
-    root = Path(champion_uri)
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return None
-    record_path = root / RECORD_FILE
-    if not record_path.is_file():
-        raise ModelError(f"{root}: not a champion folder (no {RECORD_FILE}); expected one "
-                         f"written by promote, or an empty folder")
-    try:
-        record = safeio.load_json_object(record_path, "champion record", error=ModelError)
-        decision = safeio.load_json_object(root / DECISION_FILE, "decision", error=ModelError)
-        read_model_info(root / MODEL_DIR)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{root}: champion is incomplete ({quote(str(err))}); the last "
-                         f"complete one is under {HISTORY_DIR}/") from err
-    if decision.get("run_id") != record.get("run_id"):
-        raise ModelError(f"{root}: champion is half-promoted ({DECISION_FILE} of run "
-                         f"{quote(str(decision.get('run_id')))}, {RECORD_FILE} of run "
-                         f"{quote(str(record.get('run_id')))}); the complete copies are under "
-                         f"{HISTORY_DIR}/")
-    return root / MODEL_DIR
-
-
-def _check_promotable(model_dir: Path, record: dict[str, Any]) -> str:
-    """The run id of a record that says promote, for a folder that holds a model."""
-    from lungxray.train import read_model_info
-
-    run_id = str(record.get("run_id", ""))
-    check_run_id(run_id)
-    if record.get("decision") != "promote":
-        raise ConfigError(f"decision of run {run_id} is {quote(str(record.get('decision')))}, "
-                          f"not 'promote'")
-    try:
-        read_model_info(model_dir)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{model_dir}: not a model folder ({quote(str(err))})") from err
-    return run_id
-
-
-def _check_unchanged(champion_uri: str | Path, record: dict[str, Any], now: dict[str, Any]) -> None:
-    """The champion must still be the one the decision compared with (two runs that finish
-    together both beat the old champion; only the first may replace it). A record that names
-    no compared champion (written by hand, to force a promotion) is not checked."""
-    compared = record.get("champion_state")
-    if not isinstance(compared, dict):
-        return
-    if compared.get("run_id") != now["run_id"] or (
-            _is_gcs(champion_uri) and compared.get("generation") != now["generation"]):
-        raise ConfigError(f"{champion_uri}: the champion changed since run {record['run_id']} "
-                          f"was compared with it (then {compared.get('run_id')}, now "
-                          f"{now['run_id']}); not promoted, run the comparison again")
 
 
 def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, Any],
             model_card: Path | str | None = None) -> str:
-    """Copy ``model_dir``, its model card and ``record`` (decision.json) into
-    ``champion_uri/history/<run id>/`` and make it the champion. Refuses a run id already in the
-    history, a model folder without a model, and a champion that changed since ``record`` was
-    decided. Returns the history entry (a path or a gs:// URI)."""
-    model_dir = Path(model_dir)
-    run_id = _check_promotable(model_dir, record)
-    if _is_gcs(champion_uri):
-        return _promote_gcs(model_dir, str(champion_uri), record, model_card, run_id)
-    return str(_promote_local(model_dir, Path(champion_uri), record, model_card, run_id))
+    """:func:`lungxray.promotion.promote`: verify ``record`` and make ``model_dir`` the
+    champion at ``champion_uri``; returns the history entry."""
+    from lungxray import promotion
 
-
-def _promote_gcs(model_dir: Path, champion_uri: str, record: dict[str, Any],
-                 model_card: Path | str | None, run_id: str) -> str:
-    """History entry uploaded with create-only preconditions, then champion.json swapped by a
-    compare-and-swap on its generation: the champion is the old one or the new one, never a mix,
-    and of two runs promoting at once exactly one wins."""
-    now = current(champion_uri)
-    read_champion(champion_uri)  # refuses a prefix that is not a champion's before writing
-    entry = _gcs_name(champion_uri, HISTORY_DIR, run_id)
-    if storage.exists(entry + "/"):
-        raise ConfigError(f"{entry}: run {run_id} was already promoted")
-    _check_unchanged(champion_uri, record, now)
-    with tempfile.TemporaryDirectory(prefix="lungxray-promote-") as work:
-        _stage(Path(work) / "entry", model_dir, record, model_card)
-        try:
-            storage.upload(Path(work) / "entry", entry, no_overwrite=True)
-            storage.write_if_generation(_gcs_name(champion_uri, RECORD_FILE), _pointer(
-                run_id, record), now["generation"])
-        except BaseException:
-            storage.delete_prefix(entry)  # this run did not become the champion: forget it
-            raise
-    return entry
-
-
-def _pointer(run_id: str, record: dict[str, Any]) -> bytes:
-    return (json.dumps({"run_id": run_id, "history": f"{HISTORY_DIR}/{run_id}",
-                        "model_name": (record.get("challenger") or {}).get("model_name"),
-                        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds")},
-                       indent=2) + "\n").encode()
-
-
-def _promote_local(model_dir: Path, root: Path, record: dict[str, Any],
-                   model_card: Path | str | None, run_id: str) -> Path:
-    """History entry written complete under a temporary name and renamed; current files
-    swapped by renames and sealed by champion.json, under a lock on the champion folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
-        read_champion(root)  # refuses a folder that is not a champion's before touching it
-        entry = root / HISTORY_DIR / run_id
-        if entry.exists():
-            raise ConfigError(f"{entry}: run {run_id} was already promoted")
-        _check_unchanged(root, record, current(root))
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".promote-{run_id}-", dir=root))
-        moves: list[tuple[str, str]] = []  # what the swap did so far, to undo it on failure
-        created = done = False
-        try:
-            _stage(staging / "entry", model_dir, record, model_card)
-            os.replace(staging / "entry", entry)  # complete or absent
-            created = True
-            # Hard links: history and current files are never modified in place, only
-            # replaced, so they may share their bytes (a model is hundreds of MB).
-            shutil.copytree(entry, staging / "current", symlinks=False, copy_function=_link)
-            _swap(root, staging / "current", staging / "retired", moves)
-            safeio.write_text_atomic(root / RECORD_FILE, _pointer(run_id, record).decode(),
-                                     fsync=True)
-            done = True
-        finally:
-            if not done:  # put the previous champion back and forget this run, so it may retry
-                _undo(root, staging / "retired", moves)
-                if created:
-                    shutil.rmtree(entry, ignore_errors=True)
-            shutil.rmtree(staging, ignore_errors=True)
-    return entry
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """An exclusive lock on the champion folder: two local promotions run one after the other."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _link(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # a file system without hard links
-        shutil.copy2(src, dst)
-
-
-def _stage(folder: Path, model_dir: Path, record: dict[str, Any],
-           model_card: Path | str | None) -> None:
-    folder.mkdir()
-    # Bounded, regular files only, no link followed out of the folder (a model is user input).
-    safeio.copy_model_folder(model_dir, folder / MODEL_DIR)
-    if model_card is not None:
-        shutil.copyfile(model_card, folder / CARD_FILE)
-    (folder / DECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _undo(root: Path, retired: Path, moves: list[tuple[str, str]]) -> None:
-    """Undo a partial :func:`_swap`, last move first."""
-    for direction, name in reversed(moves):
-        if direction == "in":
-            if (root / name).is_dir():
-                shutil.rmtree(root / name)
-            else:
-                (root / name).unlink(missing_ok=True)
-        else:
-            os.replace(retired / name, root / name)
-
-
-def _swap(root: Path, new: Path, retired: Path, moves: list[tuple[str, str]]) -> None:
-    """Move the current files aside and the new ones in, by renames on one file system, noting
-    each move in ``moves``; decision.json last. champion.json, written after, seals it."""
-    retired.mkdir()
-    for name in SWAPPED:
-        if (root / name).exists():
-            os.replace(root / name, retired / name)
-            moves.append(("out", name))
-    for name in SWAPPED:
-        if (new / name).exists():
-            os.replace(new / name, root / name)
-            moves.append(("in", name))
+    return promotion.promote(model_dir, champion_uri, record, model_card=model_card)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lungxray import artifacts, quiet
 
+CHAMPION_MD = "champion.md"  # challenge's Markdown section beside decision.json
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
                 "gs:// weights file (.h5 / .weights.h5)")
 
@@ -84,23 +85,45 @@ def _export(args: argparse.Namespace) -> dict:
     return export.export(args.model, args.output, version=args.version, force=args.force)
 
 
-def _challenge(args: argparse.Namespace) -> dict:
-    from lungxray import champion
+def _champion_args(args: argparse.Namespace, *apart: str) -> str:
+    """--champion checked before any work: a local folder or gs:// prefix that can hold a
+    champion, apart from the inputs named in ``apart`` (never inside the model or the data)."""
+    from lungxray import champion_store, uris
 
-    record = champion.challenge(args.model, args.data, args.champion, args.run_id,
-                                margin=args.margin, seed=args.seed, cache_dir=args.cache_dir)
-    champion.write_decision(record, args.output)
-    (args.output / "champion.md").write_text(champion.markdown(record))
+    uri = champion_store.check_uri(args.champion, "--champion")
+    for name in apart:
+        uris.check_apart(uri, str(getattr(args, name)), "--champion", f"--{name}")
+    return uri
+
+
+def _challenge(args: argparse.Namespace) -> dict:
+    import os
+
+    from lungxray import champion, staging
+
+    uri = _champion_args(args, "model", "data", "output") if args.champion else ""
+    # Built in a staging folder inside --output and moved in file by file: a stopped or
+    # failed run leaves the previous decision, never a part of one.
+    with staging.staging_dir(args.output, ".challenge-", "lungxray challenge") as work:
+        record = champion.challenge(args.model, args.data, uri, args.run_id,
+                                    margin=args.margin, seed=args.seed,
+                                    cache_dir=args.cache_dir)
+        (work / CHAMPION_MD).write_text(champion.markdown(record))
+        champion.write_decision(record, work)
+        for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
+            os.replace(work / name, args.output / name)
     return {"decision": record["decision"], "reason": record["reason"],
             "decision_file": str(args.output / champion.DECISION_FILE)}
 
 
 def _promote(args: argparse.Namespace) -> dict:
-    from lungxray import champion, safeio
+    from lungxray import promotion, safeio
+    from lungxray.errors import ConfigError
 
-    record = safeio.load_json_object(args.decision, "decision")
-    entry = champion.promote(args.model, args.champion, record, model_card=args.model_card)
-    return {"champion": args.champion, "history_entry": entry}
+    uri = _champion_args(args, "model")
+    record = safeio.load_json_object(args.decision, "decision", error=ConfigError)
+    entry = promotion.promote(args.model, uri, record, model_card=args.model_card)
+    return {"champion": uri, "history_entry": entry}
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -316,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the challenger: a `lungxray train` output or compare's best_model/")
     p.add_argument("--data", type=_local_path, required=True, help="prepared dataset directory")
     p.add_argument("--champion", required=True,
-                   help="champion folder or gs:// prefix (empty or missing: no champion yet)")
+                   help="champion folder or gs:// prefix (new or empty: no champion yet; '': "
+                   "skip the comparison)")
     p.add_argument("--run-id", required=True, help="this run's id (its history/ entry name)")
     p.add_argument("--margin", type=float, default=0.0,
                    help="promote only if better by more than this AUC (default 0)")
@@ -327,9 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="make a model the champion (decision.json must say "
                        "promote)",
                        description="Copy the model, its model card and decision.json to "
-                       "<champion>/history/<run id>/ and make it the champion: locally by "
-                       "renames, on gs:// by a generation-conditioned swap of champion.json. "
-                       "Refused when the champion changed since the decision.")
+                       "<champion>/history/<run id>/ and make it the champion by one swap of "
+                       "<champion>/champion.json (on gs:// conditioned on its generation). "
+                       "Verified first: the decision's own numbers must say promote, and it "
+                       "must be for this model (hash of its files), this champion and its "
+                       "classes and input. A promotion that was stopped or killed is finished "
+                       "or undone by the next one.")
     p.add_argument("--model", type=_local_path, required=True, help="the model to promote")
     p.add_argument("--decision", type=_local_path, required=True,
                    help="decision.json written by `lungxray challenge`")

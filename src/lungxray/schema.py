@@ -1,6 +1,7 @@
 """The one schema of the pipeline's run parameters and of train/tune's settings: types and
 ranges, checked before any step runs (``make local``, compile, submit and schedule through
-``pipelines.params.check_values``; ``lungxray train``/``tune`` before any state is written).
+``pipelines.params.check_values``; ``lungxray train``/``tune`` before any state is written),
+and the locations a run writes or reads at its end (champion_uri, target_data).
 """
 
 from __future__ import annotations
@@ -135,6 +136,29 @@ def check_pipeline_params(params: Mapping[str, Any], limits: Limits = DEFAULT) -
             check_range(f"parameter {name}", value, meta["lo"], hi, zero=meta["zero"])
     if "base_models" in params:
         check_model_names(params["base_models"], "parameter base_models")
+    check_locations(params)
+
+
+def check_locations(params: Mapping[str, Any], local_run: bool = False) -> None:
+    """champion_uri and target_data, used only at the end of a run, checked now: a local path
+    or gs:// URI that can be used (:mod:`lungxray.uris`), the champion a folder that holds a
+    champion or nothing, neither of them the data source. ``local_run`` (``make local``): a
+    local target_data must exist, as this machine reads it."""
+    from lungxray import champion_store, uris
+    from lungxray.errors import LungxrayError
+
+    source = params.get("data_source")
+    source = source if isinstance(source, str) else ""
+    champion, target = params.get("champion_uri"), params.get("target_data")
+    try:
+        if isinstance(champion, str) and champion:
+            champion_store.check_uri(champion, "parameter champion_uri")
+            uris.check_apart(champion, source, "parameter champion_uri", "the data_source")
+        if isinstance(target, str) and target:
+            uris.check_location(target, "parameter target_data", must_exist=local_run)
+            uris.check_distinct(target, source, "parameter target_data", "the data_source")
+    except LungxrayError as err:  # e.g. a ModelError: "not a champion folder"
+        raise ConfigError(str(err)) from None
 
 
 def check_model_names(names: list[str], where: str) -> None:

@@ -41,9 +41,10 @@ def stop_on_signals() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        raise Stopped(signum)
+        if _held:  # inside signals_blocked(): stop when it ends
+            _deferred.append(signum)
+            return
+        _stop(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
@@ -53,14 +54,33 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _stop(signum: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+_held: list[bool] = []  # one entry per signals_blocked() section open in the main thread
+_deferred: list[int] = []  # stop signals that arrived in such a section
+
+
 @contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT back for a few file operations that must not be cut in half."""
+    """Hold SIGTERM/SIGINT back for a few file operations that must not be cut in half. Blocked
+    in this thread; a signal that another thread takes (numpy's and TensorFlow's threads do not
+    block it) still runs the :func:`stop_on_signals` handler here, which defers it to the end
+    of the section."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    _held.append(True)
     try:
         yield
     finally:
+        _held.pop()
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if not _held and _deferred:
+            signum = _deferred[0]
+            _deferred.clear()
+            _stop(signum)
 
 
 def sweep(parent: Path, prefix: str) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -29,11 +28,11 @@ from google.cloud import storage
 from google.cloud.storage import transfer_manager
 from google.cloud.storage.exceptions import DataCorruption
 
-from lungxray.errors import ConfigError, LungxrayError
+from lungxray.errors import LungxrayError
+from lungxray.uris import GCS_SCHEME, is_gcs, parse_gcs  # noqa: F401 - storage's API
 
 log = logging.getLogger(__name__)
 
-GCS_SCHEME = "gs://"
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
 # Both live inside the cache root (same filesystem, so renames are atomic) but outside any
@@ -43,10 +42,6 @@ _TMP_DIR = ".tmp"
 # Objects handed to transfer_manager at once, per worker: progress moves and a failure stops the
 # fetch after at most this many more downloads per worker.
 _BATCH_PER_WORKER = 8
-
-# GCS bucket naming rules, loosely: 3-222 chars of lowercase letters, digits, '-', '_' and '.',
-# starting and ending with a letter or digit.
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 _CREDENTIALS_HELP = (
     "no usable Google Cloud credentials to access {uri}: set GOOGLE_APPLICATION_CREDENTIALS to "
@@ -67,30 +62,6 @@ class PreconditionError(StorageError):
 
 # --------------------------------------------------------------------------------------------
 # URIs
-
-
-def is_gcs(uri: str | os.PathLike[str]) -> bool:
-    """True when ``uri`` is a ``gs://`` URI."""
-    return str(uri).startswith(GCS_SCHEME)
-
-
-def parse_gcs(uri: str) -> tuple[str, str]:
-    """Split ``gs://bucket/some/prefix`` into ``("bucket", "some/prefix")``.
-
-    The object part is returned verbatim (a trailing ``/`` is kept, so callers can tell a
-    prefix from an object name); it is ``""`` for ``gs://bucket`` and ``gs://bucket/``.
-    """
-    if not is_gcs(uri):
-        raise ConfigError(f"not a gs:// URI: {uri!r}")
-    bucket, _, name = uri[len(GCS_SCHEME) :].partition("/")
-    if not bucket:
-        raise ConfigError(f"malformed GCS URI {uri!r}: no bucket name (expected gs://BUCKET/PATH)")
-    if not _BUCKET_RE.fullmatch(bucket):
-        raise ConfigError(
-            f"malformed GCS URI {uri!r}: {bucket!r} is not a valid bucket name "
-            "(3-222 characters: lowercase letters, digits, '-', '_', '.')"
-        )
-    return bucket, name
 
 
 def default_cache_dir() -> Path:
@@ -474,3 +445,16 @@ def delete_prefix(uri: str) -> int:
         for blob in blobs:
             blob.delete()
     return len(blobs)
+
+
+def list_top(uri: str, limit: int = 1000) -> list[str]:
+    """The names directly under the prefix ``uri``: objects, and folder-like prefixes (ending in
+    '/'), at most ``limit`` of them."""
+    bucket_name, name = parse_gcs(uri)
+    prefix = name.rstrip("/") + "/" if name.rstrip("/") else ""
+    with _gcs_errors(uri):
+        pages = _client(uri).list_blobs(bucket_name, prefix=prefix, delimiter="/",
+                                        max_results=limit)
+        names = [blob.name[len(prefix):] for blob in pages]
+        names += [sub[len(prefix):] for sub in pages.prefixes]
+    return names[:limit]

@@ -43,7 +43,7 @@ def test_two_runs_promote_then_decide_with_evidence(small_dataset, tmp_path):
     assert verdict == "promote" and first["decision"]["reason"] == "no champion yet"
     assert first["metrics"] == {"promoted": 1.0}
     assert champion.current(home)["run_id"] == "run-1"
-    kept_card = (home / champion.CARD_FILE).read_text()
+    kept_card = (home / "history" / "run-1" / champion.CARD_FILE).read_text()
     assert kept_card.startswith("# Model card") and "## Champion vs challenger" in kept_card
 
     verdict, second = _run(new, small_dataset, home, "run-2", tmp_path / "two")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lungxray import safeio, schema, train
+from lungxray import champion_store, safeio, schema, train, uris
 from lungxray.errors import LungxrayError
 from lungxray.limits import Limits
 from pipelines.params import ParamsError, check_values, load_params, parse_value
@@ -144,3 +144,31 @@ def test_depth_limit_edges(depth):
     else:
         with pytest.raises(LungxrayError, match="nested|more than the limit of 20000"):
             safeio.loads_json(text, "x", SMALL)
+
+
+location_tokens = st.sampled_from(["gs://", "s3://", "http://", "GS://", "file:", "/", "//",
+                                   "..", ".", "a", "b-1", "my-bucket", "\x00", "\n", ":", "dev",
+                                   "zero", "null", "é", "\udcff", "\ud800", "~", " ", "_B"])
+
+
+@given(st.lists(location_tokens, max_size=12).map("".join) | st.text(max_size=40))
+@example(text="gs://my-bucket/a/../b")
+@example(text="/dev/null")
+def test_any_location_is_a_path_or_gs_uri_or_refused_in_one_line(text):
+    """Issue 34: whatever is given as champion_uri / --champion, the check returns it or gives
+    the project's one-line error, quickly; what it accepts is a gs:// URI without '.'/'..'
+    parts or a local path without a scheme, control characters or a climb out."""
+    started = time.monotonic()
+    try:
+        value = champion_store.check_uri(text, "champion_uri")
+    except LungxrayError as err:
+        _assert_project_error(err)
+        return
+    finally:
+        assert time.monotonic() - started < SECONDS
+    assert value == text and not any(ord(c) < 32 for c in text)
+    if uris.is_gcs(text):
+        uris.parse_gcs(text)
+        assert ".." not in text.split("/")[3:]
+    else:
+        assert "://" not in text and not uris._climbs_out(text)

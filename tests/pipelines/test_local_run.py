@@ -80,8 +80,9 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     home = tmp_path / "champion"
     record = json.loads((home / "champion.json").read_text())
     assert record["run_id"] == decision["run_id"] and record["model_name"] == expected
-    assert json.loads((home / "model" / "model_info.json").read_text())["model_name"] == expected
-    assert "## Champion vs challenger" in (home / "model_card.md").read_text()
+    entry = home / record["history"]
+    assert json.loads((entry / "model" / "model_info.json").read_text())["model_name"] == expected
+    assert "## Champion vs challenger" in (entry / "model_card.md").read_text()
 
     # The pick predicted the target site's images and estimated their prevalence by EM.
     target = run_dir / "predict" / "predictions"

@@ -34,6 +34,13 @@ class ModelError(LungxrayError):
     kind = "model"
 
 
+class OutputError(LungxrayError):
+    """An output that cannot be written (a full disk, an I/O error); the message names the
+    path, and nothing half-written is left behind."""
+
+    kind = "output"
+
+
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr`` of a user's value cut to ``limit`` characters, stating its full length when cut,
     so that a 10 MB field never ends up in an error line."""

@@ -27,6 +27,7 @@ from lungxray import (
     selection,
     train,
 )
+from lungxray.errors import ModelError
 from tests.data_helpers import load_npz
 
 CLASSES = ["normal", "pneumonia"]
@@ -228,7 +229,7 @@ def test_saved_ensemble_is_evaluated_as_the_mean_of_its_members(
     broken = tmp_path / "broken"
     shutil.copytree(best, broken)
     shutil.rmtree(broken / "members" / "NetB")
-    with pytest.raises(FileNotFoundError, match="NetB"):
+    with pytest.raises(ModelError, match="member 'NetB' is not a directory in"):
         evaluate.evaluate(broken, str(small_dataset), tmp_path / "b")
     # A member named in ensemble.json cannot be a model elsewhere on disk.
     escaping = tmp_path / "escaping"

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,7 @@ from PIL import Image
 
 from lungxray import cli, export, models, predict, train
 from lungxray import images as imaging
-from lungxray.errors import ConfigError, ModelError
+from lungxray.errors import ConfigError, ModelError, OutputError
 from tests.data_helpers import real_images
 from tests.test_predict import CLASSES, SIZE, ensemble_dir, tiny_model_dir
 
@@ -137,3 +143,100 @@ def test_cli_export_force_replaces_a_version(model_dir, tmp_path, capsys):
     assert "lungxray export: error: " in capsys.readouterr().err
     assert cli.main([*args, "--force"]) == 0
     assert (tmp_path / "m" / "2" / "saved_model.pb").is_file()
+
+
+# --------------------------------------------------------------------------- kills, full disks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    from tests.test_model_loader import small_model_dir
+
+    return small_model_dir(tmp_path_factory.mktemp("small") / "model")
+
+
+def test_sigterm_mid_export_leaves_no_staging_and_a_later_run_succeeds(small_model, tmp_path):
+    # Issue 34: SIGTERM left .export-* behind, and later runs never removed it.
+    out = tmp_path / "serving"
+    stale = out / ".export-stale"  # what a SIGKILLed run leaves: swept by the next run
+    stale.mkdir(parents=True)
+    (stale / "variables.data").write_bytes(b"x" * 1000)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    child = subprocess.Popen([sys.executable, "-m", "lungxray.cli", "export", "--model",
+                              str(small_model), "--output", str(out)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not [p for p in out.glob(".export-*") if p != stale]:  # its own staging: writing
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # neither staging nor a version
+    export.export(small_model, out)
+    assert (out / "1" / "saved_model.pb").is_file() and [p.name for p in out.iterdir()] == ["1"]
+
+
+def _full_disk(kind: str):
+    def write(members, info, path):
+        (path / "variables").mkdir(parents=True)
+        (path / "variables" / "variables.data-00000-of-00001").write_bytes(b"x" * 1000)
+        if kind == "tensorflow":
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "{{function_node __wrapped__SaveV2_dtypes_66_device_/job:localhost"
+                f"/replica:0/task:0/device:CPU:0}}}} {path}/variables/variables_temp/part-00000"
+                "-of-00001.data-00000-of-00001.tempstate1; No space left on device [Op:SaveV2]")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "saved_model.pb"))
+    return write
+
+
+@pytest.mark.parametrize("kind", ["tensorflow", "python"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_model, tmp_path, kind,
+                                                                 monkeypatch, capsys):
+    # Issue 34: a full disk gave TensorFlow's ResourceExhaustedError traceback.
+    out = tmp_path / "serving"
+    export.export(small_model, out, version=1)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    monkeypatch.setattr(export, "_write", _full_disk(kind))
+    for version, force in ((2, False), (1, True)):  # a new version; one replacing another
+        args = ["export", "--model", str(small_model), "--output", str(out), "--version",
+                str(version), *(["--force"] if force else [])]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lungxray export: error: "), err
+        assert (f"{out / str(version)}: cannot write the SavedModel (No space left on device); "
+                f"its variables need 1.2 MB, ") in err[0] and "MB free there" in err[0]
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # v1 untouched
+    # The first export into a new folder leaves no empty folder either.
+    with pytest.raises(OutputError, match="No space left on device"):
+        export.export(small_model, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 512 KiB tmpfs (root only; skipped where mounting is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
+
+
+def test_a_real_full_disk(small_model, tiny_disk):
+    with pytest.raises(OutputError, match=r"serving/1: cannot write the SavedModel \(No space "
+                                          r"left on device\); its variables need 1\.2 MB"):
+        export.export(small_model, tiny_disk / "serving")
+    assert list(tiny_disk.iterdir()) == []

@@ -34,6 +34,13 @@ class ModelError(LungxrayError):
     kind = "model"
 
 
+class OutputError(LungxrayError):
+    """An output that cannot be written (a full disk, an I/O error); the message names the
+    path, and nothing half-written is left behind."""
+
+    kind = "output"
+
+
 def safe_name(text: str) -> str:
     """``text`` printable on one UTF-8 line, every character kept: bytes that are not UTF-8
     (which the file system's decoding keeps as surrogates, e.g. ``b'\\xff'``) become ``\\xNN``,

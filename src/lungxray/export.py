@@ -18,19 +18,21 @@ the mean of its members' probabilities, as it is evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from lungxray.errors import ConfigError
+from lungxray import staging
+from lungxray.errors import ConfigError, OutputError, quote
 
 METADATA_DIR = "assets.extra"  # TF Serving's place for files it does not read itself
 METADATA_FILE = "lungxray.json"
 SIGNATURES = ("serving_default", "predict_uint8", "predict_image_bytes")
 OUTPUTS = ("probabilities", "class_index", "class_name")
+STAGING_PREFIX = ".export-"  # <output>/.export-XXXX while a version is built
 
 
 def _decode_jpeg(data, size: int, channels: int):
@@ -129,41 +131,93 @@ def _metadata(info: dict[str, Any], model_dir: Path, version: int) -> dict[str, 
 def export(model_dir: Path | str, output: Path | str, version: int = 1,
            force: bool = False) -> dict[str, Any]:
     """Write ``<output>/<version>/`` (SavedModel + ``assets.extra/lungxray.json``). The version
-    is written beside the others under a temporary name and renamed when complete; an existing
-    version is refused unless ``force``. Returns what was written."""
-    import keras
+    is built in a staging folder beside the others and renamed when complete; an existing
+    version is refused unless ``force``. The staging folder goes on errors, SIGTERM and
+    SIGINT, and one a killed run left is swept by the next. Returns what was written."""
+    from lungxray import model_loader
 
-    from lungxray.predict import _check_input_size, _load, settings_for
-
-    if keras.backend.backend() != "tensorflow":
-        raise ConfigError(f"export needs the TensorFlow backend (KERAS_BACKEND="
-                          f"{keras.backend.backend()}); run it with KERAS_BACKEND=tensorflow")
     if version < 1:
         raise ConfigError(f"version must be a positive integer (TF Serving's version folders), "
                           f"got {version}")
     model_dir, output = Path(model_dir), Path(output)
-    predictor = _load(model_dir)
-    _check_input_size(predictor.members, settings_for(predictor.info), model_dir)
-    target = output / str(version)
-    if target.exists() and not force:
-        raise ConfigError(f"{target}: version {version} exists; pass --force to replace it or "
-                          f"--version for a new one")
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=output))
-    try:
-        _write(predictor.members, predictor.info, staging / "model")
-        extra = staging / "model" / METADATA_DIR
-        extra.mkdir()
-        (extra / METADATA_FILE).write_text(
-            json.dumps(_metadata(predictor.info, model_dir, version), indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "model", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging.stop_on_signals():  # a SIGINT while loading: exit 130, not a traceback
+        model_loader.open_folder(model_dir)  # a bad folder is refused before Keras starts
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise ConfigError(f"export needs the TensorFlow backend (KERAS_BACKEND="
+                              f"{keras.backend.backend()}); run it with "
+                              f"KERAS_BACKEND=tensorflow")
+        predictor = model_loader.load(model_dir)
+        target = output / str(version)
+        if (target.exists() or target.is_symlink()) and not force:
+            raise ConfigError(f"{target}: version {version} exists; pass --force to replace "
+                              f"it or --version for a new one")
+        created = not output.exists()
+        try:
+            with staging.staging_dir(output, STAGING_PREFIX, "lungxray export") as build:
+                _build(predictor.members, predictor.info, model_dir, version, build / "model",
+                       target)
+                _publish(build / "model", target, build)
+        except BaseException:
+            if created:  # a failed first export leaves no empty output folder either
+                with contextlib.suppress(OSError):
+                    output.rmdir()
+            raise
     return {"model_name": predictor.info.get("model_name"), "saved_model": str(target),
             "version": version, "signatures": list(SIGNATURES),
             "members": len(predictor.members)}
+
+
+def _build(members: list[Any], info: dict[str, Any], model_dir: Path, version: int,
+           path: Path, target: Path) -> None:
+    """The SavedModel and its metadata at ``path``; a full disk or an I/O error is one
+    OutputError naming ``target`` and the space the variables need."""
+    import tensorflow as tf
+
+    try:
+        _write(members, info, path)
+        extra = path / METADATA_DIR
+        extra.mkdir()
+        (extra / METADATA_FILE).write_text(
+            json.dumps(_metadata(info, model_dir, version), indent=2) + "\n")
+    except (tf.errors.OpError, OSError) as err:
+        raise OutputError(_write_failure(err, members, target)) from None
+
+
+def _write_failure(err: BaseException, members: list[Any], target: Path) -> str:
+    """``<target>: cannot write the SavedModel (no space left on device); its variables need
+    12.3 MB, 1.0 MB free there``."""
+    from lungxray.models import variables_bytes
+
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+    else:  # TensorFlow's message: a function node, the file, then what went wrong
+        text = " ".join(str(getattr(err, "message", err)).split())
+        reason = text.rsplit("; ", 1)[-1].split(" [Op:", 1)[0] or type(err).__name__
+    need = variables_bytes([v for m in members for v in m.weights])
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"{target}: cannot write the SavedModel ({quote(reason, 200)[1:-1]}); its "
+            f"variables need {need / 1e6:.1f} MB, {free}")
+
+
+def _publish(build: Path, target: Path, staging_folder: Path) -> None:
+    """Rename the finished version into place; a version it replaces (``--force``) is moved
+    into the staging folder first and put back if the rename fails. Signals wait meanwhile,
+    so a kill never leaves the version missing."""
+    previous = staging_folder / "previous"
+    with staging.signals_blocked():
+        if target.exists() or target.is_symlink():
+            os.replace(target, previous)
+        try:
+            os.replace(build, target)
+        except BaseException:
+            if previous.exists() or previous.is_symlink():
+                os.replace(previous, target)
+            raise
 
 
 def _write(members: list[Any], info: dict[str, Any], path: Path) -> None:

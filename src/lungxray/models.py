@@ -8,6 +8,7 @@ augmentation all live inside the model, so evaluation and serving feed it plain 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ from lungxray import safeio
 from lungxray.backbones import REGISTRY, ModelSpec
 from lungxray.errors import ModelError, quote
 from lungxray.limits import DEFAULT as LIMITS
+from lungxray.limits import Limits
 
 __all__ = ["REGISTRY", "ModelError", "ModelSpec", "build_classifier", "get_spec", "load_model",
            "resolve_weights", "small_cnn"]
@@ -347,17 +349,64 @@ def set_trainable(model: keras.Model, unfreeze: float) -> None:
         layer.trainable = trainable
 
 
-def load_model(path: Path) -> keras.Model:
+def load_model(path: Path, limits: Limits = LIMITS) -> keras.Model:
     """Load a saved classifier with ``safe_mode`` (no arbitrary code from the file), after
-    checking the archive's sizes and its config.json's depth (Keras reads config.json whole)."""
+    checking the archive's sizes and its config.json's depth (Keras reads config.json whole)
+    and that the network it describes needs no more memory than its weights file holds."""
     path = Path(path)
-    if path.suffix == ".keras":
-        safeio.check_keras_archive(path, LIMITS)
     try:
+        if path.suffix == ".keras":
+            sizes, config = safeio.read_keras_archive(path, limits)
+            _check_network_size(path, sizes, config)
         return keras.models.load_model(path, safe_mode=True, compile=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, ModelError):
         raise
     except Exception as err:  # an untrusted file: whatever Keras raises is the file's problem
         message = quote(" ".join(str(err).split()), 200)
         raise ModelError(f"cannot load model file {quote(str(path))}: "
                          f"{type(err).__name__}: {message}") from err
+
+
+WEIGHTS_SLACK = 1 << 20  # bytes a network may need beyond its weights file (seed states)
+
+
+def _check_network_size(path: Path, sizes: dict[str, int], config: object) -> None:
+    """A config.json of a few bytes can describe a Dense layer of 10**9 units, allocated and
+    initialised while Keras builds the network, before any weight is read: refuse a network
+    whose variables need more bytes than its weights file holds."""
+    needed = network_bytes(config)
+    held = sizes.get("model.weights.h5", 0)
+    if needed > held + WEIGHTS_SLACK:
+        raise ModelError(f"model file {quote(str(path))}: its network needs {needed} bytes of "
+                         f"weights but model.weights.h5 holds {held}")
+
+
+def network_bytes(config: dict) -> int:
+    """Bytes of the variables a model config (a config.json) builds, counted without
+    allocating them: the layers are built in a stateless scope, where variables stay
+    uninitialised, and dropped."""
+    from keras.src.backend.common import global_state
+    from keras.src.saving.serialization_lib import ObjectSharingScope
+
+    if not isinstance(config, dict):
+        raise ModelError(f"a model config must be a JSON object, not {type(config).__name__}")
+    pending = list(global_state.get_global_attribute("uninitialized_variables") or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False), ObjectSharingScope():
+            model = keras.saving.deserialize_keras_object({**config, "compile_config": None},
+                                                          safe_mode=True)
+            return variables_bytes(list(getattr(model, "variables", None) or []))
+    finally:
+        # Left registered, these variables would be allocated by the next stateless scope
+        # Keras leaves (building the real network opens several).
+        global_state.set_global_attribute("uninitialized_variables", pending)
+
+
+def variables_bytes(variables: list) -> int:
+    """Bytes the Keras ``variables`` hold (dtype names such as ``float32``, ``bfloat16``,
+    ``bool``), read from their shapes: nothing is allocated or copied."""
+    total = 0
+    for variable in variables:
+        bits = "".join(c for c in str(variable.dtype) if c.isdigit())
+        total += math.prod(variable.shape) * (max(1, int(bits) // 8) if bits else 1)
+    return total

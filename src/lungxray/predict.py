@@ -34,6 +34,9 @@ from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray.errors import ConfigError, DataError, ModelError, safe_name
 from lungxray.limits import Limits
+from lungxray.model_loader import check_input_size as _check_input_size
+from lungxray.model_loader import load as _load
+from lungxray.overlays import write_overlays
 from lungxray.pools import CHUNK_BYTES, Unusable, read_file
 from lungxray.sources import shown
 
@@ -45,8 +48,6 @@ STAGING_PREFIX = ".predict-"
 BATCH_SIZE = 64
 MAX_NAMED = 10  # bad files named in an error line; the rest are counted
 PROGRESS_EVERY_S = 10.0
-OVERLAY_ALPHA = 0.4  # heatmap weight, as in the evaluation report's Grad-CAM grid
-FULL_SIZE = 1 << 30  # "decode at full resolution": larger than any JPEG draft target
 MISSING = "no such file"
 _OUTPUTS = (PREDICTIONS_FILE, BAD_FILES, PREVALENCE_FILE, GRADCAM_DIR)  # what a run replaces
 
@@ -277,81 +278,6 @@ class Progress:
                     + (f", {bad} unreadable" if bad else ""))
 
 
-# --------------------------------------------------------------------------- Grad-CAM overlays
-
-
-def overlay_name(origin: str) -> str:
-    """``sub/a.dcm`` -> ``sub/a.dcm.png``; ``train_images[3]`` -> ``train_images_3.png``.
-    The original suffix stays, so ``a.png`` and ``a.jpg`` do not collide."""
-    return origin.replace("[", "_").replace("]", "") + ".png"
-
-
-def _full_image(entry: Entry, raw: np.ndarray | None, settings: Settings) -> np.ndarray:
-    """The image at its own resolution, grey or RGB as the model sees it (uint8 (H, W[, 3]))."""
-    from PIL import Image
-
-    if raw is not None:
-        image = Image.fromarray(raw[..., 0] if raw.shape[-1] == 1 else raw)
-    else:
-        image, _ = imaging.open_image(read_file(entry.path, settings.limits.max_file_bytes),
-                                      entry.path.name, FULL_SIZE, settings.channels,
-                                      settings.limits)
-    return np.asarray(imaging.to_mode(image, settings.channels))
-
-
-def _content_box(width: int, height: int, size: int, keep_aspect: bool) -> tuple[int, ...]:
-    """Where the image lies in the model input: all of it, or the unpadded part (as PIL's
-    ``ImageOps.pad`` places it)."""
-    if not keep_aspect or width == height:
-        return 0, 0, size, size
-    if width > height:
-        inner = round(height / width * size)
-        top = round((size - inner) * 0.5)
-        return 0, top, size, top + inner
-    inner = round(width / height * size)
-    left = round((size - inner) * 0.5)
-    return left, 0, left + inner, size
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, keep_aspect: bool) -> np.ndarray:
-    """The heatmap (model size, 0..1) stretched onto ``image`` at its own resolution, as an
-    RGB uint8 array: grey or colour image under a jet colour map."""
-    import matplotlib
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    size = heatmap.shape[0]
-    cam = Image.fromarray(heatmap.astype(np.float32))  # 2-D float32: mode "F"
-    cam = cam.crop(_content_box(width, height, size, keep_aspect))
-    cam = np.clip(np.asarray(cam.resize((width, height), Image.Resampling.BILINEAR)), 0, 1)
-    colours = matplotlib.colormaps["jet"](cam)[..., :3] * 255.0
-    base = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
-    blended = (1 - OVERLAY_ALPHA) * base.astype(np.float64) + OVERLAY_ALPHA * colours
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
-
-
-def write_overlays(members: list[Any], pixels: np.ndarray, classes: np.ndarray,
-                   entries: list[Entry], raws: list[np.ndarray | None], settings: Settings,
-                   folder: Path) -> list[str]:
-    """Grad-CAM of each image's decided class, averaged over ensemble members, drawn on the
-    image at its own resolution; returns the overlay paths relative to the output."""
-    from PIL import Image
-
-    from lungxray import gradcam
-
-    maps = np.mean([gradcam.gradcam(m, pixels, classes) for m in members], axis=0)
-    names = []
-    for entry, raw, heatmap in zip(entries, raws, maps, strict=True):
-        name = overlay_name(entry.origin)
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        picture = overlay(_full_image(entry, raw, settings), heatmap,
-                          settings.keep_aspect)
-        Image.fromarray(picture).save(target)
-        names.append(f"{GRADCAM_DIR}/{name}")
-    return names
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -476,32 +402,6 @@ def _target_prevalence(calibration: Any, class_names: list[str], scores: np.ndar
         return None
     return {"positive_class": class_names[1],
             **prevalence.target_report(calibration, scores, threshold)}
-
-
-def _load(model_dir: Path):
-    """The predictor; a folder that holds no model is a one-line ModelError."""
-    from lungxray.predictor import load_predictor
-
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir}: no such model directory")
-    try:
-        return load_predictor(model_dir)
-    except FileNotFoundError as err:
-        raise ModelError(f"{model_dir}: not a lungxray model ({err})") from err
-    except (OSError, ValueError) as err:
-        if isinstance(err, ModelError):
-            raise
-        raise ModelError(f"{model_dir}: cannot load the model ({err})") from err
-
-
-def _check_input_size(members: list[Any], settings: Settings, model_dir: Path) -> None:
-    """model_info.json must describe the saved network's input, or every prediction is wrong."""
-    expected = (settings.size, settings.size, settings.channels)
-    for model in members:
-        shape = tuple(model.inputs[0].shape[1:])
-        if shape != expected:
-            raise ModelError(f"{model_dir}: the network takes {shape} images but its info says "
-                             f"{expected}")
 
 
 def _run(members: list[Any], listing: Listing, settings: Settings, staging: Path,

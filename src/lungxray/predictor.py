@@ -14,11 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from lungxray import models, safeio, schema
-from lungxray.artifacts import ENSEMBLE_FILE, MEMBERS_DIR, MODEL_FILE
-from lungxray.errors import ModelError, quote, quote_repr
-from lungxray.train import read_model_info
-
 PREDICT_BATCH = 64
 PREDICT_CHUNK = 1024  # images converted to float32 at a time
 
@@ -74,28 +69,8 @@ def device_name() -> str:
 
 
 def load_predictor(model_dir: Path | str) -> Predictor:
-    """A `lungxray train` output dir, or a dir with ``ensemble.json`` and ``members/<name>/``."""
-    model_dir = Path(model_dir)
-    spec_path = model_dir / ENSEMBLE_FILE
-    if not spec_path.is_file():
-        return Predictor(read_model_info(model_dir), [models.load_model(model_dir / MODEL_FILE)])
-    spec = safeio.load_json_object(spec_path, "ensemble spec", error=ModelError)
-    names = spec.get("members")
-    if not isinstance(names, list) or not 2 <= len(names) <= schema.MAX_MODELS:
-        raise ModelError(f"{spec_path}: 'members' must list at least two member model dirs")
-    members_root = (model_dir / MEMBERS_DIR).resolve()
-    loaded = []
-    for name in names:
-        member_dir = model_dir / MEMBERS_DIR / str(name)
-        # The spec is input like any other: a member cannot point outside members/.
-        if str(name) in {"", "."} or members_root not in member_dir.resolve().parents:
-            raise ModelError(f"{spec_path}: member {quote(str(name), 60)} is not a directory in "
-                             f"{model_dir / MEMBERS_DIR}")
-        info = read_model_info(member_dir)
-        for key in ("class_names", "image_size", "channels"):
-            if info.get(key) != spec.get(key):
-                raise ModelError(f"{spec_path}: member {name} has {key}="
-                                 f"{quote_repr(info.get(key), 80)}, the ensemble "
-                                 f"{quote_repr(spec.get(key), 80)}")
-        loaded.append(models.load_model(member_dir / MODEL_FILE))
-    return Predictor({**spec, "ensemble": True}, loaded)
+    """A `lungxray train` output dir, or a dir with ``ensemble.json`` and ``members/<name>/``,
+    through the bounded loader (:func:`lungxray.model_loader.load`)."""
+    from lungxray import model_loader
+
+    return model_loader.load(model_dir)

@@ -22,6 +22,7 @@ import yaml
 
 from lungxray.errors import ConfigError, DataError, LungxrayError, ModelError, quote
 from lungxray.limits import DEFAULT, Limits
+from lungxray.sources import kind_of
 
 COPY_CHUNK = 1 << 20
 
@@ -164,10 +165,16 @@ def loads_yaml(text: str, what: str, limits: Limits = DEFAULT,
 # --------------------------------------------------------------------------- Keras archives
 
 
-def check_keras_archive(path: Path, limits: Limits = DEFAULT) -> None:
+def check_keras_archive(path: Path, limits: Limits = DEFAULT) -> dict[str, int]:
     """Refuse a ``.keras`` zip whose ``config.json`` (which Keras reads whole into memory) or
     whole content inflates beyond the limits, judged on the zip directory before inflating,
-    and whose ``config.json`` is nested too deeply."""
+    and whose ``config.json`` is nested too deeply. Returns each member's inflated size."""
+    return read_keras_archive(path, limits)[0]
+
+
+def read_keras_archive(path: Path, limits: Limits = DEFAULT) -> tuple[dict[str, int], Any]:
+    """(inflated size of each member, parsed ``config.json``), checked as
+    :func:`check_keras_archive` says."""
     path = Path(path)
     what = f"model file {quote(str(path))}"
     try:
@@ -195,7 +202,8 @@ def check_keras_archive(path: Path, limits: Limits = DEFAULT) -> None:
         raise ModelError(f"{what}: config.json is larger than its zip entry says")
     json_limits = Limits(**{**limits.__dict__,
                             "max_json_bytes": limits.max_model_config_bytes})
-    loads_json(content, f"{what}: config.json", json_limits, ModelError)
+    config_value = loads_json(content, f"{what}: config.json", json_limits, ModelError)
+    return {m.filename: m.file_size for m in members}, config_value
 
 
 # --------------------------------------------------------------------------- model folders
@@ -206,6 +214,22 @@ def check_dir_name(name: str) -> None:
     separator, hidden)."""
     if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
         raise DataError(f"model name {quote(name, 60)} cannot be used as a directory name")
+
+
+def _resolve_inside(root: Path, relative: Path, folder: Path,
+                    error: type[LungxrayError] = ModelError) -> tuple[Path, os.stat_result]:
+    """``root/relative`` with every link on its way resolved, and that path's ``lstat``; a
+    link that leaves ``root`` (``root`` itself resolved), or names a device such as
+    /dev/zero, is refused before anything opens it. ``folder`` is how messages name ``root``."""
+    try:
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise error(f"model folder {quote(str(folder))}: {quote(str(relative))} is a "
+                    f"symlink loop") from None
+    if root not in resolved.parents:
+        raise error(f"model folder {quote(str(folder))}: {quote(str(relative))} links "
+                    f"outside the folder")
+    return resolved, resolved.lstat()
 
 
 def _plan_copy(source: Path, limits: Limits) -> Iterator[tuple[Path, int]]:
@@ -219,16 +243,9 @@ def _plan_copy(source: Path, limits: Limits) -> Iterator[tuple[Path, int]]:
         with os.scandir(root / relative) as entries:
             for entry in sorted(entries, key=lambda e: e.name):
                 rel = relative / entry.name
-                target = Path(entry.path)
-                if entry.is_symlink():
-                    # A link inside the folder is copied as the file it names; one that leaves
-                    # the folder (or names a device such as /dev/zero) is refused.
-                    resolved = target.resolve()
-                    if root not in resolved.parents:
-                        raise ModelError(f"model folder {quote(str(source))}: "
-                                         f"{quote(str(rel))} links outside the folder")
-                    target = resolved
-                info = target.lstat() if not entry.is_symlink() else target.stat()
+                # A link inside the folder is copied as the file it names; one that leaves
+                # the folder (or names a device such as /dev/zero) is refused.
+                _, info = _resolve_inside(root, rel, source)
                 if stat.S_ISDIR(info.st_mode):
                     if entry.is_symlink():
                         raise ModelError(f"model folder {quote(str(source))}: "
@@ -243,6 +260,29 @@ def _plan_copy(source: Path, limits: Limits) -> Iterator[tuple[Path, int]]:
                     raise ModelError(f"model folder {quote(str(source))} holds more than "
                                      f"{limits.max_model_folder_bytes} bytes")
                 yield rel, info.st_size
+
+
+def check_model_file(folder: Path, relative: Path | str, what: str, max_bytes: int,
+                     error: type[LungxrayError] = ModelError) -> tuple[Path, int]:
+    """(resolved path, size) of the file ``folder/relative``, checked before anything opens
+    it: inside ``folder`` once links are resolved, a regular file (a FIFO would hang its
+    reader, /dev/zero never end, a directory is no file) of at most ``max_bytes``. Raises
+    FileNotFoundError when there is nothing at that path, so a caller can say what is missing."""
+    folder, relative = Path(folder), Path(relative)
+    path = folder / relative
+    try:
+        resolved, info = _resolve_inside(folder.resolve(), relative, folder, error)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {quote(str(path))} does not exist") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {quote(str(path))}: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {quote(str(path))} is a {kind_of(info.st_mode)}, not a regular "
+                    f"file")
+    if info.st_size > max_bytes:
+        raise error(f"{what} {quote(str(path))} has {info.st_size} bytes, more than the limit "
+                    f"of {max_bytes}")
+    return resolved, info.st_size
 
 
 def check_model_folder(source: Path, limits: Limits = DEFAULT) -> list[tuple[Path, int]]:

@@ -405,10 +405,11 @@ def test_names_are_data_written_escaped_never_dropped(model_dir, folder, tmp_pat
     assert bad["path"].tolist() == [r"ward_b/broken\xe9.png"]
 
 
-def test_a_csv_of_missing_files_streams_names_the_first_and_counts_the_rest(
+def test_a_csv_of_missing_files_streams_and_stops_once_the_run_is_lost(
         model_dir, folder, tmp_path, monkeypatch):
     """Issue 34: a CSV of missing paths was listed whole, silently, before anything else.
-    It now streams with progress; missing files are bad files like any other."""
+    It now streams with progress; missing files are bad files like any other, and without
+    --skip-bad the run stops at the batch where MAX_NAMED of them are known."""
     rows = ["ward_a/img1.png", *(f"gone/m{i}.png" for i in range(3000)), "ward_b/c.jpg"]
     (folder / "todo.csv").write_text("path\n" + "\n".join(rows) + "\n")
     monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)
@@ -416,20 +417,22 @@ def test_a_csv_of_missing_files_streams_names_the_first_and_counts_the_rest(
     with pytest.raises(DataError) as err:
         predict.predict(model_dir, str(folder / "todo.csv"), tmp_path / "o1", progress=progress)
     message = str(err.value)
-    assert "\n" not in message and "3000 of 3002 file(s) unreadable" in message
+    assert "\n" not in message
+    assert "63 of the first 64 file(s) unreadable, stopped there" in message
     assert "gone/m0.png: no such file; gone/m1.png: no such file" in message
     assert f"gone/m{predict.MAX_NAMED - 1}.png" in message
     assert f"gone/m{predict.MAX_NAMED}.png" not in message
-    assert message.endswith(f"... and {3000 - predict.MAX_NAMED} more")
+    assert message.endswith(f"... and {63 - predict.MAX_NAMED} more")
     lines = progress.getvalue().splitlines()
-    assert lines[0] == "predict: 64 images, " + lines[0].split(", ")[1] + ", 63 unreadable"
-    assert not any("/3002" in line for line in lines)  # no total while the CSV streams
+    assert lines == ["predict: 64 images, " + lines[0].split(", ")[1] + ", 63 unreadable"]
     assert not (tmp_path / "o1").exists()
     progress = io.StringIO()
     summary = predict.predict(model_dir, str(folder / "todo.csv"), tmp_path / "o2",
                               skip_bad=True, progress=progress)
     assert summary["n"] == 2 and summary["n_bad"] == 3000
-    assert progress.getvalue().splitlines()[-1].startswith("predict: 3002/3002 images")
+    lines = progress.getvalue().splitlines()
+    assert lines[-1].startswith("predict: 3002/3002 images")
+    assert len(lines) > 2 and not any("/3002" in line for line in lines[:-1])  # no total yet
     bad = pd.read_csv(tmp_path / "o2" / predict.BAD_FILES)
     assert bad["path"].tolist() == [f"gone/m{i}.png" for i in range(3000)]
     assert set(bad["problem"]) == {predict.MISSING}

@@ -320,8 +320,11 @@ def _check_replaceable(output: Path, where: str) -> None:
                           f"is not an earlier predict output; choose another output")
 
 
-def _bad_error(where: str, named: list[str], n_bad: int, total: int) -> DataError:
-    return sources.problems_error(where, f"of {total} file(s) unreadable", named,
+def _bad_error(where: str, named: list[str], n_bad: int, done: int,
+               stopped: bool) -> DataError:
+    what = (f"of the first {done} file(s) unreadable, stopped there" if stopped else
+            f"of {done} file(s) unreadable")
+    return sources.problems_error(where, what, named,
                                   f" (pass --skip-bad to skip them and list them in "
                                   f"{BAD_FILES})", total=n_bad, shown=MAX_NAMED)
 
@@ -410,12 +413,14 @@ def _run(members: list[Any], listing: Listing, settings: Settings, staging: Path
     """Decode, predict and append rows batch by batch to ``staging``'s predictions.csv and
     bad_files.csv; returns the counts per decided class, the number of bad files and, for two
     classes, the positive-class scores. Once the run is lost the model stops: after a bad file
-    without ``skip_bad`` decoding goes on to name and count all, after a CSV row that stops
-    the run only the listing does, to count those rows."""
+    without ``skip_bad`` decoding goes on until MAX_NAMED are named (two million missing rows
+    fail in seconds, not minutes), after a CSV row that stops the run only the listing does, to
+    count those rows."""
     counts = dict.fromkeys(class_names, 0)
     scores: list[np.ndarray] = []
     named: list[str] = []
     done = n_bad = 0
+    stopped = False
     columns = ["path", *(f"prob_{c}" for c in class_names), "predicted_index", "predicted_class"]
     if explain:
         columns.append("gradcam")
@@ -443,13 +448,16 @@ def _run(members: list[Any], listing: Listing, settings: Settings, staging: Path
                                                     settings, staging, class_names, threshold,
                                                     batch_size, explain, counts, scores))
                 meter.update(done, listing.total, n_bad)
+                if n_bad >= MAX_NAMED and not skip_bad:
+                    stopped = listing.total is None or done < listing.total
+                    break
     finally:
         # On SIGTERM/SIGINT the queued files are dropped, not decoded first.
         executor.shutdown(wait=True, cancel_futures=True)
     if listing.stops:
         raise listing.stops.error(listing.where, "bad row(s)")
     if n_bad and not skip_bad:
-        raise _bad_error(listing.where, named, n_bad, done)
+        raise _bad_error(listing.where, named, n_bad, done, stopped)
     meter.update(done, done, n_bad, final=True)
     return counts, n_bad, np.concatenate(scores) if scores else np.zeros(0, np.float32)
 

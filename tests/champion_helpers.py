@@ -20,11 +20,29 @@ WIN = {"metric": "roc_auc", "n": 120, "champion": 0.8, "challenger": 0.9,
        "n_bootstrap": 200, "seed": 0, "method": "paired stratified bootstrap"}
 
 
+def _stand_in_archive(path: Path, seed: int) -> None:
+    """A .keras archive with the members Keras writes (the loader's checks pass; no network
+    is built from it): config, metadata and an uncompressed HDF5 weights file."""
+    import io
+    import zipfile
+
+    import h5py
+    import numpy as np
+
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as h5:
+        h5.create_dataset("layers/dense/vars/0", data=np.full(64, seed, np.float32))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps({"class_name": "Functional", "config": {}}))
+        archive.writestr("metadata.json", json.dumps({"keras_version": "3", "seed": seed}))
+        archive.writestr("model.weights.h5", weights.getvalue())
+
+
 def fake_model(path: Path, seed: int = 0, classes: list[str] | None = None,
                size: int = 32) -> Path:
     """A model folder as train writes it, with stand-in weights (``seed`` changes the bytes)."""
     path.mkdir(parents=True)
-    (path / "model.keras").write_bytes(bytes([seed % 256]) * 4096)
+    _stand_in_archive(path / "model.keras", seed)
     (path / "model_info.json").write_text(json.dumps({
         "model_name": "VGG16", "class_names": classes or CLASSES, "threshold": 0.5,
         "image_size": size, "channels": 1, "positive_class": 1}))

@@ -106,7 +106,9 @@ def test_promote_verifies_the_decision_before_it_acts(home, models, tmp_path, ca
     elif case == "model changed after the decision":
         model = tmp_path / "changed"
         shutil.copytree(models["r2"], model)
-        (model / "model.keras").write_bytes(b"retrained")
+        (model / "model.keras").unlink()
+        fake_model(tmp_path / "retrained", seed=99)  # a valid archive, other weights
+        shutil.copy(tmp_path / "retrained" / "model.keras", model / "model.keras")
     elif case == "class names edited":
         record = {**record, "challenger": {**record["challenger"], "class_names": ["a", "b"]}}
     elif case == "another champion folder":

@@ -53,7 +53,16 @@ def _train(args: argparse.Namespace) -> dict:
                        cache_dir=args.cache_dir)
 
 
+def _model_checked(model_dir: Path) -> None:
+    """The model folder checked (files, sizes, archive) before TensorFlow is imported: a bad
+    one fails in a second, not after the framework's start-up."""
+    from lungxray import model_loader
+
+    model_loader.open_folder(model_dir)
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
+    _model_checked(args.model)
     from lungxray import evaluate
 
     options = evaluate.EvalOptions(
@@ -80,6 +89,7 @@ def _predict(args: argparse.Namespace) -> dict:
 
 
 def _export(args: argparse.Namespace) -> dict:
+    _model_checked(args.model)
     from lungxray import export
 
     return export.export(args.model, args.output, version=args.version, force=args.force)
@@ -102,6 +112,7 @@ def _challenge(args: argparse.Namespace) -> dict:
     from lungxray import champion, staging
 
     uri = _champion_args(args, "model", "data", "output") if args.champion else ""
+    _model_checked(args.model)
     # Built in a staging folder inside --output and moved in file by file: a stopped or
     # failed run leaves the previous decision, never a part of one.
     with staging.staging_dir(args.output, ".challenge-", "lungxray challenge") as work:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lungxray import champion_store as store
-from lungxray import safeio, staging, uris
+from lungxray import model_loader, safeio, staging, uris
 from lungxray.champion_store import DECISION_FILE, HISTORY_DIR, MODEL_DIR, RECORD_FILE
 from lungxray.errors import ConfigError, LungxrayError, ModelError, quote
 from lungxray.limits import DEFAULT
@@ -50,7 +50,7 @@ def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, A
     run_id = check_decision(record, uri)
     model_dir = Path(model_dir)
     try:
-        store.model_info(model_dir)
+        model_loader.open_folder(model_dir)  # the files Keras would open, checked unloaded
     except ModelError as err:
         raise ModelError(f"{model_dir}: not a model folder ({err})") from None
     if uris.is_gcs(uri):

@@ -69,8 +69,9 @@ def test_decision_honours_the_margin_and_a_missing_champion():
     worse = champion.decide(champion.paired_bootstrap(y, strong, weak, n_bootstrap=100))
     assert worse["decision"] == "keep" and "the challenger is worse" in worse["reason"]
     assert champion.decide(None) == {"decision": "promote", "reason": "no champion yet"}
-    with pytest.raises(ConfigError, match="margin"):
-        champion.decide(comparison, margin=-0.1)
+    for margin in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="margin"):
+            champion.decide(comparison, margin=margin)
 
 
 def test_bad_comparisons_are_refused():
@@ -206,6 +207,12 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     home = tmp_path / "champion"
     skipped = champion.challenge(new, small_dataset, "", "run-0")
     assert skipped["decision"] == "skip" and skipped["comparison"] is None
+    # The data is checked before anything is decided, even with no champion to compare yet.
+    os.mkfifo(tmp_path / "fifo")
+    for where in (tmp_path / "fifo", tmp_path / "nowhere"):
+        with pytest.raises(DataError, match="not a prepared dataset"):
+            champion.challenge(new, where, str(home), "run-1")
+    assert not home.exists()
     first = champion.challenge(old, small_dataset, str(home), "run-1")
     assert first["decision"] == "promote" and first["reason"] == "no champion yet"
     assert first["champion_state"] == {"run_id": None, "generation": 0}

@@ -302,7 +302,8 @@ def test_arguments_and_outputs_are_refused_before_the_model_is_loaded(model_dir,
         (dict(output=tmp_path / "mine"), ConfigError, "holds gradcam but no predictions.csv"),
         (dict(output=tmp_path / "odd"), ConfigError, "predictions.csv there is a symlink or not "
                                                      "a regular file"),
-        (dict(batch_size=0), ConfigError, "batch size must be at least 1"),
+        (dict(batch_size=0), ConfigError, "batch size must be between 1 and 4096, got 0"),
+        (dict(batch_size=10**8), ConfigError, "batch size must be between 1 and 4096"),
         (dict(workers=-1), ConfigError, "workers must be 0"),
     ]
     for change, kind, message in cases:

@@ -107,11 +107,16 @@ def paired_bootstrap(y_true: np.ndarray, champion_probs: np.ndarray,
             "seed": seed, "method": "paired stratified bootstrap of the ROC AUC difference"}
 
 
+def check_margin(margin: float) -> None:
+    """A promotion margin is an AUC difference in [0, 1) (NaN is refused too)."""
+    if not 0.0 <= margin < 1.0:
+        raise ConfigError(f"promotion margin must be in [0, 1), got {margin}")
+
+
 def decide(comparison: dict[str, Any] | None, margin: float = 0.0) -> dict[str, str]:
     """{"decision": "promote" | "keep", "reason": ...}. Without a champion (None) the
     challenger is promoted; otherwise only when the CI's lower end exceeds ``margin``."""
-    if margin < 0 or margin >= 1:
-        raise ConfigError(f"promotion margin must be in [0, 1), got {margin}")
+    check_margin(margin)
     if comparison is None:
         return {"decision": "promote", "reason": "no champion yet"}
     lo, hi = comparison["ci"]
@@ -171,7 +176,13 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     from lungxray.train import read_model_info
 
     check_run_id(run_id)
+    check_margin(margin)
     challenger_info = read_model_info(Path(challenger_dir))
+    # The data is checked even when there is nothing to compare on it yet: a wrong --data
+    # must fail now, not at the first challenge that has a champion.
+    manifest = integrity.read_manifest(Path(data_dir))
+    if DECISION_SPLIT not in manifest["splits"]:
+        raise DataError(f"{data_dir}: has no {DECISION_SPLIT} split to decide on")
     if not champion_uri:
         return {"decision": "skip", "reason": "no champion_uri given", "run_id": run_id,
                 "margin": margin, "comparison": None, "evidence": {}}
@@ -185,9 +196,6 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
                                champion_state=state, **owner)
     champion_info = read_model_info(champion_dir)
     check_compatible(champion_info, challenger_info, where=f"champion {champion_uri}")
-    manifest = integrity.read_manifest(Path(data_dir))
-    if DECISION_SPLIT not in manifest["splits"]:
-        raise DataError(f"{data_dir}: has no {DECISION_SPLIT} split to decide on")
     predictors = [predictor.load_predictor(d) for d in (champion_dir, challenger_dir)]
     compared: dict[str, Any] = {}
     for split in [DECISION_SPLIT, *(s for s in manifest["splits"] if s != DECISION_SPLIT)]:

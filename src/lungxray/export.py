@@ -32,6 +32,7 @@ METADATA_DIR = "assets.extra"  # TF Serving's place for files it does not read i
 METADATA_FILE = "lungxray.json"
 SIGNATURES = ("serving_default", "predict_uint8", "predict_image_bytes")
 OUTPUTS = ("probabilities", "class_index", "class_name")
+MAX_VERSION = 2**63 - 1  # TF Serving reads version folders as int64
 STAGING_PREFIX = ".export-"  # <output>/.export-XXXX while a version is built
 
 
@@ -136,9 +137,9 @@ def export(model_dir: Path | str, output: Path | str, version: int = 1,
     SIGINT, and one a killed run left is swept by the next. Returns what was written."""
     from lungxray import model_loader
 
-    if version < 1:
-        raise ConfigError(f"version must be a positive integer (TF Serving's version folders), "
-                          f"got {version}")
+    if not 1 <= version <= MAX_VERSION:
+        raise ConfigError(f"version must be a positive integer up to {MAX_VERSION} (TF "
+                          f"Serving's int64 version folders), got {version}")
     model_dir, output = Path(model_dir), Path(output)
     with staging.stop_on_signals():  # a SIGINT while loading: exit 130, not a traceback
         model_loader.open_folder(model_dir)  # a bad folder is refused before Keras starts

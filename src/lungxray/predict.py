@@ -46,6 +46,7 @@ BAD_FILES = "bad_files.csv"
 GRADCAM_DIR = "gradcam"
 STAGING_PREFIX = ".predict-"
 BATCH_SIZE = 64
+MAX_BATCH_SIZE = 4096  # decoded pixels of a batch are held at once (4096 x 224² x 3 = 0.6 GB)
 MAX_NAMED = 10  # bad files named in an error line; the rest are counted
 PROGRESS_EVERY_S = 10.0
 MISSING = "no such file"
@@ -338,8 +339,9 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     output or a saved ensemble) into ``<output>/predictions.csv`` (and ``bad_files.csv``,
     ``gradcam/`` with ``explain``). Unreadable files fail the run, naming them, unless
     ``skip_bad``. Returns a summary (also what the CLI prints)."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"batch size must be between 1 and {MAX_BATCH_SIZE}, got "
+                          f"{batch_size}")
     if workers < 0:
         raise ConfigError(f"workers must be 0 (one per CPU) or more, got {workers}")
     output, limits, meter = Path(output), limiting.from_env(), Progress(progress)

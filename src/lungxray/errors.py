@@ -34,6 +34,13 @@ class ModelError(LungxrayError):
     kind = "model"
 
 
+class StorageError(LungxrayError):
+    """An output that cannot be written: no space left on its file system (or its quota), said
+    with the path and the bytes it needs."""
+
+    kind = "storage"
+
+
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr`` of a user's value cut to ``limit`` characters, stating its full length when cut,
     so that a 10 MB field never ends up in an error line."""

@@ -166,6 +166,24 @@ def test_a_sound_record_is_kept(tmp_path, capsys):
     assert _notes(capsys) == []
 
 
+def test_discarding_and_removing_a_state_touch_only_what_train_wrote(tmp_path, capsys):
+    target = _committed(tmp_path / "elsewhere")
+    (target / "scratch.progress.json").write_text("{")  # truncated: discarded
+    (target / "notes.txt").write_text("mine")  # beside a matching job: resumed, then kept
+    link = tmp_path / ".state"
+    link.symlink_to(target)
+    state = resume.PhaseState(link)
+    state.open(CONFIG, PLAN)
+    assert "discarded the training state" in _notes(capsys)[0]
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == [
+        resume.JOB_FILE, "notes.txt"]
+    state.remove()
+    assert link.is_symlink() and [p.name for p in target.iterdir()] == ["notes.txt"]
+    plain = resume.PhaseState(_committed(tmp_path / "plain"))
+    plain.remove()
+    assert not plain.root.exists()
+
+
 # --------------------------------------------------------------------------- real runs
 
 def _train(small_dataset: Path, output: Path, epochs: int = 2, **kwargs: object) -> dict:
@@ -327,3 +345,42 @@ def test_sigterm_mid_training_leaves_no_temporary_file_and_the_rerun_resumes(sma
     history = _history(output)
     assert history["phases"] == [{"name": "scratch", "epochs": 3}]
     assert len(history["history"]["val_auc"]) == 3
+
+
+@pytest.mark.slow
+def test_a_kill_after_any_rename_of_a_training_run_resumes_to_the_same_epochs(small_dataset,
+                                                                             tmp_path):
+    """Fault injection: stop a run right after each of its atomic renames in turn (state and
+    outputs; one epoch, as each epoch renames the same files); every re-run completes and
+    records its epoch once, leaving no temporary file."""
+    from lungxray import safeio
+
+    replace = safeio.replace_via_temp
+    renames: list[str] = []
+
+    def counted(path, *args, **kwargs):
+        replace(path, *args, **kwargs)
+        renames.append(Path(path).name)
+        if len(renames) == stop_after:
+            raise KeyboardInterrupt
+
+    stop_after = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safeio, "replace_via_temp", counted)
+        _train(small_dataset, tmp_path / "clean", epochs=1)
+    names = list(renames)
+    assert "scratch.progress.json" in names and names[-1] == "model_info.json"
+    for stop_after in range(1, len(names)):
+        output = tmp_path / f"killed-{stop_after}"
+        renames.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(safeio, "replace_via_temp", counted)
+            with pytest.raises(KeyboardInterrupt):
+                _train(small_dataset, output, epochs=1)
+        info = _train(small_dataset, output, epochs=1)
+        history = _history(output)
+        assert info["epochs"] == 1, names[stop_after - 1]
+        assert history["phases"] == [{"name": "scratch", "epochs": 1}], names[stop_after - 1]
+        assert {len(v) for v in history["history"].values()} == {1}, names[stop_after - 1]
+        assert not [p for p in output.rglob("*") if ".tmp" in p.name], names[stop_after - 1]
+        assert not (output / ".state").exists()

@@ -103,7 +103,7 @@ def check_state(state: Path, config: dict, config_file: str, what: str,
     made only of such files that belongs to another job, an older format, or cannot be read is
     discarded with a note, and the run starts afresh."""
     state = Path(state)
-    if state.is_symlink() or (state.exists() and not state.is_dir()):
+    if state.exists() and not state.is_dir():
         raise ConfigError(f"{state} exists and is not a directory; use another output or "
                           f"state dir")
     entries = sweep_temporaries(state, lambda name: name == config_file or is_ours(name))
@@ -115,7 +115,7 @@ def check_state(state: Path, config: dict, config_file: str, what: str,
         if reason is None:
             return
         note(f"{state} {reason}; discarded it, training starts afresh")
-        shutil.rmtree(state)
+        _clear(state)
     elif path.is_file():
         reason = _mismatch(path, config, what)
         if reason is None:
@@ -125,7 +125,11 @@ def check_state(state: Path, config: dict, config_file: str, what: str,
     else:
         raise ConfigError(f"{state} holds state without {config_file} (another version?); "
                           f"use another output or state dir, or delete {state}")
-    state.mkdir(parents=True, exist_ok=True)
+    _write_config(path, config)
+
+
+def _write_config(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     safeio.write_text_atomic(path, json.dumps(config, indent=2))
 
 
@@ -142,6 +146,14 @@ def _mismatch(path: Path, config: dict, what: str) -> str | None:
     changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
     return (f"holds the state of a different {what} (differs in: "
             f"{quote(', '.join(map(str, changed)), 200)[1:-1]})")
+
+
+def _clear(folder: Path) -> None:
+    """Remove what train wrote into ``folder``; anything else (and a link to the folder) stays.
+    """
+    for entry in Path(folder).iterdir():
+        if is_ours(entry.name):
+            _remove(entry)
 
 
 def _remove(path: Path) -> None:
@@ -299,8 +311,8 @@ class PhaseState:
     def discard(self, config: dict, reason: Exception) -> None:
         """Start afresh after ``reason``: everything of the state removed, ``config`` written."""
         note(f"{self.root}: {reason}; discarded the training state, training starts afresh")
-        shutil.rmtree(self.root, ignore_errors=True)
-        check_state(self.root, config, JOB_FILE, "training job", ours=is_ours)
+        _clear(self.root)
+        _write_config(self.root / JOB_FILE, config)
 
     def finished(self, plan: list[tuple[str, int]]) -> list[dict]:
         """The finished phases, checked: in ``plan``'s order, with at most its epochs, a
@@ -412,7 +424,9 @@ class PhaseState:
         """The job is complete: its settings go first, so a kill during the removal leaves a
         state that the next run discards rather than one it resumes."""
         (self.root / JOB_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        _clear(self.root)
+        with contextlib.suppress(OSError):  # kept if it holds what train did not write
+            self.root.rmdir()
 
 
 def _is_int(value: object) -> bool:

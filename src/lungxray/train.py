@@ -501,10 +501,12 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
     resume.save_model(model, output / MODEL_FILE)
     safeio.write_text_atomic(output / HISTORY_FILE,
                              json.dumps({"history": history, "phases": phases}, indent=2))
-    safeio.replace_via_temp(
-        output / artifacts.CURVES_FILE,
-        lambda temp: plots.plot_history(history, phases, temp, title=info["model_name"]),
-        suffix=".tmp.png")
+    curves = output / artifacts.CURVES_FILE
+    with safeio.no_space_as_error(curves):
+        safeio.replace_via_temp(
+            curves, lambda temp: plots.plot_history(history, phases, temp,
+                                                    title=info["model_name"]),
+            suffix=".tmp.png")
     return {
         **info,
         "threshold": threshold,

@@ -31,7 +31,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from lungxray import data, models, train
+from lungxray import data, models, resume, train
 
 
 def timed(call: Callable[[], object], model: keras.Model) -> float:
@@ -87,7 +87,7 @@ def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict
     training["pipeline input, under cProfile"] = timed_fit(model, pipeline)
     profiler.disable()
     with tempfile.TemporaryDirectory() as scratch:
-        state = train.PhaseState(Path(scratch))
+        state = resume.PhaseState(Path(scratch))
         other = {
             "validation: evaluate": timed_twice(lambda: model.evaluate(val_ds, verbose=0), model),
             "validation: predict": timed_twice(lambda: model.predict(val_ds, verbose=0), model),

@@ -21,12 +21,12 @@ def train(
     keeps checkpoints across retries, so a preempted run resumes."""
     from pathlib import Path
 
+    from lungxray import resume, tune
     from lungxray import train as training
-    from lungxray import tune
 
     hparams = training.read_best_hparams(Path(tuning.path) / tune.BEST_FILE, model_name)
-    state_dir = (Path(state_root) / "train" / training.state_key(dataset.uri, model_name, hparams,
-                                                                 epochs, weights, batch_size, seed)
+    state_dir = (Path(state_root) / "train" / resume.state_key(dataset.uri, model_name, hparams,
+                                                               epochs, weights, batch_size, seed)
                  if state_root else None)
     info = training.train(Path(dataset.path), model_name, Path(model.path), hparams,
                           epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,

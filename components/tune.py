@@ -32,7 +32,7 @@ def tune(
     from pathlib import Path
 
     from lungxray import tune as tuning_lib
-    from lungxray.train import state_key
+    from lungxray.resume import state_key
 
     if state_root:
         state_dir = Path(state_root) / "tune" / state_key(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import cli, staging, train
+from lungxray import cli, resume, staging, train
 from lungxray.errors import ConfigError, DataError
 from tests.fuzz import hostile_state
 
@@ -103,13 +103,13 @@ def test_tune_refuses_bad_settings_before_any_state(small_dataset, tmp_path, cap
 
 def test_a_state_dir_holding_only_its_job_file_does_not_block_a_corrected_run(tmp_path):
     state = tmp_path / ".state"
-    train.check_state(state, {"seed": 1}, train.JOB_FILE, "training job")
+    resume.check_state(state, {"seed": 1}, resume.JOB_FILE, "training job")
     # The earlier run stopped before its first checkpoint: nothing to resume, nothing refused.
-    train.check_state(state, {"seed": 2}, train.JOB_FILE, "training job")
-    assert json.loads((state / train.JOB_FILE).read_text()) == {"seed": 2}
+    resume.check_state(state, {"seed": 2}, resume.JOB_FILE, "training job")
+    assert json.loads((state / resume.JOB_FILE).read_text()) == {"seed": 2}
     (state / "scratch.epochs.csv").write_text("epoch\n0\n")  # progress: now it is refused
     with pytest.raises(ConfigError, match="differs in: seed"):
-        train.check_state(state, {"seed": 3}, train.JOB_FILE, "training job")
+        resume.check_state(state, {"seed": 3}, resume.JOB_FILE, "training job")
 
 
 def _tamper(data_dir: Path, split: str, what: str) -> None:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import data, metrics, models, prepare, prevalence, train
+from lungxray import data, metrics, models, prepare, prevalence, resume, train
 from lungxray.errors import ConfigError
 
 
@@ -78,32 +78,53 @@ def test_bad_hparams_and_epochs_are_refused(small_dataset, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_state_of_another_training_job_is_refused(small_dataset, tmp_path):
-    """Checkpoints left by a different job (here: another model) must not be resumed into this
-    one; a state dir of unknown origin is not touched either."""
+def test_state_of_another_training_job_is_discarded_not_resumed(small_dataset, tmp_path,
+                                                                capsys):
+    """Checkpoints left by a different job (here: another model) are never resumed into this
+    one: discarded with a note, and the corrected run trains. A state dir of unknown origin is
+    not touched."""
     other = tmp_path / "other"
     other.mkdir()
-    (other / train.JOB_FILE).write_text(json.dumps({"model_name": "ResNet50", "epochs": 1}))
+    (other / resume.JOB_FILE).write_text(json.dumps({"model_name": "ResNet50", "epochs": 1}))
     # With progress beside it (a job file alone is a run that never got going: replaced).
     (other / "scratch.epochs.csv").write_text("epoch\n0\n")
-    with pytest.raises(ValueError, match="different training job .*epochs.*model_name"):
-        train.train(small_dataset, "VGG16", tmp_path / "m", epochs=2, state_dir=other)
+    (other / "scratch.epoch-1.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"x" * 100)
+    info = train.train(small_dataset, "SmallCNN", tmp_path / "m", epochs=1, state_dir=other)
+    assert info["epochs"] == 1 and not other.exists()
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert note.startswith(f"lungxray train: note: {other} holds the state of a different "
+                           "training job (differs in: ")
+    assert "model_name" in note and "discarded it, training starts afresh" in note
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=f"{unknown} holds state without job.json"):
-        train.train(small_dataset, "VGG16", tmp_path / "m", epochs=2, state_dir=unknown)
+        train.train(small_dataset, "SmallCNN", tmp_path / "m", epochs=2, state_dir=unknown)
     assert (unknown / "notes.txt").read_text() == "mine"
 
 
 def test_resumed_phase_keeps_the_best_epoch_from_before_the_kill(tmp_path):
-    state = train.PhaseState(tmp_path)
-    assert state.best_so_far("scratch") is None
-    state.log("scratch").write_text("epoch,val_auc,loss\n0,0.7,1.0\n1,0.9,0.8\n2,0.8,0.7\n")
-    validation = train.ValidationAUC(np.zeros((2, 1)), np.array([0, 1]))
-    (checkpoint,) = [c for c in state.callbacks("scratch", 3, validation)
-                     if isinstance(c, keras.callbacks.ModelCheckpoint)]
-    assert checkpoint.best == pytest.approx(0.9)  # a worse first epoch after resuming is not saved
+    state = resume.PhaseState(tmp_path)
+    assert state.progress("scratch", 5) is None
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    train.compile_model(model, 1e-3, 0.0, 2)
+    # Three epochs committed before the kill, the second the best.
+    commit = resume.EpochCommit(state, "scratch")
+    commit.set_model(model)
+    for epoch, auc in enumerate([0.7, 0.9, 0.8]):
+        commit.on_epoch_end(epoch, {"val_auc": auc, "loss": 1.0 - epoch / 10})
+    before = state.progress("scratch", 5)
+    assert len(before.rows) == 3 and before.best[:2] == (1, pytest.approx(0.9))
+    resumed = resume.EpochCommit(state, "scratch", before)
+    resumed.set_model(model)
+    resumed.on_epoch_end(3, {"val_auc": 0.85, "loss": 0.5})  # worse: not the best
+    after = state.progress("scratch", 5)
+    assert [row["epoch"] for row in after.rows] == [0, 1, 2, 3]
+    assert after.best[:2] == (1, pytest.approx(0.9)) and after.best[2].is_file()
+    assert after.latest.name == "scratch.epoch-4.weights.h5"
+    # Only the latest and the best epoch's weights are kept.
+    assert sorted(p.name for p in tmp_path.glob("*.weights.h5")) == [
+        "scratch.epoch-2.weights.h5", "scratch.epoch-4.weights.h5"]
 
 
 def test_the_phase_callbacks_monitor_and_log_the_exact_validation_auc(tmp_path):
@@ -118,10 +139,10 @@ def test_the_phase_callbacks_monitor_and_log_the_exact_validation_auc(tmp_path):
     # A start that ranks well: the score grows with the inputs' sum.
     model.layers[-1].set_weights([np.tile([[-1.0, 1.0]], (4, 1)), np.zeros(2)])
     train.compile_model(model, 1e-3, 0.0, 2)
-    state = train.PhaseState(tmp_path)
+    state = resume.PhaseState(tmp_path)
     model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0,
               callbacks=state.callbacks("scratch", 3, train.ValidationAUC(x, labels)))
-    logged = state.finish("scratch", model)["history"]["val_auc"]
+    logged = state.finish("scratch", model, state.progress("scratch", 3))["history"]["val_auc"]
     exact = metrics.roc_auc(labels, model.predict(x, verbose=0))  # the kept (best) epoch
     assert max(logged) == pytest.approx(exact, abs=1e-6) and exact > 0.7
 
@@ -184,7 +205,8 @@ def test_model_info_records_that_keras_dropped_xla_for_the_augmented_model(tmp_p
     assert info["devices"]["xla"] is False and info["devices"]["backend"] == "tensorflow"
 
 
-def test_a_state_dir_of_an_older_format_is_refused(small_dataset, tmp_path, monkeypatch):
+def test_a_state_dir_of_an_older_format_is_discarded(small_dataset, tmp_path, monkeypatch,
+                                                     capsys):
     # A run of the older format that got as far as its first epoch log, then was killed.
     monkeypatch.setattr(train, "STATE_FORMAT", train.STATE_FORMAT - 1)
 
@@ -193,11 +215,13 @@ def test_a_state_dir_of_an_older_format_is_refused(small_dataset, tmp_path, monk
 
     monkeypatch.setattr(train, "make_dataset", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.train(small_dataset, "MobileNetV2", tmp_path / "model", epochs=1, weights="none")
+        train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1, weights="none")
     (tmp_path / "model" / ".state" / "scratch.epochs.csv").write_text("epoch\n0\n")
+    (tmp_path / "model" / ".state" / "scratch.backup").mkdir()  # Keras' BackupAndRestore
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"differs in: state_format\)"):
-        train.train(small_dataset, "MobileNetV2", tmp_path / "model", epochs=1, weights="none")
+    info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1, weights="none")
+    assert info["epochs"] == 1 and not (tmp_path / "model" / ".state").exists()
+    assert "(differs in: state_format); discarded it" in capsys.readouterr().err
     # Bad settings are refused before the state dir is even looked at.
     with pytest.raises(ValueError, match="unknown model"):
         train.train(small_dataset, "NoSuchNet", tmp_path / "fresh", epochs=1, weights="none")

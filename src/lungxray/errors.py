@@ -35,8 +35,8 @@ class ModelError(LungxrayError):
 
 
 class OutputError(LungxrayError):
-    """An output that cannot be written (a full disk, an I/O error); the message names the
-    path, and nothing half-written is left behind."""
+    """An output that cannot be written (a full disk or quota, an I/O error); the message names
+    the path and, for a full disk, the bytes it needs; nothing half-written is left behind."""
 
     kind = "output"
 

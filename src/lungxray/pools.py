@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray import download, sources
+from lungxray import download, safeio, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray.limits import Limits
@@ -61,11 +61,22 @@ class Settings:
         return max(1, CHUNK_BYTES // (self.size * self.size * self.channels))
 
 
+def new_array_file(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new uint8 ``.npy`` of ``shape``, memory-mapped for writing, its space allocated first
+    (:func:`lungxray.safeio.reserve`): a full disk is then an OSError, not a SIGBUS."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        safeio.reserve(path, os.path.getsize(path))
+    except BaseException:
+        del array
+        raise
+    return array
+
+
 def _new_pool_file(path: Path, n: int, settings: Settings) -> np.memmap | None:
     if n == 0:
         return None
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                     shape=(n, settings.size, settings.size, settings.channels))
+    return new_array_file(path, (n, settings.size, settings.size, settings.channels))
 
 
 def read_file(path: Path, limit: int) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungxray import datareport, raw_source, shift, sources
+from lungxray import datareport, raw_source, safeio, shift, sources
 from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray import splits as splitting
@@ -35,11 +35,15 @@ from lungxray.data import (
 )
 from lungxray.errors import DataError
 from lungxray.limits import Limits
-from lungxray.pools import Pool, Settings, decode_all
+from lungxray.pools import Pool, Settings, decode_all, new_array_file
 from lungxray.staging import signals_blocked, staging_dir
 
 DEFAULT_FOLDER_SIZE = 224
 MIN_IMAGE_SIZE = imaging.MIN_SIZE
+# For the free-space check: a label and a files.csv row per image (measured ~80 bytes), and the
+# report's figures (~190 KB).
+INDEX_BYTES_PER_IMAGE = 64
+REPORT_BYTES = 128 << 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +111,7 @@ def _write_split(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, out: 
                  settings: Settings, histograms: np.ndarray) -> str:
     """Copy ``images[rows]`` into ``out`` chunk by chunk; returns the split's sha256 (pixels
     then labels, as for an in-memory array) and adds pixel counts per class to histograms."""
-    target = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
-                                       shape=(len(rows), *images.shape[1:]))
+    target = new_array_file(out, (len(rows), *images.shape[1:]))
     digest = hashlib.sha256()
     for start in range(0, len(rows), settings.rows):
         block = np.ascontiguousarray(images[rows[start:start + settings.rows]])
@@ -276,8 +279,10 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                          workers=workers or min(8, os.cpu_count() or 1), limits=limits,
                          budget=imaging.Budget(limits.max_decode_bytes))
     _check_sizes(shown, src, settings.size, floor, limits)
-    with staging_dir(output.parent, f".prepare-{output.name[:100]}-",
-                     "lungxray preprocess") as staging:
+    need = _space_needed(src, settings, max_per_split)
+    safeio.check_free_space(output, need, "output")
+    with safeio.no_space_as_error(output, need), staging_dir(
+            output.parent, f".prepare-{output.name[:100]}-", "lungxray preprocess") as staging:
         manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
                             carve_missing=carve_missing, max_per_split=max_per_split,
                             fractions={"val": val_fraction, "test": test_fraction,
@@ -288,6 +293,16 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                 shutil.rmtree(output)
             os.replace(staging, output)
     return manifest
+
+
+def _space_needed(src: sources.Source, settings: Settings, max_per_split: int) -> int:
+    """Bytes preprocess holds on disk at its peak (a floor, not a bound): every given image in
+    a pool, the output splits copied out of the pools before they go, labels, the file index
+    and the report."""
+    image = settings.size * settings.size * settings.channels
+    given = sum(len(split) for split in src.splits.values())
+    kept = min(given, max_per_split * len(OUTPUT_SPLITS)) if max_per_split else given
+    return (given + kept) * image + kept * INDEX_BYTES_PER_IMAGE + REPORT_BYTES
 
 
 def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings, *,

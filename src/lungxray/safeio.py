@@ -1,5 +1,5 @@
-"""Bounded readers for the JSON and YAML files we read back, a bounded model-folder copy, and
-the one atomic file write.
+"""Bounded readers for the JSON and YAML files we read back, a bounded model-folder copy, the
+one atomic file write, and full disks reported in one line.
 
 Every file is sized before it is read and its nesting is limited, so a small hostile file (a
 YAML alias bomb, a 2.7 GB ``config.json`` deflated from a few MB, JSON nested 100000 deep)
@@ -8,10 +8,13 @@ ends in a one-line :class:`~lungxray.errors.LungxrayError` instead of exhausting
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
+import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -20,7 +23,14 @@ from typing import IO, Any
 
 import yaml
 
-from lungxray.errors import ConfigError, DataError, LungxrayError, ModelError, quote
+from lungxray.errors import (
+    ConfigError,
+    DataError,
+    LungxrayError,
+    ModelError,
+    OutputError,
+    quote,
+)
 from lungxray.limits import DEFAULT, Limits
 from lungxray.sources import kind_of
 
@@ -327,25 +337,111 @@ def _copy_file(src: Path, dst: Path, size: int) -> None:
     os.utime(dst, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns))
 
 
-def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any], fsync: bool = False
-                       ) -> None:
+def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any], fsync: bool = False,
+                       need: int | None = None) -> None:
     """Write ``path`` through ``write(binary file)`` into a unique temporary file beside it, then
     rename it over ``path``: a reader sees the old file or the whole new one, never a part; a
     killed writer, or ``write`` raising, leaves no temporary file and the old file in place;
-    two writers (two pods on a shared volume) never share a temporary file."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
+    two writers (two pods on a shared volume) never share a temporary file. A full disk is a
+    :class:`OutputError` naming ``path`` (and ``need``, the bytes it takes, when known)."""
+
+    def write_file(temp: Path) -> None:
+        with open(temp, "wb") as out:
             write(out)
             if fsync:
                 out.flush()
                 os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+
+    with no_space_as_error(path, need):
+        replace_via_temp(path, write_file)
 
 
 def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
     """:func:`replace_atomically` for UTF-8 text."""
-    replace_atomically(path, lambda out: out.write(text.encode("utf-8")), fsync=fsync)
+    data = text.encode("utf-8")
+    replace_atomically(path, lambda out: out.write(data), fsync=fsync, need=len(data))
+
+
+def replace_via_temp(path: Path, write: Callable[[Path], Any], suffix: str = ".tmp") -> None:
+    """:func:`replace_atomically` for writers that want a file name (Keras, h5py, matplotlib):
+    ``write(temp)`` fills a unique ``.<name>.XXXX<suffix>`` beside ``path`` (``suffix`` keeps
+    the extension such writers insist on), which is then renamed over ``path``; removed if
+    ``write`` raises or the process is stopped by a signal."""
+    path = Path(path)
+    while True:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            # Not mkstemp: its 0600 would outlive the rename; the umask decides, as for any file.
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- full disks
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or, not yet created, its nearest
+    existing parent); None where that cannot be told."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def no_space(path: Path, need: int | None = None) -> OutputError:
+    """The one-line error for a full disk: the path, the bytes needed (when known), the bytes
+    free."""
+    free = free_bytes(Path(path).parent)
+    needed = f"needs about {need:,} bytes" if need else "needs more space"
+    shown = f", {free:,} bytes free on its file system" if free is not None else ""
+    return OutputError(f"no space left for {quote(str(path))}: it {needed}{shown}")
+
+
+@contextlib.contextmanager
+def no_space_as_error(path: Path, need: int | None = None) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) inside the block into :func:`no_space` for ``path``
+    and the ``need`` bytes it takes; other errors pass."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        raise no_space(Path(path), need) from None
+
+
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Refuse before starting when the file system of ``path`` has less than ``need`` bytes
+    free (``what`` names the output in the error)."""
+    free = free_bytes(path)
+    if free is not None and free < need:
+        raise OutputError(f"{what} {quote(str(path))} needs about {need:,} bytes of disk "
+                           f"space, only {free:,} free on its file system")
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` on disk now. A memory-mapped file is sparse: on a
+    full disk, writing one of its pages kills the process with SIGBUS and no message; reserved
+    first, the full disk is an OSError (ENOSPC) here instead, for the caller to report with
+    :func:`no_space_as_error`."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        # A file system that cannot allocate ahead is written as before.
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)

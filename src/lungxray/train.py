@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
 from lungxray import (
@@ -27,21 +24,19 @@ from lungxray import (
     models,
     plots,
     prevalence,
+    resume,
     safeio,
     schema,
 )
 from lungxray.errors import ConfigError, ModelError, quote
+from lungxray.resume import MONITOR, STATE_FORMAT, PhaseState, StateUnusable
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 MODEL_FILE, INFO_FILE, HISTORY_FILE = (artifacts.MODEL_FILE, artifacts.INFO_FILE,
                                        artifacts.HISTORY_FILE)
-JOB_FILE = "job.json"  # in the state dir: what the saved checkpoints belong to
-# Bump when the state dir's files change shape or meaning (2: epoch_started in the epoch logs;
-# 3: val_auc exact), so a resume is refused instead of mixing two kinds of epoch log.
-STATE_FORMAT = 3
-MONITOR = "val_auc"
+OUTPUT_FILES = frozenset({MODEL_FILE, INFO_FILE, HISTORY_FILE, artifacts.CURVES_FILE})
 # The image and CI train on TensorFlow; JAX (KERAS_BACKEND=jax) also trains, on one device, for
 # machines that have JAX but no TensorFlow build for their GPU.
 BACKENDS = ("tensorflow", "jax")
@@ -307,19 +302,6 @@ def configure_devices(mixed_precision: bool | None, jit_compile: bool | None
     return strategy, mixed, jit
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` and ``epoch_started`` (Unix time, to line epochs up with a GPU
-    utilisation log) to each epoch's logs, so the history and CSV log record them."""
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.started, self.started_at = time.perf_counter(), time.time()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self.started
-            logs["epoch_started"] = self.started_at
-
-
 class ValidationAUC(keras.callbacks.Callback):
     """Replaces Keras' ``val_auc``, an approximation on 200 fixed thresholds, by the exact ROC
     AUC (sklearn) of the model's validation predictions: the figure evaluation reports. Listed
@@ -343,68 +325,6 @@ class ValidationAUC(keras.callbacks.Callback):
             logs[MONITOR] = auc
 
 
-class PhaseState:
-    """What survives a killed run: finished phases (weights + history) and, inside a phase,
-    Keras' BackupAndRestore (weights, optimizer state, epoch) plus an appended epoch log."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.record = root / "phases.json"
-
-    def finished(self) -> list[dict]:
-        if not self.record.exists():
-            return []
-        return safeio.load_json(self.record, "training state", error=ConfigError)
-
-    def weights(self, phase: str) -> Path:
-        return self.root / f"{phase}.weights.h5"
-
-    def best(self, phase: str) -> Path:
-        return self.root / f"{phase}.best.weights.h5"
-
-    def log(self, phase: str) -> Path:
-        return self.root / f"{phase}.epochs.csv"
-
-    def best_so_far(self, phase: str) -> float | None:
-        """The phase's best validation AUC before a kill, so a resumed run's first epoch does
-        not replace a better checkpoint."""
-        if not self.log(phase).is_file():
-            return None
-        logged = pd.read_csv(self.log(phase))
-        return float(logged[MONITOR].max()) if MONITOR in logged and len(logged) else None
-
-    def callbacks(self, phase: str, patience: int, validation: ValidationAUC, ema: bool = False
-                  ) -> list[keras.callbacks.Callback]:
-        # With EMA, the averaged weights are swapped in at each epoch's end (and out at the next
-        # epoch's start), so validation, checkpoint and early stopping all see them.
-        swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
-        return [
-            *swap,
-            validation,  # first after the swap: everything after it reads the exact val_auc
-            keras.callbacks.BackupAndRestore(str(self.root / f"{phase}.backup")),
-            EpochTimer(),  # before CSVLogger, which writes the logs it adds to
-            keras.callbacks.CSVLogger(str(self.log(phase)), append=True),
-            keras.callbacks.ModelCheckpoint(str(self.best(phase)), monitor=MONITOR, mode="max",
-                                            save_best_only=True, save_weights_only=True,
-                                            initial_value_threshold=self.best_so_far(phase)),
-            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience),
-            keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.3,
-                                              patience=max(1, patience // 2), min_lr=1e-7),
-        ]
-
-    def finish(self, phase: str, model: keras.Model) -> dict:
-        """Keep the phase's best epoch and record the phase as done."""
-        if self.best(phase).exists():
-            model.load_weights(self.best(phase))
-        model.save_weights(self.weights(phase))
-        epochs = pd.read_csv(self.log(phase))
-        record = {"name": phase, "epochs": len(epochs),
-                  "history": {k: epochs[k].astype(float).tolist() for k in epochs.columns
-                              if k != "epoch"}}
-        self.record.write_text(json.dumps([*self.finished(), record], indent=2))
-        return record
-
-
 def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = None,
           epochs: int = 5, weights: str = "none", batch_size: int = 32, seed: int = 42,
           patience: int = 3, target_sensitivity: float | None = None,
@@ -414,8 +334,10 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     ``output``. Returns the model info (also written as ``model_info.json``).
 
     Re-running with the same ``output`` (or ``state_dir``) after a kill resumes from the last
-    finished epoch, optimizer state included. The decision threshold is chosen on validation:
-    Youden's J, or the highest one reaching ``target_sensitivity``.
+    finished epoch, optimizer state included (:mod:`lungxray.resume`); a state that cannot be
+    used, or of other settings, is discarded with a note. The decision threshold is chosen on
+    validation: Youden's J, or the highest one reaching ``target_sensitivity``. A full disk
+    is one error naming the file and the bytes it needs.
     """
     # Every argument, the weights file and the data are checked, and the model built, before
     # the state dir exists: a refused run never blocks its corrected re-run.
@@ -435,54 +357,133 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     output = Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
     digests = {name: split["sha256"] for name, split in manifest["splits"].items()}
-    keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        model = models.build_classifier(
-            model_name, manifest["image_size"], manifest["channels"], num_classes, resolved,
-            seed=seed, **classifier_options(hp))
-    check_state(state.root, {
+    plan = phase_epochs(epochs, resolved is not None)
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            return models.build_classifier(
+                model_name, manifest["image_size"], manifest["channels"], num_classes,
+                resolved, seed=seed, **classifier_options(hp))
+
+    model = build()
+    config = {
         "state_format": STATE_FORMAT, "model_name": model_name, "hparams": hp, "epochs": epochs,
         "batch_size": batch_size, "seed": seed,
         "weights": features.weights_identity(resolved) if resolved else "none",
         "image_size": manifest["image_size"], "channels": manifest["channels"],
         "data_sha256": digests,
-    }, JOB_FILE, "training job")
-    (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
-    global_batch = batch_size * strategy.num_replicas_in_sync
-    train_ds = with_mixing(
-        make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed),
-        hp["mixup"], hp["cutmix"], seed)
-    val_ds = make_dataset(val_split, num_classes, global_batch)
-    weights_by_class = (class_weights(train_split.labels, num_classes)
-                        if hp["class_weighting"] else None)
+    }
+    # SIGTERM (a pod stopped) unwinds like an error: no temporary file of a write is left.
+    with state.stop_on_signals(), safeio.no_space_as_error(output):
+        state.open(config, plan)
+        resume.sweep_temporaries(output, OUTPUT_FILES.__contains__)  # left by a SIGKILL
+        (output / INFO_FILE).unlink(missing_ok=True)  # until rewritten, the dir is not a model
+        global_batch = batch_size * strategy.num_replicas_in_sync
+        train_ds = with_mixing(
+            make_dataset(train_split, num_classes, global_batch, shuffle=True, seed=seed),
+            hp["mixup"], hp["cutmix"], seed)
+        val_ds = make_dataset(val_split, num_classes, global_batch)
+        fit = Fit(strategy, train_ds, val_ds, val_split.labels, num_classes, jit, hp, patience,
+                  class_weights(train_split.labels, num_classes) if hp["class_weighting"]
+                  else None)
+        started = time.time()
+        try:
+            done = fit.phases(model, state, plan)
+        except StateUnusable as err:  # a weights file that did not load: start afresh
+            state.discard(config, err)
+            model = build()
+            done = fit.phases(model, state, plan)
+        train_seconds = time.time() - started
+        info = _write_outputs(model, output, done, val_ds, val_split.labels, {
+            "model_name": model_name, "class_names": class_names,
+            "positive_class": 1 if num_classes == 2 else None,
+        }, target_sensitivity)
+        phases = [{"name": r["name"], "epochs": r["epochs"]} for r in done.values()]
+        images_seen = len(train_split) * sum(p["epochs"] for p in phases)
+        info.update({
+            "image_size": manifest["image_size"],
+            "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
+            "channels": manifest["channels"],
+            # predict and export fit new images the way preprocess fitted the training ones
+            "keep_aspect": bool(manifest.get("keep_aspect", False)),
+            "weights": weights,
+            "hparams": hp,
+            "params": int(model.count_params()),
+            "train_seconds": round(train_seconds, 2),
+            "train_images_per_s": round(images_seen / max(train_seconds, 1e-9), 2),
+            "epochs": sum(p["epochs"] for p in phases),
+            "batch_size": batch_size,
+            "devices": {"backend": keras.backend.backend(), "gpus": gpu_count(),
+                        "replicas": strategy.num_replicas_in_sync,
+                        "mixed_precision": mixed, "xla": bool(model.jit_compile)},
+            "seed": seed,
+            "data_sha256": digests,
+        })
+        # Written last: its presence marks a complete model directory.
+        safeio.write_text_atomic(output / INFO_FILE, json.dumps(info, indent=2))
+    state.remove()  # complete: the output keeps the results, a PVC does not fill up
+    return info
 
-    done = {record["name"]: record for record in state.finished()}
-    started = time.time()
-    for phase, n_epochs in phase_epochs(epochs, resolved is not None):
-        if n_epochs == 0 or phase in done:
-            continue
-        if done:  # resuming after a finished phase: start from its weights
-            model.load_weights(state.weights(list(done)[-1]))
-        learning_rate = hp["learning_rate"]
-        if phase == "head":
-            models.set_trainable(model, 0.0)
-        elif phase == "finetune":
-            models.set_trainable(model, hp["unfreeze"])
-            learning_rate = hp["fine_tune_learning_rate"]
-        # Changing `trainable` only takes effect after compiling again.
-        with strategy.scope():
-            compile_model(model, learning_rate, hp["label_smoothing"], num_classes, jit,
-                          ema=bool(hp["ema"]))
-        model.fit(train_ds, validation_data=val_ds, epochs=n_epochs,
-                  class_weight=weights_by_class,
-                  callbacks=state.callbacks(phase, patience,
-                                            ValidationAUC(val_ds, val_split.labels),
-                                            ema=bool(hp["ema"])),
-                  verbose=2)
-        done[phase] = state.finish(phase, model)
-    model.load_weights(state.weights(list(done)[-1]))  # the best epoch of the last phase
-    train_seconds = time.time() - started
 
+class Fit:
+    """The phases of one training job over its data and settings."""
+
+    def __init__(self, strategy: tf.distribute.Strategy | OneDevice, train_ds: object,
+                 val_ds: object, val_labels: np.ndarray, num_classes: int, jit: bool, hp: dict,
+                 patience: int, weights_by_class: dict[int, float] | None):
+        self.strategy, self.train_ds, self.val_ds = strategy, train_ds, val_ds
+        self.val_labels, self.num_classes, self.jit = val_labels, num_classes, jit
+        self.hp, self.patience, self.weights_by_class = hp, patience, weights_by_class
+
+    def phases(self, model: keras.Model, state: PhaseState, plan: list[tuple[str, int]]
+               ) -> dict[str, dict]:
+        """Train every phase of ``plan`` not finished in ``state``, each from its last
+        committed epoch; returns the finished phases' records, the model holding the best
+        epoch of the last one."""
+        hp = self.hp
+        done = {record["name"]: record for record in state.finished(plan)}
+        for phase, n_epochs in plan:
+            if n_epochs == 0 or phase in done:
+                continue
+            if done:  # resuming after a finished phase: start from its weights
+                resume.load_weights(model, state.weights(list(done)[-1]))
+            learning_rate = hp["learning_rate"]
+            if phase == "head":
+                models.set_trainable(model, 0.0)
+            elif phase == "finetune":
+                models.set_trainable(model, hp["unfreeze"])
+                learning_rate = hp["fine_tune_learning_rate"]
+            # Changing `trainable` only takes effect after compiling again.
+            with self.strategy.scope():
+                compile_model(model, learning_rate, hp["label_smoothing"], self.num_classes,
+                              self.jit, ema=bool(hp["ema"]))
+            progress = state.progress(phase, n_epochs)
+            # Killed after its last epoch (or early stop) but before it was recorded as done:
+            # finished without training again.
+            if progress is None or not (progress.stopped or len(progress.rows) >= n_epochs):
+                model.fit(self.train_ds, validation_data=self.val_ds, epochs=n_epochs,
+                          initial_epoch=len(progress.rows) if progress else 0,
+                          class_weight=self.weights_by_class,
+                          # tf.data batches come shuffled (make_dataset); Keras only warns
+                          shuffle=keras.backend.backend() != "tensorflow",
+                          callbacks=state.callbacks(
+                              phase, self.patience, ValidationAUC(self.val_ds, self.val_labels),
+                              ema=bool(hp["ema"]), resumed=progress),
+                          verbose=2)
+                progress = state.progress(phase, n_epochs)
+            if progress is None:
+                raise StateUnusable(f"phase {phase!r} ended without recording an epoch")
+            done[phase] = state.finish(phase, model, progress)
+        resume.load_weights(model, state.weights(list(done)[-1]))  # the last phase's best
+        return done
+
+
+def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_ds: object,
+                   val_labels: np.ndarray, info: dict, target_sensitivity: float | None
+                   ) -> dict:
+    """The model, its history and curves (each written whole or not at all); returns ``info``
+    with the threshold and calibration chosen on validation."""
     phases = [{"name": r["name"], "epochs": r["epochs"]} for r in done.values()]
     history: dict[str, list[float]] = {}
     for record in done.values():
@@ -490,80 +491,31 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
             history.setdefault(key, []).extend(values)
     val_probs = model.predict(val_ds, verbose=0)
     threshold = calibration = None
-    if num_classes == 2:
-        threshold = metrics.choose_threshold(val_split.labels, val_probs[:, 1],
+    if len(info["class_names"]) == 2:
+        threshold = metrics.choose_threshold(val_labels, val_probs[:, 1],
                                              target_sensitivity=target_sensitivity)
-        fitted = prevalence.calibration_or_none(val_split.labels, val_probs[:, 1],
-                                                "split 'val'")
+        fitted = prevalence.calibration_or_none(val_labels, val_probs[:, 1], "split 'val'")
         calibration = fitted.as_dict() if fitted else None
 
-    model.save(output / MODEL_FILE)
-    (output / HISTORY_FILE).write_text(json.dumps({"history": history, "phases": phases},
-                                                  indent=2))
-    plots.plot_history(history, phases, output / "curves.png", title=model_name)
-    images_seen = len(train_split) * sum(p["epochs"] for p in phases)
-    info = {
-        "model_name": model_name,
-        "class_names": class_names,
-        "positive_class": 1 if num_classes == 2 else None,
+    output.mkdir(parents=True, exist_ok=True)
+    resume.save_model(model, output / MODEL_FILE)
+    safeio.write_text_atomic(output / HISTORY_FILE,
+                             json.dumps({"history": history, "phases": phases}, indent=2))
+    curves = output / artifacts.CURVES_FILE
+    with safeio.no_space_as_error(curves):
+        safeio.replace_via_temp(
+            curves, lambda temp: plots.plot_history(history, phases, temp,
+                                                    title=info["model_name"]),
+            suffix=".tmp.png")
+    return {
+        **info,
         "threshold": threshold,
         "threshold_method": (None if threshold is None else "youden" if target_sensitivity is None
                              else f"sensitivity>={target_sensitivity}"),
         "target_sensitivity": target_sensitivity,
         # Platt scaling on val: `lungxray predict` estimates a target set's prevalence with it.
         "calibration": calibration,
-        "image_size": manifest["image_size"],
-        "input_size": models.get_spec(model_name).input_size(manifest["image_size"]),
-        "channels": manifest["channels"],
-        # predict and export fit new images the way preprocess fitted the training ones
-        "keep_aspect": bool(manifest.get("keep_aspect", False)),
-        "weights": weights,
-        "hparams": hp,
-        "params": int(model.count_params()),
-        "train_seconds": round(train_seconds, 2),
-        "train_images_per_s": round(images_seen / max(train_seconds, 1e-9), 2),
-        "epochs": sum(p["epochs"] for p in phases),
-        "batch_size": batch_size,
-        "devices": {"backend": keras.backend.backend(), "gpus": gpu_count(),
-                    "replicas": strategy.num_replicas_in_sync,
-                    "mixed_precision": mixed, "xla": bool(model.jit_compile)},
-        "seed": seed,
-        "data_sha256": digests,
     }
-    # Written last: its presence marks a complete model directory.
-    (output / INFO_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(state.root)  # complete: the output keeps the results, a PVC does not fill up
-    return info
-
-
-def check_state(state: Path, config: dict, config_file: str, what: str) -> None:
-    """Refuse to resume from a state dir that belongs to a different ``what`` (other data, model,
-    settings); a fresh dir gets ``config`` written into it."""
-    path = state / config_file
-    if path.is_file() and {p.name for p in state.iterdir()} == {config_file}:
-        # A run that stopped before its first checkpoint has nothing to resume: a corrected
-        # re-run (other settings) starts afresh instead of being refused.
-        path.unlink()
-    if path.is_file():
-        previous = safeio.load_json_object(path, "state file", error=ConfigError)
-        if previous != config:
-            changed = sorted(k for k in set(previous) | set(config)
-                             if previous.get(k) != config.get(k))
-            raise ConfigError(
-                f"{state} holds the state of a different {what} (differs in: "
-                f"{quote(', '.join(map(str, changed)), 200)[1:-1]}); use another output or "
-                f"state dir, or delete {state}")
-        return
-    if state.is_dir() and any(state.iterdir()):
-        raise ConfigError(f"{state} holds state without {config_file} (another version?); "
-                         f"use another output or state dir, or delete {state}")
-    state.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
-
-
-def state_key(*parts: object) -> str:
-    """A stable directory name for one training job, so a retry finds its own checkpoints."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_model_info(model_dir: Path) -> dict:

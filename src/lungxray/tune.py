@@ -55,11 +55,11 @@ from lungxray import (
     tuner_compat,
 )
 from lungxray.errors import ConfigError, quote
+from lungxray.resume import check_state
 from lungxray.train import (
     DEFAULT_HPARAMS,
     MONITOR,
     ValidationAUC,
-    check_state,
     class_weights,
     classifier_options,
     compile_model,

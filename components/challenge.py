@@ -23,6 +23,9 @@ def challenge(
     promote, keep, or skip (no ``champion_uri``). A plain ``str`` return (KFP's ``Output``),
     not a NamedTuple: kfp.local resolves a ``dsl.If`` condition only on ``Output`` or
     ``--``-named task outputs."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     from pathlib import Path
 
     from lungxray import champion, staging

@@ -22,6 +22,9 @@ def compare(
     model (an ensemble of the top ``ensemble_k`` competes too; 0 or 1 = none).
     ``target_sensitivity`` (0 = as the members did) sets how the ensemble's threshold is chosen
     on validation."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     import shutil
     import tempfile
     from pathlib import Path

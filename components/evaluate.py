@@ -38,6 +38,9 @@ def evaluate(
     ``deployment_prevalence`` (0 = none): the Bayes operating point and PPV/NPV there. The
     external set's prevalence is also estimated without its labels (EM on scores calibrated on
     val)."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     import json
     import shutil
     from pathlib import Path

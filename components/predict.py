@@ -22,6 +22,9 @@ def predict(
     these images' prevalence, logged as ``prevalence_em`` with its 95% interval).
     ``source``: an image folder, a CSV with a 'path' column, an .npz, or a gs:// URI of any;
     empty: nothing to predict (the pipeline's default ``target_data``), the step only says so."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     from pathlib import Path
 
     from lungxray import predict as prediction

@@ -22,6 +22,9 @@ def preprocess(
     ``keep_aspect`` pads images to square instead of stretching them. ``shifted_test_fraction``
     > 0 also holds out a ``test_shifted`` split of whole image-statistics clusters (a proxy for
     another machine's images), evaluated beside ``test``."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     import shutil
     from pathlib import Path
 

@@ -15,6 +15,9 @@ def promote(
     made for this model, this champion and its classes; refuses if the champion changed since.
     A promotion that was stopped or killed is finished or undone by the next one. Returns the
     history entry."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     from pathlib import Path
 
     from lungxray import champion, safeio

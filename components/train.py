@@ -19,6 +19,9 @@ def train(
     """Writes model.keras, model_info.json, history.json and curves.png into ``model``.
     ``target_sensitivity`` 0 picks the threshold by Youden's J; ``state_root`` (a mounted PVC)
     keeps checkpoints across retries, so a preempted run resumes."""
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     from pathlib import Path
 
     from lungxray import resume, tune

@@ -27,6 +27,9 @@ def tune(
     keyed by content, so every run reuses it. Empty: the state stays in ``tuning`` and the
     features in a temporary directory (a pod's disk does not outlive it; no point uploading).
     """
+    from lungxray.quiet import quiet_native_logs
+
+    quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     import shutil
     import tempfile
     from pathlib import Path

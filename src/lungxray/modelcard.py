@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from lungxray import site_report
 from lungxray.artifacts import AT_HALF, CI_METRICS, METRICS, Trial, target_sensitivity_of
 
 
@@ -245,6 +246,7 @@ def model_card(best: Trial, summary: dict[str, Any]) -> str:
             lines.append(f"| {cls} | {v['support']} | {_num(v['recall'])} | "
                          f"{_num(v['specificity'])} | {_num(v['precision'])} | "
                          f"{_num(v['npv'])} | {_num(v.get('roc_auc'))} |")
+    lines += site_report.card_section(best, splits)
     lines += _robustness_section(best, splits)
     lines += _prevalence_section(best, splits)
     external = [s for s in splits if s not in ("train", "val", "test")]

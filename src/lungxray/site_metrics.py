@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
 from lungxray import metrics as metrics_lib
 from lungxray import sites as siting
@@ -57,6 +58,54 @@ def _ordered(sites: np.ndarray) -> list[str]:
     return [str(sites[i]) for i in sorted(first)]
 
 
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic on average ranks: sklearn's value, without its
+    per-call validation (a site's bootstrap calls it hundreds of times)."""
+    positive = y == 1
+    n_pos = int(positive.sum())
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2)
+                 / (n_pos * (len(y) - n_pos)))
+
+
+def _binary_cis(y: np.ndarray, score: np.ndarray, threshold: float, n_bootstrap: int,
+                seed: int) -> dict[str, list[float] | None]:
+    """The site metrics' CIs on the resamples :func:`lungxray.metrics.compute_metrics` draws
+    (same indices, same formulas), with numpy alone: several times faster."""
+    reps: dict[str, list[float | None]] = {k: [] for k in SITE_METRICS}
+    for idx in metrics_lib.bootstrap_indices(y, n_bootstrap, seed):
+        yy, predicted = y[idx], score[idx] >= threshold
+        positive = yy == 1
+        both = 0 < positive.sum() < len(yy)
+        reps["roc_auc"].append(_auc(yy, score[idx]) if both else None)
+        reps["accuracy"].append(float(np.mean(predicted == positive)))
+        reps["sensitivity"].append(float(np.mean(predicted[positive])) if positive.any() else 0.0)
+        reps["specificity"].append(float(np.mean(~predicted[~positive]))
+                                   if (~positive).any() else 0.0)
+    return {k: metrics_lib._interval(v) for k, v in reps.items()}
+
+
+def _one_site(y: np.ndarray, probs: np.ndarray, class_names: list[str],
+              threshold: float | None, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    binary = len(class_names) == 2
+    # Point estimates by the pooled recipe; two classes: the CIs by the fast path.
+    m = metrics_lib.compute_metrics(y, probs, class_names, threshold,
+                                    n_bootstrap=0 if binary else n_bootstrap, seed=seed)
+    cis = m.get("ci") or {}
+    if binary and n_bootstrap:
+        cis = _binary_cis(np.asarray(y, dtype=int), probs[:, 1], float(m["threshold"]),
+                          n_bootstrap, seed)
+    return {
+        "n": m["n"],
+        "counts": {c: int((y == i).sum()) for i, c in enumerate(class_names)},
+        "prevalence": float(np.mean(y == 1)) if binary else None,
+        **{k: m.get(k) for k in SITE_METRICS},
+        "threshold": m.get("threshold"),
+        # A CI only where the point estimate exists, as for the pooled numbers.
+        "ci": {k: cis.get(k) if m.get(k) is not None else None for k in SITE_METRICS},
+    }
+
+
 def per_site(y: np.ndarray, probs: np.ndarray, sites: np.ndarray, class_names: list[str],
              threshold: float | None, n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP,
              seed: int = metrics_lib.DEFAULT_SEED) -> dict[str, dict[str, Any]] | None:
@@ -64,20 +113,9 @@ def per_site(y: np.ndarray, probs: np.ndarray, sites: np.ndarray, class_names: l
     names = _ordered(np.asarray(sites))
     if len(names) < 2:
         return None
-    out = {}
-    for name in names:
-        mask = np.asarray(sites) == name
-        m = metrics_lib.compute_metrics(y[mask], probs[mask], class_names, threshold,
-                                        n_bootstrap=n_bootstrap, seed=seed)
-        out[name] = {
-            "n": m["n"],
-            "counts": {c: int((y[mask] == i).sum()) for i, c in enumerate(class_names)},
-            "prevalence": float(np.mean(y[mask] == 1)) if len(class_names) == 2 else None,
-            **{k: m.get(k) for k in SITE_METRICS},
-            "threshold": m.get("threshold"),
-            "ci": {k: (m.get("ci") or {}).get(k) for k in SITE_METRICS},
-        }
-    return out
+    y, probs = np.asarray(y), np.asarray(probs, dtype=float)
+    return {name: _one_site(y[np.asarray(sites) == name], probs[np.asarray(sites) == name],
+                            class_names, threshold, n_bootstrap, seed) for name in names}
 
 
 def worst_auc(sites: dict[str, dict[str, Any]] | None) -> float | None:

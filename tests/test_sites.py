@@ -261,3 +261,50 @@ def test_cli_errors_are_one_line(shared_npz, tmp_path, capsys, args, message):
     assert rc == 2 and err.startswith("lungxray preprocess: error:") and message in err
     assert err.count("\n") == 1
     assert not output.exists()
+
+
+# --------------------------------------------------------------------------- pipeline parameters
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"sites": "nih=a.csv,nih=b.csv"}, "'nih' repeats 'nih'"),
+    ({"sites": "pneumoniamnist=a.csv"}, "'pneumoniamnist' repeats"),
+    ({"data_source": "x/folder", "sites": "main=a.csv"}, "'main' repeats"),
+    ({"sites": "nih"}, "is not NAME=SOURCE"),
+    ({"sites": "=a.csv"}, "may not be empty"),
+    ({"sites": "n i h=a.csv"}, "must be 1 to 40 letters"),
+    ({"sites": "nih="}, "has no source"),
+    ({"sites": ",".join(f"s{i}=x" for i in range(17))}, "at most 16"),
+    ({"holdout_site": "nih"}, "names no site"),
+    ({"holdout_site": "pneumoniamnist"}, "is the only site"),
+    ({"sites": "nih=a.csv", "holdout_site": "other"}, "holdout_site 'other' names no site"),
+    ({"sites": 5}, "parameter sites must be a string"),
+    ({"holdout_site": "x" * 41}, "holdout_site must be between 0 and 40"),
+])
+def test_the_pipeline_refuses_bad_sites_before_any_step(params, match):
+    from pipelines.params import ParamsError, check_values
+
+    with pytest.raises(ParamsError, match=match) as err:
+        check_values(params)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("params", [
+    {"sites": ""},
+    {"sites": "nih=../shared/data/nih_cxr_1000/manifest.csv"},
+    {"sites": "nih=a.csv,other=b/", "holdout_site": "pneumoniamnist"},
+    {"data_source": "gs://b/x.npz", "sites": "nih=gs://b/nih/manifest.csv", "holdout_site": "nih"},
+])
+def test_the_pipeline_takes_good_sites(params):
+    from pipelines.params import check_values
+
+    check_values(params)
+
+
+def test_the_schema_knows_the_pipelines_data_source_default():
+    from lungxray import schema
+    from pipelines.profiles import pipeline_defaults
+
+    defaults = pipeline_defaults()
+    assert defaults["data_source"] == schema.DEFAULT_DATA_SOURCE
+    assert defaults["sites"] == "" and defaults["holdout_site"] == ""

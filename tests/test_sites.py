@@ -226,6 +226,12 @@ def test_a_site_left_empty_by_max_per_split_is_refused(shared_npz, shared_nih, t
              str(shared_npz), sites=[("small", str(small))], max_per_split=5)
 
 
+def test_a_site_too_small_to_carve_is_named(shared_npz, shared_nih, tmp_path):
+    tiny = _small_site(tmp_path / "tiny", shared_nih, n=6)
+    _refused(tmp_path, DataError, r"site 'tiny' \(.*\): cannot carve a 10% test split by "
+             r"patient", str(shared_npz), sites=[("tiny", str(tiny))])
+
+
 def test_the_same_source_twice_is_refused(shared_npz, shared_nih, tmp_path):
     _refused(tmp_path, DataError, "sites 'a' and 'b' read the same source", str(shared_npz),
              sites=[("a", str(shared_nih)), ("b", str(shared_nih))])

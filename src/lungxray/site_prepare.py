@@ -140,8 +140,11 @@ def _site_plan(site: OpenSite, pools: dict[str, Pool], holdout: bool, settings: 
         raise DataError(f"{site.where}: has no train split to train on or carve from")
     prepare._check_classes(site.where, pools["train"], classes)
     prepare._check_coverage(site.where, pools, classes)
-    plan, carved, shift_info = prepare._plan(pools, True, fractions, seed, 0, by_patient,
-                                             settings)
+    try:
+        plan, carved, shift_info = prepare._plan(pools, True, fractions, seed, 0, by_patient,
+                                                 settings)
+    except DataError as err:  # e.g. too few patients to carve val from: name the site
+        raise DataError(f"{site.where}: {err}") from None
     segments = {split: [Segment(site.name, pools[pool], rows)]
                 for split, (pool, rows) in plan.items()}
     return segments, carved, shift_info

@@ -117,6 +117,20 @@ def test_data_report_and_a_rerun_on_the_same_output(two_sites, shared_npz, share
     assert data.read_manifest(again)["splits"]["test_site_nih"]["n"] == 60
 
 
+def test_the_shift_proxy_is_carved_per_site(shared_npz, shared_nih, tmp_path):
+    # The pipeline's default shifted_test_fraction (0.1) with two sites: each site's train
+    # loses whole clusters of its own images, NIH's still grouped by patient.
+    manifest = prepare.preprocess(str(shared_npz), tmp_path / "out", image_size=SIZE, seed=2,
+                                  sites=[("nih", str(shared_nih))], shifted_test_fraction=0.1)
+    shifted = manifest["splits"]["test_shifted"]["sites"]
+    assert list(shifted) == ["pneumoniamnist", "nih"]
+    for name, part in shifted.items():
+        assert part["n"] == manifest["sites"][name]["shift"]["n"] > 0
+    assert all(pair["count"] == 0 for pair in manifest["cross_split_patients"].values())
+    assert "test_shifted holds whole image-statistics clusters of each site's train" in (
+        tmp_path / "out" / "data_report.md").read_text()
+
+
 @pytest.mark.parametrize("held, other, n_held", [("nih", "pneumoniamnist", 1000),
                                                  ("pneumoniamnist", "nih", 5232)])
 def test_a_held_out_site_never_reaches_train_or_val(shared_npz, shared_nih, tmp_path, held,

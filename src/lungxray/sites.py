@@ -155,6 +155,10 @@ def describe(manifest: dict) -> str:
              for name, record in records.items()]
     text = (f"{len(records)} sites, each carved on its own and brought to the one prepared "
             f"size: {'; '.join(parts)}.")
+    shifted = {name: r["shift"]["n"] for name, r in records.items() if r.get("shift")}
+    if shifted:
+        text += (" test_shifted holds whole image-statistics clusters of each site's train: "
+                 + ", ".join(f"{name} {n}" for name, n in shifted.items()) + " images.")
     holdout = manifest.get("holdout_site")
     if holdout:
         text += (f" Site {holdout} is held out: all its images are in "

@@ -128,11 +128,11 @@ X = [0.30, 0.32, 0.34, 0.36, 0.29, 0.05, 0.90, 0.91, 0.92, 0.93]  # pooled 0.84,
 Y = [0.80, 0.81, 0.82, 0.83, 0.84, 0.10, 0.20, 0.30, 0.40, 0.50]  # pooled 0.36, worst site 1
 
 
-def _site_trial(root: Path, name: str, val: list[float]) -> Path:
-    """A fake trial (tests/trial_helpers) whose val split holds sites a and b, written as
-    evaluate writes a split of several sites."""
-    trial = make_trial(root, name, {"val": val, "test": val, "test_site_c": val},
-                       labels={"val": VAL_Y, "test": VAL_Y, "test_site_c": VAL_Y})
+def _site_trial(root: Path, name: str, val: list[float], held: bool = True) -> Path:
+    """A fake trial (tests/trial_helpers) whose val and test splits hold sites a and b, written
+    as evaluate writes a split of several sites; ``held``: also a held-out site c."""
+    splits = ["val", "test", *(["test_site_c"] if held else [])]
+    trial = make_trial(root, name, {s: val for s in splits}, labels={s: VAL_Y for s in splits})
     for split in ("val", "test"):
         d = trial / "eval" / split
         metrics = json.loads((d / "metrics.json").read_text())
@@ -165,6 +165,7 @@ def test_worst_site_auc_selects_the_model_that_holds_up_at_every_site(tmp_path):
     card = (tmp_path / "worst" / "model_card.md").read_text()
     assert "## Performance per site" in card and "| b | 5 |" in card
     assert "Held-out site **c** (`test_site_c`, 10 images" in card
+    assert "Not externally validated" not in card
     assert "### test_site_c (n=10; held-out site c: never trained" in text
     # The summary names the pick's AUC per site and at the held-out site (make local prints it).
     assert "Per site, the pick: ROC AUC on val a 1.0000, b 1.0000; test a 1.0000" in text
@@ -199,3 +200,14 @@ def test_per_site_cis_are_the_pooled_recipes_on_each_sites_rows():
         for key in site_metrics.SITE_METRICS:
             assert found[name][key] == pytest.approx(pooled[key])
             assert found[name]["ci"][key] == pytest.approx(pooled["ci"][key])
+
+
+def test_the_model_card_of_a_run_of_several_sites(tmp_path):
+    from lungxray.modelcard import model_card
+
+    trial = selection.load_trial(_site_trial(tmp_path, "Y", Y, held=False))
+    card = model_card(trial, {"select_metric": "val_worst_site_auc", "select_value": 1.0,
+                              "n_models": 1})
+    assert "## Performance per site" in card and "On `val`:" in card
+    assert "Trained and evaluated on several sites" in card
+    assert "Not externally validated" not in card and "Held-out site" not in card

@@ -258,7 +258,8 @@ def model_card(best: Trial, summary: dict[str, Any]) -> str:
         f"- The `{shown}` estimate rests on {n_held} images; the confidence intervals above "
         "show how far the true figures may lie from it.",
         "- " + (f"Evaluated on data from elsewhere: {', '.join(external)} (see the table)."
-                if external else "Not externally validated: every split comes from the same "
+                if external else site_report.SEVERAL_SITES if site_report.has_sites(best)
+                else "Not externally validated: every split comes from the same "
                 "source, so performance on another hospital's images, scanners or patients is "
                 "unknown and usually lower."),
         "- PPV and NPV depend on prevalence; they hold only where disease is as common as in "

@@ -123,6 +123,16 @@ def comparison_html(candidates: list[Any], splits: list[str], order: list[str]) 
 
 # --------------------------------------------------------------------------- model card
 
+SEVERAL_SITES = ("Trained and evaluated on several sites, scored per site above; no site was "
+                 "held out, so a hospital unlike all of them may do worse still (hold one out "
+                 "with holdout_site for that estimate).")
+
+
+def has_sites(trial: Any) -> bool:
+    """True when any split of ``trial`` was scored per site."""
+    return any(data.metrics.get(PER_SITE) for data in trial.splits.values())
+
+
 
 def card_section(best: Any, splits: list[str]) -> list[str]:
     """The model card's per-site section, and the held-out sites' estimates."""

@@ -109,8 +109,8 @@ def class_lookup(site: str, names: list[str], reference: list[str],
     """Site label index -> index in ``reference``, matching class names ignoring case and
     surrounding space (``NORMAL`` is ``normal``). Every site must name the same classes."""
     wanted = {name.strip().casefold(): i for i, name in enumerate(reference)}
-    found = [wanted.get(name.strip().casefold()) for name in names]
-    if None in found or sorted(found) != list(range(len(reference))):  # type: ignore[type-var]
+    found = [wanted.get(name.strip().casefold(), -1) for name in names]
+    if sorted(found) != list(range(len(reference))):  # each reference class exactly once
         raise DataError(f"site {site!r}: classes {quote(names, 200)} cannot be mapped to "
                         f"the classes {quote(reference, 200)} of site {reference_site!r} "
                         f"(class names must match, ignoring case)")

@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 
 # Local runs ------------------------------------------------------------------------------------
 DATA ?=#                           npz / image folder / gs:// URI / pneumoniamnist[_64|_128|_224]
+SITES ?=#                          more sites: NAME=SOURCE,..., e.g. nih=../shared/data/nih_cxr_1000/manifest.csv
+HOLDOUT_SITE ?=#                   a site held out whole as test_site_NAME (never trained or selected on)
 WEIGHTS ?=#                        imagenet | none | path or gs:// URI of a weights file
 PROFILE ?= quick#                  quick | full | cluster (pipelines/profiles.py)
 MODELS ?=#                         e.g. MODELS='[VGG16, MobileNetV2]' (default: the profile's)
@@ -56,9 +58,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install lungxray with CPU TensorFlow and the dev tools
 
-local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, WEIGHTS, PROFILE, MODELS, PARAMS, CHAMPION_URI)
+local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, SITES, HOLDOUT_SITE, WEIGHTS, PROFILE, MODELS, PARAMS, CHAMPION_URI)
 	$(PY) -m pipelines.local --profile $(PROFILE) --pipeline-root $(PIPELINE_ROOT) \
 		$(if $(DATA),--set 'data_source=$(DATA)') $(if $(WEIGHTS),--set 'weights=$(WEIGHTS)') \
+		$(if $(SITES),--set 'sites=$(SITES)') $(if $(HOLDOUT_SITE),--set 'holdout_site=$(HOLDOUT_SITE)') \
 		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS)) \
 		$(if $(CHAMPION_URI),--set 'champion_uri=$(CHAMPION_URI)')
 

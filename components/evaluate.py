@@ -30,9 +30,12 @@ def evaluate(
     deployment_prevalence: float = 0.0,
 ):
     """Every trial logs the same scalar names (``val_*``, ``test_*``, ``external_*``) so runs
-    compare side by side in the Kubeflow UI; the confusion matrix and ROC are those of the test
-    split. ``external_data`` (folder, npz, gs://; empty = none) is evaluated as one more split,
-    ``external``, with ``class_map`` ("SRC=model_class,...") relabelling its classes.
+    compare side by side in the Kubeflow UI; a split of several sites (``sites``) adds
+    ``<split>_<site>_roc_auc``/``_sensitivity``/``_specificity`` and
+    ``<split>_worst_site_auc``, and a held-out site is its own split ``test_site_<name>``. The
+    confusion matrix and ROC are those of the test split. ``external_data`` (folder, npz,
+    gs://; empty = none) is evaluated as one more split, ``external``, with ``class_map``
+    ("SRC=model_class,...") relabelling its classes.
     ``robustness``/``robustness_samples``: AUC under simulated acquisition shifts on that many
     images per split (0 = all); ``tta``: also the AUC of test-time augmentation;
     ``deployment_prevalence`` (0 = none): the Bayes operating point and PPV/NPV there. The

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from lungxray import artifacts, schema
+from lungxray import artifacts, schema, site_report
 from lungxray.errors import ConfigError
 from pipelines.params import (
     ParamsError,
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"\nReport: {report}\nBest model: {report.parent / 'best_model'}")
+    summary = report.parent / "summary"  # report.md: the pick per site and held-out sites
+    if summary.is_file():
+        for line in summary.read_text(encoding="utf-8").splitlines():
+            if line.startswith((site_report.PICK_PREFIX, site_report.HELD_PREFIX)):
+                print(line)
     decision = report.parent.parent / "challenge" / "decision" / "decision.json"
     if decision.is_file():  # champion/challenger: what this run did with champion_uri
         record = json.loads(decision.read_text())

@@ -108,6 +108,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               "X-ray classification; the best model is chosen on validation.")
     def lungxray(
         data_source: str = "pneumoniamnist",
+        sites: str = "",
+        holdout_site: str = "",
         base_models: list = DEFAULT_MODELS,  # noqa: B006 - KFP reads the default from here
         image_size: int = 0,
         keep_aspect: bool = False,
@@ -143,6 +145,12 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         Args:
             data_source: MedMNIST-style .npz, image folder, CSV manifest, a gs:// URI of any of
                 them, or pneumoniamnist (downloaded and checksummed).
+            sites: More sources prepared into the same splits, NAME=SOURCE,... (e.g.
+                nih=../shared/data/nih_cxr_1000/manifest.csv); each is carved on its own,
+                grouped by patient, and scored per site. data_source is the site named
+                pneumoniamnist for its files, else main. Empty = one site.
+            holdout_site: A site whose images all go to test_site_<name>: never trained,
+                tuned, thresholded or selected on, the off-site estimate. Empty = none.
             base_models: Keras Applications names or SmallCNN (the from-scratch baseline); one
                 trial each.
             image_size: Side in pixels of the prepared images; 0 keeps the npz size (224 for
@@ -191,7 +199,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version,
                               skip_bad=skip_bad, keep_aspect=keep_aspect,
-                              shifted_test_fraction=shifted_test_fraction)
+                              shifted_test_fraction=shifted_test_fraction, sites=sites,
+                              holdout_site=holdout_site)
         _apply(prep, platform, heavy=False)
         dataset = prep.outputs["dataset"]
         with dsl.ParallelFor(base_models, parallelism=parallelism, name="per-model") as name:

@@ -13,6 +13,13 @@ report answers whether transfer learning earns its cost, and the default
 beside the random ``test``. The CPU profiles run the corruption
 suite on fewer images per split (``robustness_samples``) than the cluster's 500: it predicts
 every sampled image 35 times, about 25 s per 160 images for VGG16 at 32 px on 2 cores.
+
+No profile sets ``sites`` or ``holdout_site``: a second site is one setting on top of any
+profile, ``make local SITES=nih=../shared/data/nih_cxr_1000/manifest.csv`` (``--set
+sites=NAME=SOURCE,...``), and ``HOLDOUT_SITE=nih`` (``--set holdout_site=nih``) keeps that site
+out of training and selection as the off-site estimate. Every split of more than one site is
+then scored per site, and ``select_metric=val_worst_site_auc`` selects on the worst site's
+validation AUC.
 """
 
 from __future__ import annotations

@@ -18,11 +18,13 @@ SLOW_MODULES = frozenset({
     "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
     "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
     "test_export.py", "test_report.py", "test_selection.py", "test_ensemble.py",
-    "test_metrics.py", "test_cli.py",
+    "test_metrics.py", "test_cli.py", "test_sites_eval.py",
     "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
+# A second site: 1000 adult NIH radiographs (256 px PNGs), manifest.csv with patient ids.
+SHARED_NIH = ROOT.parent / "shared" / "data" / "nih_cxr_1000" / "manifest.csv"
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +32,13 @@ def shared_npz() -> Path:
     """The real PneumoniaMNIST train/val file (CI lays ../shared beside the repo)."""
     assert SHARED_NPZ.is_file(), f"missing {SHARED_NPZ}: ../shared must sit beside the repo"
     return SHARED_NPZ
+
+
+@pytest.fixture(scope="session")
+def shared_nih() -> Path:
+    """The real NIH site's manifest.csv (path,label,patient_id,...), beside the npz."""
+    assert SHARED_NIH.is_file(), f"missing {SHARED_NIH}: ../shared must sit beside the repo"
+    return SHARED_NIH
 
 
 @pytest.fixture(scope="session")

@@ -217,6 +217,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     _metric("robust_auc_drop", "AUC drop under corruption", short="AUC drop (shift)",
             lower=True),
     _metric("tta_roc_auc", "ROC AUC with TTA"),
+    # The lowest ROC AUC over the sites of a split of several sites (lungxray.site_metrics).
+    _metric("worst_site_auc", "ROC AUC, worst site", short="worst-site AUC",
+            card="ROC AUC at the worst site"),
     _metric("deploy_threshold", "threshold at deployment prevalence", selectable=False),
     _metric("deploy_sensitivity", "sensitivity at deployment threshold", selectable=False),
     _metric("deploy_specificity", "specificity at deployment threshold", selectable=False),
@@ -239,16 +242,16 @@ AT_HALF = ("accuracy", "balanced_accuracy", "precision", "sensitivity", "specifi
 EVAL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision",
                 "sensitivity", "specificity", "npv", "f1", "mcc", "brier", "ece", "threshold",
                 "latency_ms", "robust_auc", "worst_corrupted_auc", "robust_auc_drop",
-                "tta_roc_auc", "deploy_threshold", "deploy_sensitivity", "deploy_specificity",
-                "deploy_ppv", "deploy_npv", "prevalence", "prevalence_em")
+                "tta_roc_auc", "worst_site_auc", "deploy_threshold", "deploy_sensitivity",
+                "deploy_specificity", "deploy_ppv", "deploy_npv", "prevalence", "prevalence_em")
 EVAL_CI_METRICS = ("roc_auc", "sensitivity", "specificity", "prevalence_em")
 # The comparison table's <split>_<metric> columns (absent ones are skipped).
 TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "precision",
                  "sensitivity", "specificity", "npv", "f1", "mcc", "brier", "ece",
                  "accuracy_at_0.5", "threshold", "n", "robust_auc", "worst_corrupted_auc",
-                 "robust_auc_drop", "tta_roc_auc", "deploy_threshold", "deploy_sensitivity",
-                 "deploy_specificity", "deploy_ppv", "deploy_npv", "prevalence",
-                 "prevalence_em")
+                 "robust_auc_drop", "tta_roc_auc", "worst_site_auc", "deploy_threshold",
+                 "deploy_sensitivity", "deploy_specificity", "deploy_ppv", "deploy_npv",
+                 "prevalence", "prevalence_em")
 # The comparison's headline table (each with its 95% CI) and its bar chart.
 HEADLINE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "npv",
                     "balanced_accuracy", "f1", "mcc", "brier", "ece", "robust_auc",

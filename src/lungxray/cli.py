@@ -28,7 +28,15 @@ def _preprocess(args: argparse.Namespace) -> dict:
                               channels=args.channels, cache_dir=args.cache_dir,
                               skip_bad=args.skip_bad, keep_aspect=args.keep_aspect,
                               min_size=args.min_size, workers=args.workers, limits=limits,
-                              shifted_test_fraction=args.shifted_test_fraction)
+                              shifted_test_fraction=args.shifted_test_fraction,
+                              sites=_sites(args.site), site_name=args.site_name,
+                              holdout_site=args.holdout_site)
+
+
+def _sites(entries: list[str]) -> list[tuple[str, str]]:
+    from lungxray import sites
+
+    return [sites.parse_entry(text) for text in entries]
 
 
 def _tune(args: argparse.Namespace) -> dict:
@@ -217,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="set one reader limit, e.g. max_image_size=2048 or max_classes=5000 "
                    "(repeatable; docs/limits.md lists every limit and its default)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME=SOURCE",
+                   help="another site prepared into the same splits, e.g. "
+                   "nih=../shared/data/nih_cxr_1000/manifest.csv (repeatable; each site is "
+                   "carved on its own, grouped by patient, and recorded per image)")
+    p.add_argument("--site-name", default=None, metavar="NAME",
+                   help="the site name of --source when there are --site's (default: "
+                   "'pneumoniamnist' for its files and names, else 'main')")
+    p.add_argument("--holdout-site", default=None, metavar="NAME",
+                   help="put every image of this site into test_site_NAME: never trained, "
+                   "tuned, thresholded or selected on (the off-site estimate)")
     _common(p)
     p.set_defaults(func=_preprocess)
 

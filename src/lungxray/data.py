@@ -19,6 +19,7 @@ from lungxray import artifacts, shift
 from lungxray import splits as splitting
 from lungxray.errors import DataError, quote_repr
 from lungxray.safeio import load_json_object
+from lungxray.sites import HOLDOUT_PREFIX, NAME_PATTERN
 from lungxray.sources import SPLITS
 
 __all__ = ["FILES_INDEX", "FORMAT", "MANIFEST", "OUTPUT_SPLITS", "SPLITS", "DataError", "Split",
@@ -31,7 +32,9 @@ MANIFEST = artifacts.MANIFEST_FILE
 FORMAT = "lungxray-dataset/2"
 _FORMAT_NAME, _, _FORMAT_VERSION = FORMAT.rpartition("/")
 FILES_INDEX = artifacts.FILES_INDEX
-_ARRAY_FILE = re.compile(rf"^(?:{'|'.join(OUTPUT_SPLITS)})_(?:images|labels)\.npy$")
+# A held-out site's split is named after it (lungxray.sites): test_site_<name>.
+_ARRAY_FILE = re.compile(rf"^(?:{'|'.join(OUTPUT_SPLITS)}|{HOLDOUT_PREFIX}{NAME_PATTERN})"
+                         rf"_(?:images|labels)\.npy$")
 
 
 @dataclass
@@ -133,4 +136,7 @@ def manifest_metadata(manifest: dict) -> dict:
             "source_sha256": manifest["source_sha256"],
             "n_skipped": len(manifest.get("skipped", []))}
     meta.update({f"n_{name}": split["n"] for name, split in manifest["splits"].items()})
+    if manifest.get("sites"):
+        meta["sites"] = list(manifest["sites"])
+        meta["holdout_site"] = manifest.get("holdout_site")
     return meta

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lungxray import pages
+from lungxray import pages, sites
 from lungxray.artifacts import DATA_REPORT_HTML as HTML_FILE
 from lungxray.artifacts import DATA_REPORT_MD as MARKDOWN_FILE
 
@@ -172,6 +172,11 @@ def markdown(manifest: dict) -> str:
     if manifest.get("grouped_by") == "patient_id":
         lines += ["", "Splits are grouped by `patient_id`: one patient never spans a carved "
                       "split and another."]
+    site_rows = sites.count_rows(manifest)
+    if site_rows:
+        lines += ["", sites.describe(manifest), "", "| site | split | n | " + " | ".join(classes)
+                  + " |", "|---|---|---:|" + "---:|" * len(classes)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in site_rows]
     shift_text, shift_rows = _shift_lines(manifest)
     if shift_text:
         lines += ["", shift_text, "", "| feature | shift (SD) |", "|---|---:|"]
@@ -233,6 +238,9 @@ def to_html(manifest: dict, figures: dict[str, str]) -> str:
         _table(["split", "n", *classes],
                [[name, n, *counts] for name, n, counts in _counts_rows(manifest)]),
         _img(figures["counts"], "images per split and class"),
+        *(["<h2>Counts per site</h2>", f"<p>{esc(sites.describe(manifest))}</p>",
+           _table(["site", "split", "n", *classes], sites.count_rows(manifest))]
+          if manifest.get("sites") else []),
         *(["<h2>Shifted test split</h2>", f"<p>{esc(_shift_lines(manifest)[0])}</p>",
            _table(["feature", "shift (SD)"], _shift_lines(manifest)[1])]
           if manifest.get("shift") else []),

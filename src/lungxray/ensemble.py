@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lungxray import metrics as metrics_lib
-from lungxray import plots, prevalence, robustness, safeio
+from lungxray import plots, prevalence, robustness, safeio, site_metrics
 from lungxray.artifacts import (
     ENSEMBLE_FILE,
     ENSEMBLE_KIND,
@@ -122,6 +122,13 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
                      for k in ("latency_batch_size", "latency_device")}})
         preds = pd.DataFrame({"y_true": labels[s], **{c: probs[s][:, i]
                                                       for i, c in enumerate(cols)}})
+        # The members were evaluated on the same rows: the first one's sites are theirs.
+        first = members[0].splits[s].predictions
+        if site_metrics.SITE_COLUMN in first.columns:
+            sites = first[site_metrics.SITE_COLUMN].astype(str).to_numpy(dtype=object)
+            site_metrics.add_per_site(m, labels[s], probs[s], sites, classes, threshold,
+                                      n_bootstrap=n_bootstrap, seed=seed)
+            preds[site_metrics.SITE_COLUMN] = sites
         robust = _ensemble_robustness(members, s, cols)
         if robust is not None:
             m["robustness"] = robustness.summarize(robust, classes)

@@ -31,6 +31,7 @@ from lungxray import (
     prevalence,
     safeio,
     schema,
+    site_metrics,
     staging,
 )
 from lungxray import robustness as suite  # module name; `robustness` is an option below
@@ -144,8 +145,9 @@ def dataset_splits(data_dir: str | Path) -> list[str]:
 
 def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
                class_map: dict[str, str], cache_dir: Path | None,
-               merge_as: str | None) -> dict[str, tuple[data.Split, dict]]:
-    """{name: (split with the model's labels, provenance for metrics.json)}.
+               merge_as: str | None) -> dict[str, tuple[data.Split, dict, np.ndarray | None]]:
+    """{name: (split with the model's labels, provenance for metrics.json, the site of each
+    row or None for a dataset without sites)}.
 
     ``merge_as``: evaluate one set of that name, the source's ``test`` split when it has one,
     else all its splits together (an external dataset is unseen data as a whole).
@@ -170,9 +172,12 @@ def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
                                  f"(available: {', '.join(available)})")
     # Labels in range, shapes and sha256 as the manifest recorded: a tampered split is refused.
     loaded = {name: integrity.load_checked_split(data_dir, name, manifest) for name in wanted}
+    site_of = {name: site_metrics.site_rows(manifest, name, str(source)) for name in wanted}
     if merge_as:
         loaded = {merge_as: data.Split(np.concatenate([s.images for s in loaded.values()]),
                                        np.concatenate([s.labels for s in loaded.values()]))}
+        parts = list(site_of.values())
+        site_of = {merge_as: None if any(p is None for p in parts) else np.concatenate(parts)}
     provenance: dict[str, Any] = {"data_source": source}
     if class_map:
         provenance.update({"class_map": class_map,
@@ -190,7 +195,9 @@ def _eval_sets(source: str, info: dict, workdir: Path, splits: list[str],
             prov["dropped"] = int((~keep).sum())
         # Indexing copies a memory-mapped split into memory: only when images are left out.
         images = split.images if keep.all() else split.images[keep]
-        sets[name] = (data.Split(images, labels[keep]), prov)
+        sites = site_of[name]
+        sets[name] = (data.Split(images, labels[keep]), prov,
+                      None if sites is None else sites[keep])
     return sets
 
 
@@ -325,10 +332,12 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
                    extra: dict | None = None, explain: bool = True,
                    options: EvalOptions = EvalOptions(),
                    predicted: tuple[np.ndarray, float] | None = None,
-                   calibration: prevalence.Calibration | None = None) -> dict:
+                   calibration: prevalence.Calibration | None = None,
+                   sites: np.ndarray | None = None) -> dict:
     """Predict one split (unless ``predicted`` gives (probabilities, latency)) and write its
     metrics, predictions, ROC points and plots, plus robustness, TTA and prevalence evidence as
-    ``options`` ask."""
+    ``options`` ask. ``sites`` (the site of each row) adds per-site numbers
+    (:mod:`lungxray.site_metrics`) when the split holds more than one site."""
     info = predictor.info
     class_names = list(info["class_names"])
     probs, latency_ms = predicted if predicted is not None else predictor.predict(split.images)
@@ -337,10 +346,14 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
                    "threshold_method": info.get("threshold_method"),
                    "latency_ms": latency_ms, "latency_batch_size": PREDICT_BATCH,
                    "latency_device": device_name(), **(extra or {})})
+    site_metrics.add_per_site(result, split.labels, probs, sites, class_names,
+                              info["threshold"])
     output.mkdir(parents=True, exist_ok=True)
     predictions = pd.DataFrame({"y_true": split.labels})
     for i, name in enumerate(class_names):
         predictions[f"prob_{name}"] = probs[:, i]
+    if sites is not None:
+        predictions[site_metrics.SITE_COLUMN] = sites
     predictions.to_csv(output / PREDICTIONS_FILE, index=False)
     if len(class_names) == 2:
         (output / ROC_FILE).write_text(json.dumps(roc_points(split.labels, probs[:, 1])))
@@ -410,17 +423,19 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
         sets = _eval_sets(str(source), predictor.info, Path(workdir), splits, class_map,
                           cache_dir, merge_as)
         # Predicted first: validation's scores calibrate every split's prevalence evidence.
-        predicted = {name: predictor.predict(split.images) for name, (split, _) in sets.items()}
+        predicted = {name: predictor.predict(split.images) for name, (split, _, _) in sets.items()}
         calibration = _calibration(predictor.info, {n: p[0] for n, p in predicted.items()},
-                                   {n: s.labels for n, (s, _) in sets.items()}, options, output)
+                                   {n: s.labels for n, (s, _, _) in sets.items()}, options,
+                                   output)
         output.mkdir(parents=True, exist_ok=True)
         # Written into a staging dir and moved into place once complete: a failure leaves no
         # half-evaluated split, a re-run no stale file (an old Grad-CAM grid).
         # Removed on SIGTERM/SIGINT too; a SIGKILLed run's one is swept by the next run.
         with staging.staging_dir(output, ".eval-build-", "lungxray evaluate") as build:
             results = {name: evaluate_split(predictor, split, name, Path(build) / name, prov,
-                                            explain, options, predicted[name], calibration)
-                       for name, (split, prov) in sets.items()}
+                                            explain, options, predicted[name], calibration,
+                                            sites)
+                       for name, (split, prov, sites) in sets.items()}
             write_report(results, Path(build))
             for name in [*results, REPORT_FILE]:  # the report, which lists them, last
                 if (output / name).is_dir():

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from lungxray import pages, plots
+from lungxray import pages, plots, site_metrics, site_report
 from lungxray.artifacts import AT_HALF, EVAL_CI_METRICS, EVAL_METRICS, PLOT_FILES, label
 from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
 
@@ -27,6 +27,7 @@ def scalar_metrics(results: dict[str, dict]) -> dict[str, float]:
             ci = (values.get("ci") or {}).get(name)
             if ci:
                 out[f"{split}_{name}_ci_lo"], out[f"{split}_{name}_ci_hi"] = map(float, ci)
+        out.update(site_metrics.scalar_metrics(split, values))
     return out
 
 
@@ -59,6 +60,7 @@ def describe(results: dict[str, dict]) -> str:
         for name in AT_HALF:
             cells = [f"{results[s]['at_0.5'][name]:.4f}" for s in at_half]
             lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    lines += site_report.evaluation_markdown(results)
     for split in names:
         lines += ["", *(f"- **{split}**: {text}" for text in evidence_lines(results[split]))]
     return "\n".join(lines) + "\n"
@@ -123,6 +125,7 @@ def report_html(results: dict[str, dict], output: Path) -> str:
         "<p>Metrics at the decision threshold chosen on validation (never on the split shown), "
         "with 95% stratified bootstrap confidence intervals.</p>",
         f"<table><tr><th>metric</th>{head}</tr>{rows}</table>",
+        *site_report.evaluation_html(results),
     ]
     for split, values in results.items():
         parts.append(f"<h2>{html.escape(split)}</h2>")

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from lungxray import site_report
 from lungxray.artifacts import AT_HALF, CI_METRICS, METRICS, Trial, target_sensitivity_of
 
 
@@ -245,6 +246,7 @@ def model_card(best: Trial, summary: dict[str, Any]) -> str:
             lines.append(f"| {cls} | {v['support']} | {_num(v['recall'])} | "
                          f"{_num(v['specificity'])} | {_num(v['precision'])} | "
                          f"{_num(v['npv'])} | {_num(v.get('roc_auc'))} |")
+    lines += site_report.card_section(best, splits)
     lines += _robustness_section(best, splits)
     lines += _prevalence_section(best, splits)
     external = [s for s in splits if s not in ("train", "val", "test")]
@@ -256,7 +258,8 @@ def model_card(best: Trial, summary: dict[str, Any]) -> str:
         f"- The `{shown}` estimate rests on {n_held} images; the confidence intervals above "
         "show how far the true figures may lie from it.",
         "- " + (f"Evaluated on data from elsewhere: {', '.join(external)} (see the table)."
-                if external else "Not externally validated: every split comes from the same "
+                if external else site_report.SEVERAL_SITES if site_report.has_sites(best)
+                else "Not externally validated: every split comes from the same "
                 "source, so performance on another hospital's images, scanners or patients is "
                 "unknown and usually lower."),
         "- PPV and NPV depend on prevalence; they hold only where disease is as common as in "

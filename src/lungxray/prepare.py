@@ -33,7 +33,7 @@ from lungxray.data import (
     labels_file,
     load_split_files,
 )
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 from lungxray.limits import Limits
 from lungxray.pools import Pool, Settings, decode_all, new_array_file
 from lungxray.staging import signals_blocked, staging_dir
@@ -107,19 +107,22 @@ def _plan(pools: dict[str, Pool], carve_missing: bool, fractions: dict[str, floa
     return ordered, carved, shift_info
 
 
-def _write_split(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, out: Path,
+def _write_split(parts: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray, out: Path,
                  settings: Settings, histograms: np.ndarray) -> str:
-    """Copy ``images[rows]`` into ``out`` chunk by chunk; returns the split's sha256 (pixels
-    then labels, as for an in-memory array) and adds pixel counts per class to histograms."""
-    target = new_array_file(out, (len(rows), *images.shape[1:]))
+    """Copy ``images[rows]`` of each (images, rows) part, one after the other, into ``out``
+    chunk by chunk; returns the split's sha256 (pixels then labels, as for an in-memory array)
+    and adds pixel counts per class to histograms."""
+    target = new_array_file(out, (len(labels), settings.size, settings.size, settings.channels))
     digest = hashlib.sha256()
-    for start in range(0, len(rows), settings.rows):
-        block = np.ascontiguousarray(images[rows[start:start + settings.rows]])
-        block_labels = labels[start:start + len(block)]
-        target[start:start + len(block)] = block
-        target.flush()
-        digest.update(block.tobytes())
-        datareport.add_histograms(histograms, block, block_labels)
+    start = 0
+    for images, rows in parts:
+        for first in range(0, len(rows), settings.rows):
+            block = np.ascontiguousarray(images[rows[first:first + settings.rows]])
+            target[start:start + len(block)] = block
+            target.flush()
+            digest.update(block.tobytes())
+            datareport.add_histograms(histograms, block, labels[start:start + len(block)])
+            start += len(block)
     del target
     digest.update(np.ascontiguousarray(labels).tobytes())
     return digest.hexdigest()
@@ -131,7 +134,8 @@ def _write_index(path: Path, written: dict[str, dict], class_names: list[str]) -
                             "label": info["labels"],
                             "class": [class_names[i] for i in info["labels"]],
                             "file": info["origins"], "sha1": info["hashes"],
-                            "patient_id": info["groups"]})
+                            "patient_id": info["groups"],
+                            **({"site": info["sites"]} if "sites" in info else {})})
               for name, info in written.items()]
     pd.concat(frames).to_csv(path, index=False)
 
@@ -223,6 +227,26 @@ def _check_coverage(where: str, pools: dict[str, Pool], class_names: list[str]) 
         raise sources.problems_error(where, "split(s) missing a class", problems)
 
 
+def _site_request(source: str, sites: list[tuple[str, str]] | None, site_name: str | None,
+                  holdout_site: str | None, carve_missing: bool) -> list[tuple[str, str]]:
+    """[(name, source)] of every site, the main one first, checked before anything is read;
+    empty for a one-site run (today's outputs, unchanged)."""
+    from lungxray import sites as siting
+
+    if not sites and not holdout_site:
+        if site_name:
+            raise ConfigError("--site-name names the main source among several sites; give "
+                              "another with --site NAME=SOURCE")
+        return []
+    named = [(siting.check_name(site_name) if site_name else siting.default_name(source),
+              source), *(sites or [])]
+    siting.check_request([name for name, _ in named], holdout_site)
+    if not carve_missing:
+        raise ConfigError("sites are prepared into carved splits; carve_missing=False takes "
+                          "one source")
+    return named
+
+
 def preprocess(source: str, output: Path, image_size: int | None = None, seed: int = 42,
                val_fraction: float = 0.1, test_fraction: float = 0.1,
                max_per_split: int = 0, channels: int | None = None,
@@ -230,7 +254,8 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                cache_dir: Path | None = None, *, skip_bad: bool = False,
                keep_aspect: bool = False, min_size: int = MIN_IMAGE_SIZE,
                workers: int = 0, limits: Limits | None = None,
-               shifted_test_fraction: float = 0.0) -> dict:
+               shifted_test_fraction: float = 0.0, sites: list[tuple[str, str]] | None = None,
+               site_name: str | None = None, holdout_site: str | None = None) -> dict:
     """Prepare ``source`` into ``output`` and return the manifest.
 
     ``shifted_test_fraction`` > 0 first carves a ``test_shifted`` split of whole image-statistics
@@ -246,6 +271,11 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     killed run is swept by the next run on the same output. ``limits`` bound every reader
     (docs/limits.md; default: the built-in ones with any ``LUNGXRAY_<LIMIT>`` environment
     variable applied).
+
+    ``sites`` [(name, source), ...] prepares more sources beside ``source`` (the site
+    ``site_name``, default :func:`lungxray.sites.default_name`) into the same splits, each
+    carved on its own and recorded per image (:mod:`lungxray.site_prepare`); ``holdout_site``
+    puts one site's images into ``test_site_<name>`` alone. Without them nothing changes.
     """
     limits = limits or limiting.from_env()
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -264,6 +294,7 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     shown = sources.shown(source)
+    named = _site_request(source, sites, site_name, holdout_site, carve_missing)
     if image_size is not None:
         _check_image_size(shown, image_size, limits)
     output = Path(output)
@@ -279,14 +310,25 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                          workers=workers or min(8, os.cpu_count() or 1), limits=limits,
                          budget=imaging.Budget(limits.max_decode_bytes))
     _check_sizes(shown, src, settings.size, floor, limits)
-    need = _space_needed(src, settings, max_per_split)
+    fractions = {"val": val_fraction, "test": test_fraction, shift.SPLIT: shifted_test_fraction}
+    opened = None
+    if named:
+        from lungxray import site_prepare  # imports this module's checks
+
+        opened = site_prepare.open_sites(named, src, output, settings, floor, cache_dir, limits)
+    need = sum(_space_needed(site.src, settings, max_per_split)
+               for site in opened) if opened else _space_needed(src, settings, max_per_split)
     safeio.check_free_space(output, need, "output")
     with safeio.no_space_as_error(output, need), staging_dir(
             output.parent, f".prepare-{output.name[:100]}-", "lungxray preprocess") as staging:
-        manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
-                            carve_missing=carve_missing, max_per_split=max_per_split,
-                            fractions={"val": val_fraction, "test": test_fraction,
-                                       shift.SPLIT: shifted_test_fraction})
+        if opened is not None:
+            manifest = site_prepare.prepare_sites(
+                opened, holdout_site, staging, settings, seed=seed, skip_bad=skip_bad,
+                max_per_split=max_per_split, fractions=fractions)
+        else:
+            manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
+                                carve_missing=carve_missing, max_per_split=max_per_split,
+                                fractions=fractions)
         _check_output(output)  # still ours to replace after the (long) preparation
         with signals_blocked():  # never half-replaced: old output gone, new one not in place
             if output.exists():
@@ -309,21 +351,8 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings
              seed: int, skip_bad: bool, carve_missing: bool, max_per_split: int,
              fractions: dict[str, float]) -> dict:
     """Both passes into ``staging``; returns the manifest (written last)."""
-    empty = [name for name, split in src.splits.items() if len(split) == 0]
-    if empty and not skip_bad:
-        raise sources.problems_error(source, "empty split(s)", [
-            f"split '{name}' holds no images" for name in empty],
-            " (pass skip_bad=True / --skip-bad to drop them)")
-    pools, bad, source_sha = decode_all(src, staging / ".pools", settings)
-    if bad and not skip_bad:
-        raise sources.problems_error(source, "unusable file(s)", [
-            f"{b['file']}: {b['reason']}" for b in bad],
-            " (pass skip_bad=True / --skip-bad to skip them and list them in the report)")
-    dropped = [name for name, pool in pools.items() if not pool.ok.any()]
-    if dropped and not skip_bad:
-        raise sources.problems_error(source, "split(s) without usable images", [
-            f"split '{name}'" for name in dropped])
-    pools = {name: pool for name, pool in pools.items() if name not in dropped}
+    pools, bad, source_sha, dropped = _decode_checked(src, source, staging / ".pools", settings,
+                                                      skip_bad)
     if not carve_missing and src.flat and "train" in pools:
         pools = {"test": pools.pop("train")}  # an external set is evaluated as a whole
     if carve_missing:
@@ -343,14 +372,7 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings
         "source_kind": src.kind,
         "source_sha256": source_sha,
         "class_names": src.class_names,
-        "image_size": settings.size,
-        "channels": settings.channels,
-        "keep_aspect": settings.keep_aspect,
-        "min_size": settings.min_size,
-        "seed": seed,
-        "val_fraction": fractions["val"],
-        "test_fraction": fractions["test"],
-        "shifted_test_fraction": fractions.get(shift.SPLIT, 0.0),
+        **_settings_record(settings, seed, fractions),
         "shift": shift_info,
         "max_per_split": max_per_split,
         "skip_bad": skip_bad,
@@ -367,13 +389,50 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings
         "skipped": bad,
         "skipped_splits": dropped,
         "ignored": src.ignored,
-        "files": FILES_INDEX,
-        "report": {"html": datareport.HTML_FILE, "markdown": datareport.MARKDOWN_FILE},
     }
+    return _finish(staging, manifest, written, histograms, seed)
+
+
+def _finish(staging: Path, manifest: dict, written: dict[str, dict], histograms: np.ndarray,
+            seed: int) -> dict:
+    """The manifest's last entries, the data report, then the manifest itself (written last:
+    its presence marks a complete dataset)."""
+    manifest.update({"files": FILES_INDEX, "report": {"html": datareport.HTML_FILE,
+                                                      "markdown": datareport.MARKDOWN_FILE}})
     loaded = {name: load_split_files(staging, name) for name in written}
     datareport.write_report(staging, manifest, loaded, histograms, seed)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _settings_record(settings: Settings, seed: int, fractions: dict[str, float]) -> dict:
+    """The manifest's record of how images were brought to one size and split."""
+    return {"image_size": settings.size, "channels": settings.channels,
+            "keep_aspect": settings.keep_aspect, "min_size": settings.min_size, "seed": seed,
+            "val_fraction": fractions["val"], "test_fraction": fractions["test"],
+            "shifted_test_fraction": fractions.get(shift.SPLIT, 0.0)}
+
+
+def _decode_checked(src: sources.Source, source: str, pools_dir: Path, settings: Settings,
+                    skip_bad: bool) -> tuple[dict[str, Pool], list[dict], str, list[str]]:
+    """Pass 1 with its checks: the usable pools, the unusable files, the source's sha256 and
+    the splits dropped for having no usable image (an error unless ``skip_bad``)."""
+    empty = [name for name, split in src.splits.items() if len(split) == 0]
+    if empty and not skip_bad:
+        raise sources.problems_error(source, "empty split(s)", [
+            f"split '{name}' holds no images" for name in empty],
+            " (pass skip_bad=True / --skip-bad to drop them)")
+    pools, bad, source_sha = decode_all(src, pools_dir, settings)
+    if bad and not skip_bad:
+        raise sources.problems_error(source, "unusable file(s)", [
+            f"{b['file']}: {b['reason']}" for b in bad],
+            " (pass skip_bad=True / --skip-bad to skip them and list them in the report)")
+    dropped = [name for name, pool in pools.items() if not pool.ok.any()]
+    if dropped and not skip_bad:
+        raise sources.problems_error(source, "split(s) without usable images", [
+            f"split '{name}'" for name in dropped])
+    return ({name: pool for name, pool in pools.items() if name not in dropped}, bad,
+            source_sha, dropped)
 
 
 def _write_all(pools: dict[str, Pool], plan: dict[str, tuple[str, np.ndarray]], staging: Path,
@@ -388,7 +447,7 @@ def _write_all(pools: dict[str, Pool], plan: dict[str, tuple[str, np.ndarray]], 
             raise DataError(f"split '{name}' would be empty")
         labels = pool.labels[rows].astype(np.int64)
         np.save(staging / labels_file(name), labels)
-        sha = _write_split(pool.images(), rows, labels, staging / images_file(name),
+        sha = _write_split([(pool.images(), rows)], labels, staging / images_file(name),
                            settings, histograms)
         written[name] = {"labels": labels, "hashes": pool.hashes[rows],
                          "groups": pool.groups[rows], "sha256": sha,

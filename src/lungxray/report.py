@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungxray import pages, staging
+from lungxray import pages, site_report, staging
 from lungxray.artifacts import (
     BAR_METRICS,
     BEST_MODEL_DIR,
@@ -110,8 +110,9 @@ def _write_report(build: Path, chosen: Selection) -> None:
     save_best_model(chosen, build / BEST_MODEL_DIR)
     with tempfile.TemporaryDirectory(dir=build) as scratch:
         images = {t.model_name: _trial_images(t, Path(scratch)) for t in chosen.candidates}
-    page = _report_html(summary, ranked, chosen.candidates, images, charts)
-    (build / REPORT_MD).write_text(report_markdown(summary, ranked, chosen.candidates))
+    page = _report_html(summary, ranked, chosen.candidates, images, charts, chosen.best)
+    (build / REPORT_MD).write_text(report_markdown(summary, ranked, chosen.candidates,
+                                                   chosen.best))
     (build / MODEL_CARD_FILE).write_text(model_card(chosen.best, summary))
     (build / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (build / REPORT_HTML).write_text(page, encoding="utf-8")
@@ -378,7 +379,8 @@ def _split_n(trials: list[Trial], split: str) -> int | None:
 
 def _split_title(split: str, trials: list[Trial]) -> str:
     role = {"val": "validation: selection happens here",
-            "test": "test: held out, the unbiased estimate"}.get(split, "external / other data")
+            "test": "test: held out, the unbiased estimate"}.get(
+        split, site_report.split_role(split) or "external / other data")
     return f"{split} (n={_split_n(trials, split)}; {role})"
 
 
@@ -392,7 +394,7 @@ def _ci_note(trials: list[Trial]) -> str:
 
 def _report_html(
     summary: dict[str, Any], ranked: pd.DataFrame, trials: list[Trial],
-    images: dict[str, dict[str, Any]], charts: dict[str, str],
+    images: dict[str, dict[str, Any]], charts: dict[str, str], best: Trial | None = None,
 ) -> str:
     order = {str(n): i for i, n in enumerate(ranked["model_name"])}
     models = "\n".join(
@@ -406,6 +408,7 @@ def _report_html(
     rocs = [img_tag(charts[f"roc_{s}"], f"ROC curves of all models on {s}") for s in splits
             if f"roc_{s}" in charts]
     full = display_table(ranked).to_html(index=False, escape=True)
+    order = [str(n) for n in ranked["model_name"]]
     robust = [img_tag(charts[f"robust_{s}"], f"AUC under corruption of all models on {s}")
               for s in splits if f"robust_{s}" in charts] or [
         "<p>Not measured: the evaluations ran without the corruption suite.</p>"]
@@ -413,9 +416,12 @@ def _report_html(
         f"<h1>{TITLE}</h1>",
         f'<p class="warn">{html.escape(NOT_A_DEVICE)}</p>',
         _summary_html(summary, ranked),
+        *(f"<p>{html.escape(line)}</p>" for line in (site_report.pick_lines(best) if best
+                                                      else [])),
         "<h2>Headline metrics</h2>",
         f'<p class="note">{html.escape(_ci_note(trials))}</p>',
         *headline,
+        *site_report.comparison_html(trials, splits, order),
         "<h2>Size, speed and cost</h2>",
         f'<div class="scroll">{facts_table(ranked).to_html(index=False)}</div>',
         '<p class="note">Latency: wall-clock model.predict time per image after a warm-up, on '
@@ -438,17 +444,22 @@ def _report_html(
     ])
 
 
-def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame, trials: list[Trial]) -> str:
+def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame, trials: list[Trial],
+                    best: Trial | None = None) -> str:
     """The report's text: summary, headline tables with CIs, size and speed."""
     metric = summary["select_metric"]
     lines = [f"# {TITLE}", "", f"> {NOT_A_DEVICE}", "",
              f"**Best model: {summary['best_model']}**, selected on `{metric}` = "
              f"{_fmt(summary['select_value'])} (chosen on validation, never on test).", "",
+             *(line for text in (site_report.pick_lines(best) if best else [])
+               for line in (text, "")),
              *([tie_text(summary), ""] if tie_text(summary) else []),
              _ensemble_text(summary), "", "## Headline metrics", "", _ci_note(trials), ""]
     for split in _splits(trials):
         lines += [f"### {_split_title(split, trials)}", "",
                   to_markdown(headline_table(ranked, split))]
+    lines += site_report.comparison_markdown(trials, _splits(trials),
+                                             [str(n) for n in ranked["model_name"]])
     lines += ["## Size, speed and cost", "", to_markdown(facts_table(ranked)),
               f"All columns: `{RESULTS_CSV}` / `{RESULTS_MD}`.", ""]
     return "\n".join(lines)

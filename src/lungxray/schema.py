@@ -23,6 +23,9 @@ MAX_BATCH = 65_536
 MAX_COUNT = 1_000_000_000  # sample counts (max_per_split, train_samples)
 MAX_TEXT = 4096  # characters of a free-text parameter (paths, URIs, class maps)
 MAX_MODELS = 100
+# The pipeline's data_source default (pipelines/pipeline.py; a test keeps the two equal): the
+# main site's name, when sites are given without a data_source, is derived from it.
+DEFAULT_DATA_SOURCE = "pneumoniamnist"
 
 
 def _rng(lo: float | None = None, hi: float | None = None, *, zero: bool = False,
@@ -37,6 +40,8 @@ class PipelineParams:
     those live in pipelines/pipeline.py; a test keeps the two name lists equal)."""
 
     data_source: str = field(metadata=_rng(1, MAX_TEXT))
+    sites: str = field(metadata=_rng(0, MAX_TEXT))
+    holdout_site: str = field(metadata=_rng(0, 40))
     base_models: list[str] = field(metadata=_rng(1, MAX_MODELS))
     image_size: int = field(metadata=_rng(8, None, zero=True))  # hi: Limits.max_image_size
     keep_aspect: bool = field(metadata=_rng())
@@ -136,7 +141,23 @@ def check_pipeline_params(params: Mapping[str, Any], limits: Limits = DEFAULT) -
             check_range(f"parameter {name}", value, meta["lo"], hi, zero=meta["zero"])
     if "base_models" in params:
         check_model_names(params["base_models"], "parameter base_models")
+    check_sites(params)
     check_locations(params)
+
+
+def check_sites(params: Mapping[str, Any]) -> None:
+    """``sites`` (NAME=SOURCE,...) and ``holdout_site``: names usable and distinct, the main
+    source's site (named after data_source) included, and a held-out site one of several."""
+    from lungxray import sites as siting
+
+    extra, holdout = params.get("sites", ""), params.get("holdout_site", "")
+    if not extra and not holdout:
+        return
+    source = params.get("data_source", DEFAULT_DATA_SOURCE)
+    named = siting.parse_sites(extra, "parameter sites")
+    names = [siting.default_name(source if isinstance(source, str) else ""),
+             *(name for name, _ in named)]
+    siting.check_request(names, holdout or None, "parameter sites")
 
 
 def check_locations(params: Mapping[str, Any], local_run: bool = False) -> None:

@@ -312,7 +312,10 @@ def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
     over an ensemble (simpler and faster for the same score), then by model name."""
     metric = check_select_metric(select_metric)
     if select_metric not in table.columns:
-        raise ConfigError(f"no trial reports {select_metric!r}; columns: {list(table.columns)}")
+        hint = (" (only a split of more than one site has it: prepare with --site NAME=SOURCE)"
+                if metric == "worst_site_auc" else "")
+        raise ConfigError(f"no trial reports {select_metric!r}{hint}; columns: "
+                          f"{quote_repr(list(table.columns), 300)}")
     values = pd.to_numeric(table[select_metric], errors="coerce").astype(float)
     if values.isna().all():
         raise ConfigError(f"{select_metric!r} is undefined for every trial; cannot select")

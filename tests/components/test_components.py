@@ -30,6 +30,17 @@ def test_preprocess_component_writes_dataset_and_summary(shared_npz, tmp_path):
     assert "| test (carved from train) | 60 |" in Path(summary.path).read_text()
 
 
+def test_preprocess_component_takes_sites_and_a_held_out_site(shared_npz, shared_nih, tmp_path):
+    dataset, summary = artifact(Dataset, tmp_path, "dataset"), artifact(Markdown, tmp_path, "md")
+    preprocess(source=str(shared_npz), image_size=32, seed=1, max_per_split=60,
+               data_version="v1", dataset=dataset, summary=summary,
+               report=artifact(HTML, tmp_path, "report"), sites=f"nih={shared_nih}",
+               holdout_site="nih")
+    assert dataset.metadata["sites"] == ["pneumoniamnist", "nih"]
+    assert dataset.metadata["holdout_site"] == "nih" and dataset.metadata["n_test_site_nih"] == 60
+    assert "| nih | test_site_nih | 60 |" in Path(summary.path).read_text()
+
+
 def test_evaluate_and_compare_components(trained_model, small_dataset, tmp_path):
     dataset = Dataset(name="dataset", uri=str(small_dataset))
     model = Model(name="model", uri=str(trained_model))

@@ -1,0 +1,213 @@
+"""Issue 33: per-site numbers beside the pooled ones in evaluate, the report and the model card,
+and selection on the worst site's validation AUC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from lungxray import evaluate, evaluation_report, prepare, report, selection, site_metrics
+from lungxray.errors import ConfigError, DataError
+from tests.trial_helpers import make_trial
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def two_site_data(tmp_path_factory, shared_npz, shared_nih) -> Path:
+    output = tmp_path_factory.mktemp("sites") / "data"
+    prepare.preprocess(str(shared_npz), output, image_size=SIZE, seed=0, max_per_split=240,
+                       sites=[("nih", str(shared_nih))])
+    return output
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, two_site_data) -> Path:
+    from lungxray import train
+
+    output = tmp_path_factory.mktemp("model") / "SmallCNN"
+    train.train(two_site_data, "SmallCNN", output, epochs=1, weights="none", seed=0)
+    return output
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model, two_site_data) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("eval")
+    results = evaluate.evaluate(tiny_model, str(two_site_data), output,
+                                splits=["val", "test"], explain=False)
+    return output, results
+
+
+def test_each_split_has_per_site_numbers_beside_the_pooled_ones(evaluated, two_site_data):
+    output, results = evaluated
+    manifest = json.loads((two_site_data / "manifest.json").read_text())
+    for split in ("val", "test"):
+        metrics = json.loads((output / split / "metrics.json").read_text())
+        assert metrics == json.loads(json.dumps(results[split]))
+        per_site = metrics["per_site"]
+        assert list(per_site) == ["pneumoniamnist", "nih"]
+        assert sum(v["n"] for v in per_site.values()) == metrics["n"]
+        # Each site's numbers are the pooled recipe on that site's rows alone, recomputed here
+        # from predictions.csv, whose site column follows the manifest's row order.
+        preds = pd.read_csv(output / split / "predictions.csv")
+        assert list(preds["site"]) == list(site_metrics.site_rows(manifest, split, "x"))
+        threshold = metrics["threshold"]
+        for site, values in per_site.items():
+            rows = preds[preds["site"] == site]
+            y, score = rows["y_true"].to_numpy(), rows["prob_pneumonia"].to_numpy()
+            assert values["n"] == len(rows) == manifest["splits"][split]["sites"][site]["n"]
+            assert values["prevalence"] == pytest.approx(np.mean(y == 1))
+            assert values["roc_auc"] == pytest.approx(roc_auc_score(y, score))
+            predicted = score >= threshold
+            assert values["sensitivity"] == pytest.approx(np.mean(predicted[y == 1]))
+            assert values["specificity"] == pytest.approx(np.mean(~predicted[y == 0]))
+            assert values["accuracy"] == pytest.approx(np.mean(predicted == (y == 1)))
+            lo, hi = values["ci"]["roc_auc"]
+            assert lo <= values["roc_auc"] <= hi
+        assert metrics["worst_site_auc"] == min(v["roc_auc"] for v in per_site.values())
+        print(split, {s: round(v["roc_auc"], 3) for s, v in per_site.items()})
+
+
+def test_kubeflow_metrics_and_pages_show_the_sites(evaluated):
+    output, results = evaluated
+    scalars = evaluation_report.scalar_metrics(results)
+    for split in ("val", "test"):
+        for site in ("pneumoniamnist", "nih"):
+            assert scalars[f"{split}_{site}_roc_auc"] == results[split]["per_site"][site][
+                "roc_auc"]
+        assert scalars[f"{split}_worst_site_auc"] == results[split]["worst_site_auc"]
+    summary = evaluation_report.describe(results)
+    assert "Per site on **val**" in summary and "| nih |" in summary
+    assert "ROC AUC, worst site" in summary
+    page = (output / "report.html").read_text()
+    assert "Per site on val" in page and "Per site on test" in page
+
+
+def test_a_held_out_site_is_evaluated_as_its_own_split(tiny_model, shared_npz, shared_nih,
+                                                       tmp_path):
+    data_dir = tmp_path / "held"
+    prepare.preprocess(str(shared_npz), data_dir, image_size=SIZE, seed=0, max_per_split=100,
+                       sites=[("nih", str(shared_nih))], holdout_site="nih")
+    splits = evaluate.dataset_splits(data_dir)
+    assert splits == ["val", "test", "test_site_nih"]
+    results = evaluate.evaluate(tiny_model, str(data_dir), tmp_path / "eval", splits=splits,
+                                explain=False)
+    held = results["test_site_nih"]
+    assert held["n"] == 100 and "per_site" not in held  # one site: the pooled numbers are its
+    assert "per_site" not in results["val"]  # one site left to train and choose on
+    preds = pd.read_csv(tmp_path / "eval" / "test_site_nih" / "predictions.csv")
+    assert set(preds["site"]) == {"nih"}
+
+
+def test_tampered_site_counts_are_refused(tiny_model, two_site_data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_site_data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["sites"]["nih"]["n"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="site counts of split 'val' add up to"):
+        evaluate.evaluate(tiny_model, str(copy), tmp_path / "eval", splits=["val"],
+                          explain=False)
+    assert not (tmp_path / "eval" / "val").exists()
+
+
+# --------------------------------------------------------------------------- selection
+
+# Two sites of five images each on validation; X ranks the pooled rows well but puts site a's
+# only positive below all its negatives, Y ranks each site perfectly but mixes the sites.
+VAL_Y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+VAL_SITES = np.array(["a"] * 5 + ["b"] * 5, dtype=object)
+X = [0.30, 0.32, 0.34, 0.36, 0.29, 0.05, 0.90, 0.91, 0.92, 0.93]  # pooled 0.84, worst site 0
+Y = [0.80, 0.81, 0.82, 0.83, 0.84, 0.10, 0.20, 0.30, 0.40, 0.50]  # pooled 0.36, worst site 1
+
+
+def _site_trial(root: Path, name: str, val: list[float], held: bool = True) -> Path:
+    """A fake trial (tests/trial_helpers) whose val and test splits hold sites a and b, written
+    as evaluate writes a split of several sites; ``held``: also a held-out site c."""
+    splits = ["val", "test", *(["test_site_c"] if held else [])]
+    trial = make_trial(root, name, {s: val for s in splits}, labels={s: VAL_Y for s in splits})
+    for split in ("val", "test"):
+        d = trial / "eval" / split
+        metrics = json.loads((d / "metrics.json").read_text())
+        probs = np.column_stack([1 - np.asarray(val), np.asarray(val)])
+        site_metrics.add_per_site(metrics, VAL_Y, probs, VAL_SITES, ["normal", "pneumonia"],
+                                  metrics["threshold"])
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        preds = pd.read_csv(d / "predictions.csv")
+        preds["site"] = VAL_SITES
+        preds.to_csv(d / "predictions.csv", index=False)
+    return trial
+
+
+def test_worst_site_auc_selects_the_model_that_holds_up_at_every_site(tmp_path):
+    trials = [_site_trial(tmp_path / "t", "X", X), _site_trial(tmp_path / "t", "Y", Y)]
+    x_val = json.loads((trials[0] / "eval" / "val" / "metrics.json").read_text())
+    assert x_val["roc_auc"] == pytest.approx(0.84) and x_val["worst_site_auc"] == 0.0
+    loaded = [selection.load_trial(t) for t in trials]
+    assert selection.select(loaded, "val_roc_auc", ensemble_k=0).summary["best_model"] == "X"
+    summary = report.compare(trials, tmp_path / "worst", select_metric="val_worst_site_auc")
+    assert summary["best_model"] == "Y" and summary["select_value"] == 1.0
+    # The ensemble candidate is scored per site from its members' site column.
+    ensemble = json.loads((tmp_path / "worst" / "ensemble" / "val" / "metrics.json").read_text())
+    assert list(ensemble["per_site"]) == ["a", "b"]
+    assert summary["ranking"][0]["model_name"] == "Y"
+    assert [r["model_name"] for r in summary["ranking"]][-1] == "X"
+    text = (tmp_path / "worst" / "report.md").read_text()
+    assert "## Per site" in text and "### Per site on val" in text and "| Y | a |" in text
+    assert "Per site on val" in (tmp_path / "worst" / "report.html").read_text()
+    card = (tmp_path / "worst" / "model_card.md").read_text()
+    assert "## Performance per site" in card and "| b | 5 |" in card
+    assert "Held-out site **c** (`test_site_c`, 10 images" in card
+    assert "Not externally validated" not in card
+    assert "### test_site_c (n=10; held-out site c: never trained" in text
+    # The summary names the pick's AUC per site and at the held-out site (make local prints it).
+    assert "Per site, the pick: ROC AUC on val a 1.0000, b 1.0000; test a 1.0000" in text
+    assert "Held-out site c (test_site_c, 10 images, never trained, tuned or selected on): " \
+           "ROC AUC 0.3600" in text
+    results = pd.read_csv(tmp_path / "worst" / "results.csv")
+    assert "val_worst_site_auc" in results.columns
+
+
+def test_worst_site_auc_needs_a_split_of_several_sites(tmp_path):
+    from tests.trial_helpers import three_trials
+
+    with pytest.raises(ConfigError, match="no trial reports 'val_worst_site_auc'"):
+        report.compare(three_trials(tmp_path), tmp_path / "out",
+                       select_metric="val_worst_site_auc")
+
+
+def test_per_site_cis_are_the_pooled_recipes_on_each_sites_rows():
+    # The fast per-site bootstrap draws the resamples compute_metrics draws and gives its CIs.
+    from lungxray import metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 160)
+    score = np.clip(rng.normal(0.3 + 0.3 * y, 0.25), 0, 1)
+    probs = np.column_stack([1 - score, score])
+    sites = np.array(["a"] * 70 + ["b"] * 90, dtype=object)
+    found = site_metrics.per_site(y, probs, sites, ["n", "p"], 0.45, n_bootstrap=50, seed=3)
+    for name in ("a", "b"):
+        mask = sites == name
+        pooled = metrics.compute_metrics(y[mask], probs[mask], ["n", "p"], 0.45, n_bootstrap=50,
+                                         seed=3)
+        for key in site_metrics.SITE_METRICS:
+            assert found[name][key] == pytest.approx(pooled[key])
+            assert found[name]["ci"][key] == pytest.approx(pooled["ci"][key])
+
+
+def test_the_model_card_of_a_run_of_several_sites(tmp_path):
+    from lungxray.modelcard import model_card
+
+    trial = selection.load_trial(_site_trial(tmp_path, "Y", Y, held=False))
+    card = model_card(trial, {"select_metric": "val_worst_site_auc", "select_value": 1.0,
+                              "n_models": 1})
+    assert "## Performance per site" in card and "On `val`:" in card
+    assert "Trained and evaluated on several sites" in card
+    assert "Not externally validated" not in card and "Held-out site" not in card

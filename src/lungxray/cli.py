@@ -146,7 +146,7 @@ def _promote(args: argparse.Namespace) -> dict:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from lungxray.models import REGISTRY
+    from lungxray.backbones import REGISTRY
 
     print(f"{'name':<20} {'preprocess':<10} {'default':>7} {'min':>4}")
     for spec in REGISTRY.values():

@@ -184,7 +184,7 @@ def check_locations(params: Mapping[str, Any], local_run: bool = False) -> None:
 
 def check_model_names(names: list[str], where: str) -> None:
     """Every name a registered backbone (`lungxray models`), none twice."""
-    from lungxray.models import REGISTRY  # imports Keras: only when names are given
+    from lungxray.backbones import REGISTRY  # the Keras-free registry
 
     for name in names:
         if name not in REGISTRY:

@@ -31,10 +31,7 @@ from lungxray import metrics, safeio
 from lungxray.champion_store import (  # noqa: F401 - the champion API, as before #34
     CARD_FILE,
     DECISION_FILE,
-    HISTORY_DIR,
-    MODEL_DIR,
     RECORD_FILE,
-    RUN_ID,
     check_run_id,
     current,
     read_champion,

@@ -129,8 +129,9 @@ def _challenge(args: argparse.Namespace) -> dict:
                                     cache_dir=args.cache_dir)
         (work / CHAMPION_MD).write_text(champion.markdown(record))
         champion.write_decision(record, work)
-        for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
-            os.replace(work / name, args.output / name)
+        with staging.signals_blocked():  # never a new champion.md beside an old decision
+            for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
+                os.replace(work / name, args.output / name)
     return {"decision": record["decision"], "reason": record["reason"],
             "decision_file": str(args.output / champion.DECISION_FILE)}
 

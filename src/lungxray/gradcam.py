@@ -20,12 +20,12 @@ import keras
 import numpy as np
 
 from lungxray import models, plots
-from lungxray.errors import DataError
+from lungxray.errors import DataError, ModelError
 
 HEAD_LAYER = "probs"
 
 
-class GradCamError(ValueError):
+class GradCamError(ModelError, ValueError):
     """A model Grad-CAM cannot be computed for, with what is missing."""
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from lungxray import images as imaging
-from lungxray.pools import read_file
+from lungxray.errors import DataError, safe_name
+from lungxray.pools import Unusable, read_file
 
 MAX_SIDE = 1024  # long side of an overlay, in pixels; larger images are reduced to it
 OVERLAY_ALPHA = 0.4  # heatmap weight, as in the evaluation report's Grad-CAM grid
@@ -46,8 +47,11 @@ def source_image(path: Path | None, raw: np.ndarray | None, settings: Any) -> np
     if raw is not None:
         picture = Image.fromarray(raw[..., 0] if raw.shape[-1] == 1 else raw)
     else:
-        picture, _ = imaging.open_image(read_file(path, settings.limits.max_file_bytes),
-                                        path.name, MAX_SIDE, settings.channels,
+        try:
+            data = read_file(path, settings.limits.max_file_bytes)
+        except Unusable as err:  # changed since it was decoded for the prediction
+            raise DataError(f"{safe_name(str(path))}: {err}") from None
+        picture, _ = imaging.open_image(data, path.name, MAX_SIDE, settings.channels,
                                         settings.limits)
     return bounded(picture, settings.channels)
 

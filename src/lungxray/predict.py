@@ -186,7 +186,7 @@ def _decode_file(entry: Entry, settings: Settings) -> tuple[np.ndarray | None, s
     try:
         data = read_file(entry.path, settings.limits.max_file_bytes)
     except FileNotFoundError:
-        return None, "no such file"
+        return None, MISSING
     except Unusable as err:
         return None, str(err)
     except OSError as err:

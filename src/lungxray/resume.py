@@ -3,8 +3,8 @@
 A state dir (``<output>/.state`` or ``--state-dir``) holds:
 
 - ``job.json``: the job's settings. A state of another job, an older format, or one that cannot
-  be read is discarded with a one-line note and training starts afresh; a dir that holds files
-  train did not write is refused, never deleted.
+  be read is discarded with a one-line note and training starts afresh; files train did not
+  write are never deleted: a dir holding them is refused unless its job is this one.
 - ``phases.json``: the finished phases (epochs, history); ``<phase>.weights.h5``: the best
   epoch's weights of each.
 - inside a phase, ``<phase>.progress.json``: the commit record of the last finished epoch (every

@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from lungxray import staging
+from lungxray import safeio, staging
 from lungxray.errors import ConfigError, OutputError, quote
 
 METADATA_DIR = "assets.extra"  # TF Serving's place for files it does not read itself
@@ -183,26 +182,24 @@ def _build(members: list[Any], info: dict[str, Any], model_dir: Path, version: i
         (extra / METADATA_FILE).write_text(
             json.dumps(_metadata(info, model_dir, version), indent=2) + "\n")
     except (tf.errors.OpError, OSError) as err:
-        raise OutputError(_write_failure(err, members, target)) from None
+        raise _write_failure(err, members, target) from None
 
 
-def _write_failure(err: BaseException, members: list[Any], target: Path) -> str:
-    """``<target>: cannot write the SavedModel (no space left on device); its variables need
-    12.3 MB, 1.0 MB free there``."""
+def _write_failure(err: BaseException, members: list[Any], target: Path) -> OutputError:
+    """A full disk as :func:`safeio.no_space` says it (with the bytes the variables take),
+    any other failure as ``<target>: cannot write the SavedModel (<reason>)``."""
     from lungxray.models import variables_bytes
 
     if isinstance(err, OSError):
         reason = err.strerror or str(err)
+        full = err.errno in safeio.NO_SPACE
     else:  # TensorFlow's message: a function node, the file, then what went wrong
         text = " ".join(str(getattr(err, "message", err)).split())
         reason = text.rsplit("; ", 1)[-1].split(" [Op:", 1)[0] or type(err).__name__
-    need = variables_bytes([v for m in members for v in m.weights])
-    try:
-        free = f"{shutil.disk_usage(target.parent).free / 1e6:.1f} MB free there"
-    except OSError:
-        free = "free space unknown"
-    return (f"{target}: cannot write the SavedModel ({quote(reason, 200)[1:-1]}); its "
-            f"variables need {need / 1e6:.1f} MB, {free}")
+        full = "no space left" in text.lower() or "quota exceeded" in text.lower()
+    if full:
+        return safeio.no_space(target, variables_bytes([v for m in members for v in m.weights]))
+    return OutputError(f"{target}: cannot write the SavedModel ({quote(reason, 200)[1:-1]})")
 
 
 def _publish(build: Path, target: Path, staging_folder: Path) -> None:

@@ -34,7 +34,6 @@ from lungxray import images as imaging
 from lungxray import limits as limiting
 from lungxray.errors import ConfigError, DataError, ModelError, safe_name
 from lungxray.limits import Limits
-from lungxray.model_loader import check_input_size as _check_input_size
 from lungxray.model_loader import load as _load
 from lungxray.overlays import write_overlays
 from lungxray.pools import CHUNK_BYTES, Unusable, read_file
@@ -354,8 +353,7 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     class_names = [str(c) for c in info["class_names"]]
     threshold = info.get("threshold")
     calibration = _saved_calibration(info, Path(model_dir))
-    settings = settings_for(info, workers, limits)
-    _check_input_size(predictor.members, settings, Path(model_dir))
+    settings = settings_for(info, workers, limits)  # the input load checked the network has
     created, published = not output.exists(), False
     try:
         with staging.staging_dir(output, STAGING_PREFIX, "lungxray predict") as build:

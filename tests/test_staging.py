@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,39 @@ def test_signals_blocked_defers_a_stop_that_another_thread_takes():
     thread.join()
     assert stopped.value.signum == signal.SIGTERM
     assert steps[-1] == 999  # the section finished, nothing after it ran
+
+
+def test_a_failed_first_run_leaves_no_output_folder(tmp_path):
+    fresh, kept = tmp_path / "new" / "out", tmp_path / "old"
+    kept.mkdir()
+    for parent in (fresh, kept):
+        with pytest.raises(RuntimeError), staging.staging_dir(parent, ".x-") as build:
+            (build / "part").write_text("half")
+            raise RuntimeError("failed")
+    assert not fresh.exists() and (tmp_path / "new").is_dir()  # only the folder it made
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    with staging.staging_dir(fresh, ".x-") as build:  # success keeps it
+        (build / "done").write_text("ok")
+    assert fresh.is_dir()
+
+
+def test_a_stop_swallowed_in_a_finalizer_still_stops_the_block(tmp_path, capfd):
+    """Seen with JAX loaded: SIGTERM arrived while its gc callback ran, Python printed
+    "Exception ignored" and export finished with exit 0 as if never stopped."""
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs in here, so Python swallows its raise
+                pass
+
+    went_on = []
+    with pytest.raises(staging.Stopped) as stop, staging.staging_dir(tmp_path / "out",
+                                                                      ".x-") as build:
+        Finalized()
+        went_on.append((build / "after").write_text("the block went on"))
+    assert went_on and stop.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "out").exists()  # staging and the folder it made are gone
+    err = capfd.readouterr().err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # handlers restored

@@ -18,7 +18,6 @@ the mean of its members' probabilities, as it is evaluated.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -153,17 +152,11 @@ def export(model_dir: Path | str, output: Path | str, version: int = 1,
         if (target.exists() or target.is_symlink()) and not force:
             raise ConfigError(f"{target}: version {version} exists; pass --force to replace "
                               f"it or --version for a new one")
-        created = not output.exists()
-        try:
-            with staging.staging_dir(output, STAGING_PREFIX, "lungxray export") as build:
-                _build(predictor.members, predictor.info, model_dir, version, build / "model",
-                       target)
-                _publish(build / "model", target, build)
-        except BaseException:
-            if created:  # a failed first export leaves no empty output folder either
-                with contextlib.suppress(OSError):
-                    output.rmdir()
-            raise
+        # A failed first export leaves no empty output folder either (staging_dir).
+        with staging.staging_dir(output, STAGING_PREFIX, "lungxray export") as build:
+            _build(predictor.members, predictor.info, model_dir, version, build / "model",
+                   target)
+            _publish(build / "model", target, build)
     return {"model_name": predictor.info.get("model_name"), "saved_model": str(target),
             "version": version, "signatures": list(SIGNATURES),
             "members": len(predictor.members)}

@@ -354,24 +354,16 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     threshold = info.get("threshold")
     calibration = _saved_calibration(info, Path(model_dir))
     settings = settings_for(info, workers, limits)  # the input load checked the network has
-    created, published = not output.exists(), False
-    try:
-        with staging.staging_dir(output, STAGING_PREFIX, "lungxray predict") as build:
-            counts, n_bad, scores = _run(predictor.members, listing, settings, build,
-                                         class_names, threshold, batch_size, skip_bad, explain,
-                                         meter)
-            estimate = _target_prevalence(calibration, class_names, scores, threshold)
-            if estimate is not None:
-                safeio.write_text_atomic(build / PREVALENCE_FILE, json.dumps(estimate, indent=2))
-            with staging.signals_blocked():  # the old files, or all the new ones
-                _publish(build, output, n_bad, explain)
-                published = True
-    except BaseException:
-        # A failed or stopped run leaves nothing that looks like a result (nor a folder it
-        # created).
-        if created and not published:
-            shutil.rmtree(output, ignore_errors=True)
-        raise
+    # A failed or stopped run leaves nothing that looks like a result, nor a folder it created
+    # (staging_dir).
+    with staging.staging_dir(output, STAGING_PREFIX, "lungxray predict") as build:
+        counts, n_bad, scores = _run(predictor.members, listing, settings, build, class_names,
+                                     threshold, batch_size, skip_bad, explain, meter)
+        estimate = _target_prevalence(calibration, class_names, scores, threshold)
+        if estimate is not None:
+            safeio.write_text_atomic(build / PREVALENCE_FILE, json.dumps(estimate, indent=2))
+        with staging.signals_blocked():  # the old files, or all the new ones
+            _publish(build, output, n_bad, explain)
     return {"model_name": info.get("model_name"), "source": safe_name(str(source)),
             "predictions": safe_name(str(output / PREDICTIONS_FILE)),
             "n": sum(counts.values()), "n_bad": n_bad,

@@ -47,9 +47,21 @@ def stop_on_signals() -> Iterator[None]:
         _stop(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    hook = sys.unraisablehook
+
+    def unraisable(info: object) -> None:  # a swallowed stop: no traceback, check_stopped acts
+        if not isinstance(getattr(info, "exc_value", None), Stopped):
+            hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         yield
+        check_stopped()
+    except Stopped:
+        _requested.clear()  # delivered: nothing left pending
+        raise
     finally:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -57,7 +69,22 @@ def stop_on_signals() -> Iterator[None]:
 def _stop(signum: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _requested.append(signum)
     raise Stopped(signum)
+
+
+_requested: list[int] = []  # stops raised; cleared once delivered (see check_stopped)
+
+
+def check_stopped() -> None:
+    """Raise a stop whose :class:`Stopped` was swallowed: raised while a garbage-collection
+    callback or a ``__del__`` ran (JAX's ``_xla_gc_callback``, seen), Python reports it as
+    "Exception ignored" and goes on, so the block would otherwise finish as if never stopped."""
+    if _requested:
+        signum = _requested[-1]
+        _requested.clear()
+        raise Stopped(signum)
+
 
 
 _held: list[bool] = []  # one entry per signals_blocked() section open in the main thread
@@ -103,10 +130,22 @@ def sweep(parent: Path, prefix: str) -> None:
 @contextlib.contextmanager
 def staging_dir(parent: Path, prefix: str, what: str = "lungxray") -> Iterator[Path]:
     """A locked folder ``parent/<prefix>XXXX`` for building an output; removed when the block
-    raises or a SIGTERM/SIGINT arrives (then exits 128 + signal). On success the caller has
-    moved what it needs out; whatever is left is removed too."""
+    raises or a SIGTERM/SIGINT arrives (then exits 128 + signal), and so is ``parent`` when this
+    made it and it is left empty: a failed first run leaves no output folder. On success the
+    caller has moved what it needs out; whatever is left is removed too."""
     parent = Path(parent)
+    created = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield from _locked_staging(parent, prefix, what)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _locked_staging(parent: Path, prefix: str, what: str) -> Iterator[Path]:
     sweep(parent, prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -115,6 +154,7 @@ def staging_dir(parent: Path, prefix: str, what: str = "lungxray") -> Iterator[P
         with stop_on_signals():
             try:
                 yield path
+                check_stopped()
             except Stopped as err:
                 shutil.rmtree(path, ignore_errors=True)
                 print(f"{what}: stopped by {signal.Signals(err.signum).name}; removed the "

@@ -76,8 +76,9 @@ fuzz: $(STAMP) ## Long fuzz run of every reader (Hypothesis profile "long", ~9 m
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/fuzz -p no:cacheprovider \
 		--hypothesis-show-statistics $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff check on the whole project
+lint: $(STAMP) ## ruff check on the whole project, and lint-imports on the layering (docs/architecture.md)
 	$(VENV)/bin/ruff check src components pipelines tests
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP) ## ruff format + import sorting
 	$(VENV)/bin/ruff check --select I --fix src components pipelines tests

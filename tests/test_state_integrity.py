@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import cli, resume, staging, train
+from lungxray import cli, data, features, integrity, resume, staging, train
 from lungxray.errors import ConfigError, DataError
 from tests.fuzz import hostile_state
 
@@ -259,3 +259,15 @@ def test_refusals_are_fast(small_dataset, tmp_path, capsys):
                      tmp_path / "o", "--seed", "-1"], capsys)
     assert code == 2 and time.monotonic() - started < 10
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_split_digest_matches_the_manifest_in_any_chunk_size(small_dataset, monkeypatch):
+    """integrity.split_sha256 is the recipe prepare writes with, however many rows it hashes
+    at a time; the feature cache keys train subsets with the same function."""
+    manifest = data.read_manifest(small_dataset)
+    assert features.split_sha256 is integrity.split_sha256
+    for chunk in (integrity.HASH_CHUNK_BYTES, 1000):  # 1000 bytes: one row at a time
+        monkeypatch.setattr(integrity, "HASH_CHUNK_BYTES", chunk)
+        for name in ("train", "val"):
+            split = data.load_split(small_dataset, name)
+            assert integrity.split_sha256(split) == manifest["splits"][name]["sha256"]

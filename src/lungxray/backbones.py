@@ -1,10 +1,13 @@
 """The registry of backbones: the Keras Applications ones and lungxray's own ``SmallCNN``, with
 names and input conventions, readable without importing Keras (parameter checks use it before
-any step runs)."""
+any step runs). Building a backbone is :mod:`lungxray.models`' job: it reads this registry,
+never the other way round."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lungxray.errors import ModelError, quote
 
 
 @dataclass(frozen=True)
@@ -24,16 +27,6 @@ class ModelSpec:
     def input_size(self, image_size: int) -> int:
         """The backbone input size for a prepared image size: never below the minimum."""
         return max(image_size, self.min_size)
-
-    def constructor(self):
-        """The ``keras.applications`` function that builds this backbone."""
-        if self.scratch_only:
-            from lungxray import models  # Keras: only when a backbone is built
-
-            return models.CUSTOM_BACKBONES[self.name]
-        import keras  # only when a backbone is built: the registry is read without Keras
-
-        return getattr(keras.applications, self.name)
 
     def weights_for(self, weights: str) -> str:
         """The weights this backbone really starts from: ``none`` for a scratch-only one."""
@@ -72,3 +65,10 @@ REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [
     # tells whether a large pretrained backbone earns its cost on small grey X-rays.
     ModelSpec("SmallCNN", "tf", 28, 16, module="lungxray.models", scratch_only=True),
 ]}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look a backbone up by name; unknown names fail with the list of valid ones."""
+    if name not in REGISTRY:
+        raise ModelError(f"unknown model {quote(name, 60)}; valid names: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

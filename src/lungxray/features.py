@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from lungxray import data, download, models, safeio
+from lungxray.integrity import split_sha256  # noqa: F401 - the cache key's split identity
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -82,18 +83,6 @@ def extract(extractor: keras.Model, images: np.ndarray, batch_size: int = 64) ->
                                batch_size=batch_size, verbose=0)
              for start in range(0, len(images), rows)]
     return np.concatenate(parts).astype(np.float32)
-
-
-def split_sha256(split: data.Split) -> str:
-    """sha256 of a split's pixels then labels, as ``manifest.json`` records it; computed a
-    chunk at a time (for subsets of train, which the manifest does not describe)."""
-    digest = hashlib.sha256()
-    per_image = max(1, int(np.prod(split.images.shape[1:])))
-    rows = max(1, CHUNK_BYTES // per_image)
-    for start in range(0, len(split), rows):
-        digest.update(np.ascontiguousarray(split.images[start:start + rows]).tobytes())
-    digest.update(np.ascontiguousarray(split.labels).tobytes())
-    return digest.hexdigest()
 
 
 def _save(path: Path, array: np.ndarray, meta: dict) -> None:

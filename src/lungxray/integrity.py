@@ -5,6 +5,7 @@ sha256 equal to the one ``manifest.json`` recorded. A tampered dataset is refuse
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import numpy as np
 from lungxray import data, safeio
 from lungxray.errors import DataError, quote, quote_repr
 from lungxray.limits import DEFAULT, Limits
+
+HASH_CHUNK_BYTES = 256 << 20  # pixels hashed at a time (a memory-mapped split may not fit)
 
 
 def read_manifest(data_dir: Path, limits: Limits = DEFAULT) -> dict:
@@ -41,10 +44,15 @@ def read_manifest(data_dir: Path, limits: Limits = DEFAULT) -> dict:
 
 def split_sha256(split: data.Split) -> str:
     """sha256 of a split's pixels then labels, as ``manifest.json`` records it (the recipe
-    :mod:`lungxray.prepare` writes with), a chunk at a time so memory stays small."""
-    from lungxray import features  # Keras-heavy; the recipe lives there for train subsets
-
-    return features.split_sha256(split)
+    :mod:`lungxray.prepare` writes with), a chunk at a time so memory stays small; also the
+    identity of train subsets the manifest does not describe (the feature cache's key)."""
+    digest = hashlib.sha256()
+    per_image = max(1, int(np.prod(split.images.shape[1:])))
+    rows = max(1, HASH_CHUNK_BYTES // per_image)
+    for start in range(0, len(split), rows):
+        digest.update(np.ascontiguousarray(split.images[start:start + rows]).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()
 
 
 def check_split(manifest: dict, name: str, split: data.Split, where: str) -> None:

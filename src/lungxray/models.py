@@ -17,7 +17,7 @@ import keras
 from keras import layers
 
 from lungxray import safeio
-from lungxray.backbones import REGISTRY, ModelSpec
+from lungxray.backbones import REGISTRY, ModelSpec, get_spec
 from lungxray.errors import ModelError, quote
 from lungxray.limits import DEFAULT as LIMITS
 from lungxray.limits import Limits
@@ -30,13 +30,6 @@ _CAFFE_MEAN_BGR = [103.939, 116.779, 123.68]
 _TORCH_MEAN = [0.485, 0.456, 0.406]
 _TORCH_STD = [0.229, 0.224, 0.225]
 IMAGENET_TIMEOUT_S = 30
-
-
-def get_spec(name: str) -> ModelSpec:
-    """Look a backbone up by name; unknown names fail with the list of valid ones."""
-    if name not in REGISTRY:
-        raise ModelError(f"unknown model {quote(name, 60)}; valid names: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
 
 
 @keras.saving.register_keras_serializable(package="lungxray")
@@ -245,6 +238,14 @@ def small_cnn(weights: str | None = None, include_top: bool = False,
 CUSTOM_BACKBONES = {"SmallCNN": small_cnn}
 
 
+def backbone_constructor(spec: ModelSpec):
+    """The function that builds ``spec``'s backbone: lungxray's own for a scratch-only one,
+    else its ``keras.applications`` function."""
+    if spec.scratch_only:
+        return CUSTOM_BACKBONES[spec.name]
+    return getattr(keras.applications, spec.name)
+
+
 def build_backbone(spec: ModelSpec, input_size: int, weights: str | None,
                    channels: int = 3) -> keras.Model:
     """Instantiate the headless backbone, failing fast when ImageNet weights can't be fetched."""
@@ -256,7 +257,7 @@ def build_backbone(spec: ModelSpec, input_size: int, weights: str | None,
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(IMAGENET_TIMEOUT_S)
         try:
-            return spec.constructor()(weights=weights, **kwargs)
+            return backbone_constructor(spec)(weights=weights, **kwargs)
         except Exception as err:
             if weights != "imagenet":
                 raise
@@ -266,7 +267,7 @@ def build_backbone(spec: ModelSpec, input_size: int, weights: str | None,
                 f"weights file, or pre-bake them into the image (PREBAKE_WEIGHTS)") from err
         finally:
             socket.setdefaulttimeout(previous)
-    base = spec.constructor()(weights=None, **kwargs)
+    base = backbone_constructor(spec)(weights=None, **kwargs)
     try:
         base.load_weights(weights)
     except Exception as err:

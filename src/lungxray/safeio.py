@@ -32,9 +32,18 @@ from lungxray.errors import (
     quote,
 )
 from lungxray.limits import DEFAULT, Limits
-from lungxray.sources import kind_of
 
 COPY_CHUNK = 1 << 20
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _one_line(err: BaseException, limit: int = 200) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from lungxray.errors import QUOTE_LIMIT, DataError, quote, safe_name
 from lungxray.limits import DEFAULT, Limits
+from lungxray.safeio import kind_of
 
 SPLITS = ("train", "val", "test")
 # MedMNIST .npz files carry no class names; these are the official ones from its INFO table.
@@ -76,16 +77,6 @@ def shown(text: str) -> str:
     """A user's name or path for a message: printable, cut to a readable length."""
     text = safe_name(text)
     return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
-
-
-def kind_of(mode: int) -> str:
-    """What a non-regular file is, for messages."""
-    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISDIR, "directory")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from lungxray import artifacts, quiet
+from lungxray import quiet
+from lungxray.schema import DEFAULTS, TUNE_ALGORITHMS
 
 CHAMPION_MD = "champion.md"  # challenge's Markdown section beside decision.json
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
@@ -165,7 +166,8 @@ def _local_path(text: str) -> Path:
 
 def _common(parser: argparse.ArgumentParser, seed: bool = True) -> None:
     if seed:
-        parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+        parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                            help=f"random seed (default {DEFAULTS.seed})")
     parser.add_argument("--cache-dir", type=_local_path, default=None,
                         help="cache for downloads (default ~/.cache/lungxray)")
 
@@ -178,7 +180,8 @@ def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--output", type=_local_path, required=True, help="output directory")
     parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     parser.add_argument("--weights", default="none", help=WEIGHTS_HELP + " (default none)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help=f"batch size (default {DEFAULTS.batch_size})")
     _common(parser)
 
 
@@ -206,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train carved as val when the source has none (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of train carved as test when the source has none (default 0.1)")
-    p.add_argument("--shifted-test-fraction", type=float, default=0.0,
+    p.add_argument("--shifted-test-fraction", type=float,
+                   default=DEFAULTS.shifted_test_fraction,
                    help="share of train held out first as 'test_shifted': whole k-means "
                    "clusters of image statistics, a proxy for another machine's images "
-                   "(default 0: none; the pipeline uses 0.1)")
-    p.add_argument("--max-per-split", type=int, default=0,
+                   f"(default {DEFAULTS.shifted_test_fraction}, as the pipeline; 0: none)")
+    p.add_argument("--max-per-split", type=int, default=DEFAULTS.max_per_split,
                    help="keep at most N images per split, stratified (0 = all; for quick runs)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable files (corrupt, empty, "
                    "not an image, too small) and list them in the report, instead of failing")
@@ -240,16 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("tune", help="keras-tuner search, objective validation AUC")
-    _training(p, epochs=2)
-    p.add_argument("--max-trials", type=int, default=3, help="trials to run (default 3)")
-    p.add_argument("--train-samples", type=int, default=0, help="fit each trial on a "
-                   "stratified subset of N training images (0 = all, the default)")
-    p.add_argument("--algorithm", choices=["hyperband", "bayesian", "random"],
-                   default="hyperband", help="keras-tuner search (default hyperband)")
-    p.add_argument("--hyperband-factor", type=int, default=3,
-                   help="Hyperband's reduction factor (default 3)")
-    p.add_argument("--fine-tune-trials", type=int, default=2, help="pretrained weights: "
-                   "full-model trials searching the fine-tuning after the head (default 2)")
+    _training(p, epochs=DEFAULTS.tune_epochs)
+    p.add_argument("--max-trials", type=int, default=DEFAULTS.tune_trials,
+                   help=f"trials to run (default {DEFAULTS.tune_trials})")
+    p.add_argument("--train-samples", type=int, default=DEFAULTS.tune_train_samples,
+                   help="fit each trial on a stratified subset of N training images (0 = all, "
+                   "the default)")
+    p.add_argument("--algorithm", choices=TUNE_ALGORITHMS, default=DEFAULTS.tune_algorithm,
+                   help=f"keras-tuner search (default {DEFAULTS.tune_algorithm})")
+    p.add_argument("--hyperband-factor", type=int, default=DEFAULTS.tune_hyperband_factor,
+                   help=f"Hyperband's reduction factor (default {DEFAULTS.tune_hyperband_factor})")
+    p.add_argument("--fine-tune-trials", type=int, default=DEFAULTS.tune_fine_tune_trials,
+                   help="pretrained weights: full-model trials searching the fine-tuning after "
+                   f"the head (default {DEFAULTS.tune_fine_tune_trials})")
     p.add_argument("--state-dir", type=_local_path, default=None, help="tuner state, resumed when "
                    "the same search runs again (default: the output directory)")
     p.add_argument("--feature-cache", type=_local_path, default=None,
@@ -260,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)",
                        description="Train; re-running with the same --output after a kill "
                        "resumes from the last finished epoch.")
-    _training(p, epochs=5)
+    _training(p, epochs=DEFAULTS.epochs)
     p.add_argument("--hparams", type=_local_path, default=None,
                    help="best_hparams.json from `lungxray tune` (default: built-in defaults)")
     p.add_argument("--patience", type=int, default=3,
@@ -287,14 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the classes must match)")
     p.add_argument("--no-gradcam", action="store_true",
                    help="skip the Grad-CAM grid (true/false positives, false negatives)")
-    p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--robustness", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS.robustness,
                    help="AUC under 11 simulated acquisition shifts x 3 severities (default on)")
-    p.add_argument("--robustness-samples", type=int, default=500, metavar="N",
-                   help="stratified images per split for the robustness suite (default 500; "
-                   "0 = all)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--robustness-samples", type=int, default=DEFAULTS.robustness_samples,
+                   metavar="N", help="stratified images per split for the robustness suite "
+                   f"(default {DEFAULTS.robustness_samples}; 0 = all)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULTS.tta,
                    help="also report the AUC of test-time augmentation (shifts, zoom; no flips)")
-    p.add_argument("--deployment-prevalence", type=float, default=0.0, metavar="P",
+    p.add_argument("--deployment-prevalence", type=float,
+                   default=DEFAULTS.deployment_prevalence, metavar="P",
                    help="also report the Bayes operating point and PPV/NPV at this prevalence, "
                    "from scores calibrated on validation (default 0: not computed)")
     p.add_argument("--reference", type=_local_path, default=None, metavar="EVAL_DIR",
@@ -308,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval/ (evaluate output with val/ and test/) and optionally tune/.")
     p.add_argument("--trials", type=_local_path, nargs="+", required=True, help="trial directories")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
-    p.add_argument("--select-metric", default=artifacts.DEFAULT_SELECT_METRIC,
+    p.add_argument("--select-metric", default=DEFAULTS.select_metric,
                    help="validation metric that picks the best model (default "
-                   f"{artifacts.DEFAULT_SELECT_METRIC})")
-    p.add_argument("--ensemble-k", type=int, default=artifacts.DEFAULT_ENSEMBLE_K,
+                   f"{DEFAULTS.select_metric})")
+    p.add_argument("--ensemble-k", type=int, default=DEFAULTS.ensemble_k,
                    help="also compare the mean-probability ensemble of the top K models on the "
-                   f"selection metric (default {artifacts.DEFAULT_ENSEMBLE_K}; 0 = none)")
+                   f"selection metric (default {DEFAULTS.ensemble_k}; 0 = none)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the ensemble's threshold as the highest reaching this "
                    "validation sensitivity (default: as its members, else Youden's J)")
@@ -372,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="champion folder or gs:// prefix (new or empty: no champion yet; '': "
                    "skip the comparison)")
     p.add_argument("--run-id", required=True, help="this run's id (its history/ entry name)")
-    p.add_argument("--margin", type=float, default=0.0,
-                   help="promote only if better by more than this AUC (default 0)")
+    p.add_argument("--margin", type=float, default=DEFAULTS.promotion_margin,
+                   help="promote only if better by more than this AUC (default "
+                   f"{DEFAULTS.promotion_margin:g})")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
     _common(p)
     p.set_defaults(func=_challenge)

@@ -14,7 +14,7 @@ def preprocess(
     report: Output[HTML],
     skip_bad: bool = False,
     keep_aspect: bool = False,
-    shifted_test_fraction: float = 0.0,
+    shifted_test_fraction: float = 0.1,
     sites: str = "",
     holdout_site: str = "",
 ):

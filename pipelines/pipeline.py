@@ -1,6 +1,7 @@
 """The lungxray DAG: preprocess -> ParallelFor(base models){tune -> train -> evaluate} -> compare.
 
-Only the graph lives here; everything that reads parameter values runs inside components.
+Only the graph lives here; everything that reads parameter values runs inside components. Each
+parameter's type, default, range and description is lungxray.schema's (``DEFAULTS``).
 """
 
 
@@ -10,11 +11,11 @@ from dataclasses import dataclass
 from kfp import dsl
 
 import components
-from lungxray.artifacts import DEFAULT_ENSEMBLE_K, DEFAULT_SELECT_METRIC
+from lungxray import schema
+from lungxray.schema import DEFAULTS
 
 PIPELINE_NAME = "lungxray"
-# SmallCNN: the from-scratch baseline that says whether transfer learning earns its cost.
-DEFAULT_MODELS = ["VGG16", "ResNet152V2", "InceptionV3", "SmallCNN"]
+DEFAULT_MODELS = DEFAULTS.base_models  # the models each profile starts from
 GPU_RESOURCE = "nvidia.com/gpu"
 CACHE_MOUNT = "/mnt/lungxray-cache"
 SECRET_MOUNT = "/var/secrets/gcs"
@@ -103,99 +104,40 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
     base models run at once (0 = no bound)."""
     ops = components.build(image)
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Tune, fine-tune and compare Keras Applications models for lung "
-                              "X-ray classification; the best model is chosen on validation.")
     def lungxray(
-        data_source: str = "pneumoniamnist",
-        sites: str = "",
-        holdout_site: str = "",
-        base_models: list = DEFAULT_MODELS,  # noqa: B006 - KFP reads the default from here
-        image_size: int = 0,
-        keep_aspect: bool = False,
-        skip_bad: bool = False,
-        shifted_test_fraction: float = 0.1,
-        weights: str = "imagenet",
-        epochs: int = 6,
-        tune_trials: int = 3,
-        tune_epochs: int = 2,
-        tune_train_samples: int = 0,
-        tune_algorithm: str = "hyperband",
-        tune_hyperband_factor: int = 3,
-        tune_fine_tune_trials: int = 2,
-        batch_size: int = 32,
-        max_per_split: int = 0,
-        seed: int = 42,
-        select_metric: str = DEFAULT_SELECT_METRIC,
-        ensemble_k: int = DEFAULT_ENSEMBLE_K,
-        external_data: str = "",
-        class_map: str = "",
-        target_sensitivity: float = 0.0,
-        data_version: str = "",
-        champion_uri: str = "",
-        promotion_margin: float = 0.0,
-        robustness: bool = True,
-        robustness_samples: int = 500,
-        tta: bool = False,
-        deployment_prevalence: float = 0.0,
-        target_data: str = "",
+        data_source: str = DEFAULTS.data_source,
+        sites: str = DEFAULTS.sites,
+        holdout_site: str = DEFAULTS.holdout_site,
+        base_models: list = DEFAULTS.base_models,
+        image_size: int = DEFAULTS.image_size,
+        keep_aspect: bool = DEFAULTS.keep_aspect,
+        skip_bad: bool = DEFAULTS.skip_bad,
+        shifted_test_fraction: float = DEFAULTS.shifted_test_fraction,
+        weights: str = DEFAULTS.weights,
+        epochs: int = DEFAULTS.epochs,
+        tune_trials: int = DEFAULTS.tune_trials,
+        tune_epochs: int = DEFAULTS.tune_epochs,
+        tune_train_samples: int = DEFAULTS.tune_train_samples,
+        tune_algorithm: str = DEFAULTS.tune_algorithm,
+        tune_hyperband_factor: int = DEFAULTS.tune_hyperband_factor,
+        tune_fine_tune_trials: int = DEFAULTS.tune_fine_tune_trials,
+        batch_size: int = DEFAULTS.batch_size,
+        max_per_split: int = DEFAULTS.max_per_split,
+        seed: int = DEFAULTS.seed,
+        select_metric: str = DEFAULTS.select_metric,
+        ensemble_k: int = DEFAULTS.ensemble_k,
+        external_data: str = DEFAULTS.external_data,
+        class_map: str = DEFAULTS.class_map,
+        target_sensitivity: float = DEFAULTS.target_sensitivity,
+        data_version: str = DEFAULTS.data_version,
+        champion_uri: str = DEFAULTS.champion_uri,
+        promotion_margin: float = DEFAULTS.promotion_margin,
+        robustness: bool = DEFAULTS.robustness,
+        robustness_samples: int = DEFAULTS.robustness_samples,
+        tta: bool = DEFAULTS.tta,
+        deployment_prevalence: float = DEFAULTS.deployment_prevalence,
+        target_data: str = DEFAULTS.target_data,
     ) -> dsl.HTML:
-        """Tune, train and evaluate each base model, compare them and gate the champion.
-
-        Args:
-            data_source: MedMNIST-style .npz, image folder, CSV manifest, a gs:// URI of any of
-                them, or pneumoniamnist (downloaded and checksummed).
-            sites: More sources prepared into the same splits, NAME=SOURCE,... (e.g.
-                nih=../shared/data/nih_cxr_1000/manifest.csv); each is carved on its own,
-                grouped by patient, and scored per site. data_source is the site named
-                pneumoniamnist for its files, else main. Empty = one site.
-            holdout_site: A site whose images all go to test_site_<name>: never trained,
-                tuned, thresholded or selected on, the off-site estimate. Empty = none.
-            base_models: Keras Applications names or SmallCNN (the from-scratch baseline); one
-                trial each.
-            image_size: Side in pixels of the prepared images; 0 keeps the npz size (224 for
-                folders).
-            keep_aspect: Pad images to square instead of stretching them.
-            skip_bad: Leave unusable image files out and list them, instead of failing.
-            shifted_test_fraction: Share of train held out as test_shifted, whole clusters of
-                image statistics: the shift proxy, never trained or chosen on; 0 = none.
-            weights: imagenet, none (from scratch) or a local or gs:// weights file.
-            epochs: Training epochs; pretrained: half head, half fine-tuning.
-            tune_trials: keras-tuner trials per model.
-            tune_epochs: Epochs per tuning trial.
-            tune_train_samples: Fit each trial on a stratified subset of N training images; 0 =
-                all.
-            tune_algorithm: keras-tuner search: hyperband, bayesian or random.
-            tune_hyperband_factor: Hyperband's reduction factor.
-            tune_fine_tune_trials: Pretrained weights: full-model trials searching the fine-tune
-                settings.
-            batch_size: Batch size.
-            max_per_split: Keep at most N images per split, stratified; 0 = all.
-            seed: Seed for splits, subsets, initialisation and tuning.
-            select_metric: Validation metric that picks the best model (val_*; test_* is
-                refused).
-            ensemble_k: The ensemble candidate averages the top-k models; 0 or 1 = none.
-            external_data: Another labelled dataset every trial is also evaluated on; empty =
-                none.
-            class_map: Maps the external set's class names to the model's, e.g.
-                COVID-19=pneumonia,NORMAL=normal (- drops a class).
-            target_sensitivity: 0 = threshold by Youden's J on val; else the highest threshold
-                whose val sensitivity reaches it.
-            data_version: Not read; part of the cache key: change it when the data behind
-                data_source changes.
-            champion_uri: Folder or gs:// prefix of the model in use; empty = no
-                champion/challenger.
-            promotion_margin: The pick replaces the champion only if its val AUC is higher by
-                more than this, with 95% confidence.
-            robustness: Evaluate every split under the seeded acquisition-shift corruption suite.
-            robustness_samples: Stratified images per split for the corruption suite; 0 = all.
-            tta: Also report the AUC with test-time augmentation.
-            deployment_prevalence: 0 = none; else the Bayes threshold and PPV/NPV at this
-                prevalence, from val-calibrated scores.
-            target_data: Unlabelled images of the site the model will serve (folder, CSV, npz
-                or gs://); the pick predicts them and estimates their prevalence by EM, with
-                the threshold it implies; empty = none.
-        """
         prep = ops.preprocess(source=data_source, image_size=image_size, seed=seed,
                               max_per_split=max_per_split, data_version=data_version,
                               skip_bad=skip_bad, keep_aspect=keep_aspect,
@@ -247,4 +189,10 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
             _apply(promote, platform, heavy=False)
         return compare.outputs["report"]
 
-    return lungxray
+    # KFP reads each parameter's help (the Kubeflow UI's) from the docstring's Args.
+    lungxray.__doc__ = schema.pipeline_docstring(
+        "Tune, train and evaluate each base model, compare them and gate the champion.")
+    return dsl.pipeline(name=PIPELINE_NAME,
+                        description="Tune, fine-tune and compare Keras Applications models for "
+                                    "lung X-ray classification; the best model is chosen on "
+                                    "validation.")(lungxray)

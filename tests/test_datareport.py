@@ -101,7 +101,7 @@ def test_cli_preprocess_csv_with_skip_bad_and_keep_aspect(shared_npz, tmp_path, 
                                                  + "\nNORMAL/gone.png,NORMAL\n")
     args = ["preprocess", "--source", str(tmp_path / "src" / "labels.csv"), "--output",
             str(tmp_path / "out"), "--image-size", "16", "--val-fraction", "0.2",
-            "--test-fraction", "0.2"]
+            "--test-fraction", "0.2", "--shifted-test-fraction", "0"]  # 20 images: too few
     assert cli.main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("lungxray preprocess: error:") and "NORMAL/gone.png" in error

@@ -39,6 +39,57 @@ def test_schema_names_are_the_pipelines_parameters():
     assert set(schema.FIELDS) == set(pipeline_defaults())
 
 
+def test_the_schema_owns_the_pipelines_defaults():
+    assert pipeline_defaults() == schema.DEFAULTS.model_dump()
+    schema.check_pipeline_params(schema.DEFAULTS.model_dump())  # its defaults pass its rules
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"epochs": "3"}, "parameter epochs must be an integer, got str '3'"),
+    ({"epochs": 3.0}, "parameter epochs must be an integer, got float 3.0"),
+    ({"image_size": False}, "parameter image_size must be an integer, got bool False"),
+    ({"target_sensitivity": True}, "parameter target_sensitivity must be a number, got bool"),
+    ({"robustness": 1}, "parameter robustness must be true or false, got int 1"),
+    ({"base_models": ("VGG16",)}, "parameter base_models must be a list of strings, got tuple"),
+    ({"deployment_prevalence": 0.0005}, "parameter deployment_prevalence must be between 0.001 "
+                                        "and 0.999 (or 0 for the default), got 0.0005"),
+    ({"image_size": 4}, "parameter image_size must be between 8 and 1024 (or 0 for the "
+                        "default), got 4"),
+    ({"holdout_site": "x" * 41}, "parameter holdout_site must be between 0 and 40 characters, "
+                                 "got 41 characters"),
+    ({"shifted_test_fraction": 0.6}, "parameter shifted_test_fraction must be between 0.0 and "
+                                     "0.5, got 0.6"),
+    # The first refused one in the order given, not in the schema's order.
+    ({"seed": -1, "epochs": 0}, "parameter seed must be between 0"),
+])
+def test_strict_types_and_declared_ranges(params, message):
+    with pytest.raises(ConfigError) as err:
+        schema.check_pipeline_params(params)
+    assert message in str(err.value)
+    _assert_one_line(err.value)
+
+
+def test_zero_means_the_default_where_declared():
+    schema.check_pipeline_params({"image_size": 0, "deployment_prevalence": 0, "epochs": 1,
+                                  "target_sensitivity": 1, "unknown_name": object()})
+
+
+def test_a_raised_image_size_limit_widens_the_range():
+    schema.check_pipeline_params({"image_size": 2048}, Limits(max_image_size=4096))
+    with pytest.raises(ConfigError, match="between 8 and 4096 .* got 5000"):
+        schema.check_pipeline_params({"image_size": 5000}, Limits(max_image_size=4096))
+
+
+def test_the_docs_json_schema_is_current():
+    # Rewrite with: python -m lungxray.schema > docs/params.schema.json
+    path = Path(__file__).resolve().parents[1] / "docs" / "params.schema.json"
+    assert path.read_text() == schema.json_schema_text()
+    properties = json.loads(path.read_text())["properties"]
+    assert properties["epochs"]["default"] == 6 and properties["epochs"]["maximum"] == 10_000
+    assert properties["tune_algorithm"]["enum"] == list(schema.TUNE_ALGORITHMS)
+    assert all(p.get("description") for p in properties.values())
+
+
 def test_the_pipeline_defaults_and_profiles_pass_the_schema():
     from pipelines.profiles import PROFILES, resolve_params
 

@@ -7,185 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from lungxray import artifacts, quiet
+from lungxray import quiet
+from lungxray.schema import DEFAULTS, TUNE_ALGORITHMS
 
 CHAMPION_MD = "champion.md"  # challenge's Markdown section beside decision.json
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
                 "gs:// weights file (.h5 / .weights.h5)")
 
 
-def _preprocess(args: argparse.Namespace) -> dict:
-    from lungxray import limits as limiting
-    from lungxray import prepare
-
-    # --limit and --max-image-pixels go over the LUNGXRAY_<LIMIT> environment (docs/limits.md).
-    pairs = [*args.limit, *([f"max_image_pixels={args.max_image_pixels}"]
-                            if args.max_image_pixels is not None else [])]
-    limits = limiting.with_overrides(limiting.from_env(), pairs)
-    return prepare.preprocess(args.source, args.output, image_size=args.image_size,
-                              seed=args.seed, val_fraction=args.val_fraction,
-                              test_fraction=args.test_fraction, max_per_split=args.max_per_split,
-                              channels=args.channels, cache_dir=args.cache_dir,
-                              skip_bad=args.skip_bad, keep_aspect=args.keep_aspect,
-                              min_size=args.min_size, workers=args.workers, limits=limits,
-                              shifted_test_fraction=args.shifted_test_fraction,
-                              sites=_sites(args.site), site_name=args.site_name,
-                              holdout_site=args.holdout_site)
-
-
-def _sites(entries: list[str]) -> list[tuple[str, str]]:
-    from lungxray import sites
-
-    return [sites.parse_entry(text) for text in entries]
-
-
-def _tune(args: argparse.Namespace) -> dict:
-    from lungxray import tune
-
-    return tune.tune(args.data, args.model, args.output, max_trials=args.max_trials,
-                     epochs=args.epochs, weights=args.weights, batch_size=args.batch_size,
-                     seed=args.seed, train_samples=args.train_samples, cache_dir=args.cache_dir,
-                     algorithm=args.algorithm, hyperband_factor=args.hyperband_factor,
-                     fine_tune_trials=args.fine_tune_trials, state_dir=args.state_dir,
-                     feature_cache=args.feature_cache)
-
-
-def _train(args: argparse.Namespace) -> dict:
-    from lungxray import train
-
-    hparams = train.read_best_hparams(args.hparams, args.model) if args.hparams else {}
-    return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
-                       weights=args.weights, batch_size=args.batch_size, seed=args.seed,
-                       patience=args.patience, target_sensitivity=args.target_sensitivity,
-                       mixed_precision=args.mixed_precision, jit_compile=args.xla,
-                       cache_dir=args.cache_dir)
-
-
-def _model_checked(model_dir: Path) -> None:
-    """The model folder checked (files, sizes, archive) before TensorFlow is imported: a bad
-    one fails in a second, not after the framework's start-up."""
-    from lungxray import model_loader
-
-    model_loader.open_folder(model_dir)
-
-
-def _evaluate(args: argparse.Namespace) -> dict:
-    _model_checked(args.model)
-    from lungxray import evaluate
-
-    options = evaluate.EvalOptions(
-        robustness=args.robustness, robustness_samples=args.robustness_samples, tta=args.tta,
-        deployment_prevalence=args.deployment_prevalence, reference=args.reference)
-    return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
-                             cache_dir=args.cache_dir, class_map=args.class_map,
-                             explain=not args.no_gradcam, options=options)
-
-
-def _compare(args: argparse.Namespace) -> dict:
-    from lungxray import report
-
-    return report.compare(args.trials, args.output, select_metric=args.select_metric,
-                          ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity)
-
-
-def _predict(args: argparse.Namespace) -> dict:
-    from lungxray import predict
-
-    return predict.predict(args.model, args.source, args.output, batch_size=args.batch_size,
-                           skip_bad=args.skip_bad, explain=args.gradcam,
-                           cache_dir=args.cache_dir, workers=args.workers)
-
-
-def _export(args: argparse.Namespace) -> dict:
-    _model_checked(args.model)
-    from lungxray import export
-
-    return export.export(args.model, args.output, version=args.version, force=args.force)
-
-
-def _champion_args(args: argparse.Namespace, *apart: str) -> str:
-    """--champion checked before any work: a local folder or gs:// prefix that can hold a
-    champion, apart from the inputs named in ``apart`` (never inside the model or the data)."""
-    from lungxray import champion_store, uris
-
-    uri = champion_store.check_uri(args.champion, "--champion")
-    for name in apart:
-        uris.check_apart(uri, str(getattr(args, name)), "--champion", f"--{name}")
-    return uri
-
-
-def _challenge(args: argparse.Namespace) -> dict:
-    import os
-
-    from lungxray import champion, staging
-
-    uri = _champion_args(args, "model", "data", "output") if args.champion else ""
-    _model_checked(args.model)
-    # Built in a staging folder inside --output and moved in file by file: a stopped or
-    # failed run leaves the previous decision, never a part of one.
-    with staging.staging_dir(args.output, ".challenge-", "lungxray challenge") as work:
-        record = champion.challenge(args.model, args.data, uri, args.run_id,
-                                    margin=args.margin, seed=args.seed,
-                                    cache_dir=args.cache_dir)
-        (work / CHAMPION_MD).write_text(champion.markdown(record))
-        champion.write_decision(record, work)
-        with staging.signals_blocked():  # never a new champion.md beside an old decision
-            for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
-                os.replace(work / name, args.output / name)
-    return {"decision": record["decision"], "reason": record["reason"],
-            "decision_file": str(args.output / champion.DECISION_FILE)}
-
-
-def _promote(args: argparse.Namespace) -> dict:
-    from lungxray import promotion, safeio
-    from lungxray.errors import ConfigError
-
-    uri = _champion_args(args, "model")
-    record = safeio.load_json_object(args.decision, "decision", error=ConfigError)
-    entry = promotion.promote(args.model, uri, record, model_card=args.model_card)
-    return {"champion": uri, "history_entry": entry}
-
-
-def _models(args: argparse.Namespace) -> None:
-    from lungxray.backbones import REGISTRY
-
-    print(f"{'name':<20} {'preprocess':<10} {'default':>7} {'min':>4}")
-    for spec in REGISTRY.values():
-        print(f"{spec.name:<20} {spec.preprocess:<10} {spec.default_size:>7} {spec.min_size:>4}")
-
-
-def _local_path(text: str) -> Path:
-    """A local path argument: ``gs://b/x`` would silently become the local folder ``gs:/b/x``."""
-    if "://" in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is a URI; this option takes a local path "
-                                         "(copy results to a bucket afterwards, e.g. with "
-                                         "`gcloud storage cp -r`)")
-    return Path(text)
-
-
-def _common(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    if seed:
-        parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    parser.add_argument("--cache-dir", type=_local_path, default=None,
-                        help="cache for downloads (default ~/.cache/lungxray)")
-
-
-def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
-    parser.add_argument("--data", type=_local_path, required=True,
-                        help="prepared dataset directory")
-    parser.add_argument("--model", required=True, help="Keras Applications name, e.g. VGG16 "
-                        "(`lungxray models` lists them)")
-    parser.add_argument("--output", type=_local_path, required=True, help="output directory")
-    parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
-    parser.add_argument("--weights", default="none", help=WEIGHTS_HELP + " (default none)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    _common(parser)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lungxray", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_preprocess_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray preprocess``, run by :func:`_preprocess`."""
     p = sub.add_parser("preprocess", help="prepare splits and manifest.json from a source",
                        description="Prepare a dataset: SRC is a MedMNIST-style .npz, an image "
                        "folder <root>/[train|val|test/]<CLASS>/* (PNG, JPEG, DICOM, ...), a CSV "
@@ -206,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train carved as val when the source has none (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of train carved as test when the source has none (default 0.1)")
-    p.add_argument("--shifted-test-fraction", type=float, default=0.0,
+    p.add_argument("--shifted-test-fraction", type=float,
+                   default=DEFAULTS.shifted_test_fraction,
                    help="share of train held out first as 'test_shifted': whole k-means "
                    "clusters of image statistics, a proxy for another machine's images "
-                   "(default 0: none; the pipeline uses 0.1)")
-    p.add_argument("--max-per-split", type=int, default=0,
+                   f"(default {DEFAULTS.shifted_test_fraction}, as the pipeline; 0: none)")
+    p.add_argument("--max-per-split", type=int, default=DEFAULTS.max_per_split,
                    help="keep at most N images per split, stratified (0 = all; for quick runs)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable files (corrupt, empty, "
                    "not an image, too small) and list them in the report, instead of failing")
@@ -239,17 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_preprocess)
 
+
+def _preprocess(args: argparse.Namespace) -> dict:
+    from lungxray import limits as limiting
+    from lungxray import prepare
+
+    # --limit and --max-image-pixels go over the LUNGXRAY_<LIMIT> environment (docs/limits.md).
+    pairs = [*args.limit, *([f"max_image_pixels={args.max_image_pixels}"]
+                            if args.max_image_pixels is not None else [])]
+    limits = limiting.with_overrides(limiting.from_env(), pairs)
+    return prepare.preprocess(args.source, args.output, image_size=args.image_size,
+                              seed=args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, max_per_split=args.max_per_split,
+                              channels=args.channels, cache_dir=args.cache_dir,
+                              skip_bad=args.skip_bad, keep_aspect=args.keep_aspect,
+                              min_size=args.min_size, workers=args.workers, limits=limits,
+                              shifted_test_fraction=args.shifted_test_fraction,
+                              sites=_sites(args.site), site_name=args.site_name,
+                              holdout_site=args.holdout_site)
+
+
+def _sites(entries: list[str]) -> list[tuple[str, str]]:
+    from lungxray import sites
+
+    return [sites.parse_entry(text) for text in entries]
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray tune``, run by :func:`_tune`."""
     p = sub.add_parser("tune", help="keras-tuner search, objective validation AUC")
-    _training(p, epochs=2)
-    p.add_argument("--max-trials", type=int, default=3, help="trials to run (default 3)")
-    p.add_argument("--train-samples", type=int, default=0, help="fit each trial on a "
-                   "stratified subset of N training images (0 = all, the default)")
-    p.add_argument("--algorithm", choices=["hyperband", "bayesian", "random"],
-                   default="hyperband", help="keras-tuner search (default hyperband)")
-    p.add_argument("--hyperband-factor", type=int, default=3,
-                   help="Hyperband's reduction factor (default 3)")
-    p.add_argument("--fine-tune-trials", type=int, default=2, help="pretrained weights: "
-                   "full-model trials searching the fine-tuning after the head (default 2)")
+    _training(p, epochs=DEFAULTS.tune_epochs)
+    p.add_argument("--max-trials", type=int, default=DEFAULTS.tune_trials,
+                   help=f"trials to run (default {DEFAULTS.tune_trials})")
+    p.add_argument("--train-samples", type=int, default=DEFAULTS.tune_train_samples,
+                   help="fit each trial on a stratified subset of N training images (0 = all, "
+                   "the default)")
+    p.add_argument("--algorithm", choices=TUNE_ALGORITHMS, default=DEFAULTS.tune_algorithm,
+                   help=f"keras-tuner search (default {DEFAULTS.tune_algorithm})")
+    p.add_argument("--hyperband-factor", type=int, default=DEFAULTS.tune_hyperband_factor,
+                   help=f"Hyperband's reduction factor (default {DEFAULTS.tune_hyperband_factor})")
+    p.add_argument("--fine-tune-trials", type=int, default=DEFAULTS.tune_fine_tune_trials,
+                   help="pretrained weights: full-model trials searching the fine-tuning after "
+                   f"the head (default {DEFAULTS.tune_fine_tune_trials})")
     p.add_argument("--state-dir", type=_local_path, default=None, help="tuner state, resumed when "
                    "the same search runs again (default: the output directory)")
     p.add_argument("--feature-cache", type=_local_path, default=None,
@@ -257,10 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default <cache-dir>/features with --cache-dir, else <state>/features)")
     p.set_defaults(func=_tune)
 
+
+def _tune(args: argparse.Namespace) -> dict:
+    from lungxray import tune
+
+    return tune.tune(args.data, args.model, args.output, max_trials=args.max_trials,
+                     epochs=args.epochs, weights=args.weights, batch_size=args.batch_size,
+                     seed=args.seed, train_samples=args.train_samples, cache_dir=args.cache_dir,
+                     algorithm=args.algorithm, hyperband_factor=args.hyperband_factor,
+                     fine_tune_trials=args.fine_tune_trials, state_dir=args.state_dir,
+                     feature_cache=args.feature_cache)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray train``, run by :func:`_train`."""
     p = sub.add_parser("train", help="train a backbone + head (two phases when pretrained)",
                        description="Train; re-running with the same --output after a kill "
                        "resumes from the last finished epoch.")
-    _training(p, epochs=5)
+    _training(p, epochs=DEFAULTS.epochs)
     p.add_argument("--hparams", type=_local_path, default=None,
                    help="best_hparams.json from `lungxray tune` (default: built-in defaults)")
     p.add_argument("--patience", type=int, default=3,
@@ -273,6 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="XLA-compile the training step (default: on with a GPU, off on CPU)")
     p.set_defaults(func=_train)
 
+
+def _train(args: argparse.Namespace) -> dict:
+    from lungxray import train
+
+    hparams = train.read_best_hparams(args.hparams, args.model) if args.hparams else {}
+    return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
+                       weights=args.weights, batch_size=args.batch_size, seed=args.seed,
+                       patience=args.patience, target_sensitivity=args.target_sensitivity,
+                       mixed_precision=args.mixed_precision, jit_compile=args.xla,
+                       cache_dir=args.cache_dir)
+
+
+def _model_checked(model_dir: Path) -> None:
+    """The model folder checked (files, sizes, archive) before TensorFlow is imported: a bad
+    one fails in a second, not after the framework's start-up."""
+    from lungxray import model_loader
+
+    model_loader.open_folder(model_dir)
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray evaluate``, run by :func:`_evaluate`."""
     p = sub.add_parser("evaluate", help="metrics and plots at the model's validation threshold")
     p.add_argument("--model", type=_local_path, required=True,
                    help="`lungxray train` output directory")
@@ -287,14 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the classes must match)")
     p.add_argument("--no-gradcam", action="store_true",
                    help="skip the Grad-CAM grid (true/false positives, false negatives)")
-    p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--robustness", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS.robustness,
                    help="AUC under 11 simulated acquisition shifts x 3 severities (default on)")
-    p.add_argument("--robustness-samples", type=int, default=500, metavar="N",
-                   help="stratified images per split for the robustness suite (default 500; "
-                   "0 = all)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--robustness-samples", type=int, default=DEFAULTS.robustness_samples,
+                   metavar="N", help="stratified images per split for the robustness suite "
+                   f"(default {DEFAULTS.robustness_samples}; 0 = all)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULTS.tta,
                    help="also report the AUC of test-time augmentation (shifts, zoom; no flips)")
-    p.add_argument("--deployment-prevalence", type=float, default=0.0, metavar="P",
+    p.add_argument("--deployment-prevalence", type=float,
+                   default=DEFAULTS.deployment_prevalence, metavar="P",
                    help="also report the Bayes operating point and PPV/NPV at this prevalence, "
                    "from scores calibrated on validation (default 0: not computed)")
     p.add_argument("--reference", type=_local_path, default=None, metavar="EVAL_DIR",
@@ -303,22 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seed=False)
     p.set_defaults(func=_evaluate)
 
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    _model_checked(args.model)
+    from lungxray import evaluate
+
+    options = evaluate.EvalOptions(
+        robustness=args.robustness, robustness_samples=args.robustness_samples, tta=args.tta,
+        deployment_prevalence=args.deployment_prevalence, reference=args.reference)
+    return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
+                             cache_dir=args.cache_dir, class_map=args.class_map,
+                             explain=not args.no_gradcam, options=options)
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray compare``, run by :func:`_compare`."""
     p = sub.add_parser("compare", help="table, charts, report.html and best_model/",
                        description="Compare trials. Each trial DIR holds model/ (train output), "
                        "eval/ (evaluate output with val/ and test/) and optionally tune/.")
     p.add_argument("--trials", type=_local_path, nargs="+", required=True, help="trial directories")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
-    p.add_argument("--select-metric", default=artifacts.DEFAULT_SELECT_METRIC,
+    p.add_argument("--select-metric", default=DEFAULTS.select_metric,
                    help="validation metric that picks the best model (default "
-                   f"{artifacts.DEFAULT_SELECT_METRIC})")
-    p.add_argument("--ensemble-k", type=int, default=artifacts.DEFAULT_ENSEMBLE_K,
+                   f"{DEFAULTS.select_metric})")
+    p.add_argument("--ensemble-k", type=int, default=DEFAULTS.ensemble_k,
                    help="also compare the mean-probability ensemble of the top K models on the "
-                   f"selection metric (default {artifacts.DEFAULT_ENSEMBLE_K}; 0 = none)")
+                   f"selection metric (default {DEFAULTS.ensemble_k}; 0 = none)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the ensemble's threshold as the highest reaching this "
                    "validation sensitivity (default: as its members, else Youden's J)")
     p.set_defaults(func=_compare)
 
+
+def _compare(args: argparse.Namespace) -> dict:
+    from lungxray import report
+
+    return report.compare(args.trials, args.output, select_metric=args.select_metric,
+                          ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity)
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray predict``, run by :func:`_predict`."""
     p = sub.add_parser("predict", help="apply a model to unlabeled images: predictions.csv",
                        description="Predict unlabeled images with a `lungxray train` output or "
                        "best_model/ (single or ensemble), preprocessed as the model was trained. "
@@ -345,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seed=False)
     p.set_defaults(func=_predict)
 
+
+def _predict(args: argparse.Namespace) -> dict:
+    from lungxray import predict
+
+    return predict.predict(args.model, args.source, args.output, batch_size=args.batch_size,
+                           skip_bad=args.skip_bad, explain=args.gradcam,
+                           cache_dir=args.cache_dir, workers=args.workers)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray export``, run by :func:`_export`."""
     p = sub.add_parser("export", help="TensorFlow SavedModel for TF Serving / KServe",
                        description="Write <output>/<version>/ (saved_model.pb, variables/): "
                        "signatures serving_default (float pixels), predict_uint8 (uint8 pixels) "
@@ -359,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing version")
     p.set_defaults(func=_export)
 
+
+def _export(args: argparse.Namespace) -> dict:
+    _model_checked(args.model)
+    from lungxray import export
+
+    return export.export(args.model, args.output, version=args.version, force=args.force)
+
+
+def _champion_args(args: argparse.Namespace, *apart: str) -> str:
+    """--champion checked before any work: a local folder or gs:// prefix that can hold a
+    champion, apart from the inputs named in ``apart`` (never inside the model or the data)."""
+    from lungxray import champion_store, uris
+
+    uri = champion_store.check_uri(args.champion, "--champion")
+    for name in apart:
+        uris.check_apart(uri, str(getattr(args, name)), "--champion", f"--{name}")
+    return uri
+
+
+def add_challenge_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray challenge``, run by :func:`_challenge`."""
     p = sub.add_parser("challenge", help="compare a new model with the champion in use: "
                        "decision.json (promote/keep and why)",
                        description="Paired bootstrap of the ROC AUC difference between the "
@@ -372,12 +330,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="champion folder or gs:// prefix (new or empty: no champion yet; '': "
                    "skip the comparison)")
     p.add_argument("--run-id", required=True, help="this run's id (its history/ entry name)")
-    p.add_argument("--margin", type=float, default=0.0,
-                   help="promote only if better by more than this AUC (default 0)")
+    p.add_argument("--margin", type=float, default=DEFAULTS.promotion_margin,
+                   help="promote only if better by more than this AUC (default "
+                   f"{DEFAULTS.promotion_margin:g})")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
     _common(p)
     p.set_defaults(func=_challenge)
 
+
+def _challenge(args: argparse.Namespace) -> dict:
+    import os
+
+    from lungxray import champion, staging
+
+    uri = _champion_args(args, "model", "data", "output") if args.champion else ""
+    _model_checked(args.model)
+    # Built in a staging folder inside --output and moved in file by file: a stopped or
+    # failed run leaves the previous decision, never a part of one.
+    with staging.staging_dir(args.output, ".challenge-", "lungxray challenge") as work:
+        record = champion.challenge(args.model, args.data, uri, args.run_id,
+                                    margin=args.margin, seed=args.seed,
+                                    cache_dir=args.cache_dir)
+        (work / CHAMPION_MD).write_text(champion.markdown(record))
+        champion.write_decision(record, work)
+        with staging.signals_blocked():  # never a new champion.md beside an old decision
+            for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
+                os.replace(work / name, args.output / name)
+    return {"decision": record["decision"], "reason": record["reason"],
+            "decision_file": str(args.output / champion.DECISION_FILE)}
+
+
+def add_promote_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray promote``, run by :func:`_promote`."""
     p = sub.add_parser("promote", help="make a model the champion (decision.json must say "
                        "promote)",
                        description="Copy the model, its model card and decision.json to "
@@ -394,8 +378,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-card", type=_local_path, default=None, help="model_card.md to keep")
     p.set_defaults(func=_promote)
 
+
+def _promote(args: argparse.Namespace) -> dict:
+    from lungxray import promotion, safeio
+    from lungxray.errors import ConfigError
+
+    uri = _champion_args(args, "model")
+    record = safeio.load_json_object(args.decision, "decision", error=ConfigError)
+    entry = promotion.promote(args.model, uri, record, model_card=args.model_card)
+    return {"champion": uri, "history_entry": entry}
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray models``, run by :func:`_models`."""
     p = sub.add_parser("models", help="list the supported backbones")
     p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from lungxray.backbones import REGISTRY
+
+    print(f"{'name':<20} {'preprocess':<10} {'default':>7} {'min':>4}")
+    for spec in REGISTRY.values():
+        print(f"{spec.name:<20} {spec.preprocess:<10} {spec.default_size:>7} {spec.min_size:>4}")
+
+
+def _local_path(text: str) -> Path:
+    """A local path argument: ``gs://b/x`` would silently become the local folder ``gs:/b/x``."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is a URI; this option takes a local path "
+                                         "(copy results to a bucket afterwards, e.g. with "
+                                         "`gcloud storage cp -r`)")
+    return Path(text)
+
+
+def _common(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    if seed:
+        parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                            help=f"random seed (default {DEFAULTS.seed})")
+    parser.add_argument("--cache-dir", type=_local_path, default=None,
+                        help="cache for downloads (default ~/.cache/lungxray)")
+
+
+def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
+    parser.add_argument("--data", type=_local_path, required=True,
+                        help="prepared dataset directory")
+    parser.add_argument("--model", required=True, help="Keras Applications name, e.g. VGG16 "
+                        "(`lungxray models` lists them)")
+    parser.add_argument("--output", type=_local_path, required=True, help="output directory")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    parser.add_argument("--weights", default="none", help=WEIGHTS_HELP + " (default none)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help=f"batch size (default {DEFAULTS.batch_size})")
+    _common(parser)
+
+
+# In the order `lungxray --help` lists them.
+COMMANDS = (add_preprocess_parser, add_tune_parser, add_train_parser, add_evaluate_parser,
+            add_compare_parser, add_predict_parser, add_export_parser, add_challenge_parser,
+            add_promote_parser, add_models_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungxray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     for command in sub.choices.values():
         command.add_argument("--verbose", action="store_true",
                              help="let TensorFlow's native start-up logging through to stderr")

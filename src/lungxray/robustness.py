@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 
 from lungxray import metrics
 from lungxray.errors import ConfigError, DataError
+from lungxray.schema import DEFAULTS
 
 SEVERITIES = (1, 2, 3)
 # Per corruption, the parameter at severity 1, 2, 3 (units in each function's docstring).
@@ -44,7 +45,7 @@ LEVELS: dict[str, tuple[float, float, float]] = {
 }
 CORRUPTIONS = tuple(LEVELS)
 SANITY_ONLY = frozenset({"invert"})  # reported, never in the mean or the worst case
-DEFAULT_SAMPLES = 500
+DEFAULT_SAMPLES = DEFAULTS.robustness_samples  # images per split; the run parameter's default
 DEFAULT_CHUNK = 512
 CLEAN = "clean"
 REFERENCE_SIDE = 28  # the pixel parameters above are for this side; scaled for others

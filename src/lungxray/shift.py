@@ -91,7 +91,8 @@ def carve_shifted(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     k = n_clusters or max(4, int(round(3 / fraction)))
     if len(labels) < 2 * k:
         raise DataError(f"cannot carve a {fraction:.0%} shifted test split from {len(labels)} "
-                        f"images: need at least {2 * k} for {k} clusters")
+                        f"images: need at least {2 * k} for {k} clusters (shifted_test_fraction "
+                        f"0: none)")
     clusters = KMeans(k, n_init=10, random_state=seed).fit(features)
     centres = clusters.cluster_centers_
     sizes = np.bincount(clusters.labels_, minlength=k)

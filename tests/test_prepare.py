@@ -1,9 +1,16 @@
-"""Preprocess on the real PneumoniaMNIST file and on image folders made from it."""
+"""Preprocess on the real PneumoniaMNIST file and on image folders made from it; a stopped or
+killed run leaves no staging folder behind (issue 26)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +19,9 @@ import pytest
 from PIL import Image
 
 from lungxray import data, download, pools, prepare
-from tests.data_helpers import image_hashes, load_npz
+from tests.data_helpers import folder_source, image_hashes, load_npz, prepare_16px
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -223,19 +232,54 @@ def test_memory_does_not_grow_with_the_number_of_images(shared_npz, tmp_path, mo
     assert peaks[450] - peaks[150] < 1_000_000, peaks
 
 
-def test_a_dataset_of_an_older_or_unknown_format_is_refused_in_one_line(tmp_path):
-    np.savez(tmp_path / "val.npz", images=np.zeros((3, 8, 8, 1), np.uint8), labels=[0, 1, 0])
-    manifest = tmp_path / data.MANIFEST
-    manifest.write_text(json.dumps({"format": "lungxray-dataset/1", "splits": {"val": {"n": 3}}}))
-    assert not data.is_prepared(tmp_path)
-    with pytest.raises(data.DataError, match=r"older format 'lungxray-dataset/1'.*re-run "
-                                             r"`lungxray preprocess`") as err:
-        data.load_split(tmp_path, "val")
-    assert "\n" not in str(err.value)
-    manifest.write_text(json.dumps({"format": "something-else/7", "splits": {}}))
-    with pytest.raises(data.DataError, match=r"unknown format 'something-else/7', expected "
-                                             r"lungxray-dataset/2"):
-        data.read_manifest(tmp_path)
-    # preprocess will not write over it: it is no prepared dataset this version knows.
-    with pytest.raises(data.DataError, match="is not a prepared dataset; refusing"):
-        prepare.preprocess(str(tmp_path / "val.npz"), tmp_path)
+def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """preprocess on 600 images with one worker, stopped once its staging folder exists."""
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(300):
+            Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(
+                root / label / f"{i}.png")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lungxray.cli", "preprocess", "--source", str(root),
+         "--output", str(tmp_path / "out"), "--workers", "1", "--image-size", "512"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if list(tmp_path.glob(".prepare-out-*/.pools/*")):
+            break
+        time.sleep(0.05)
+    return process, root
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_remove_the_staging_folder(tmp_path, signum):
+    process, _ = _start(tmp_path)
+    assert process.poll() is None, "preprocess ended before the signal"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"lungxray preprocess: stopped by {signal.Signals(signum).name}; removed the staging "
+        f"folder "), stderr[-2000:]
+    assert not list(tmp_path.glob(".prepare-*")) and not (tmp_path / "out").exists()
+
+
+def test_staging_left_by_sigkill_is_swept_but_a_live_one_is_kept(tmp_path):
+    root = folder_source(tmp_path / "src", per_class=6)
+    dead = tmp_path / ".prepare-out-dead1234"
+    (dead / ".pools").mkdir(parents=True)
+    live = tmp_path / ".prepare-out-live5678"
+    live.mkdir()
+    other = tmp_path / ".prepare-other-abcd1234"  # another output's: not ours to sweep
+    other.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        prepare_16px(root, tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert data.is_prepared(tmp_path / "out")

@@ -3,6 +3,7 @@ the small hostile-input sources and checks the readers' tests share."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 
@@ -133,3 +134,9 @@ def folder_source(root: Path, per_class: int = 4) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(hostile.small_png(i * 40 + (label == "b") * 10))
     return root
+
+
+def nih_rows(nih: Path) -> list[dict]:
+    """The rows of the NIH site's manifest.csv (path, label, patient_id, ...)."""
+    with open(nih, newline="") as fh:
+        return list(csv.DictReader(fh))

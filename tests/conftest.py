@@ -18,7 +18,7 @@ SLOW_MODULES = frozenset({
     "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
     "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
     "test_export.py", "test_report.py", "test_selection.py", "test_ensemble.py",
-    "test_metrics.py", "test_cli.py", "test_sites_eval.py",
+    "test_metrics.py", "test_cli.py", "test_site_metrics.py",
     "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps

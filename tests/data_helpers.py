@@ -1,14 +1,19 @@
-"""Builders for raw sources made from the real PneumoniaMNIST pixels (folders, CSV, DICOM)."""
+"""Builders for raw sources made from the real PneumoniaMNIST pixels (folders, CSV, DICOM), and
+the small hostile-input sources and checks the readers' tests share."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lungxray import data
+from lungxray.prepare import preprocess
+from tests.fuzz import hostile
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 
@@ -93,3 +98,45 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def prepare_16px(source: Path, output: Path, **options) -> dict:
+    """preprocess at 16 px with quarter val and test fractions, as the readers' tests run it."""
+    return preprocess(str(source), output, seed=0, image_size=16, val_fraction=0.25,
+                      test_fraction=0.25, **options)
+
+
+def assert_clean(output: Path) -> None:
+    """A refused preparation left neither its output nor a staging folder."""
+    assert not output.exists()
+    assert not list(output.parent.glob(".prepare-*"))
+
+
+def one_line(err: pytest.ExceptionInfo, most: int = 1200) -> str:
+    """The raised error's message, checked to be one line shorter than ``most``."""
+    text = str(err.value)
+    assert "\n" not in text and len(text) < most, text[:300]
+    return text
+
+
+def csv_source(root: Path, extra: str = "", header: str = "path,label") -> Path:
+    """A CSV manifest of 8 small good images under ``root``, then the ``extra`` rows."""
+    rows = hostile.csv_folder(root, 8)
+    (root / "labels.csv").write_text(header + "\n" + "\n".join(rows) + "\n" + extra)
+    return root / "labels.csv"
+
+
+def folder_source(root: Path, per_class: int = 4) -> Path:
+    """A flat folder of classes ``a`` and ``b`` holding ``per_class`` small good PNGs each."""
+    for i in range(per_class):
+        for label in ("a", "b"):
+            path = root / label / f"good{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(hostile.small_png(i * 40 + (label == "b") * 10))
+    return root
+
+
+def nih_rows(nih: Path) -> list[dict]:
+    """The rows of the NIH site's manifest.csv (path, label, patient_id, ...)."""
+    with open(nih, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -1,4 +1,5 @@
-"""DICOM files written by pydicom from real X-ray pixels: photometry, rescale and windowing."""
+"""DICOM files written by pydicom from real X-ray pixels: photometry, rescale and windowing;
+hostile DICOM sizes and deflated bombs refused before their pixels are read (issue 26)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 
 from lungxray import data, images, pixels, prepare
+from lungxray import limits as limiting
 from tests.data_helpers import real_images, tree_digest, write_dicom
+from tests.fuzz import hostile
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,21 @@ def test_a_dicom_folder_through_preprocess(xrays, tmp_path):
                       zip(split.images, split.labels, strict=True)})
     # Every original image comes back pixel-exact, with its label, whatever its photometry.
     assert index == {ref.tobytes(): int(lab) for ref, lab in zip(pictures, labels, strict=True)}
+
+
+def test_dicom_declared_size_is_checked_before_pixel_data():
+    bomb = hostile.dicom(20000, 20000, pixel_bytes=2)
+    with pytest.raises(images.ImageError, match=r"20000x20000 = 400,000,000 pixels, above"):
+        images.decode(bomb, "x.dcm", 16, 1)
+    with pytest.raises(images.ImageError, match=r"multi-frame DICOM \(7 frames\)"):
+        images.decode(hostile.dicom(64, 64, frames="7"), "x.dcm", 16, 1)
+
+
+def test_deflated_dicom_inflation_is_bounded_and_a_good_one_decodes():
+    tight = limiting.with_overrides(limiting.DEFAULT, ["max_image_bytes=1048576"])
+    bomb = hostile.dicom(4000, 4000, deflated=True)  # 32 MB of pixels in 32 KB
+    with pytest.raises(images.ImageError, match=r"Deflated DICOM inflates to more than "
+                                                r"17,825,792 bytes"):
+        images.decode(bomb, "x.dcm", 16, 1, limits=tight)
+    good = hostile.dicom(64, 64, deflated=True)
+    assert images.decode(good, "x.dcm", 16, 1).shape == (16, 16, 1)

@@ -1,15 +1,21 @@
-"""lungxray.images: every supported pixel format decodes to one fixed uint8 layout."""
+"""lungxray.images: every supported pixel format decodes to one fixed uint8 layout; hostile
+images are refused before decoding, any decoder failure is that file's one-line error, and
+large decodes share one memory budget (issue 26)."""
 
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lungxray import images, pixels
-from tests.data_helpers import real_images
+from lungxray import limits as limiting
+from tests.data_helpers import one_line, real_images
+from tests.fuzz import hostile
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +124,50 @@ def test_convert_array_resizes_and_changes_channels(xray):
     small = images.convert_array(batch, 14, 1)
     expected = np.asarray(Image.fromarray(xray).resize((14, 14), images.RESAMPLE))
     np.testing.assert_array_equal(small[0, ..., 0], expected)
+
+
+def test_16bit_png_over_the_pixel_limit_is_refused_before_decoding():
+    with pytest.raises(images.ImageError, match=r"13000x13000 = 169,000,000 pixels, above the "
+                                                r"limit of 40,000,000 \(max_image_pixels\)"):
+        images.decode(hostile.png_16bit(13000, full=False), "p.png", 16, 1)
+    with pytest.raises(images.ImageError, match=r"7000x7000 = 49,000,000 pixels"):
+        images.decode(hostile.png_16bit(7000, full=False), "p.png", 16, 1)
+    more = limiting.with_overrides(limiting.DEFAULT, ["max_image_pixels=50000000"])
+    assert images.decode(hostile.png_16bit(7000, full=False), "p.png", 16, 1,
+                         limits=more).shape == (16, 16, 1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("payload", "name", "message"), [
+    (hostile.dicom_nested(5000), "n.dcm", r"corrupt DICOM file \(RecursionError"),
+    (hostile.dicom(64, 64, frames="x"), "f.dcm", r"DICOM NumberOfFrames is not a number"),
+    (hostile.dds_unsupported(), "d.png", r"corrupt or truncated image \(NotImplementedError"),
+    (hostile.dicom(64, 64, pixel_bytes=10), "short.dcm", r"cannot decode DICOM pixel data"),
+    (b"\0" * 128 + b"DICM" + b"\xff" * 64, "junk.dcm", r"DICOM"),
+])
+def test_any_decoder_failure_is_that_files_image_error(payload, name, message):
+    with pytest.raises(images.ImageError, match=message) as err:
+        images.decode(payload, name, 16, 1)
+    one_line(err)
+
+
+def test_budget_lets_large_decodes_run_one_at_a_time():
+    budget, inside, most = images.Budget(100), [0], [0]
+    lock = threading.Lock()
+
+    def work(cost: int) -> None:
+        with budget.hold(cost):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(60,)) for _ in range(4)]
+    threads.append(threading.Thread(target=work, args=(500,)))  # above the budget: alone
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and budget.used == 0

@@ -1,9 +1,13 @@
-"""lungxray.staging.publish: a finished output replaces the previous one whole, or not at all."""
+"""lungxray.staging: a finished output replaces the previous one whole, or not at all; a staging
+folder goes away on SIGTERM/SIGINT, and a killed run's is swept by the next (issue 26)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,43 @@ def test_a_stop_swallowed_in_a_finalizer_still_stops_the_block(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # handlers restored
+
+
+STAGING_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from lungxray import staging
+    with staging.staging_dir(Path(sys.argv[1]), ".eval-build-", "lungxray evaluate") as d:
+        (d / "partial.bin").write_bytes(b"x" * 1000)
+        print(d, flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_staging_is_removed_on_sigterm_and_sigint(tmp_path, signum):
+    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = Path(child.stdout.readline().strip())
+    assert folder.is_dir()
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + signum
+    assert not folder.exists() and list(tmp_path.iterdir()) == []
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+
+
+def test_a_killed_runs_staging_is_swept_but_a_live_one_is_kept(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    live = Path(child.stdout.readline().strip())
+    dead = tmp_path / ".eval-build-dead"
+    dead.mkdir()
+    (dead / "partial.bin").write_bytes(b"x")
+    try:
+        with staging.staging_dir(tmp_path, ".eval-build-") as mine:
+            assert mine.is_dir()
+        assert not dead.exists() and live.is_dir() and not mine.exists()
+    finally:
+        child.kill()
+        child.wait()

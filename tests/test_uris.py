@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lungxray import champion_store, cli, uris
-from lungxray.errors import ConfigError, LungxrayError
+from lungxray.errors import ConfigError
 from pipelines.params import ParamsError, check_values
 from tests.champion_helpers import decision, fake_model
 
@@ -71,18 +71,6 @@ def test_special_files_and_odd_paths_are_refused(tmp_path):
                                    "/tmp/new-champion-folder", "./x"])
 def test_usable_locations_pass(value):
     assert uris.check_location(value, "champion_uri", folder=True) == value
-
-
-def test_champion_folder_must_hold_a_champion_or_nothing(tmp_path):
-    assert champion_store.check_uri(str(tmp_path / "new")) == str(tmp_path / "new")
-    (tmp_path / "empty").mkdir()
-    champion_store.check_uri(str(tmp_path / "empty"))
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
-    with pytest.raises(LungxrayError, match="not a champion folder .* holds 'cat.jpg'"):
-        champion_store.check_uri(str(tmp_path / "photos"))
-    with pytest.raises(LungxrayError, match="not a champion folder"):
-        champion_store.check_uri("/etc")
 
 
 def test_apart_and_distinct(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from lungxray import site_metrics
 from lungxray.metrics import compute_metrics
 
 CLASSES = ["normal", "pneumonia"]
@@ -128,3 +129,30 @@ def add_robustness(trial: Path, split: str, corrupted: list[float]) -> None:
                     "worst_corrupted_auc": summary["worst_corrupted_auc"],
                     "robust_auc_drop": summary["drop"]})
     (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+# Two sites of five images each on validation; SITE_X ranks the pooled rows well but puts site
+# a's only positive below all its negatives, SITE_Y ranks each site perfectly but mixes the sites.
+SITE_LABELS = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+SITE_OF_ROW = np.array(["a"] * 5 + ["b"] * 5, dtype=object)
+SITE_X = [0.30, 0.32, 0.34, 0.36, 0.29, 0.05, 0.90, 0.91, 0.92, 0.93]  # pooled 0.84, worst 0
+SITE_Y = [0.80, 0.81, 0.82, 0.83, 0.84, 0.10, 0.20, 0.30, 0.40, 0.50]  # pooled 0.36, worst 1
+
+
+def site_trial(root: Path, name: str, val: list[float], held: bool = True) -> Path:
+    """A fake trial (:func:`make_trial`) whose val and test splits hold sites a and b, written
+    as evaluate writes a split of several sites; ``held``: also a held-out site c."""
+    splits = ["val", "test", *(["test_site_c"] if held else [])]
+    trial = make_trial(root, name, {s: val for s in splits},
+                       labels={s: SITE_LABELS for s in splits})
+    for split in ("val", "test"):
+        d = trial / "eval" / split
+        metrics = json.loads((d / "metrics.json").read_text())
+        probs = np.column_stack([1 - np.asarray(val), np.asarray(val)])
+        site_metrics.add_per_site(metrics, SITE_LABELS, probs, SITE_OF_ROW, CLASSES,
+                                  metrics["threshold"])
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        preds = pd.read_csv(d / "predictions.csv")
+        preds["site"] = SITE_OF_ROW
+        preds.to_csv(d / "predictions.csv", index=False)
+    return trial

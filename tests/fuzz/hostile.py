@@ -1,7 +1,7 @@
 """Builders of hostile inputs for the readers (issue 26): each is small on disk and built in
 a second or less, yet declares or inflates to gigabytes, hangs a naive reader or crashes a
-decoder. Used by tests/test_limits_readers.py and, at full size, by ``python -m
-tests.fuzz.hostile DIR`` (the corpus measured for docs/limits.md)."""
+decoder. Used by tests/test_limits.py, the readers' own test files and, at full size, by
+``python -m tests.fuzz.hostile DIR`` (the corpus measured for docs/limits.md)."""
 
 from __future__ import annotations
 

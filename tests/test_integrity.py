@@ -1,23 +1,19 @@
 """Issue 26 (part B): train and tune check every argument before writing state, a tampered
-dataset is refused by train and evaluate, model files and folders are read within limits,
-staging folders go away on SIGTERM, and the CLI prints one line for input errors only."""
+dataset is refused by train and evaluate, model files and folders are read within limits, and
+the CLI prints one line for input errors only. (Staging on SIGTERM: test_staging.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lungxray import cli, data, features, integrity, resume, staging, train
+from lungxray import cli, data, features, integrity, resume, train
 from lungxray.errors import ConfigError, DataError
 from tests.fuzz import hostile_state
 
@@ -188,46 +184,6 @@ def test_evaluate_refuses_hostile_model_files(what, message, tiny_model, small_d
             "--no-gradcam"]
     _assert_one_line_error(*_main(args, capsys), "evaluate", message)
     assert not (tmp_path / "e").exists()
-
-
-STAGING_CHILD = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from lungxray import staging
-    with staging.staging_dir(Path(sys.argv[1]), ".eval-build-", "lungxray evaluate") as d:
-        (d / "partial.bin").write_bytes(b"x" * 1000)
-        print(d, flush=True)
-        time.sleep(60)
-""")
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_staging_is_removed_on_sigterm_and_sigint(tmp_path, signum):
-    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    folder = Path(child.stdout.readline().strip())
-    assert folder.is_dir()
-    child.send_signal(signum)
-    _, err = child.communicate(timeout=30)
-    assert child.returncode == 128 + signum
-    assert not folder.exists() and list(tmp_path.iterdir()) == []
-    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
-
-
-def test_a_killed_runs_staging_is_swept_but_a_live_one_is_kept(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    live = Path(child.stdout.readline().strip())
-    dead = tmp_path / ".eval-build-dead"
-    dead.mkdir()
-    (dead / "partial.bin").write_bytes(b"x")
-    try:
-        with staging.staging_dir(tmp_path, ".eval-build-") as mine:
-            assert mine.is_dir()
-        assert not dead.exists() and live.is_dir() and not mine.exists()
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_cli_prints_project_errors_in_one_line_and_keeps_tracebacks_for_bugs(monkeypatch,

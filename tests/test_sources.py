@@ -1,13 +1,27 @@
-"""Every kind of source through prepare.preprocess: npz variants, folder trees, CSV manifests."""
+"""Every kind of source through prepare.preprocess: npz variants, folder trees, CSV manifests;
+and hostile folders and npz members refused at the scan, in one line (issue 26)."""
 
 from __future__ import annotations
+
+import os
+import tracemalloc
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from lungxray import data, pools, prepare
-from tests.data_helpers import real_images, tree_digest, write_folder
+from lungxray import data, pools, prepare, raw_source
+from lungxray import limits as limiting
+from lungxray.errors import DataError
+from tests.data_helpers import (
+    folder_source,
+    one_line,
+    prepare_16px,
+    real_images,
+    tree_digest,
+    write_folder,
+)
+from tests.fuzz import hostile
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +205,121 @@ def test_csv_given_splits_sharing_a_patient_are_reported(pictures, tmp_path):
     files = pd.read_csv(tmp_path / "out" / data.FILES_INDEX)
     val, test = (set(files.loc[files["split"] == s, "patient_id"]) for s in ("val", "test"))
     assert len(val) >= 3 and not val & test  # the carved val takes no patient of test
+
+
+# ------------------------------------------------------------------------- hostile folders
+
+
+def test_folder_symlink_leaving_the_root_is_refused(tmp_path):
+    root = folder_source(tmp_path / "src")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(hostile.small_png(7))
+    os.symlink(secret, root / "a" / "link.png")
+    os.symlink(root / "a" / "good0.png", root / "b" / "inside.png")  # inside: fine
+    for skip in (False, True):  # never skippable, as in a CSV
+        with pytest.raises(DataError, match=r"1 file\(s\) outside the source folder: "
+                                            r"'a/link.png' leads outside the source folder"):
+            prepare_16px(root, tmp_path / "out", skip_bad=skip)
+    os.unlink(root / "a" / "link.png")
+    os.symlink(tmp_path, root / "c")  # a class folder that is a symlink out
+    with pytest.raises(DataError, match=r"'c' leads outside the source folder"):
+        prepare_16px(root, tmp_path / "out")
+
+
+@pytest.mark.timeout(30)
+def test_folder_fifo_and_socket_are_named_and_skippable(tmp_path):
+    import socket
+
+    root = folder_source(tmp_path / "src", per_class=6)
+    os.mkfifo(root / "a" / "pipe.png")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "b" / "sock.png"))
+        with pytest.raises(DataError, match=r"a/pipe.png: not a regular file \(FIFO\); "
+                                            r"b/sock.png: not a regular file \(socket\)"):
+            prepare_16px(root, tmp_path / "out")
+        manifest = prepare_16px(root, tmp_path / "out", skip_bad=True)
+    assert {s["file"] for s in manifest["skipped"]} == {"a/pipe.png", "b/sock.png"}
+
+
+def test_non_utf8_file_name_is_named_early_and_safely(tmp_path):
+    root = folder_source(tmp_path / "src", per_class=6)
+    (root / "a" / os.fsdecode(b"x\xff\n.png")).write_bytes(hostile.small_png(3))
+    with pytest.raises(DataError, match=r"a/x\\xff\\n.png: file name is not valid UTF-8") as err:
+        prepare_16px(root, tmp_path / "out")
+    one_line(err)
+    manifest = prepare_16px(root, tmp_path / "out", skip_bad=True)
+    assert manifest["skipped"][0]["file"] == "a/x\\xff\\n.png"
+    assert "x\\xff\\n.png" in (tmp_path / "out" / "data_report.md").read_text()
+
+
+def test_folder_class_count_is_limited(tmp_path):
+    root = folder_source(tmp_path / "src")
+    (root / "c").mkdir()
+    (root / "c" / "x.png").write_bytes(hostile.small_png(1))
+    few = limiting.with_overrides(limiting.DEFAULT, ["max_classes=2"])
+    with pytest.raises(DataError, match=r"3 class folders, above the limit of 2 \(max_classes\)"):
+        prepare_16px(root, tmp_path / "out", limits=few)
+
+
+# ----------------------------------------------------------------------------- hostile npz
+
+
+def test_npz_labels_declaring_gigabytes_are_refused_at_the_header(tmp_path):
+    """Nothing is inflated: the member holds a header and 1 MiB of its declared 2.4 GB."""
+    npz = hostile.write_npz_stream(tmp_path / "bomb.npz", "train_labels",
+                                   hostile.npy_header((300_000_000,)), 1 << 20,
+                                   {"train_images": hostile.npy(hostile.good_images())})
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"train_labels: declares 300000000 of int64 = "
+                                            r"2,400,000,000 bytes, above the limit"):
+            raw_source.open_source(str(npz))
+        assert tracemalloc.get_traced_memory()[1] < 32 << 20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("member", "message"), [
+    (hostile.npy_header((10**12,)), r"declares 1000000000000 of int64"),
+    (hostile.npy_header((8,), raw=b"{'descr': '<i8', 'shape': (8,"), r"invalid .npy header"),
+    (hostile.npy_header((8,), raw=b"{'descr': 'junk', 'fortran_order': False, 'shape': (8,)}"),
+     r"invalid .npy header"),
+    (hostile.npy_header((8,), raw=b"{'descr': '<i8', 'fortran_order': False, 'shape': (-8,)}"),
+     r"invalid .npy header"),
+    (hostile.npy_header((8,), "|O"), r"holds Python objects"),
+    (b"\x93NUMPY\x09\x00" + b"\0" * 60, r"invalid .npy header"),
+    (b"\x93NUM", r"invalid .npy header"),
+    (hostile.npy_header((8,)) + b"\0" * 10, r"truncated \(10 of 64 bytes\)"),
+    # Found by make fuzz: a zero-sized shape whose product overflows numpy's index type.
+    (hostile.npy_header((0, 146134, 7889481603233)), r"invalid .npy header \(shape"),
+])
+def test_npz_invalid_label_headers_are_one_line_data_errors(tmp_path, member, message):
+    npz = hostile.write_npz(tmp_path / "bad.npz", {
+        "train_images": hostile.npy(hostile.good_images()), "train_labels": member})
+    with pytest.raises(DataError, match=message) as err:
+        raw_source.open_source(str(npz))
+    one_line(err)
+
+
+def test_npz_member_with_a_damaged_local_header_is_one_line(tmp_path):
+    """Found by make fuzz: zipfile raised BadZipFile when opening the member."""
+    npz = hostile.write_npz(tmp_path / "bad.npz", {
+        "train_images": hostile.npy(hostile.good_images()),
+        "train_labels": hostile.npy(hostile.good_labels())})
+    raw = bytearray(npz.read_bytes())
+    raw[0] = 0  # the first member's local header signature
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train_images.*cannot read \(BadZipFile: Bad magic"):
+        raw_source.open_source(str(npz))
+
+
+def test_npz_image_member_has_a_pixel_limit(tmp_path):
+    npz = hostile.write_npz(tmp_path / "big.npz", {
+        "train_images": hostile.npy_header((2, 50000, 50000), "|u1"),
+        "train_labels": hostile.npy(hostile.good_labels(2))})
+    with pytest.raises(DataError, match=r"images of 50000x50000 = 2,500,000,000 pixels, above "
+                                        r"the limit of 40,000,000 \(max_image_pixels\)"):
+        raw_source.open_source(str(npz))
+    with pytest.raises(DataError, match="invalid .npy header"):
+        raw_source.open_source(str(hostile.write_npz(tmp_path / "cut.npz", {
+            "train_images": b"\x93NUMPY\x01\x00\xff", "train_labels": b""})))

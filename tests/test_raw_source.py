@@ -1,8 +1,11 @@
-"""gs:// sources end to end through prepare.preprocess, against a real gcp-storage-emulator."""
+"""Opening a raw source: local paths checked before anything is read (missing, special files,
+unknown kinds, over-long names), and gs:// sources end to end through prepare.preprocess,
+against a real gcp-storage-emulator."""
 
 from __future__ import annotations
 
 import io
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -15,8 +18,9 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from PIL import Image
 
-from lungxray import data, prepare
-from tests.data_helpers import real_images
+from lungxray import data, prepare, raw_source, sources
+from lungxray.errors import DataError
+from tests.data_helpers import csv_source, folder_source, real_images
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,3 +118,21 @@ def test_gs_missing_prefix_is_a_clear_data_error(bucket, tmp_path):
         prepare.preprocess(f"gs://{bucket.name}/nothing/", tmp_path / "out",
                            cache_dir=tmp_path / "cache")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_source_is_checked_then_scanned_by_its_kind(tmp_path):
+    folder = raw_source.open_source(str(folder_source(tmp_path / "folder")))
+    assert folder.class_names == ["a", "b"] and isinstance(folder.splits["train"], sources.FileSet)
+    csv = raw_source.open_source(str(csv_source(tmp_path / "csv")))
+    assert len(csv.splits["train"]) == 8
+    cases = {"": "the source is empty",
+             str(tmp_path / "gone"): "gone: no such file or directory",
+             str(tmp_path / "notes.txt"): r"must be a MedMNIST-style .npz or a .csv manifest",
+             str(tmp_path / "pipe"): r"pipe: not a regular file \(FIFO\)",
+             "x" * 5000: r"is longer than 4096 characters \(max_path_chars\)"}
+    (tmp_path / "notes.txt").write_text("not a source")
+    os.mkfifo(tmp_path / "pipe")
+    for source, message in cases.items():
+        with pytest.raises(DataError, match=message) as err:
+            raw_source.open_source(source)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 400

@@ -1,5 +1,5 @@
-"""Issue 33: per-site numbers beside the pooled ones in evaluate, the report and the model card,
-and selection on the worst site's validation AUC."""
+"""Issue 33: per-site numbers beside the pooled ones in evaluate and the report, and selection on
+the worst site's validation AUC. (The model card's per-site section: test_site_report.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from lungxray import evaluate, evaluation_report, prepare, report, selection, site_metrics
 from lungxray.errors import ConfigError, DataError
-from tests.trial_helpers import make_trial
+from tests.trial_helpers import SITE_X, SITE_Y, site_trial
 
 SIZE = 32
 
@@ -120,34 +120,9 @@ def test_tampered_site_counts_are_refused(tiny_model, two_site_data, tmp_path):
 
 # --------------------------------------------------------------------------- selection
 
-# Two sites of five images each on validation; X ranks the pooled rows well but puts site a's
-# only positive below all its negatives, Y ranks each site perfectly but mixes the sites.
-VAL_Y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
-VAL_SITES = np.array(["a"] * 5 + ["b"] * 5, dtype=object)
-X = [0.30, 0.32, 0.34, 0.36, 0.29, 0.05, 0.90, 0.91, 0.92, 0.93]  # pooled 0.84, worst site 0
-Y = [0.80, 0.81, 0.82, 0.83, 0.84, 0.10, 0.20, 0.30, 0.40, 0.50]  # pooled 0.36, worst site 1
-
-
-def _site_trial(root: Path, name: str, val: list[float], held: bool = True) -> Path:
-    """A fake trial (tests/trial_helpers) whose val and test splits hold sites a and b, written
-    as evaluate writes a split of several sites; ``held``: also a held-out site c."""
-    splits = ["val", "test", *(["test_site_c"] if held else [])]
-    trial = make_trial(root, name, {s: val for s in splits}, labels={s: VAL_Y for s in splits})
-    for split in ("val", "test"):
-        d = trial / "eval" / split
-        metrics = json.loads((d / "metrics.json").read_text())
-        probs = np.column_stack([1 - np.asarray(val), np.asarray(val)])
-        site_metrics.add_per_site(metrics, VAL_Y, probs, VAL_SITES, ["normal", "pneumonia"],
-                                  metrics["threshold"])
-        (d / "metrics.json").write_text(json.dumps(metrics))
-        preds = pd.read_csv(d / "predictions.csv")
-        preds["site"] = VAL_SITES
-        preds.to_csv(d / "predictions.csv", index=False)
-    return trial
-
 
 def test_worst_site_auc_selects_the_model_that_holds_up_at_every_site(tmp_path):
-    trials = [_site_trial(tmp_path / "t", "X", X), _site_trial(tmp_path / "t", "Y", Y)]
+    trials = [site_trial(tmp_path / "t", "X", SITE_X), site_trial(tmp_path / "t", "Y", SITE_Y)]
     x_val = json.loads((trials[0] / "eval" / "val" / "metrics.json").read_text())
     assert x_val["roc_auc"] == pytest.approx(0.84) and x_val["worst_site_auc"] == 0.0
     loaded = [selection.load_trial(t) for t in trials]
@@ -202,12 +177,3 @@ def test_per_site_cis_are_the_pooled_recipes_on_each_sites_rows():
             assert found[name]["ci"][key] == pytest.approx(pooled["ci"][key])
 
 
-def test_the_model_card_of_a_run_of_several_sites(tmp_path):
-    from lungxray.modelcard import model_card
-
-    trial = selection.load_trial(_site_trial(tmp_path, "Y", Y, held=False))
-    card = model_card(trial, {"select_metric": "val_worst_site_auc", "select_value": 1.0,
-                              "n_models": 1})
-    assert "## Performance per site" in card and "On `val`:" in card
-    assert "Trained and evaluated on several sites" in card
-    assert "Not externally validated" not in card and "Held-out site" not in card

@@ -8,7 +8,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Modules whose tests live elsewhere for now, each with its reason. Keep this list short.
 ALLOWED_ELSEWHERE = {
-    "schema": "tested in test_params_schema.py until the schema rework lands test_schema.py",
     "hparams": "created by the train split, with its tests",
     "batches": "created by the train split, with its tests",
 }

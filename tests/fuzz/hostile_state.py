@@ -1,6 +1,6 @@
 """Builders of hostile parameter files, JSON files and model folders (issue 26, part B): small
 on disk, built in a second or less (the 2.7 GB config.json in a few), yet each expands to
-gigabytes, nests past any stack or escapes its folder. Used by tests/test_params_schema.py,
+gigabytes, nests past any stack or escapes its folder. Used by tests/test_schema.py,
 tests/test_integrity.py and, at full size, by ``python -m tests.fuzz.hostile_state DIR``
 (the corpus measured in the report)."""
 

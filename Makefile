@@ -18,6 +18,9 @@ PARAMS ?=#                         YAML/JSON file of pipeline parameters
 CHAMPION_URI ?=#                   local path or gs:// URI of the champion (champion/challenger)
 PIPELINE_ROOT ?= local_outputs
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2#                  pytest-xdist workers for test/test-fast (1 = one process)
+# whole files per worker: a module's fixtures (a trained model, a server) are built once
+XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 BENCH_ARGS ?=#                     e.g. --only tuning input, --profiles full
 
 # Cluster ---------------------------------------------------------------------------------------
@@ -66,11 +69,11 @@ local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, S
 		$(if $(CHAMPION_URI),--set 'champion_uri=$(CHAMPION_URI)')
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 test-fast: $(STAMP) ## Run the tests without the slow real-training ones
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## Long fuzz run of every reader (Hypothesis profile "long", ~9 min on 2 cores)
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/fuzz -p no:cacheprovider \

@@ -33,7 +33,8 @@ def test_csv_row_with_more_fields_than_the_header_stops_there(tmp_path):
 def test_csv_long_field_and_header_are_cut_in_the_message(tmp_path):
     wide = limiting.with_overrides(limiting.DEFAULT, ["max_csv_line=20000000"])
     csv = csv_source(tmp_path, "p" * 10_000_000 + ",a\n")
-    with pytest.raises(DataError, match=r"line 10 has a field longer than 131,072 characters, "
+    # the csv module's bound is process-wide: 131,072 unless a reader with a raised limit ran
+    with pytest.raises(DataError, match=r"line 10 has a field longer than [\d,]+ characters, "
                                         r"above the limit of 4096 \(max_csv_field\)") as err:
         prepare_16px(csv, tmp_path / "out", limits=wide)
     one_line(err)
@@ -43,7 +44,7 @@ def test_csv_long_field_and_header_are_cut_in_the_message(tmp_path):
         prepare_16px(csv, tmp_path / "out", limits=wide)
     assert "... (100000 characters)" in one_line(err)
     header = csv_source(tmp_path / "h", header="path,label," + "h" * 10_000_000)
-    with pytest.raises(DataError, match="line 1 has a field longer than 131,072") as err:
+    with pytest.raises(DataError, match=r"line 1 has a field longer than [\d,]+ char") as err:
         prepare_16px(header, tmp_path / "out", limits=wide)
     one_line(err)
 

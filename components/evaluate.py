@@ -56,14 +56,10 @@ def evaluate(
                                          robustness_samples=robustness_samples, tta=tta,
                                          deployment_prevalence=deployment_prevalence)
     # Every split the prepared dataset holds (val, test and any other, e.g. a shifted proxy).
-    splits = evaluation_lib.dataset_splits(dataset.path)
-    results = evaluation_lib.evaluate(Path(model.path), dataset.path, output, splits=splits,
-                                      options=options)
-    if external_data:
-        # Calibrated on the val predictions just written into ``output``.
-        results.update(evaluation_lib.evaluate_external(Path(model.path), external_data, output,
-                                                        class_map=class_map or None,
-                                                        options=options))
+    results = evaluation_lib.evaluate(Path(model.path), dataset.path, output,
+                                      splits=evaluation_lib.dataset_splits(dataset.path),
+                                      options=options, external=external_data or None,
+                                      external_class_map=class_map or None)
     for name, value in evaluation_report.scalar_metrics(results).items():
         metrics.log_metric(name, value)
     test = results["test"]
@@ -75,5 +71,4 @@ def evaluate(
     evaluation.metadata["model_name"] = test["model_name"]
     evaluation.metadata["splits"] = list(results)
     Path(summary.path).write_text(evaluation_report.describe(results))
-    # One page for every split evaluated, external included.
-    shutil.copyfile(evaluation_report.write_report(results, output), report.path)
+    shutil.copyfile(output / evaluation_lib.REPORT_FILE, report.path)  # every split, one page

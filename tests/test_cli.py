@@ -56,6 +56,24 @@ def test_preprocess_then_evaluate_then_compare(shared_npz, trained_model, tmp_pa
     assert (tmp_path / "report" / "best_model" / "model.keras").is_file()
 
 
+def test_evaluate_adds_external_data_to_one_report(small_dataset, trained_model, tmp_path,
+                                                  capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.html").write_text("an earlier report")
+    assert cli.main(["evaluate", "--model", str(trained_model), "--data", str(small_dataset),
+                     "--output", str(out), "--split", "val", "test", "--external-data",
+                     str(small_dataset), "--external-class-map", "normal=normal",
+                     "--no-robustness", "--no-gradcam"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert list(results) == ["val", "test", "external"]
+    assert results["external"]["class_map"] == {"normal": "normal"}
+    # Calibrated on the val predictions just written, as the test split is.
+    assert results["external"]["calibration"] == results["test"]["calibration"]
+    page = (out / "report.html").read_text()
+    assert all(f"<h2>{split}</h2>" in page for split in results)
+
+
 def test_challenge_then_promote(small_dataset, trained_model, tmp_path):
     home = tmp_path / "champion"
     (home / ".promote-r0-killed").mkdir(parents=True)  # what a SIGKILLed promotion leaves

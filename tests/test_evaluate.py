@@ -188,6 +188,27 @@ def test_unmapped_folder_names_are_refused(trained_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_external_data_is_refused_without_leaving_a_stale_report(trained_model, small_dataset,
+                                                                 tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="is not SOURCE=TARGET"):  # before any work
+        evaluate.evaluate(trained_model, str(small_dataset), out, ["test"],
+                          external=str(small_dataset), external_class_map="COVID-19")
+    assert not out.exists()
+    for cls in ("cat", "dog"):
+        (tmp_path / "pets" / cls).mkdir(parents=True)
+        Image.new("L", (32, 32)).save(tmp_path / "pets" / cls / "a.png")
+    out.mkdir()
+    (out / evaluate.REPORT_FILE).write_text("an earlier report of other splits")
+    with pytest.raises(data.DataError, match="differ from the expected"):
+        evaluate.evaluate(trained_model, str(small_dataset), out, ["test"], explain=False,
+                          options=evaluate.EvalOptions(robustness=False),
+                          external=str(tmp_path / "pets"))
+    # The splits were evaluated; no report shows what they replaced or lacks the external set.
+    assert (out / "test" / "metrics.json").is_file()
+    assert not (out / evaluate.REPORT_FILE).exists() and not (out / "external").exists()
+
+
 def test_external_set_merges_splits_and_is_named(trained_model, small_npz, tmp_path):
     results = evaluate.evaluate_external(trained_model, str(small_npz), tmp_path / "eval",
                                          explain=False)

@@ -79,6 +79,9 @@ PREVALENCE_FILE = "prevalence.json"  # EM estimate of the predicted images' prev
 # promote -> the next run's challenge
 CHAMPION_MODEL_DIR = "model"
 DECISION_FILE = "decision.json"
+# challenge's output folder (the CLI's --output, the component's decision artifact): DECISION_FILE,
+# the "Champion vs challenger" section and, given compare's card, that card with the section.
+CHALLENGE_SECTION_FILE = "champion.md"
 CHAMPION_FILE = "champion.json"  # written last: which run's files are the current champion
 CHAMPION_HISTORY_DIR = "history"
 

@@ -19,6 +19,7 @@ the champion location and the champion it was compared with.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from lungxray import champion_store as store
-from lungxray import metrics, safeio
+from lungxray import metrics, safeio, staging
+from lungxray.artifacts import CHALLENGE_SECTION_FILE
 from lungxray.champion_store import (  # noqa: F401 - the champion API, as before #34
     CARD_FILE,
     DECISION_FILE,
@@ -230,6 +232,45 @@ def markdown(record: dict[str, Any]) -> str:
                       f"evidence only. Validation chose the challenger among this run's models, "
                       f"which favours it slightly: the margin is the guard."]
     return "\n".join(lines) + "\n"
+
+
+def run_challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: str,
+                  run_id: str, output: Path | str, margin: float = 0.0, seed: int = 0,
+                  cache_dir: Path | None = None,
+                  model_card: Path | str | None = None) -> dict[str, Any]:
+    """:func:`challenge`, then its outputs in ``output``: the section (champion.md), ``model_card``
+    with the section appended (model_card.md, when a card is given) and decision.json. Built in
+    a staging folder inside ``output`` and moved in file by file, the decision last: a stopped
+    or failed run leaves the previous decision, never a part of one. Returns the record."""
+    output = Path(output)
+    with staging.staging_dir(output, ".challenge-", "lungxray challenge") as work:
+        record = challenge(challenger_dir, data_dir, champion_uri, run_id, margin=margin,
+                           seed=seed, cache_dir=cache_dir)
+        section = markdown(record)
+        names = [CHALLENGE_SECTION_FILE]
+        (work / CHALLENGE_SECTION_FILE).write_text(section)
+        if model_card is not None:
+            card = Path(model_card).read_text().rstrip() + "\n\n" + section
+            (work / CARD_FILE).write_text(card)
+            names.append(CARD_FILE)
+        write_decision(record, work)
+        with staging.signals_blocked():  # never a new section beside an old decision
+            for name in [*names, DECISION_FILE]:
+                os.replace(work / name, output / name)
+    return record
+
+
+def scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """``champion_<split>_roc_auc``, ``challenger_<split>_roc_auc`` and
+    ``<split>_roc_auc_difference`` for every split compared, and ``promoted`` (1 or 0)."""
+    out: dict[str, float] = {}
+    for split, compared in {DECISION_SPLIT: record["comparison"], **record["evidence"]}.items():
+        if compared:
+            out[f"champion_{split}_roc_auc"] = compared["champion"]
+            out[f"challenger_{split}_roc_auc"] = compared["challenger"]
+            out[f"{split}_roc_auc_difference"] = compared["difference"]
+    out["promoted"] = float(record["decision"] == "promote")
+    return out
 
 
 def write_decision(record: dict[str, Any], path: Path | str) -> Path:

@@ -10,7 +10,6 @@ from pathlib import Path
 from lungxray import quiet
 from lungxray.schema import DEFAULTS, TUNE_ALGORITHMS
 
-CHAMPION_MD = "champion.md"  # challenge's Markdown section beside decision.json
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
                 "gs:// weights file (.h5 / .weights.h5)")
 
@@ -184,6 +183,11 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="map the source's class names onto the model's, e.g. "
                    "'COVID-19=pneumonia,NORMAL=normal'; SRC=- leaves a class out "
                    "(default: the classes must match)")
+    p.add_argument("--external-data", default=None, metavar="SOURCE",
+                   help="another labelled source (folder, npz, CSV, gs://) evaluated after the "
+                   "splits as one more split, 'external', in the same report (default: none)")
+    p.add_argument("--external-class-map", default=None, metavar="SRC=CLASS,...",
+                   help="--class-map for --external-data (default: the classes must match)")
     p.add_argument("--no-gradcam", action="store_true",
                    help="skip the Grad-CAM grid (true/false positives, false negatives)")
     p.add_argument("--robustness", action=argparse.BooleanOptionalAction,
@@ -214,7 +218,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
         deployment_prevalence=args.deployment_prevalence, reference=args.reference)
     return evaluate.evaluate(args.model, args.data, args.output, splits=args.split,
                              cache_dir=args.cache_dir, class_map=args.class_map,
-                             explain=not args.no_gradcam, options=options)
+                             explain=not args.no_gradcam, options=options,
+                             external=args.external_data,
+                             external_class_map=args.external_class_map)
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -339,23 +345,12 @@ def add_challenge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _challenge(args: argparse.Namespace) -> dict:
-    import os
-
-    from lungxray import champion, staging
+    from lungxray import champion
 
     uri = _champion_args(args, "model", "data", "output") if args.champion else ""
     _model_checked(args.model)
-    # Built in a staging folder inside --output and moved in file by file: a stopped or
-    # failed run leaves the previous decision, never a part of one.
-    with staging.staging_dir(args.output, ".challenge-", "lungxray challenge") as work:
-        record = champion.challenge(args.model, args.data, uri, args.run_id,
-                                    margin=args.margin, seed=args.seed,
-                                    cache_dir=args.cache_dir)
-        (work / CHAMPION_MD).write_text(champion.markdown(record))
-        champion.write_decision(record, work)
-        with staging.signals_blocked():  # never a new champion.md beside an old decision
-            for name in (CHAMPION_MD, champion.DECISION_FILE):  # the decision last
-                os.replace(work / name, args.output / name)
+    record = champion.run_challenge(args.model, args.data, uri, args.run_id, args.output,
+                                    margin=args.margin, seed=args.seed, cache_dir=args.cache_dir)
     return {"decision": record["decision"], "reason": record["reason"],
             "decision_file": str(args.output / champion.DECISION_FILE)}
 

@@ -391,14 +391,28 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
 
 def evaluate(model_dir: Path, source: str, output: Path, splits: list[str] | None = None,
              cache_dir: Path | None = None, class_map: str | dict[str, str] | None = None,
-             explain: bool = True, options: EvalOptions = EvalOptions()) -> dict[str, dict]:
+             explain: bool = True, options: EvalOptions = EvalOptions(),
+             external: str | None = None,
+             external_class_map: str | dict[str, str] | None = None) -> dict[str, dict]:
     """Evaluate ``model_dir`` on ``splits`` (default: test) of ``source``; writes
     ``<output>/<split>/metrics.json``, plots and ``<output>/report.html``. Returns
     {split: metrics}. ``class_map`` ("SRC=model_class,...") relabels a source whose classes are
     named differently; ``explain`` draws the Grad-CAM grid (single models only); ``options``:
-    robustness, TTA and prevalence (:class:`EvalOptions`)."""
-    return _run(model_dir, source, Path(output), splits or ["test"], cache_dir,
-                parse_class_map(class_map), None, explain, options.check())
+    robustness, TTA and prevalence (:class:`EvalOptions`). ``external`` (another labelled
+    source; empty = none) is evaluated after them as one more split, ``external``
+    (:func:`evaluate_external`, ``external_class_map`` relabelling it), and the one report
+    shows every split."""
+    options = options.check()
+    maps = parse_class_map(class_map), parse_class_map(external_class_map)  # refused up front
+    results = _run(model_dir, source, Path(output), splits or ["test"], cache_dir, maps[0],
+                   None, explain, options, report=not external)
+    if external:
+        # Calibrated on the val predictions just written into ``output`` (or the reference's).
+        results.update(_run(model_dir, external, Path(output), [], cache_dir, maps[1],
+                            EXTERNAL_SPLIT, explain, options, report=False))
+        with staging.stop_on_signals():
+            write_report(results, Path(output))
+    return results
 
 
 def evaluate_external(model_dir: Path, source: str, output: Path,
@@ -416,7 +430,10 @@ def evaluate_external(model_dir: Path, source: str, output: Path,
 
 def _run(model_dir: Path, source: str, output: Path, splits: list[str],
          cache_dir: Path | None, class_map: dict[str, str], merge_as: str | None,
-         explain: bool, options: EvalOptions = EvalOptions()) -> dict[str, dict]:
+         explain: bool, options: EvalOptions = EvalOptions(),
+         report: bool = True) -> dict[str, dict]:
+    """Evaluate and publish the sets of one source; ``report``: also its report.html (else
+    the caller writes one report of every source, and an older one is removed first)."""
     predictor = load_predictor(model_dir)
     with staging.stop_on_signals(), tempfile.TemporaryDirectory(prefix="lungxray-eval-") as workdir:
         # Everything is loaded and checked before the first output is written.
@@ -436,8 +453,11 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
                                             explain, options, predicted[name], calibration,
                                             sites)
                        for name, (split, prov, sites) in sets.items()}
-            write_report(results, Path(build))
-            for name in [*results, REPORT_FILE]:  # the report, which lists them, last
+            if report:
+                write_report(results, Path(build))
+            else:  # it would show the splits about to be replaced
+                (output / REPORT_FILE).unlink(missing_ok=True)
+            for name in [*results, *([REPORT_FILE] if report else [])]:  # the report last
                 if (output / name).is_dir():
                     shutil.rmtree(output / name)
                 os.replace(Path(build) / name, output / name)

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from lungxray import pages, plots, site_metrics, site_report
+from lungxray import pages, plots, safeio, site_metrics, site_report
 from lungxray.artifacts import AT_HALF, EVAL_CI_METRICS, EVAL_METRICS, PLOT_FILES, label
 from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
 
@@ -140,7 +140,7 @@ def report_html(results: dict[str, dict], output: Path) -> str:
 
 
 def write_report(results: dict[str, dict], output: Path) -> Path:
-    """``<output>/report.html`` for the splits just evaluated."""
+    """``<output>/report.html`` for the splits just evaluated, replaced whole."""
     path = Path(output) / REPORT_FILE
-    path.write_text(report_html(results, Path(output)), encoding="utf-8")
+    safeio.write_text_atomic(path, report_html(results, Path(output)))
     return path

@@ -1,33 +1,22 @@
-"""challenge and promote components, called directly with real artifacts: two runs in a row,
-the first promotes (no champion yet), the second keeps or replaces and says why."""
+"""The promote component after the challenge step, two runs in a row: the first promotes (no
+champion yet), the second keeps or replaces and says why."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+from kfp.dsl import Model
 
-from components.challenge import challenge
 from components.promote import promote
 from lungxray import champion
+from tests.component_helpers import run_challenge
 from tests.test_predict import tiny_model_dir
 
 
-def _run(model_dir: Path, dataset: Path, home: Path | str, run_id: str,
-         out: Path) -> tuple[str, dict]:
+def _run(model_dir: Path, dataset: Path, home: Path, run_id: str, out: Path) -> tuple[str, dict]:
     """One run's challenge step, then its promote step if the verdict says so."""
-    out.mkdir(parents=True)
-    card_in = out / "compare_card.md"
-    card_in.write_text("# Model card\n\nfrom compare\n")
-    arts = {name: cls(name=name, uri=str(out / name)) for name, cls in (
-        ("decision", Artifact), ("card", Markdown), ("summary", Markdown),
-        ("metrics", Metrics))}
-    verdict = challenge(dataset=Dataset(name="dataset", uri=str(dataset)),
-                        best_model=Model(name="best_model", uri=str(model_dir)),
-                        model_card=Markdown(name="model_card", uri=str(card_in)),
-                        champion_uri=str(home), run_id=run_id, promotion_margin=0.0, seed=0,
-                        **arts)
+    verdict, arts = run_challenge(model_dir, dataset, home, run_id, out)
     if verdict == "promote":
         promote(best_model=Model(name="best_model", uri=str(model_dir)), card=arts["card"],
                 decision=arts["decision"], champion_uri=str(home))
@@ -52,14 +41,8 @@ def test_two_runs_promote_then_decide_with_evidence(small_dataset, tmp_path):
             "champion_test_roc_auc", "challenger_test_roc_auc", "promoted"} <= set(metrics)
     decision = json.loads((tmp_path / "two" / "decision" / champion.DECISION_FILE).read_text())
     assert decision["decision"] == verdict and decision["champion_state"]["run_id"] == "run-1"
+    assert metrics["val_roc_auc_difference"] == decision["comparison"]["difference"]
     assert second["decision"]["reason"] == decision["reason"]
     assert f"**Decision: {verdict}**" in second["card"]
     assert champion.current(home)["run_id"] == ("run-2" if verdict == "promote" else "run-1")
     assert metrics["promoted"] == float(verdict == "promote")
-
-
-def test_without_a_champion_uri_nothing_is_compared(small_dataset, tmp_path):
-    model = tiny_model_dir(tmp_path / "m", seed=0)
-    verdict, result = _run(model, small_dataset, "", "run-1", tmp_path / "one")
-    assert verdict == "skip" and result["metrics"] == {"promoted": 0.0}
-    assert "no champion_uri given" in result["card"]

@@ -392,3 +392,17 @@ def test_gcs_promotion_killed_before_or_after_its_swap_is_finished_by_the_next(
     assert whole() == "r3"
     with pytest.raises(ConfigError, match="run r3 was already promoted"):
         champion.promote(models["r3"], uri, record)
+
+
+def test_a_model_card_that_is_not_a_bounded_file_fails_before_the_challenge(
+        small_dataset, tmp_path, capsys):
+    from lungxray import cli
+    from tests.champion_helpers import fake_model
+
+    out = tmp_path / "out"
+    code = cli.main(["challenge", "--model", str(fake_model(tmp_path / "m")), "--data",
+                     str(small_dataset), "--champion", "", "--run-id", "r1", "--output",
+                     str(out), "--model-card", "/dev/zero"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "model card" in err, err
+    assert not out.exists()

@@ -68,7 +68,7 @@ OWN_OPTIONS = {
     "compare": {"trials", "output"},
     "predict": {"model", "source", "output", "batch_size", "gradcam", "workers", "cache_dir"},
     "export": {"model", "output", "version", "force"},
-    "challenge": {"model", "data", "run_id", "output", "cache_dir"},
+    "challenge": {"model", "data", "run_id", "model_card", "output", "cache_dir"},
     "promote": {"model", "decision", "model_card"},
     "models": set(),
 }

@@ -39,6 +39,7 @@ from lungxray.champion_store import (  # noqa: F401 - the champion API, as befor
     read_champion,
 )
 from lungxray.errors import ConfigError, DataError, ModelError, quote
+from lungxray.limits import DEFAULT
 
 DEFAULT_N_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
@@ -243,15 +244,18 @@ def run_challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri
     a staging folder inside ``output`` and moved in file by file, the decision last: a stopped
     or failed run leaves the previous decision, never a part of one. Returns the record."""
     output = Path(output)
+    # Read first (bounded, a regular file): a bad card fails before the bootstrap, not after.
+    card = None if model_card is None else safeio.read_bounded(
+        Path(model_card), "model card", DEFAULT.max_json_bytes, error=ConfigError).decode(
+            "utf-8", errors="replace")
     with staging.staging_dir(output, ".challenge-", "lungxray challenge") as work:
         record = challenge(challenger_dir, data_dir, champion_uri, run_id, margin=margin,
                            seed=seed, cache_dir=cache_dir)
         section = markdown(record)
         names = [CHALLENGE_SECTION_FILE]
         (work / CHALLENGE_SECTION_FILE).write_text(section)
-        if model_card is not None:
-            card = Path(model_card).read_text().rstrip() + "\n\n" + section
-            (work / CARD_FILE).write_text(card)
+        if card is not None:
+            (work / CARD_FILE).write_text(card.rstrip() + "\n\n" + section)
             names.append(CARD_FILE)
         write_decision(record, work)
         with staging.signals_blocked():  # never a new section beside an old decision

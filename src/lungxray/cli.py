@@ -339,6 +339,9 @@ def add_challenge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, default=DEFAULTS.promotion_margin,
                    help="promote only if better by more than this AUC (default "
                    f"{DEFAULTS.promotion_margin:g})")
+    p.add_argument("--model-card", type=_local_path, default=None,
+                   help="the challenger's model_card.md: also write <output>/model_card.md, the "
+                   "card with the challenge section appended (compare's model_card output)")
     p.add_argument("--output", type=_local_path, required=True, help="output directory")
     _common(p)
     p.set_defaults(func=_challenge)
@@ -350,7 +353,8 @@ def _challenge(args: argparse.Namespace) -> dict:
     uri = _champion_args(args, "model", "data", "output") if args.champion else ""
     _model_checked(args.model)
     record = champion.run_challenge(args.model, args.data, uri, args.run_id, args.output,
-                                    margin=args.margin, seed=args.seed, cache_dir=args.cache_dir)
+                                    margin=args.margin, seed=args.seed, cache_dir=args.cache_dir,
+                                    model_card=args.model_card)
     return {"decision": record["decision"], "reason": record["reason"],
             "decision_file": str(args.output / champion.DECISION_FILE)}
 

@@ -16,7 +16,8 @@ def test_the_component_writes_what_the_cli_writes(small_dataset, tmp_path, capsy
     verdict, arts = run_challenge(model, small_dataset, tmp_path / "home", "r1", tmp_path / "kfp")
     assert cli.main(["challenge", "--model", str(model), "--data", str(small_dataset),
                      "--champion", str(tmp_path / "home2"), "--run-id", "r1", "--output",
-                     str(tmp_path / "cli"), "--seed", "0"]) == 0
+                     str(tmp_path / "cli"), "--seed", "0",
+                     "--model-card", str(tmp_path / "kfp" / "compare_card.md")]) == 0
     assert json.loads(capsys.readouterr().out)["decision"] == verdict == "promote"
     decision = Path(arts["decision"].path)
     assert sorted(p.name for p in decision.iterdir()) == sorted(
@@ -34,6 +35,7 @@ def test_the_component_writes_what_the_cli_writes(small_dataset, tmp_path, capsy
     assert Path(arts["summary"].path).read_text() == section
     card = Path(arts["card"].path).read_text()
     assert card == (decision / artifacts.MODEL_CARD_FILE).read_text()
+    assert card == (tmp_path / "cli" / artifacts.MODEL_CARD_FILE).read_text()
     assert card == "# Model card\n\nfrom compare\n\n" + section
     assert arts["decision"].metadata == {"decision": "promote", "reason": "no champion yet"}
     assert arts["metrics"].metadata == {"promoted": 1.0}

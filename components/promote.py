@@ -20,10 +20,10 @@ def promote(
     quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
     from pathlib import Path
 
-    from lungxray import champion, safeio
+    from lungxray import champion, promotion, safeio
     from lungxray.errors import ConfigError
 
     record = safeio.load_json_object(Path(decision.path) / champion.DECISION_FILE, "decision",
                                      error=ConfigError)
-    return champion.promote(Path(best_model.path), champion_uri, record,
-                            model_card=Path(card.path))
+    return promotion.promote(Path(best_model.path), champion_uri, record,
+                             model_card=Path(card.path))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungxray import champion, champion_store, data, predictor, promotion, train
+from lungxray import champion, champion_store, data, model_loader, promotion, train
 from lungxray.errors import ConfigError, DataError, ModelError
 from tests.champion_helpers import decision, tree, winning
 from tests.test_predict import tiny_model_dir
@@ -97,7 +97,7 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
 def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_path):
     old, new = two_models
     test = data.load_split(small_dataset, "test")
-    probs = {name: predictor.load_predictor(d).predict(test.images)[0]
+    probs = {name: model_loader.load(d).predict(test.images)[0]
              for name, d in (("old", old), ("new", new))}
     infos = {name: train.read_model_info(d) for name, d in (("old", old), ("new", new))}
     comparison = champion.paired_bootstrap(test.labels, probs["old"], probs["new"],
@@ -108,7 +108,7 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     first = decision(old, home, "run-1")
     card = tmp_path / "card.md"
     card.write_text("# old model\n")
-    champion.promote(old, home, first, model_card=card)
+    promotion.promote(old, home, first, model_card=card)
     assert champion.read_champion(home) == home / "history" / "run-1" / "model"
     second = champion.decision_record("run-2", infos["new"], infos["old"], comparison,
                                       margin=0.0, split="test")
@@ -117,7 +117,7 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     assert saved["decision"] in ("promote", "keep") and saved["comparison"]["n"] == len(test)
     assert saved["champion"]["model_name"] == "VGG16" and saved["split"] == "test"
     won = winning(decision(new, home, "run-2", comparison))  # promote, to test the swap
-    champion.promote(new, home, won)
+    promotion.promote(new, home, won)
     assert json.loads((home / champion.RECORD_FILE).read_text())["history"] == "history/run-2"
     entry = home / "history" / "run-2"
     assert json.loads((entry / champion.DECISION_FILE).read_text())["run_id"] == "run-2"
@@ -125,12 +125,12 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     assert (home / "history" / "run-1" / champion.CARD_FILE).read_text() == "# old model\n"
     assert not (entry / champion.CARD_FILE).exists()  # run-2 came without a card
     assert sorted(p.name for p in home.iterdir()) == ["champion.json", "history"]  # no staging
-    reloaded = predictor.load_predictor(champion.read_champion(home)).predict(test.images)[0]
+    reloaded = model_loader.load(champion.read_champion(home)).predict(test.images)[0]
     np.testing.assert_allclose(reloaded, probs["new"], atol=1e-6)
     with pytest.raises(ConfigError, match="run run-2 was already promoted"):
-        champion.promote(new, home, won)
+        promotion.promote(new, home, won)
     with pytest.raises(ConfigError, match="not 'promote'"):
-        champion.promote(new, home, {**won, "run_id": "run-3", "decision": "keep"})
+        promotion.promote(new, home, {**won, "run_id": "run-3", "decision": "keep"})
 
 
 @pytest.mark.parametrize("fail_at", ["staging", "entry", "pointer"])
@@ -138,7 +138,7 @@ def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, 
                                                           fail_at):
     old, new = two_models
     home = tmp_path / "champion"
-    champion.promote(old, home, decision(old, home, "r1"), model_card=_card(tmp_path))
+    promotion.promote(old, home, decision(old, home, "r1"), model_card=_card(tmp_path))
     before = tree(home)
     real_replace, real_write = os.replace, champion.safeio.write_text_atomic
     real_copy_model = champion.safeio.copy_model_folder
@@ -163,11 +163,11 @@ def test_a_failed_promotion_leaves_the_champion_as_it_was(two_models, tmp_path, 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(champion.safeio, "write_text_atomic", write)
     with pytest.raises(OSError, match="No space left"):
-        champion.promote(new, home, record)
+        promotion.promote(new, home, record)
     monkeypatch.undo()
     assert tree(home) == before
     assert champion.read_champion(home) == home / "history" / "r1" / "model"
-    champion.promote(new, home, record)  # the same run may retry
+    promotion.promote(new, home, record)  # the same run may retry
     assert champion.current(home)["run_id"] == "r2"
 
 
@@ -183,16 +183,16 @@ def test_champion_folders_that_cannot_be_used_are_refused(two_models, tmp_path):
     stranger.mkdir()
     (stranger / "cat.jpg").write_bytes(b"x")
     with pytest.raises(ModelError, match="photos': not a champion folder"):
-        champion.promote(old, stranger, decision(old, tmp_path / "new", "r1"))
+        promotion.promote(old, stranger, decision(old, tmp_path / "new", "r1"))
     assert sorted(p.name for p in stranger.iterdir()) == ["cat.jpg"]
     empty = tmp_path / "empty"
     (empty / "m").mkdir(parents=True)
     (empty / "m" / "model.keras").write_bytes(b"x")
     record = decision(old, tmp_path / "c", "r1")
     with pytest.raises(ModelError, match="not a model folder"):
-        champion.promote(empty / "m", tmp_path / "c", record)
+        promotion.promote(empty / "m", tmp_path / "c", record)
     home = tmp_path / "home"
-    champion.promote(old, home, decision(old, home, "r1"))
+    promotion.promote(old, home, decision(old, home, "r1"))
     (home / "history" / "r1" / "model" / "model_info.json").unlink()  # damaged by hand
     with pytest.raises(ModelError, match="names run r1, whose history entry is not complete"):
         champion.read_champion(home)
@@ -218,14 +218,14 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     assert first["champion_state"] == {"run_id": None, "generation": 0}
     assert first["challenger"]["sha256"] == champion_store.model_sha256(old)
     assert first["champion_uri"] == str(home.resolve())
-    champion.promote(old, home, first, model_card=_card(tmp_path))
+    promotion.promote(old, home, first, model_card=_card(tmp_path))
 
     second = champion.challenge(new, small_dataset, str(home), "run-2", n_bootstrap=200)
     val, test = data.load_split(small_dataset, "val"), data.load_split(small_dataset, "test")
     assert second["split"] == "val" and second["comparison"]["n"] == len(val)
     assert set(second["evidence"]) == {"test"} and second["evidence"]["test"]["n"] == len(test)
     assert second["champion_state"]["run_id"] == "run-1"
-    probs = {name: predictor.load_predictor(d).predict(val.images)[0]
+    probs = {name: model_loader.load(d).predict(val.images)[0]
              for name, d in (("old", old), ("new", new))}
     assert second["comparison"]["champion"] == pytest.approx(
         roc_auc_score(val.labels, probs["old"][:, 1]))
@@ -240,9 +240,9 @@ def test_challenge_decides_on_validation_and_reports_every_split(two_models, sma
     # A third run compared with run-1 too; run-2 is promoted first: the third must not replace
     # a champion it never saw.
     third = champion.challenge(new, small_dataset, str(home), "run-3", n_bootstrap=50)
-    champion.promote(new, home, winning(second))
+    promotion.promote(new, home, winning(second))
     with pytest.raises(ConfigError, match="champion changed since run run-3"):
-        champion.promote(new, home, winning(third))
+        promotion.promote(new, home, winning(third))
     assert champion.current(home)["run_id"] == "run-2"
 
 
@@ -252,7 +252,7 @@ def test_challenge_refuses_a_champion_of_another_input(two_models, small_dataset
     old, _ = two_models
     home = tmp_path / "champion"
     other = tiny_model_dir(tmp_path / "other", seed=1, size=48)
-    champion.promote(other, home, decision(other, home, "r1"))
+    promotion.promote(other, home, decision(other, home, "r1"))
     with pytest.raises(ModelError, match="image_size 48 differs"):
         champion.challenge(old, small_dataset, str(home), "r2")
     (tmp_path / "junk").mkdir()
@@ -294,34 +294,34 @@ def test_gcs_promotion_is_a_compare_and_swap(two_models, small_dataset, gcs_buck
     uri = f"gs://{gcs_bucket}/lungxray/champion"
     assert champion.read_champion(uri, tmp_path / "cache") is None
     first = champion.challenge(old, small_dataset, uri, "run-1", cache_dir=tmp_path / "cache")
-    assert champion.promote(old, uri, first, model_card=_card(tmp_path)) == (
+    assert promotion.promote(old, uri, first, model_card=_card(tmp_path)) == (
         f"{uri}/history/run-1")
     state = champion.current(uri)
     assert state["run_id"] == "run-1" and state["generation"] > 0
     fetched = champion.read_champion(uri, tmp_path / "cache")
     val = data.load_split(small_dataset, "val")
-    np.testing.assert_allclose(predictor.load_predictor(fetched).predict(val.images)[0],
-                               predictor.load_predictor(old).predict(val.images)[0], atol=1e-6)
+    np.testing.assert_allclose(model_loader.load(fetched).predict(val.images)[0],
+                               model_loader.load(old).predict(val.images)[0], atol=1e-6)
 
     # Two runs finish together, both compared with run-1.
     a = winning(champion.challenge(new, small_dataset, uri, "run-a", n_bootstrap=50,
                                    cache_dir=tmp_path / "cache"))
     b = {**a, "run_id": "run-b"}
-    champion.promote(new, uri, a)
+    promotion.promote(new, uri, a)
     with pytest.raises(ConfigError, match="champion changed since run run-b"):
-        champion.promote(new, uri, b)
+        promotion.promote(new, uri, b)
     # b passes that check at the same moment as a: the swap of champion.json itself refuses it,
     # and b's uploaded history entry is removed again.
     with monkeypatch.context() as patch, pytest.raises(storage.PreconditionError,
                                                        match="another writer"):
         patch.setattr(promotion, "_check_unchanged", lambda *args: None)
         patch.setattr(champion_store, "current", lambda u: state)  # what b read before a won
-        champion.promote(new, uri, b)
+        promotion.promote(new, uri, b)
     assert champion.current(uri)["run_id"] == "run-a"
     assert not storage.exists(f"{uri}/history/run-b/")
     assert storage.exists(f"{uri}/history/run-1/model_card.md")
     with pytest.raises(ConfigError, match="run run-a was already promoted"):
-        champion.promote(new, uri, a)
+        promotion.promote(new, uri, a)
 
 
 def test_gcs_promotion_killed_before_or_after_its_swap_is_finished_by_the_next(
@@ -372,10 +372,10 @@ def test_gcs_promotion_killed_before_or_after_its_swap_is_finished_by_the_next(
             patch.setattr(champion_store, "current",  # what it read before it died
                           lambda u, state=record["champion_state"]: dict(state))
             with pytest.raises(Killed):
-                champion.promote(models[new], uri, record)
+                promotion.promote(models[new], uri, record)
         assert storage.exists(f"{uri}/history/{new}/model/model_info.json")  # the orphan
         assert whole() == old  # challenge reads the old champion (or none yet)
-        champion.promote(models[new], uri, record)  # finishes: the orphan is replaced
+        promotion.promote(models[new], uri, record)  # finishes: the orphan is replaced
         assert whole() == new
 
     record = winning(decision(models["r3"], uri, "r3", cache_dir=cache))
@@ -388,10 +388,10 @@ def test_gcs_promotion_killed_before_or_after_its_swap_is_finished_by_the_next(
         patch.setattr(storage, "write_if_generation", swap_then_die)
         patch.setattr(storage, "delete_prefix", dead)
         with pytest.raises(Killed):
-            champion.promote(models["r3"], uri, record)
+            promotion.promote(models["r3"], uri, record)
     assert whole() == "r3"
     with pytest.raises(ConfigError, match="run r3 was already promoted"):
-        champion.promote(models["r3"], uri, record)
+        promotion.promote(models["r3"], uri, record)
 
 
 def test_a_model_card_that_is_not_a_bounded_file_fails_before_the_challenge(

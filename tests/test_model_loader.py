@@ -335,10 +335,10 @@ def test_cli_refuses_a_fifo_model_in_one_line_without_hanging(tmp_path):
 
 def test_challenge_loads_the_champion_through_the_loader(good, small_dataset, tmp_path):
     # Issue 34: a champion whose model.keras linked to /dev/zero took challenge past 3 GiB.
-    from lungxray import champion
+    from lungxray import champion, promotion
 
     home = tmp_path / "champion"
-    champion.promote(good, home, champion.challenge(good, small_dataset, str(home), "run-1"))
+    promotion.promote(good, home, champion.challenge(good, small_dataset, str(home), "run-1"))
     held = champion.read_champion(str(home))
     (held / MODEL_FILE).unlink()
     (held / MODEL_FILE).symlink_to("/dev/zero")

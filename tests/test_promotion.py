@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lungxray import champion, champion_store
+from lungxray import champion, champion_store, promotion
 from lungxray.errors import ConfigError, LungxrayError
 from tests.champion_helpers import (
     WIN,
@@ -40,7 +40,7 @@ def models(tmp_path) -> dict[str, Path]:
 def home(tmp_path, models) -> Path:
     """A champion folder whose champion is run r1."""
     home = tmp_path / "champion"
-    champion.promote(models["r1"], home, decision(models["r1"], home, "r1"))
+    promotion.promote(models["r1"], home, decision(models["r1"], home, "r1"))
     return home
 
 
@@ -125,11 +125,11 @@ def test_promote_verifies_the_decision_before_it_acts(home, models, tmp_path, ca
         record = ["promote"]
     before = tree(home)
     with pytest.raises(LungxrayError, match=message) as err:
-        champion.promote(model, home, record)
+        promotion.promote(model, home, record)
     assert "\n" not in str(err.value)
     assert tree(home) == before  # nothing changed
     # ... and a normal/pneumonia challenger is still welcome afterwards
-    champion.promote(models["r2"], home, winning(decision(models["r2"], home, "r2")))
+    promotion.promote(models["r2"], home, winning(decision(models["r2"], home, "r2")))
     assert _whole(home, models) == "r2"
 
 
@@ -179,7 +179,7 @@ def test_a_kill_at_any_change_leaves_a_whole_champion_and_the_next_run_finishes(
     template = tmp_path / "template"
     old, new, later = ("", "r1", "r2") if layout == "empty" else ("r1", "r2", "r3")
     if old:
-        champion.promote(models[old], template, decision(models[old], template, old))
+        promotion.promote(models[old], template, decision(models[old], template, old))
     if layout == "legacy":
         _legacy(template, models, orphan="r9")
     changes, k = None, 0
@@ -192,7 +192,7 @@ def test_a_kill_at_any_change_leaves_a_whole_champion_and_the_next_run_finishes(
             models[new], home, new)
         with killed_at(k, monkeypatch) as calls:
             try:
-                champion.promote(models[new], home, record)
+                promotion.promote(models[new], home, record)
             except Killed:
                 pass
             else:
@@ -205,11 +205,11 @@ def test_a_kill_at_any_change_leaves_a_whole_champion_and_the_next_run_finishes(
         assert champion_store.check_uri(str(home)) == str(home)
         # The next promotion finishes the job, or says it is done; nothing is left over.
         if champion.current(home)["run_id"] != new:
-            champion.promote(models[new], home, record)
+            promotion.promote(models[new], home, record)
         else:
             with pytest.raises(ConfigError, match=f"run {new} was already promoted"):
-                champion.promote(models[new], home, record)
-            champion.promote(models[later], home,
+                promotion.promote(models[new], home, record)
+            promotion.promote(models[later], home,
                              winning(decision(models[later], home, later)))
         assert _whole(home, models) in (new, later)
         _no_leftovers(home)
@@ -222,12 +222,12 @@ def test_older_champion_folders_are_read_and_migrated(tmp_path, models):
     later challenge and promotion was refused; now the pointer decides and the next promotion
     tidies up."""
     home = tmp_path / "champion"
-    champion.promote(models["r1"], home, decision(models["r1"], home, "r1"))
+    promotion.promote(models["r1"], home, decision(models["r1"], home, "r1"))
     _legacy(home, models)
     shutil.rmtree(home / "model")  # "incomplete": the current model/ moved out
     (home / "decision.json").write_text(json.dumps({"run_id": "r3"}))  # "half-promoted"
     assert _whole(home, models) == "r1"
-    champion.promote(models["r3"], home, winning(decision(models["r3"], home, "r3")))
+    promotion.promote(models["r3"], home, winning(decision(models["r3"], home, "r3")))
     assert _whole(home, models) == "r3"
     _no_leftovers(home)
     assert sorted(p.name for p in (home / "history").iterdir()) == ["r1", "r3"]
@@ -236,7 +236,7 @@ def test_older_champion_folders_are_read_and_migrated(tmp_path, models):
 _CHILD = """
 import json, os, signal, sys
 from pathlib import Path
-from lungxray import champion
+from lungxray import promotion
 args = json.loads(sys.argv[1])
 calls = [0]
 real = os.replace
@@ -246,7 +246,7 @@ def replace(src, dst, *a, **k):
         os.kill(os.getpid(), getattr(signal, args["signal"]))
     return real(src, dst, *a, **k)
 os.replace = replace
-champion.promote(args["model"], args["home"], json.loads(Path(args["record"]).read_text()))
+promotion.promote(args["model"], args["home"], json.loads(Path(args["record"]).read_text()))
 """
 
 
@@ -267,7 +267,7 @@ def test_a_real_signal_during_promotion(tmp_path, models, home, sig, at):
         assert "stopped by SIGTERM; removed the staging folder" in result.stderr
         assert not list(home.glob(".promote-*"))
     if now == "r1":
-        champion.promote(models["r2"], home, json.loads(record.read_text()))
+        promotion.promote(models["r2"], home, json.loads(record.read_text()))
     assert _whole(home, models) == "r2"
     _no_leftovers(home)
 
@@ -280,7 +280,7 @@ def test_two_promotions_at_once_exactly_one_wins(home, models):
     def run(run_id: str) -> None:
         start.wait()
         try:
-            champion.promote(models[run_id], home, records[run_id])
+            promotion.promote(models[run_id], home, records[run_id])
             outcomes[run_id] = "won"
         except ConfigError as err:
             outcomes[run_id] = str(err)

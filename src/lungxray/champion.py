@@ -172,7 +172,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     return the decision record. Decided on validation (like every selection here); every
     other split of the dataset (test, a shifted test) is compared and reported beside it.
     Without ``champion_uri`` the decision is ``skip``; with an empty one, ``promote``."""
-    from lungxray import integrity, predictor
+    from lungxray import integrity, model_loader
     from lungxray.train import read_model_info
 
     check_run_id(run_id)
@@ -196,7 +196,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
                                champion_state=state, **owner)
     champion_info = read_model_info(champion_dir)
     check_compatible(champion_info, challenger_info, where=f"champion {champion_uri}")
-    predictors = [predictor.load_predictor(d) for d in (champion_dir, challenger_dir)]
+    predictors = [model_loader.load(d) for d in (champion_dir, challenger_dir)]
     compared: dict[str, Any] = {}
     for split in [DECISION_SPLIT, *(s for s in manifest["splits"] if s != DECISION_SPLIT)]:
         if split == "train":
@@ -286,14 +286,3 @@ def write_decision(record: dict[str, Any], path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     safeio.write_text_atomic(path, json.dumps(record, indent=2) + "\n", fsync=True)
     return path
-
-
-
-
-def promote(model_dir: Path | str, champion_uri: str | Path, record: dict[str, Any],
-            model_card: Path | str | None = None) -> str:
-    """:func:`lungxray.promotion.promote`: verify ``record`` and make ``model_dir`` the
-    champion at ``champion_uri``; returns the history entry."""
-    from lungxray import promotion
-
-    return promotion.promote(model_dir, champion_uri, record, model_card=model_card)

@@ -26,6 +26,7 @@ from lungxray import (
     gradcam,
     integrity,
     metrics,
+    model_loader,
     plots,
     prepare,
     prevalence,
@@ -45,7 +46,7 @@ from lungxray.artifacts import (
 )
 from lungxray.errors import ConfigError, DataError, quote, quote_repr
 from lungxray.evaluation_report import write_report
-from lungxray.predictor import PREDICT_BATCH, Predictor, device_name, load_predictor
+from lungxray.predictor import PREDICT_BATCH, Predictor, device_name
 
 log = logging.getLogger(__name__)
 EXTERNAL_SPLIT = "external"
@@ -434,7 +435,7 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
          report: bool = True) -> dict[str, dict]:
     """Evaluate and publish the sets of one source; ``report``: also its report.html (else
     the caller writes one report of every source, and an older one is removed first)."""
-    predictor = load_predictor(model_dir)
+    predictor = model_loader.load(model_dir)
     with staging.stop_on_signals(), tempfile.TemporaryDirectory(prefix="lungxray-eval-") as workdir:
         # Everything is loaded and checked before the first output is written.
         sets = _eval_sets(str(source), predictor.info, Path(workdir), splits, class_map,

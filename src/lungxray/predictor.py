@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,11 +65,3 @@ def device_name() -> str:
 
     gpus = tf.config.list_physical_devices("GPU")
     return f"GPU x{len(gpus)}" if gpus else "CPU"
-
-
-def load_predictor(model_dir: Path | str) -> Predictor:
-    """A `lungxray train` output dir, or a dir with ``ensemble.json`` and ``members/<name>/``,
-    through the bounded loader (:func:`lungxray.model_loader.load`)."""
-    from lungxray import model_loader
-
-    return model_loader.load(model_dir)

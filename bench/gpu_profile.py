@@ -1,7 +1,7 @@
 """Where a steady epoch of ``lungxray train`` spends its time, for a model that trains slower
 than its device allows. Each part is timed after a warm-up call that compiled it:
 
-- the training steps alone, fed by the pipeline's input (``train.make_dataset``) and by arrays
+- the training steps alone, fed by the pipeline's input (``batches.make_dataset``) and by arrays
   already in memory, and once more under cProfile;
 - the validation passes (Keras' evaluate, and the prediction behind the exact ``val_auc``) and
   one save of the weights (what the per-epoch checkpoints write);
@@ -31,7 +31,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from lungxray import data, models, resume, train
+from lungxray import batches, data, devices, fitting, models, resume
+from lungxray.hparams import merge_hparams
 
 
 def timed(call: Callable[[], object], model: keras.Model) -> float:
@@ -63,20 +64,20 @@ def module_paths(text: str) -> str:
 
 def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict:
     """Time the parts of an epoch of ``model_name`` and write profile.json/.txt."""
-    _, mixed, jit = train.configure_devices(None, None)
+    _, mixed, jit = devices.configure_devices(None, None)
     manifest = data.read_manifest(data_dir)
     num_classes = len(manifest["class_names"])
     split = data.load_split(data_dir, "train")
     val = data.load_split(data_dir, "val")
-    hp = train.merge_hparams(None, pretrained=False)
+    hp = merge_hparams(None, pretrained=False)
     keras.utils.set_random_seed(0)
     model = models.build_classifier(
         model_name, manifest["image_size"], manifest["channels"], num_classes, None,
         dropout=hp["dropout"], dense_units=int(hp["dense_units"]), augment=hp["augment"])
-    train.compile_model(model, hp["learning_rate"], hp["label_smoothing"], num_classes, jit)
-    pipeline = train.make_dataset(split, num_classes, batch_size, shuffle=True)
-    val_ds = train.make_dataset(val, num_classes, batch_size)
-    images, labels = train.gather_batch(split, num_classes, np.arange(len(split)))
+    fitting.compile_model(model, hp["learning_rate"], hp["label_smoothing"], num_classes, jit)
+    pipeline = batches.make_dataset(split, num_classes, batch_size, shuffle=True)
+    val_ds = batches.make_dataset(val, num_classes, batch_size)
+    images, labels = batches.gather_batch(split, num_classes, np.arange(len(split)))
 
     training = {"first (compiles)": timed_fit(model, pipeline),
                 "pipeline input": timed_fit(model, pipeline),
@@ -95,7 +96,8 @@ def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict
                 lambda: model.save_weights(Path(scratch) / "w.weights.h5"), model),
             "whole epoch as lungxray train runs it": timed_fit(
                 model, pipeline, validation_data=val_ds,
-                callbacks=state.callbacks("scratch", 99, train.ValidationAUC(val_ds, val.labels))),
+                callbacks=state.callbacks("scratch", 99,
+                                          fitting.ValidationAUC(val_ds, val.labels))),
         }
 
     text = io.StringIO()
@@ -109,7 +111,7 @@ def profile(data_dir: Path, model_name: str, out: Path, batch_size: int) -> dict
         "model": model_name, "train_images": len(split), "val_images": len(val),
         "batch_size": batch_size, "train_steps": train_steps,
         "image_size": manifest["image_size"],
-        "backend": keras.backend.backend(), "gpus": train.gpu_count(),
+        "backend": keras.backend.backend(), "gpus": devices.gpu_count(),
         "mixed_precision": mixed, "xla": bool(model.jit_compile),
         "seconds": {k: round(v, 3) for k, v in {**training, **other}.items()},
         "train_ms_per_step": {k: round(1000 * v / train_steps, 1) for k, v in training.items()},

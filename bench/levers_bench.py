@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray import integrity, metrics, models, robustness, train
+from lungxray import artifacts, integrity, metrics, models, robustness, train
 
 ROBUSTNESS_SAMPLES = 200
 
@@ -56,7 +56,7 @@ def run(data_dir: Path, model_name: str, epochs: int, hparams: dict, seed: int) 
     with tempfile.TemporaryDirectory() as tmp:
         info = train.train(data_dir, model_name, Path(tmp), hparams=hparams, epochs=epochs,
                            seed=seed, patience=3)
-        model = models.load_model(Path(tmp) / train.MODEL_FILE)
+        model = models.load_model(Path(tmp) / artifacts.MODEL_FILE)
         scores = {split: split_scores(model, data_dir, split, manifest, info["threshold"])
                   for split in manifest["splits"] if split != "train"}
         aucs = {split: value["auc"] for split, value in scores.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from lungxray import data, models, prepare, train
+from lungxray import batches, data, fitting, models, prepare
 
 # The CPU profile's sizes (pipelines/profiles.py): prepared at 32 px, each model resizes to at
 # least its minimum inside itself (InceptionV3: 75 px).
@@ -26,7 +26,7 @@ def _timed_steps(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> fl
 def _model(name: str, split: data.Split, num_classes: int) -> keras.Model:
     model = models.build_classifier(name, split.images.shape[1], split.images.shape[-1],
                                     num_classes, None, augment=1.0)
-    train.compile_model(model, 1e-4, 0.0, num_classes)
+    fitting.compile_model(model, 1e-4, 0.0, num_classes)
     return model
 
 
@@ -37,7 +37,7 @@ def bench_input_pipeline(data_dir: Path, model_name: str = "VGG16", batch_size: 
     batches already in memory)."""
     split = data.load_split(data_dir, "train")
     num_classes = len(data.read_manifest(data_dir)["class_names"])
-    dataset = train.make_dataset(split, num_classes, batch_size, shuffle=True).repeat()
+    dataset = batches.make_dataset(split, num_classes, batch_size, shuffle=True).repeat()
     started = time.perf_counter()
     for _ in dataset.take(steps * 4):
         pass
@@ -74,7 +74,7 @@ def bench_train_throughput(data_dir: Path, runs: list[tuple[str, int]] = CPU_PRO
         split = data.load_split(prepared, "train")
         num_classes = len(data.read_manifest(prepared)["class_names"])
         model = _model(name, split, num_classes)
-        dataset = train.make_dataset(split, num_classes, batch_size, shuffle=True).repeat()
+        dataset = batches.make_dataset(split, num_classes, batch_size, shuffle=True).repeat()
         seconds = _timed_steps(model, dataset, steps)
         results.append({"model": name, "image_size": size,
                         "input_size": models.get_spec(name).input_size(size),

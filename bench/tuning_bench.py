@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from lungxray import data, features, models, prepare, tune
-from lungxray.train import class_weights, make_dataset
+from lungxray.batches import class_weights, make_dataset
 
 
 def _side(tuner) -> dict:

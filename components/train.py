@@ -26,8 +26,9 @@ def train(
 
     from lungxray import resume, tune
     from lungxray import train as training
+    from lungxray.hparams import read_best_hparams
 
-    hparams = training.read_best_hparams(Path(tuning.path) / tune.BEST_FILE, model_name)
+    hparams = read_best_hparams(Path(tuning.path) / tune.BEST_FILE, model_name)
     state_dir = (Path(state_root) / "train" / resume.state_key(dataset.uri, model_name, hparams,
                                                                epochs, weights, batch_size, seed)
                  if state_root else None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungxray import champion, champion_store, data, model_loader, promotion, train
+from lungxray import champion, champion_store, data, model_loader, promotion
 from lungxray.errors import ConfigError, DataError, ModelError
 from tests.champion_helpers import decision, tree, winning
 from tests.test_predict import tiny_model_dir
@@ -99,7 +99,7 @@ def test_real_models_compare_decide_and_promote(two_models, small_dataset, tmp_p
     test = data.load_split(small_dataset, "test")
     probs = {name: model_loader.load(d).predict(test.images)[0]
              for name, d in (("old", old), ("new", new))}
-    infos = {name: train.read_model_info(d) for name, d in (("old", old), ("new", new))}
+    infos = {name: model_loader.read_model_info(d) for name, d in (("old", old), ("new", new))}
     comparison = champion.paired_bootstrap(test.labels, probs["old"], probs["new"],
                                            n_bootstrap=100, seed=0)
     assert comparison["n"] == len(test)

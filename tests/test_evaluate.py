@@ -22,6 +22,7 @@ from lungxray import (
     evaluate,
     evaluation_report,
     gradcam,
+    model_loader,
     prepare,
     report,
     selection,
@@ -35,7 +36,7 @@ CLASSES = ["normal", "pneumonia"]
 
 def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_dataset, tmp_path):
     results = evaluate.evaluate(trained_model, str(small_dataset), tmp_path, ["val", "test"])
-    info = train.read_model_info(trained_model)
+    info = model_loader.read_model_info(trained_model)
     for split in ("val", "test"):
         metrics = json.loads((tmp_path / split / evaluate.METRICS_FILE).read_text())
         assert metrics == results[split]

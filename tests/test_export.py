@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from lungxray import cli, export, models, predict, train
+from lungxray import artifacts, cli, export, models, predict
 from lungxray import images as imaging
 from lungxray.errors import ConfigError, ModelError, OutputError
 from tests.data_helpers import real_images
@@ -66,7 +66,7 @@ def test_layout_and_signatures(exported):
 
 
 def test_pixel_signatures_equal_the_keras_model(model_dir, exported, xrays):
-    keras_model = models.load_model(model_dir / train.MODEL_FILE)
+    keras_model = models.load_model(model_dir / artifacts.MODEL_FILE)
     x = imaging.convert_array(xrays[..., None], SIZE, 1)
     expected = keras_model.predict(x.astype(np.float32), verbose=0)
     assert expected[:, 1].std() > 0.01
@@ -82,7 +82,7 @@ def test_pixel_signatures_equal_the_keras_model(model_dir, exported, xrays):
 
 
 def test_image_bytes_signature_decodes_as_the_data_step(model_dir, exported, xrays):
-    keras_model = models.load_model(model_dir / train.MODEL_FILE)
+    keras_model = models.load_model(model_dir / artifacts.MODEL_FILE)
     serving = tf.saved_model.load(str(exported / "3")).signatures["predict_image_bytes"]
     at_size = imaging.convert_array(xrays[..., None], SIZE, 1)
     # PNGs at the model's size: decoded losslessly, so the outputs match to 1e-5.
@@ -96,7 +96,7 @@ def test_image_bytes_signature_decodes_as_the_data_step(model_dir, exported, xra
               png(xrays[2], (96, 80), fmt="JPEG"), png(xrays[3], (900, 700), fmt="JPEG",
                                                        mode="RGB")]
     pil = np.stack([imaging.decode(f, "x", SIZE, 1) for f in others]).astype(np.float32)
-    settings = predict.settings_for(json.loads((model_dir / train.INFO_FILE).read_text()))
+    settings = predict.settings_for(json.loads((model_dir / artifacts.INFO_FILE).read_text()))
     graph = export.decode_images(tf.constant(others), settings).numpy()
     assert np.abs(graph - pil).max() <= 1.0
     out = serving(image_bytes=tf.constant(others))
@@ -111,7 +111,7 @@ def test_ensemble_exports_the_mean_of_its_members(model_dir, tmp_path, xrays):
     result = export.export(best, tmp_path / "serving")
     assert result["members"] == 2
     x = imaging.convert_array(xrays[..., None], SIZE, 1).astype(np.float32)
-    expected = np.mean([models.load_model(d / train.MODEL_FILE).predict(x, verbose=0)
+    expected = np.mean([models.load_model(d / artifacts.MODEL_FILE).predict(x, verbose=0)
                         for d in (model_dir, other)], axis=0)
     loaded = tf.saved_model.load(str(tmp_path / "serving" / "1"))
     out = loaded.signatures["serving_default"](images=tf.constant(x))

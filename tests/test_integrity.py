@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import cli, data, features, integrity, resume, train
+from lungxray import artifacts, cli, data, features, integrity, resume
 from lungxray.errors import ConfigError, DataError
 from tests.fuzz import hostile_state
 
@@ -27,8 +27,8 @@ def tiny_model(tmp_path_factory, small_dataset) -> Path:
     out.mkdir()
     manifest = json.loads((small_dataset / "manifest.json").read_text())
     model = models.build_classifier("MobileNetV2", 32, manifest["channels"], 2, None)
-    model.save(out / train.MODEL_FILE)
-    (out / train.INFO_FILE).write_text(json.dumps({
+    model.save(out / artifacts.MODEL_FILE)
+    (out / artifacts.INFO_FILE).write_text(json.dumps({
         "model_name": "MobileNetV2", "class_names": manifest["class_names"], "threshold": 0.5,
         "threshold_method": "youden", "image_size": 32, "channels": manifest["channels"],
         "positive_class": 1}))
@@ -170,15 +170,15 @@ def test_evaluate_refuses_hostile_model_files(what, message, tiny_model, small_d
     # Issue 26: a config.json inflating to 2.7 GB took 6 GB; a deep model_info.json a traceback.
     model = _copy(tiny_model, tmp_path / "model")
     if what == "config":
-        hostile_state.keras_bomb(model / train.MODEL_FILE, 70_000_000)
+        hostile_state.keras_bomb(model / artifacts.MODEL_FILE, 70_000_000)
     elif what == "info":
-        (model / train.INFO_FILE).write_text(hostile_state.deep_json(100_000, "model_name"))
+        (model / artifacts.INFO_FILE).write_text(hostile_state.deep_json(100_000, "model_name"))
     elif what == "ensemble":
         (model / "ensemble.json").write_text("[" * 100 + "]" * 100)
     else:
         import zipfile
 
-        with zipfile.ZipFile(model / train.MODEL_FILE, "w") as archive:
+        with zipfile.ZipFile(model / artifacts.MODEL_FILE, "w") as archive:
             archive.writestr("config.json", json.dumps({"class_name": "Nope", "config": {}}))
     args = ["evaluate", "--model", model, "--data", small_dataset, "--output", tmp_path / "e",
             "--no-gradcam"]

@@ -7,10 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules whose tests live elsewhere for now, each with its reason. Keep this list short.
-ALLOWED_ELSEWHERE = {
-    "hparams": "created by the train split, with its tests",
-    "batches": "created by the train split, with its tests",
-}
+ALLOWED_ELSEWHERE: dict[str, str] = {}
 
 
 def test_every_module_has_its_own_test_file():

@@ -346,3 +346,12 @@ def test_challenge_loads_the_champion_through_the_loader(good, small_dataset, tm
     with pytest.raises(ModelError, match="model.keras' links outside the folder"):
         champion.challenge(good, small_dataset, str(home), "run-2")
     assert time.monotonic() - started < FAST_S
+
+
+def test_read_model_info_reads_the_info_alone_and_names_a_folder_without_one(tmp_path):
+    (tmp_path / INFO_FILE).write_text(json.dumps({"model_name": "VGG16"}))
+    (tmp_path / MODEL_FILE).write_bytes(b"not an archive: the info is read, not the network")
+    assert model_loader.read_model_info(tmp_path) == {"model_name": "VGG16"}
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'}: no {INFO_FILE}; is "
+                                                "this a `lungxray train` output"):
+        model_loader.read_model_info(tmp_path / "empty")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungxray import artifacts, cli, predict, train
+from lungxray import artifacts, cli, predict
 from lungxray import images as imaging
 from lungxray.errors import ConfigError, DataError, ModelError
 from tests.data_helpers import real_images, write_dicom
@@ -37,10 +37,10 @@ def tiny_model_dir(path: Path, seed: int = 0, channels: int = 1, size: int = SIZ
     head = model.get_layer("probs")
     head.kernel.assign(head.kernel * 8.0)
     path.mkdir(parents=True, exist_ok=True)
-    model.save(path / train.MODEL_FILE)
+    model.save(path / artifacts.MODEL_FILE)
     info = {"model_name": "VGG16", "class_names": CLASSES, "threshold": threshold,
             "image_size": info_size or size, "channels": channels, "positive_class": 1}
-    (path / train.INFO_FILE).write_text(json.dumps(info))
+    (path / artifacts.INFO_FILE).write_text(json.dumps(info))
     return path
 
 
@@ -51,7 +51,7 @@ def ensemble_dir(path: Path, members: dict[str, Path], threshold: float = 0.5) -
     spec = {"model_name": "Ensemble-top2", "members": list(members), "class_names": CLASSES,
             "threshold": threshold, "image_size": SIZE, "channels": 1}
     (path / artifacts.ENSEMBLE_FILE).write_text(json.dumps(spec))
-    (path / train.INFO_FILE).write_text(json.dumps(spec))
+    (path / artifacts.INFO_FILE).write_text(json.dumps(spec))
     return path
 
 
@@ -64,7 +64,7 @@ def model_dir(tmp_path_factory) -> Path:
 def keras_model(model_dir):
     from lungxray import models
 
-    return models.load_model(model_dir / train.MODEL_FILE)
+    return models.load_model(model_dir / artifacts.MODEL_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +121,9 @@ def test_folder_predictions_equal_the_model_on_the_data_steps_pixels(model_dir, 
 def test_the_saved_threshold_decides(model_dir, folder, tmp_path):
     strict = tmp_path / "strict"
     shutil.copytree(model_dir, strict)
-    info = json.loads((strict / train.INFO_FILE).read_text())
+    info = json.loads((strict / artifacts.INFO_FILE).read_text())
     low = predict.predict(model_dir, str(folder), tmp_path / "a")
-    (strict / train.INFO_FILE).write_text(json.dumps({**info, "threshold": 0.999}))
+    (strict / artifacts.INFO_FILE).write_text(json.dumps({**info, "threshold": 0.999}))
     predict.predict(strict, str(folder), tmp_path / "b")
     a = predict.read_predictions(tmp_path / "a" / predict.PREDICTIONS_FILE)
     b = predict.read_predictions(tmp_path / "b" / predict.PREDICTIONS_FILE)
@@ -339,10 +339,10 @@ def test_a_calibrated_model_estimates_the_prevalence_of_what_it_predicted(model_
 
     calibrated = tmp_path / "calibrated"
     shutil.copytree(model_dir, calibrated)
-    info = json.loads((calibrated / train.INFO_FILE).read_text())
+    info = json.loads((calibrated / artifacts.INFO_FILE).read_text())
     calibration = prevalence.Calibration(slope=1.5, intercept=-0.2, prior=0.74, n=524)
     info["calibration"] = calibration.as_dict()
-    (calibrated / train.INFO_FILE).write_text(json.dumps(info))
+    (calibrated / artifacts.INFO_FILE).write_text(json.dumps(info))
     source = tmp_path / "target.npz"
     np.savez(source, images=pixels)
     out = tmp_path / "out"
@@ -361,7 +361,7 @@ def test_a_calibrated_model_estimates_the_prevalence_of_what_it_predicted(model_
     predict.predict(model_dir, str(source), out)
     assert not (out / predict.PREVALENCE_FILE).exists()
     info["calibration"] = {**calibration.as_dict(), "slope": -1.0}
-    (calibrated / train.INFO_FILE).write_text(json.dumps(info))
+    (calibrated / artifacts.INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(ModelError, match="slope > 0"):
         predict.predict(calibrated, str(source), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

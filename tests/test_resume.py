@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lungxray import resume
+from lungxray import artifacts, resume
 from lungxray.errors import ConfigError
 
 HDF5 = resume.HDF5_SIGNATURE + b"\0" * 200  # passes the cheap check, not a real load
@@ -255,7 +255,7 @@ def test_killed_after_the_last_epoch_finishes_without_training_again(where, smal
         logged = [row["val_auc"] for row in state.progress("scratch", 2).rows]
     else:
         logged = state.finished(PLAN)[0]["history"]["val_auc"]
-    assert len(logged) == 2 and not (output / train.INFO_FILE).exists()
+    assert len(logged) == 2 and not (output / artifacts.INFO_FILE).exists()
 
     def trained_again(*args, **kwargs):
         raise AssertionError("trained again")
@@ -265,7 +265,7 @@ def test_killed_after_the_last_epoch_finishes_without_training_again(where, smal
     assert info["epochs"] == 2 and _history(output)["phases"] == [{"name": "scratch",
                                                                    "epochs": 2}]
     assert _history(output)["history"]["val_auc"] == pytest.approx(logged)
-    assert (output / train.MODEL_FILE).is_file() and not (output / ".state").exists()
+    assert (output / artifacts.MODEL_FILE).is_file() and not (output / ".state").exists()
 
 
 @pytest.mark.slow

@@ -226,11 +226,11 @@ def test_hparams_are_typed_and_ranged():
 
 
 def test_model_info_json_is_bounded(tmp_path):
-    from lungxray import train
+    from lungxray import artifacts, model_loader
 
-    (tmp_path / train.INFO_FILE).write_text(hostile_state.deep_json(100_000, "model_name"))
+    (tmp_path / artifacts.INFO_FILE).write_text(hostile_state.deep_json(100_000, "model_name"))
     with pytest.raises(LungxrayError, match="nested"):
-        train.read_model_info(tmp_path)
-    (tmp_path / train.INFO_FILE).write_text(json.dumps([1]))
+        model_loader.read_model_info(tmp_path)
+    (tmp_path / artifacts.INFO_FILE).write_text(json.dumps([1]))
     with pytest.raises(LungxrayError, match="must hold a JSON object"):
-        train.read_model_info(tmp_path)
+        model_loader.read_model_info(tmp_path)

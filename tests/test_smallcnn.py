@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import gradcam, models, spaces, train, tune
+from lungxray import artifacts, gradcam, models, spaces, train, tune
 from lungxray.backbones import REGISTRY
 from lungxray.cli import main
+from lungxray.hparams import merge_hparams, read_best_hparams
 
 
 def _no_network(monkeypatch) -> None:
@@ -89,26 +90,26 @@ def test_tune_then_train_smallcnn_with_imagenet_weights_runs_from_scratch(
                      weights="imagenet", seed=0)
     assert best["phases"].keys() == {"scratch"} and best["feature_cache"] is None
     assert {"intensity_augment", "standardize"} <= set(best["hparams"])
-    # One trial is the default point: SmallCNN's own learning rate (train.MODEL_DEFAULTS).
+    # One trial is the default point: SmallCNN's own learning rate (hparams.MODEL_DEFAULTS).
     assert best["hparams"]["learning_rate"] == pytest.approx(1e-3)
-    assert train.merge_hparams({}, False, "SmallCNN")["learning_rate"] == 1e-3
-    assert train.merge_hparams({}, False, "VGG16")["learning_rate"] == 1e-4
+    assert merge_hparams({}, False, "SmallCNN")["learning_rate"] == 1e-3
+    assert merge_hparams({}, False, "VGG16")["learning_rate"] == 1e-4
     info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=2,
                        weights="imagenet", seed=0,
-                       hparams={**train.read_best_hparams(tmp_path / "tune" / tune.BEST_FILE),
+                       hparams={**read_best_hparams(tmp_path / "tune" / tune.BEST_FILE),
                                 "ema": True})
     assert info["weights"] == "none" and info["hparams"]["ema"] is True
     assert info["params"] < 1_000_000 and info["input_size"] == 32
-    saved = json.loads((tmp_path / "model" / train.INFO_FILE).read_text())
+    saved = json.loads((tmp_path / "model" / artifacts.INFO_FILE).read_text())
     assert saved["model_name"] == "SmallCNN"
-    model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
+    model = models.load_model(tmp_path / "model" / artifacts.MODEL_FILE)
     assert model.predict(np.zeros((1, 32, 32, 1), "float32"), verbose=0).shape == (1, 2)
 
 
 def test_new_hyperparameters_are_checked():
     with pytest.raises(Exception, match="intensity_augment"):
-        train.merge_hparams({"intensity_augment": -1.0})
+        merge_hparams({"intensity_augment": -1.0})
     with pytest.raises(Exception, match="standardize"):
-        train.merge_hparams({"standardize": "yes"})
-    assert train.merge_hparams({"ema": True})["ema"] is True
+        merge_hparams({"standardize": "yes"})
+    assert merge_hparams({"ema": True})["ema"] is True
     assert spaces.describe("scratch")[-1]["name"] == "standardize"

@@ -8,23 +8,34 @@ import keras
 import numpy as np
 import pytest
 
-from lungxray import data, metrics, models, prepare, prevalence, resume, train
+from lungxray import (
+    artifacts,
+    data,
+    fitting,
+    metrics,
+    models,
+    prepare,
+    prevalence,
+    resume,
+    train,
+)
 from lungxray.errors import ConfigError
+from lungxray.hparams import DEFAULT_HPARAMS, SCRATCH_DEFAULTS, merge_hparams
 
 
 def test_scratch_training_writes_a_complete_model_dir(trained_model, small_dataset):
-    info = json.loads((trained_model / train.INFO_FILE).read_text())
+    info = json.loads((trained_model / artifacts.INFO_FILE).read_text())
     assert info["model_name"] == "VGG16" and info["weights"] == "none"
     assert info["class_names"] == ["normal", "pneumonia"] and info["positive_class"] == 1
     assert info["keep_aspect"] is False  # the prepared fixture stretches; predict reads this
     assert 0.0 <= info["threshold"] <= 1.0 and info["threshold_method"] == "youden"
-    assert info["hparams"]["learning_rate"] == train.SCRATCH_DEFAULTS["learning_rate"]
+    assert info["hparams"]["learning_rate"] == SCRATCH_DEFAULTS["learning_rate"]
     assert info["params"] > 14_000_000 and info["epochs"] == 2
-    history = json.loads((trained_model / train.HISTORY_FILE).read_text())
+    history = json.loads((trained_model / artifacts.HISTORY_FILE).read_text())
     assert history["phases"] == [{"name": "scratch", "epochs": 2}]
     assert len(history["history"]["val_auc"]) == 2
     assert (trained_model / "curves.png").stat().st_size > 1000
-    model = models.load_model(trained_model / train.MODEL_FILE)
+    model = models.load_model(trained_model / artifacts.MODEL_FILE)
     val = data.load_split(small_dataset, "val")
     probs = model.predict(val.images.astype("float32"), verbose=0)
     assert probs.shape == (len(val), 2)
@@ -45,7 +56,7 @@ def test_short_real_training_learns(tmp_path, shared_npz):
     prepared = tmp_path / "data"
     prepare.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=600, seed=3)
     info = train.train(prepared, "VGG16", tmp_path / "model", epochs=2, weights="none", seed=3)
-    history = json.loads((tmp_path / "model" / train.HISTORY_FILE).read_text())["history"]
+    history = json.loads((tmp_path / "model" / artifacts.HISTORY_FILE).read_text())["history"]
     assert max(history["val_auc"]) > 0.85, history["val_auc"]
     assert info["threshold"] is not None
 
@@ -57,11 +68,11 @@ def test_pretrained_weights_train_in_two_phases(tmp_path, small_dataset):
     backbone.save_weights(weights)
     info = train.train(small_dataset, "MobileNetV2", tmp_path / "model", epochs=3,
                        weights=str(weights), hparams={"unfreeze": 0.2}, seed=1)
-    history = json.loads((tmp_path / "model" / train.HISTORY_FILE).read_text())
+    history = json.loads((tmp_path / "model" / artifacts.HISTORY_FILE).read_text())
     assert [p["name"] for p in history["phases"]] == ["head", "finetune"]
     assert [p["epochs"] for p in history["phases"]] == [2, 1]
-    assert info["hparams"]["learning_rate"] == train.DEFAULT_HPARAMS["learning_rate"]
-    model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
+    assert info["hparams"]["learning_rate"] == DEFAULT_HPARAMS["learning_rate"]
+    model = models.load_model(tmp_path / "model" / artifacts.MODEL_FILE)
     # The backbone's frozen lower layers kept the weights from the file.
     first = models.backbone_of(model).layers[1].get_weights()[0]
     np.testing.assert_array_equal(first, backbone.layers[1].get_weights()[0])
@@ -107,7 +118,7 @@ def test_resumed_phase_keeps_the_best_epoch_from_before_the_kill(tmp_path):
     state = resume.PhaseState(tmp_path)
     assert state.progress("scratch", 5) is None
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    train.compile_model(model, 1e-3, 0.0, 2)
+    fitting.compile_model(model, 1e-3, 0.0, 2)
     # Three epochs committed before the kill, the second the best.
     commit = resume.EpochCommit(state, "scratch")
     commit.set_model(model)
@@ -125,33 +136,6 @@ def test_resumed_phase_keeps_the_best_epoch_from_before_the_kill(tmp_path):
     # Only the latest and the best epoch's weights are kept.
     assert sorted(p.name for p in tmp_path.glob("*.weights.h5")) == [
         "scratch.epoch-2.weights.h5", "scratch.epoch-4.weights.h5"]
-
-
-def test_the_phase_callbacks_monitor_and_log_the_exact_validation_auc(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.arange(64) % 2
-    # Tiny inputs keep every probability inside one of the 200 bins of Keras' AUC, which then
-    # reads about 0.5 however well the scores rank.
-    x = ((rng.normal(size=(64, 4)) + labels[:, None]) * 1e-3).astype(np.float32)
-    y = np.eye(2, dtype=np.float32)[labels]
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    # A start that ranks well: the score grows with the inputs' sum.
-    model.layers[-1].set_weights([np.tile([[-1.0, 1.0]], (4, 1)), np.zeros(2)])
-    train.compile_model(model, 1e-3, 0.0, 2)
-    state = resume.PhaseState(tmp_path)
-    model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0,
-              callbacks=state.callbacks("scratch", 3, train.ValidationAUC(x, labels)))
-    logged = state.finish("scratch", model, state.progress("scratch", 3))["history"]["val_auc"]
-    exact = metrics.roc_auc(labels, model.predict(x, verbose=0))  # the kept (best) epoch
-    assert max(logged) == pytest.approx(exact, abs=1e-6) and exact > 0.7
-
-
-def test_class_weights_are_balanced():
-    labels = np.array([0] * 10 + [1] * 30)
-    weights = train.class_weights(labels, 2)
-    assert weights[0] * 10 == pytest.approx(weights[1] * 30)
-    assert weights[0] == pytest.approx(40 / (2 * 10))
 
 
 def test_a_killed_training_resumes_from_its_last_epoch(small_dataset, tmp_path):
@@ -183,14 +167,14 @@ def test_a_killed_training_resumes_from_its_last_epoch(small_dataset, tmp_path):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = epochs_logged()
-    assert 1 <= killed_at < 4 and not (output / train.INFO_FILE).exists()
+    assert 1 <= killed_at < 4 and not (output / artifacts.INFO_FILE).exists()
     first_epoch = pd.read_csv(log)["val_auc"].iloc[0]
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Epoch 1/4" not in resumed.stdout + resumed.stderr  # not restarted from scratch
     assert f"Epoch {killed_at + 1}/4" in resumed.stdout + resumed.stderr
-    history = json.loads((output / train.HISTORY_FILE).read_text())
+    history = json.loads((output / artifacts.HISTORY_FILE).read_text())
     assert history["phases"] == [{"name": "scratch", "epochs": 4}]
     assert history["history"]["val_auc"][0] == pytest.approx(first_epoch)
     assert not (output / ".state").exists()  # cleaned up once complete
@@ -228,34 +212,6 @@ def test_a_state_dir_of_an_older_format_is_discarded(small_dataset, tmp_path, mo
     assert not (tmp_path / "fresh").exists()
 
 
-def test_mixup_and_cutmix_blend_training_batches():
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (16, 32, 32, 1)).astype("float32")
-    labels = np.eye(2, dtype="float32")[np.r_[np.zeros(8, int), np.ones(8, int)]]
-    batches = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(16, seed=0).batch(16)
-    assert train.with_mixing(batches, 0.0, 0.0, seed=0) is batches
-    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
-        mixed_images, mixed_labels = next(iter(train.with_mixing(batches, mixup, cutmix, 0)))
-        mixed_labels = mixed_labels.numpy()
-        np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-5)
-        # Some labels are no longer one-hot: two images were blended, and so were their labels.
-        assert ((mixed_labels > 1e-3) & (mixed_labels < 1 - 1e-3)).any()
-        assert mixed_images.shape == images.shape
-        low, high = float(tf.reduce_min(mixed_images)), float(tf.reduce_max(mixed_images))
-        assert 0.0 <= low <= high <= 255
-    # The PyDataset path (JAX's) blends its batches the same way, as NumPy arrays.
-    split = data.Split(images.astype("uint8"), np.r_[np.zeros(8, int), np.ones(8, int)])
-    plain = train.SplitBatches(split, 2, batch_size=16, shuffle=True, seed=0)
-    mixed = train.with_mixing(plain, 0.4, 0.0, seed=0)
-    assert isinstance(mixed, train.MixedBatches) and len(mixed) == len(plain) == 1
-    batch_images, batch_labels = mixed[0]
-    assert isinstance(batch_labels, np.ndarray) and batch_images.shape == images.shape
-    np.testing.assert_allclose(batch_labels.sum(axis=1), 1.0, rtol=1e-5)
-    assert ((batch_labels > 1e-3) & (batch_labels < 1 - 1e-3)).any()
-
-
 @pytest.mark.slow
 def test_every_lever_trains_and_is_recorded(tmp_path, small_dataset):
     levers = {"randaugment": 0.2, "augmix": 0.2, "mixup": 0.2, "cutmix": 0.5,
@@ -263,11 +219,11 @@ def test_every_lever_trains_and_is_recorded(tmp_path, small_dataset):
     info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1,
                        hparams=levers, seed=0)
     assert {k: info["hparams"][k] for k in levers} == levers
-    model = models.load_model(tmp_path / "model" / train.MODEL_FILE)
+    model = models.load_model(tmp_path / "model" / artifacts.MODEL_FILE)
     names = {layer.name for layer in model.layers}
     assert {"aug_randaugment", "aug_augmix", "standardize"} <= names
     val = data.load_split(small_dataset, "val")
     assert metrics.roc_auc(val.labels, model.predict(val.images.astype("float32"),
                                                      verbose=0)) is not None
     with pytest.raises(ConfigError, match="mixup"):
-        train.merge_hparams({"mixup": -1.0})
+        merge_hparams({"mixup": -1.0})

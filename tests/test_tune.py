@@ -13,6 +13,7 @@ import pytest
 
 from lungxray import features, metrics, models, spaces, train, tune, tuner_compat
 from lungxray.errors import ConfigError
+from lungxray.hparams import DEFAULT_HPARAMS, merge_hparams, read_best_hparams
 
 HEAD = {"dense_units", "dropout", "learning_rate", "label_smoothing", "class_weighting"}
 FINE_TUNE = {"unfreeze", "fine_tune_learning_rate", "augment", "intensity_augment"}
@@ -41,14 +42,14 @@ def test_spaces_cover_train_hyperparameters_with_train_defaults():
     assert space_names("scratch") == HEAD | {"augment", "intensity_augment", "standardize"}
     # Between them, the pretrained phases search every hyperparameter train knows but
     # NOT_SEARCHED_PRETRAINED.
-    assert set(train.DEFAULT_HPARAMS) == HEAD | FINE_TUNE | NOT_SEARCHED_PRETRAINED
+    assert set(DEFAULT_HPARAMS) == HEAD | FINE_TUNE | NOT_SEARCHED_PRETRAINED
     hp = kt.HyperParameters()
     defaults = {**spaces.head_space(hp), **spaces.fine_tune_space(hp)}
-    assert defaults == {k: v for k, v in train.DEFAULT_HPARAMS.items()
+    assert defaults == {k: v for k, v in DEFAULT_HPARAMS.items()
                         if k not in NOT_SEARCHED_PRETRAINED}
     # The scratch space starts at train's scratch defaults.
     scratch = spaces.scratch_space(kt.HyperParameters())
-    assert scratch == {k: v for k, v in train.merge_hparams({}, pretrained=False).items()
+    assert scratch == {k: v for k, v in merge_hparams({}, pretrained=False).items()
                        if k in scratch}
     rows = spaces.describe("fine_tune")
     assert [r["name"] for r in rows] == ["unfreeze", "fine_tune_learning_rate", "augment",
@@ -108,7 +109,7 @@ def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(
     assert best["trials"] == 4
     assert best["phases"]["head"]["trials"] == 3 and best["phases"]["fine_tune"]["trials"] == 1
     assert set(best["hparams"]) == HEAD | FINE_TUNE
-    assert train.merge_hparams(best["hparams"]) == {**train.DEFAULT_HPARAMS, **best["hparams"]}
+    assert merge_hparams(best["hparams"]) == {**DEFAULT_HPARAMS, **best["hparams"]}
     assert best["feature_cache"]["train"]["computed"] and best["feature_cache"]["val"]["computed"]
     assert best["feature_cache"]["dim"] == 512
     assert len(list(cache.glob("*.npy"))) == 2
@@ -124,7 +125,7 @@ def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(
         assert fine[name] == best_head[name] == best["hparams"][name]
     assert best["best_score"] == pytest.approx(fine["score"])
     assert json.loads((output / tune.BEST_FILE).read_text()) == best
-    assert train.read_best_hparams(output / tune.BEST_FILE) == best["hparams"]
+    assert read_best_hparams(output / tune.BEST_FILE) == best["hparams"]
     assert not list(output.rglob("checkpoint*"))  # trial weights are dropped after the search
 
     plot = output / tune.PLOT_FILE
@@ -145,7 +146,7 @@ def test_pretrained_search_caches_features_and_tunes_head_then_fine_tuning(
 
     # train takes the chosen values as they are.
     info = train.train(small_dataset, "VGG16", tmp_path / "model",
-                       train.read_best_hparams(output / tune.BEST_FILE), epochs=2,
+                       read_best_hparams(output / tune.BEST_FILE), epochs=2,
                        weights=weights_file, seed=5)
     assert {k: info["hparams"][k] for k in best["hparams"]} == best["hparams"]
 
@@ -170,9 +171,9 @@ def test_scratch_search_resumes_a_finished_search_and_refuses_a_different_one(
         tune.tune(small_dataset, "VGG16", output, max_trials=3, epochs=1, seed=5,
                   algorithm="random")
     # The refused search changed nothing; its result is for VGG16 only.
-    assert train.read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
+    assert read_best_hparams(output / tune.BEST_FILE, "VGG16") == best["hparams"]
     with pytest.raises(ValueError, match="tuned for 'VGG16', not ResNet50"):
-        train.read_best_hparams(output / tune.BEST_FILE, "ResNet50")
+        read_best_hparams(output / tune.BEST_FILE, "ResNet50")
 
 
 @pytest.mark.parametrize("kwargs, message", [

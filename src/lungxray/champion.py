@@ -173,7 +173,7 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     other split of the dataset (test, a shifted test) is compared and reported beside it.
     Without ``champion_uri`` the decision is ``skip``; with an empty one, ``promote``."""
     from lungxray import integrity, model_loader
-    from lungxray.train import read_model_info
+    from lungxray.model_loader import read_model_info
 
     check_run_id(run_id)
     check_margin(margin)

@@ -152,8 +152,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> dict:
     from lungxray import train
+    from lungxray.hparams import read_best_hparams
 
-    hparams = train.read_best_hparams(args.hparams, args.model) if args.hparams else {}
+    hparams = read_best_hparams(args.hparams, args.model) if args.hparams else {}
     return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
                        weights=args.weights, batch_size=args.batch_size, seed=args.seed,
                        patience=args.patience, target_sensitivity=args.target_sensitivity,

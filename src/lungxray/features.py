@@ -150,7 +150,7 @@ def copy_head(weights: dict[str, list[np.ndarray]], model: keras.Model) -> None:
 
 def feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
                     batch_size: int, shuffle: bool = False, seed: int = 42) -> tf.data.Dataset:
-    """Batches of (features, one-hot labels), shuffled like ``train.make_dataset`` (same
+    """Batches of (features, one-hot labels), shuffled like ``batches.make_dataset`` (same
     seed and buffer), so a head sees its examples in the same order as in the full model."""
     import tensorflow as tf  # tuning runs on TensorFlow only; train also imports this module
 

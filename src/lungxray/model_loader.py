@@ -112,6 +112,15 @@ def load(model_dir: Path | str, limits: Limits | None = None) -> Predictor:
     return Predictor(folder.info, members)
 
 
+def read_model_info(model_dir: Path | str) -> dict[str, Any]:
+    """A model folder's model_info.json, read within the size and depth limits (the info only:
+    nothing of the network is opened)."""
+    path = Path(model_dir) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {INFO_FILE}; is this a `lungxray train` output?")
+    return safeio.load_json_object(path, "model info", error=ModelError)
+
+
 def check_input_size(members: list[Any], settings: Any, model_dir: Path) -> None:
     """model_info.json must describe the saved network's input, or every prediction is wrong;
     ``settings`` has the ``size`` and ``channels`` the info gives (an :class:`InputShape`)."""

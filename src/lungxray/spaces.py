@@ -1,6 +1,6 @@
 """The hyperparameter search spaces, in one place.
 
-Every name is a key of ``train.DEFAULT_HPARAMS``: tune hands its choice to train through
+Every name is a key of ``hparams.DEFAULT_HPARAMS``: tune hands its choice to train through
 ``best_hparams.json`` and train refuses unknown names. Each space's default values are train's
 defaults, i.e. what an untuned run uses, and every search's first trial is that default point
 (``lungxray.tune`` makes keras-tuner start there instead of drawing it), so no search ends
@@ -29,13 +29,16 @@ suite or on the ``test_shifted`` proxy (bench/levers.md), so they are train-only
 
 from __future__ import annotations
 
-import keras_tuner as kt
+from typing import TYPE_CHECKING
 
-from lungxray.train import DEFAULT_HPARAMS, defaults_for
+from lungxray.hparams import DEFAULT_HPARAMS, defaults_for
+
+if TYPE_CHECKING:  # keras-tuner loads TensorFlow: only describe() needs it at run time
+    import keras_tuner as kt
 
 HEAD_UNITS = [0, 64, 128, 256]  # 0: no hidden layer, pooled features straight to softmax
 # Pretrained heads learn fast on fixed features; a whole network from scratch needs lower
-# rates (train.SCRATCH_DEFAULTS uses 1e-4; SmallCNN, with BatchNorm throughout, 1e-3).
+# rates (hparams.SCRATCH_DEFAULTS uses 1e-4; SmallCNN, with BatchNorm throughout, 1e-3).
 HEAD_LR = {"pretrained": (1e-4, 1e-2), "scratch": (1e-5, 1e-3)}
 FINE_TUNE_LR = (1e-6, 1e-4)  # low, so fine-tuning does not wreck the pretrained features
 
@@ -43,7 +46,7 @@ FINE_TUNE_LR = (1e-6, 1e-4)  # low, so fine-tuning does not wreck the pretrained
 def head_space(hp: kt.HyperParameters, pretrained: bool = True,
                model_name: str | None = None) -> dict:
     """Head (and, from scratch, optimiser) hyperparameters; from scratch the learning rate
-    starts at the model's own default (train.MODEL_DEFAULTS)."""
+    starts at the model's own default (hparams.MODEL_DEFAULTS)."""
     low, high = HEAD_LR["pretrained" if pretrained else "scratch"]
     lr_default = (DEFAULT_HPARAMS["learning_rate"] if pretrained
                   else defaults_for(False, model_name)["learning_rate"])
@@ -101,6 +104,8 @@ SPACES = {
 def describe(space: str) -> list[dict]:
     """One row per hyperparameter of ``space`` (name, kind, range or values, sampling, default),
     read from keras-tuner itself so the documentation cannot drift from the search."""
+    import keras_tuner as kt
+
     hp = kt.HyperParameters()
     SPACES[space](hp)
     rows = []

@@ -54,18 +54,11 @@ from lungxray import (
     tune_report,
     tuner_compat,
 )
+from lungxray.batches import class_weights, make_dataset
 from lungxray.errors import ConfigError, quote
-from lungxray.resume import check_state
-from lungxray.train import (
-    DEFAULT_HPARAMS,
-    MONITOR,
-    ValidationAUC,
-    class_weights,
-    classifier_options,
-    compile_model,
-    make_dataset,
-    merge_hparams,
-)
+from lungxray.fitting import ValidationAUC, compile_model
+from lungxray.hparams import DEFAULT_HPARAMS, classifier_options, merge_hparams
+from lungxray.resume import MONITOR, check_state
 
 BEST_FILE = artifacts.BEST_HPARAMS_FILE
 TRIALS_FILE = "trials.csv"
@@ -80,7 +73,7 @@ CONFIG_FORMAT = "lungxray-tune/3"  # 3: trials scored on the exact val_auc
 
 
 # ---------------------------------------------------------------------------------------------
-# Hypermodels: one per kind of search, all compiled like train.compile_model so `val_auc`
+# Hypermodels: one per kind of search, all compiled like fitting.compile_model so `val_auc`
 # means the same thing everywhere.
 # ---------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from lungxray import pages, plots, spaces  # noqa: E402
-from lungxray.train import DEFAULT_HPARAMS  # noqa: E402
+from lungxray.hparams import DEFAULT_HPARAMS  # noqa: E402
 
 PHASE_COLOURS = {"head": "tab:blue", "fine_tune": "tab:orange", "scratch": "tab:green"}
 LOG_SCALE = {"learning_rate", "fine_tune_learning_rate"}

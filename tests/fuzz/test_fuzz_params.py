@@ -14,8 +14,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lungxray import champion_store, safeio, schema, train, uris
+from lungxray import champion_store, safeio, schema, uris
 from lungxray.errors import LungxrayError
+from lungxray.hparams import DEFAULT_HPARAMS, merge_hparams, read_best_hparams
 from lungxray.limits import Limits
 from pipelines.params import ParamsError, check_values, load_params, parse_value
 
@@ -103,12 +104,12 @@ def test_any_hparams_file_is_usable_or_refused(content):
         path = Path(tmp) / "best_hparams.json"
         path.write_text(json.dumps(content))
         try:
-            hparams = train.read_best_hparams(path, "VGG16")
+            hparams = read_best_hparams(path, "VGG16")
         except LungxrayError as err:
             _assert_project_error(err)
             return
-        merged = train.merge_hparams(hparams)
-        assert set(merged) == set(train.DEFAULT_HPARAMS)
+        merged = merge_hparams(hparams)
+        assert set(merged) == set(DEFAULT_HPARAMS)
 
 
 @given(st.dictionaries(st.sampled_from(["config.json", "metadata.json", "model.weights.h5",

@@ -44,8 +44,9 @@ def read_manifest(data_dir: Path, limits: Limits = DEFAULT) -> dict:
 
 def split_sha256(split: data.Split) -> str:
     """sha256 of a split's pixels then labels, as ``manifest.json`` records it (the recipe
-    :mod:`lungxray.prepare` writes with), a chunk at a time so memory stays small; also the
-    identity of train subsets the manifest does not describe (the feature cache's key)."""
+    :func:`lungxray.prepare_steps.write_split` writes with), a chunk at a time so memory stays
+    small; also the identity of train subsets the manifest does not describe (the feature
+    cache's key)."""
     digest = hashlib.sha256()
     per_image = max(1, int(np.prod(split.images.shape[1:])))
     rows = max(1, HASH_CHUNK_BYTES // per_image)

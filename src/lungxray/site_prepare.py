@@ -3,11 +3,12 @@
 Each site is read by the same bounded readers as a single source, decoded at the one prepared
 size and channel count (a 28 px npz and 256 px PNGs alike), its class names mapped onto the
 first site's, and its splits carved on its own exactly as :mod:`lungxray.prepare` carves one
-source (a site with its own splits keeps them; otherwise stratified, seeded, grouped by
-duplicate image and patient). Each output split then holds its sites one after the other, and
-``manifest.json`` records per split how many rows of each site it holds, in row order, so
-evaluation knows the site of every image; ``files.csv`` names it per row. A held-out site
-(``holdout_site``) goes whole into ``test_site_<name>``: it never reaches train or val.
+source, by the same steps (:mod:`lungxray.prepare_steps`): a site with its own splits keeps
+them; otherwise stratified, seeded, grouped by duplicate image and patient. Each output split
+then holds its sites one after the other, and ``manifest.json`` records per split how many rows
+of each site it holds, in row order, so evaluation knows the site of every image; ``files.csv``
+names it per row. A held-out site (``holdout_site``) goes whole into ``test_site_<name>``: it
+never reaches train or val.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray import prepare, raw_source, sources
+from lungxray import prepare_steps as steps
+from lungxray import raw_source, sources
 from lungxray import sites as siting
 from lungxray import splits as splitting
 from lungxray.data import (
@@ -99,8 +101,8 @@ def open_sites(named: list[tuple[str, str]], main: sources.Source, output: Path,
     for name, text in named[1:]:
         src = raw_source.open_source(text, None, cache_dir, limits)
         site = OpenSite(name, text, src, list(src.class_names))
-        prepare._check_outside_source(site.where, src, output)
-        prepare._check_sizes(site.where, src, settings.size, floor, limits)
+        steps.check_outside_source(site.where, src, output)
+        steps.check_sizes(site.where, src, settings.size, floor, limits)
         opened.append(site)
     seen: dict[tuple, str] = {}
     for site in opened:
@@ -138,11 +140,11 @@ def _site_plan(site: OpenSite, pools: dict[str, Pool], holdout: bool, settings: 
                                                    for pool in pools.values()]}, {}, None)
     if "train" not in pools:
         raise DataError(f"{site.where}: has no train split to train on or carve from")
-    prepare._check_classes(site.where, pools["train"], classes)
-    prepare._check_coverage(site.where, pools, classes)
+    steps.check_classes(site.where, pools["train"], classes)
+    steps.check_coverage(site.where, pools, classes)
     try:
-        plan, carved, shift_info = prepare._plan(pools, True, fractions, seed, 0, by_patient,
-                                                 settings)
+        plan, carved, shift_info = steps.plan_splits(pools, True, fractions, seed, 0,
+                                                     by_patient, settings)
     except DataError as err:  # e.g. too few patients to carve val from: name the site
         raise DataError(f"{site.where}: {err}") from None
     segments = {split: [Segment(site.name, pools[pool], rows)]
@@ -186,8 +188,8 @@ def _write(segments: dict[str, list[Segment]], staging: Path, settings: Settings
     for name, parts in segments.items():
         labels = np.concatenate([s.pool.labels[s.rows] for s in parts]).astype(np.int64)
         np.save(staging / labels_file(name), labels)
-        sha = prepare._write_split([(s.pool.images(), s.rows) for s in parts], labels,
-                                   staging / images_file(name), settings, histograms)
+        sha = steps.write_split([(s.pool.images(), s.rows) for s in parts], labels,
+                                staging / images_file(name), settings, histograms)
         written[name] = {
             "labels": labels, "sha256": sha,
             "hashes": np.concatenate([s.pool.hashes[s.rows] for s in parts]),
@@ -227,7 +229,7 @@ def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
     records: dict[str, dict] = {}
     bad_all: list[dict] = []
     for i, site in enumerate(opened):
-        pools, bad, sha, dropped = prepare._decode_checked(
+        pools, bad, sha, dropped = steps.decode_checked(
             site.src, site.where, staging / f".pools-{i}", settings, skip_bad)
         by_patient = any((pool.groups != "").any() for pool in pools.values())
         plan, carved, shift_info = _site_plan(site, pools, site.name == holdout, settings,
@@ -248,7 +250,7 @@ def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
     written, histograms = _write(segments, staging, settings, len(classes))
     for i in range(len(opened)):
         shutil.rmtree(staging / f".pools-{i}")
-    prepare._write_index(staging / FILES_INDEX, written, classes)
+    steps.write_index(staging / FILES_INDEX, written, classes)
     for name, record in records.items():
         record["splits"] = {split: int((info["sites"] == name).sum())
                             for split, info in written.items() if (info["sites"] == name).any()}
@@ -261,7 +263,7 @@ def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
             f"{name}\0{r['source_sha256']}\n" for name, r in records.items()).encode()
         ).hexdigest(),
         "class_names": classes,
-        **prepare._settings_record(settings, seed, fractions),
+        **steps.settings_record(settings, seed, fractions),
         "shift": None,  # carved per site: sites[<name>]["shift"]
         "max_per_split": max_per_split,
         "skip_bad": skip_bad,
@@ -270,14 +272,14 @@ def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
         "holdout_site": holdout,
         "sites": records,
         "splits": {name: _split_record(info, classes, names) for name, info in written.items()},
-        **prepare._duplicates(written, False),
+        **steps.duplicates(written, False),
         **({"cross_split_patients": _patients_across(written)} if by_patient else {}),
         "skipped": bad_all,
         "skipped_splits": [f"{name}/{split}" for name, r in records.items()
                            for split in r["skipped_splits"]],
         "ignored": [f"{name}: {f}" for name, r in records.items() for f in r["ignored"]],
     }
-    return prepare._finish(staging, manifest, written, histograms, seed)
+    return steps.finish(staging, manifest, written, histograms, seed)
 
 
 def _carved(records: dict[str, dict]) -> dict[str, str]:

@@ -406,3 +406,23 @@ def test_a_model_card_that_is_not_a_bounded_file_fails_before_the_challenge(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "model card" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n, decimals", [(40, None), (300, 1)])
+def test_resampled_auc_differences_are_sklearns(n, decimals):
+    """The batched Mann-Whitney AUCs are roc_auc_score's on every resample, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from lungxray import metrics
+
+    rng = np.random.default_rng(n)
+    y = (rng.random(n) < 0.7).astype(int)
+    a = rng.random(n)
+    b = np.clip(a + rng.normal(0, 0.2, n), 0, 1)
+    if decimals is not None:
+        a, b = np.round(a, decimals), np.round(b, decimals)
+    two = [np.column_stack([1 - p, p]) for p in (a, b)]
+    got = champion._resampled_differences(y, *two, n_bootstrap=300, seed=5)
+    want = [roc_auc_score(y[i], b[i]) - roc_auc_score(y[i], a[i])
+            for i in metrics.bootstrap_indices(y, 300, 5)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

@@ -151,6 +151,8 @@ def test_the_ensembles_threshold_follows_the_rule(tmp_path: Path):
     summary = compare(three_trials(tmp_path), out, threshold_rule="balanced")
     assert summary["ensemble"]["threshold"] == 0.5
     assert summary["ensemble"]["threshold_method"] == "balanced"
+    assert "top 2 on val_roc_auc), threshold 0.5 (the balanced rule). Its members" in (
+        out / "report.md").read_text()
     test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
     # Test mean [.1, .525, .525, .7, .8, .9], labels [0, 0, 0, 1, 1, 1]: at 0.5 two false
     # positives; at Youden's 0.7 (val's perfect split) none.

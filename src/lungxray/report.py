@@ -303,11 +303,14 @@ NOT_A_DEVICE = ("Research software, not a medical device: not for diagnosis, tri
 def _ensemble_text(summary: dict[str, Any]) -> str:
     ens = summary.get("ensemble") or {}
     if ens.get("model_name"):
+        how = {"balanced": "threshold 0.5 (the balanced rule)",
+               "platt": "threshold where its posterior, Platt-calibrated on its own validation "
+                        "predictions, is 0.5"}.get(
+            ens.get("threshold_method"), "threshold chosen on its own validation predictions")
         return (f"Ensemble candidate {ens['model_name']}: mean probability of "
                 f"{', '.join(ens['members'])} (top {len(ens['members'])} on "
-                f"{summary['select_metric']}), threshold chosen on its own validation "
-                "predictions. Its members were picked on validation, so its validation score "
-                "is slightly optimistic.")
+                f"{summary['select_metric']}), {how}. Its members were picked on validation, "
+                "so its validation score is slightly optimistic.")
     return f"No ensemble candidate: {ens.get('skipped', 'not requested')}."
 
 

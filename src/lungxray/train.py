@@ -59,8 +59,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     finished epoch, optimizer state included (:mod:`lungxray.resume`); a state that cannot be
     used, or of other settings, is discarded with a note. The decision threshold is chosen on
     validation by ``threshold_rule`` (:func:`lungxray.metrics.choose_threshold`), or as the
-    highest one reaching ``target_sensitivity`` when given. A full disk
-    is one error naming the file and the bytes it needs.
+    highest one reaching ``target_sensitivity`` when given. A full disk is one error naming
+    the file and the bytes it needs.
     """
     # Every argument, the weights file and the data are checked, and the model built, before
     # the state dir exists: a refused run never blocks its corrected re-run.
@@ -200,7 +200,7 @@ def check_job(data_dir: Path, model_name: str, hparams: dict | None, epochs: int
               batch_size: int, seed: int, patience: int, target_sensitivity: float | None,
               mixed_precision: bool | None, jit_compile: bool | None,
               cache_dir: Path | None,
-              threshold_rule: str = artifacts.DEFAULT_THRESHOLD_RULE) -> Job:
+              threshold_rule: str = schema.DEFAULTS.threshold_rule) -> Job:
     """:func:`train`'s arguments checked, the weights file found and the data read: a
     :class:`Job`, or an error before anything is written."""
     if epochs < 1:

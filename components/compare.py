@@ -17,11 +17,12 @@ def compare(
     metrics: Output[Metrics],
     ensemble_k: int = 2,
     target_sensitivity: float = 0.0,
+    threshold_rule: str = "youden",
 ):
     """Writes the self-contained report.html, report.md, the model card and a copy of the best
     model (an ensemble of the top ``ensemble_k`` competes too; 0 or 1 = none).
-    ``target_sensitivity`` (0 = as the members did) sets how the ensemble's threshold is chosen
-    on validation."""
+    ``target_sensitivity`` (0 = as the members did, else ``threshold_rule``) sets how the
+    ensemble's threshold is chosen on validation."""
     from lungxray.quiet import quiet_native_logs
 
     quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
@@ -40,7 +41,8 @@ def compare(
         output = Path(workdir) / "compare"
         result = reporting.compare(trials, output, select_metric=select_metric,
                                    ensemble_k=ensemble_k,
-                                   target_sensitivity=target_sensitivity or None)
+                                   target_sensitivity=target_sensitivity or None,
+                                   threshold_rule=threshold_rule)
         shutil.copyfile(output / artifacts.REPORT_HTML, report.path)
         shutil.copyfile(output / artifacts.REPORT_MD, summary.path)
         shutil.copyfile(output / artifacts.MODEL_CARD_FILE, model_card.path)

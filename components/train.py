@@ -14,11 +14,12 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     target_sensitivity: float = 0.0,
+    threshold_rule: str = "youden",
     state_root: str = "",
 ):
     """Writes model.keras, model_info.json, history.json and curves.png into ``model``.
-    ``target_sensitivity`` 0 picks the threshold by Youden's J; ``state_root`` (a mounted PVC)
-    keeps checkpoints across retries, so a preempted run resumes."""
+    ``target_sensitivity`` 0 picks the threshold by ``threshold_rule``; ``state_root`` (a
+    mounted PVC) keeps checkpoints across retries, so a preempted run resumes."""
     from lungxray.quiet import quiet_native_logs
 
     quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
@@ -34,7 +35,8 @@ def train(
                  if state_root else None)
     info = training.train(Path(dataset.path), model_name, Path(model.path), hparams,
                           epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
-                          target_sensitivity=target_sensitivity or None, state_dir=state_dir)
+                          target_sensitivity=target_sensitivity or None,
+                          threshold_rule=threshold_rule, state_dir=state_dir)
     model.metadata.update({k: info[k] for k in ("model_name", "threshold", "params", "weights")})
     model.metadata["framework"] = "keras"
     for key in ("train_seconds", "params", "epochs"):

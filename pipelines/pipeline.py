@@ -129,6 +129,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         external_data: str = DEFAULTS.external_data,
         class_map: str = DEFAULTS.class_map,
         target_sensitivity: float = DEFAULTS.target_sensitivity,
+        threshold_rule: str = DEFAULTS.threshold_rule,
         data_version: str = DEFAULTS.data_version,
         champion_uri: str = DEFAULTS.champion_uri,
         promotion_margin: float = DEFAULTS.promotion_margin,
@@ -155,7 +156,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
             train = ops.train(dataset=dataset, tuning=tune.outputs["tuning"], model_name=name,
                               epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
                               target_sensitivity=target_sensitivity,
-                              state_root=platform.state_root)
+                              threshold_rule=threshold_rule, state_root=platform.state_root)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"],
                                     external_data=external_data, class_map=class_map,
                                     robustness=robustness,
@@ -167,7 +168,8 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),
                               tunings=dsl.Collected(tune.outputs["tuning"]),
                               select_metric=select_metric, ensemble_k=ensemble_k,
-                              target_sensitivity=target_sensitivity)
+                              target_sensitivity=target_sensitivity,
+                              threshold_rule=threshold_rule)
         _apply(compare, platform, heavy=False)
         # Never cached: the champion behind the same champion_uri changes from run to run.
         challenge = ops.challenge(dataset=dataset, best_model=compare.outputs["best_model"],

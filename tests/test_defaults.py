@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import typing
 
 import pytest
 import yaml
@@ -41,6 +42,7 @@ SAME_PARAMETER = {
     ("train", "batch_size"): "batch_size",
     ("train", "seed"): "seed",
     ("train", "target_sensitivity"): "target_sensitivity",
+    ("train", "threshold_rule"): "threshold_rule",
     ("evaluate", "external_data"): "external_data",
     ("evaluate", "external_class_map"): "class_map",  # the pipeline's class_map is external's
     ("evaluate", "robustness"): "robustness",
@@ -50,6 +52,7 @@ SAME_PARAMETER = {
     ("compare", "select_metric"): "select_metric",
     ("compare", "ensemble_k"): "ensemble_k",
     ("compare", "target_sensitivity"): "target_sensitivity",
+    ("compare", "threshold_rule"): "threshold_rule",
     ("predict", "skip_bad"): "skip_bad",
     ("challenge", "champion"): "champion_uri",
     ("challenge", "margin"): "promotion_margin",
@@ -112,8 +115,9 @@ def test_every_cli_default_is_the_pipelines(command, dest):
     else:
         assert action.default == pipeline and type(action.default) is type(pipeline), \
             (command, dest, action.default, pipeline)
-    if action.choices is not None:
-        assert tuple(action.choices) == schema.TUNE_ALGORITHMS
+    if action.choices is not None:  # the schema's choices, all of them
+        assert tuple(action.choices) == typing.get_args(
+            schema.FIELDS[SAME_PARAMETER[command, dest]].annotation), (command, dest)
 
 
 def test_the_cli_reads_the_schemas_defaults_for_the_drifted_ones():

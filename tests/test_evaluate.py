@@ -29,6 +29,7 @@ from lungxray import (
     train,
 )
 from lungxray.errors import ModelError
+from lungxray.metrics import choose_threshold
 from tests.data_helpers import load_npz
 
 CLASSES = ["normal", "pneumonia"]
@@ -46,6 +47,7 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
             assert key in metrics
         assert metrics["threshold"] == info["threshold"]  # never re-fitted on this split
         assert metrics["n"] == data.read_manifest(small_dataset)["splits"][split]["n"]
+        _check_threshold_rules(metrics, split, tmp_path)
         assert np.sum(metrics["confusion_matrix"]) == metrics["n"]
         predictions = pd.read_csv(tmp_path / split / evaluate.PREDICTIONS_FILE)
         assert metrics["roc_auc"] == pytest.approx(
@@ -89,6 +91,23 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
     assert len(srcs) == 2 * 5
     assert all(base64.b64decode(s).startswith(b"\x89PNG") for s in srcs)
     assert "not a medical device" in page
+
+
+def _check_threshold_rules(metrics: dict, split: str, out: Path) -> None:
+    """Every rule's threshold chosen on val's predictions, its rates counted on ``split``."""
+    val = pd.read_csv(out / "val" / evaluate.PREDICTIONS_FILE)
+    rules = metrics["threshold_rules"]
+    assert set(rules) == set(artifacts.THRESHOLD_RULES)
+    assert rules["balanced"]["threshold"] == 0.5
+    assert rules["youden"]["threshold"] == choose_threshold(val["y_true"], val["prob_pneumonia"])
+    here = pd.read_csv(out / split / evaluate.PREDICTIONS_FILE)
+    y, score = here["y_true"].to_numpy(), here["prob_pneumonia"].to_numpy()
+    for rule in artifacts.THRESHOLD_RULES:
+        assert set(rules[rule]) == {"threshold", split}
+        called = score >= rules[rule]["threshold"]
+        assert rules[rule][split]["accuracy"] == pytest.approx(np.mean(called == (y == 1)))
+        assert rules[rule][split]["sensitivity"] == pytest.approx(np.mean(called[y == 1]))
+        assert rules[rule][split]["specificity"] == pytest.approx(np.mean(~called[y == 0]))
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +290,8 @@ def test_re_evaluation_replaces_splits_whole_and_a_failure_changes_nothing(
     assert (out / "test" / "gradcam.png").is_file()
     evaluate.evaluate(trained_model, str(small_dataset), out, ["test"], explain=False)
     assert not (out / "test" / "gradcam.png").exists()  # no stale grid beside "no grid"
+    # The rules' thresholds come from the val predictions already in the output.
+    _check_threshold_rules(json.loads((out / "test" / "metrics.json").read_text()), "test", out)
     assert (out / "val" / "gradcam.png").is_file()  # a split not re-evaluated is kept
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real = evaluate.evaluate_split

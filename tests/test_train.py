@@ -227,3 +227,20 @@ def test_every_lever_trains_and_is_recorded(tmp_path, small_dataset):
                                                      verbose=0)) is not None
     with pytest.raises(ConfigError, match="mixup"):
         merge_hparams({"mixup": -1.0})
+
+
+def test_model_info_records_the_threshold_rule(tmp_path, small_dataset):
+    info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1, seed=0,
+                       threshold_rule="platt")
+    saved = json.loads((tmp_path / "model" / artifacts.INFO_FILE).read_text())
+    assert saved["threshold_method"] == info["threshold_method"] == "platt"
+    assert saved["target_sensitivity"] is None
+    # The threshold is where the Platt posterior saved beside it (fitted on the same val
+    # predictions) is 0.5.
+    calibration = prevalence.calibration_from(saved["calibration"], "model_info.json")
+    assert calibration.posterior(np.array([saved["threshold"]]))[0] == pytest.approx(0.5)
+    # A bad rule is refused before anything is written.
+    with pytest.raises(ConfigError, match="^threshold rule 'median' is not one of"):
+        train.train(small_dataset, "SmallCNN", tmp_path / "bad", epochs=1,
+                    threshold_rule="median")
+    assert not (tmp_path / "bad").exists()

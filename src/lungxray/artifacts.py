@@ -91,6 +91,14 @@ def split_order(name: str) -> tuple[int, str]:
     return ({VAL_SPLIT: 0, TEST_SPLIT: 1}.get(name, 2), name)
 
 
+# How a binary model's decision threshold is chosen (model_info.json's ``threshold_method``,
+# unless a target sensitivity wins: ``sensitivity>=X``). youden: Youden's J on validation;
+# balanced: 0.5, the class-weighted training's balanced-prior point; platt: where the
+# validation-fitted Platt posterior is 0.5.
+THRESHOLD_RULES = ("youden", "balanced", "platt")
+DEFAULT_THRESHOLD_RULE = "youden"  # the schema's default; changed only on measured evidence
+
+
 def target_sensitivity_of(info: dict) -> float | None:
     """The target sensitivity a model's threshold was chosen for (train records it in
     ``threshold_method`` as ``sensitivity>=X``), or None for Youden's J."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lungxray import quiet
+from lungxray.artifacts import THRESHOLD_RULES
 from lungxray.schema import DEFAULTS, TUNE_ALGORITHMS
 
 WEIGHTS_HELP = ("'imagenet' (Keras download + cache), 'none' (train from scratch) or a local or "
@@ -142,7 +143,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=3,
                    help="epochs without validation-AUC gain before stopping (default 3)")
     p.add_argument("--target-sensitivity", type=float, default=None, help="choose the decision "
-                   "threshold on validation to reach this sensitivity (default: Youden's J)")
+                   "threshold on validation to reach this sensitivity (default: --threshold-rule)")
+    _threshold_rule(p, "the decision threshold")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 compute (default: on with a GPU, off on CPU)")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
@@ -158,6 +160,7 @@ def _train(args: argparse.Namespace) -> dict:
     return train.train(args.data, args.model, args.output, hparams, epochs=args.epochs,
                        weights=args.weights, batch_size=args.batch_size, seed=args.seed,
                        patience=args.patience, target_sensitivity=args.target_sensitivity,
+                       threshold_rule=args.threshold_rule,
                        mixed_precision=args.mixed_precision, jit_compile=args.xla,
                        cache_dir=args.cache_dir)
 
@@ -239,15 +242,25 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    f"selection metric (default {DEFAULTS.ensemble_k}; 0 = none)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the ensemble's threshold as the highest reaching this "
-                   "validation sensitivity (default: as its members, else Youden's J)")
+                   "validation sensitivity (default: as its members, else --threshold-rule)")
+    _threshold_rule(p, "the ensemble's threshold")
     p.set_defaults(func=_compare)
+
+
+def _threshold_rule(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=DEFAULTS.threshold_rule,
+                   help=f"how {what} is chosen without a target sensitivity: youden (Youden's J "
+                   "on validation), balanced (0.5, the class-weighted training's balanced "
+                   "point) or platt (where the validation-fitted Platt posterior is 0.5); "
+                   f"default {DEFAULTS.threshold_rule}")
 
 
 def _compare(args: argparse.Namespace) -> dict:
     from lungxray import report
 
     return report.compare(args.trials, args.output, select_metric=args.select_metric,
-                          ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity)
+                          ensemble_k=args.ensemble_k, target_sensitivity=args.target_sensitivity,
+                          threshold_rule=args.threshold_rule)
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:

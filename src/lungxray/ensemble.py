@@ -20,6 +20,7 @@ import pandas as pd
 from lungxray import metrics as metrics_lib
 from lungxray import plots, prevalence, robustness, safeio, site_metrics
 from lungxray.artifacts import (
+    DEFAULT_THRESHOLD_RULE,
     ENSEMBLE_FILE,
     ENSEMBLE_KIND,
     INFO_FILE,
@@ -53,14 +54,16 @@ def _common_target_sensitivity(infos: list[dict], given: float | None) -> float 
 
 def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str,
                    k: int = 2, target_sensitivity: float | None = None,
+                   threshold_rule: str = DEFAULT_THRESHOLD_RULE,
                    n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP,
                    seed: int = metrics_lib.DEFAULT_SEED) -> Ensemble:
     """An ensemble candidate, evaluated like a trial (no files yet).
 
     Members: the ``k`` best single models on ``select_metric`` (validation). Probabilities: the
     members' mean, from their saved predictions.csv. Threshold: chosen on the ensemble's own
-    validation predictions, like any trial's. Raises EnsembleSkipped with the reason when it
-    cannot be built.
+    validation predictions by ``threshold_rule`` (or ``target_sensitivity``), like any trial's;
+    every rule's threshold and rates are in each split's ``threshold_rules``. Raises
+    EnsembleSkipped with the reason when it cannot be built.
     """
     if k < 2:
         raise EnsembleSkipped(f"ensemble_k={k}: an ensemble needs at least 2 members")
@@ -88,11 +91,11 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
     probs = {s: np.mean([m.splits[s].predictions[cols].to_numpy() for m in members], axis=0)
              for s in splits}
     target = _common_target_sensitivity(infos, target_sensitivity)
-    threshold, method, calibration = None, None, None
+    threshold, method, calibration, rules = None, None, None, {}
     if len(classes) == 2:
-        threshold = metrics_lib.choose_threshold(labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1],
-                                                 target_sensitivity=target)
-        method = f"sensitivity>={target}" if target else "youden"  # train's naming
+        threshold, method = metrics_lib.operating_threshold(
+            labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], threshold_rule, target)
+        rules = metrics_lib.rule_thresholds(labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1])
         calibration = prevalence.calibration_or_none(
             labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], "ensemble validation")
     name = f"Ensemble-top{len(names)}"
@@ -120,6 +123,9 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
                   "latency_ms": latency, "gradcam": None,
                   **{k: members[0].splits[s].metrics.get(k)
                      for k in ("latency_batch_size", "latency_device")}})
+        if len(classes) == 2:
+            m["threshold_rules"] = metrics_lib.threshold_rules_block(rules, s, labels[s],
+                                                                     probs[s][:, 1])
         preds = pd.DataFrame({"y_true": labels[s], **{c: probs[s][:, i]
                                                       for i, c in enumerate(cols)}})
         # The members were evaluated on the same rows: the first one's sites are theirs.

@@ -253,21 +253,23 @@ def _val_scores_from(reference: Path, model_name: str) -> tuple[np.ndarray, np.n
     return table["y_true"].to_numpy(), table[column].to_numpy()
 
 
-def _calibration(info: dict, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                 options: EvalOptions, output: Path) -> prevalence.Calibration | None:
-    """Platt calibration on validation: the val split evaluated now, else ``reference`` (or an
-    earlier evaluation in ``output``). None for multi-class models or without validation data;
-    an error then only if a deployment prevalence was asked for."""
+def _validation_scores(info: dict, probs: dict[str, np.ndarray],
+                       labels: dict[str, np.ndarray], options: EvalOptions, output: Path
+                       ) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(labels, positive-class scores, where) of a two-class model's validation predictions:
+    the val split evaluated now, else ``reference`` (or an earlier evaluation in ``output``).
+    None for multi-class models or without validation data; an error then only if a
+    deployment prevalence was asked for."""
     if len(info["class_names"]) != 2:
         if options.deployment_prevalence:
             raise ConfigError("--deployment-prevalence needs a two-class model")
         return None
     if "val" in probs:
-        return prevalence.calibration_or_none(labels["val"], probs["val"][:, 1], "split 'val'")
+        return labels["val"], probs["val"][:, 1], "split 'val'"
     for ref in (options.reference, output):
         found = _val_scores_from(Path(ref), info["model_name"]) if ref is not None else None
         if found is not None:
-            return prevalence.calibration_or_none(*found, f"{ref}/val/{PREDICTIONS_FILE}")
+            return *found, f"{ref}/val/{PREDICTIONS_FILE}"
     if options.reference is not None:
         raise ConfigError(f"--reference {options.reference}: no val/{PREDICTIONS_FILE} there")
     if options.deployment_prevalence:
@@ -334,11 +336,15 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
                    options: EvalOptions = EvalOptions(),
                    predicted: tuple[np.ndarray, float] | None = None,
                    calibration: prevalence.Calibration | None = None,
-                   sites: np.ndarray | None = None) -> dict:
+                   sites: np.ndarray | None = None,
+                   rule_thresholds: dict[str, float | None] | None = None) -> dict:
     """Predict one split (unless ``predicted`` gives (probabilities, latency)) and write its
     metrics, predictions, ROC points and plots, plus robustness, TTA and prevalence evidence as
     ``options`` ask. ``sites`` (the site of each row) adds per-site numbers
-    (:mod:`lungxray.site_metrics`) when the split holds more than one site."""
+    (:mod:`lungxray.site_metrics`) when the split holds more than one site.
+    ``rule_thresholds`` (each threshold rule's threshold on validation) adds
+    ``threshold_rules``: the split's accuracy, balanced accuracy, sensitivity and specificity
+    at each, the evidence for choosing a rule; the headline metrics stay at the model's own."""
     info = predictor.info
     class_names = list(info["class_names"])
     probs, latency_ms = predicted if predicted is not None else predictor.predict(split.images)
@@ -380,6 +386,9 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
     if len(class_names) == 2:
         _prevalence_blocks(result, split, split_name, probs[:, 1], calibration, options,
                            threshold)
+        if rule_thresholds:
+            result["threshold_rules"] = metrics.threshold_rules_block(
+                rule_thresholds, split_name, split.labels, probs[:, 1])
     result["gradcam"] = None
     if explain and not predictor.is_ensemble:
         result["gradcam"] = gradcam.gradcam_grid(
@@ -442,9 +451,12 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
                           cache_dir, merge_as)
         # Predicted first: validation's scores calibrate every split's prevalence evidence.
         predicted = {name: predictor.predict(split.images) for name, (split, _, _) in sets.items()}
-        calibration = _calibration(predictor.info, {n: p[0] for n, p in predicted.items()},
-                                   {n: s.labels for n, (s, _, _) in sets.items()}, options,
-                                   output)
+        val = _validation_scores(predictor.info, {n: p[0] for n, p in predicted.items()},
+                                 {n: s.labels for n, (s, _, _) in sets.items()}, options,
+                                 output)
+        calibration = prevalence.calibration_or_none(*val) if val else None
+        # Every threshold rule chosen on the same validation scores, for the rules' evidence.
+        rules = metrics.rule_thresholds(*val[:2]) if val else None
         output.mkdir(parents=True, exist_ok=True)
         # Written into a staging dir and moved into place once complete: a failure leaves no
         # half-evaluated split, a re-run no stale file (an old Grad-CAM grid).
@@ -452,7 +464,7 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
         with staging.staging_dir(output, ".eval-build-", "lungxray evaluate") as build:
             results = {name: evaluate_split(predictor, split, name, Path(build) / name, prov,
                                             explain, options, predicted[name], calibration,
-                                            sites)
+                                            sites, rules)
                        for name, (split, prov, sites) in sets.items()}
             if report:
                 write_report(results, Path(build))

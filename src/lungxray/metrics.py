@@ -15,6 +15,7 @@ frequencies and mean confidences that ``sklearn.calibration.calibration_curve`` 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -27,8 +28,11 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.preprocessing import label_binarize
 
-from lungxray.artifacts import AT_HALF, CI_METRICS
+from lungxray import prevalence
+from lungxray.artifacts import AT_HALF, CI_METRICS, THRESHOLD_RULES
 from lungxray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_N_BOOTSTRAP = 200  # sklearn per resample: ~7 ms for a binary split, ~11 ms for 3 classes
@@ -73,27 +77,48 @@ def check_target_sensitivity(target_sensitivity: float | None) -> None:
         raise ConfigError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
 
 
+def check_threshold_rule(rule: str) -> str:
+    """One of :data:`lungxray.artifacts.THRESHOLD_RULES`, else a one-line ConfigError."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"threshold rule {str(rule)[:40]!r} is not one of "
+                          f"{', '.join(THRESHOLD_RULES)}")
+    return rule
+
+
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
-                     target_sensitivity: float | None = None) -> float:
+                     target_sensitivity: float | None = None, rule: str = "youden") -> float:
     """Pick the decision threshold on (validation) scores.
 
-    Default: maximise Youden's J (TPR - FPR). With ``target_sensitivity`` (e.g. 0.95): the highest
-    threshold whose sensitivity reaches the target, i.e. the best specificity that still misses at
-    most the allowed share of positives. ``scores`` are P(positive); a sample is positive when
-    ``score >= threshold``, the convention ``roc_curve`` uses, so the value reproduces its point.
+    ``rule`` (:data:`lungxray.artifacts.THRESHOLD_RULES`): ``youden`` maximises Youden's J
+    (TPR - FPR); ``balanced`` is 0.5 whatever the scores (the models train with class weights,
+    so 0.5 is their balanced-prior operating point); ``platt`` fits Platt scaling on the scores
+    (:func:`lungxray.prevalence.fit_calibration`) and returns the score where the calibrated
+    P(positive) is 0.5. ``target_sensitivity`` (e.g. 0.95), when given, wins over the rule: the
+    highest threshold whose sensitivity reaches the target, i.e. the best specificity that still
+    misses at most the allowed share of positives. ``scores`` are P(positive); a sample is
+    positive when ``score >= threshold``, the convention ``roc_curve`` uses, so the value
+    reproduces its point.
     """
+    check_threshold_rule(rule)
     y = _as_labels(y_true, 2)
     s = np.asarray(scores, dtype=float)
     if s.shape != y.shape:
         raise DataError(f"scores shape {s.shape} does not match y_true shape {y.shape}")
     if not np.all(np.isfinite(s)):
         raise DataError("scores contain NaN or inf")
+    check_target_sensitivity(target_sensitivity)
+    if target_sensitivity is None and rule == "balanced":
+        return DEFAULT_THRESHOLD
     if np.unique(y).size < 2:
         raise DataError(
             "choose_threshold needs both classes in y_true (only "
             f"class {int(y[0])} present): the ROC curve is undefined"
         )
-    check_target_sensitivity(target_sensitivity)
+    if target_sensitivity is None and rule == "platt":
+        calibration = prevalence.fit_calibration(y, s)
+        # At the validation prior the posterior is the calibrated one itself.
+        return float(np.clip(prevalence.bayes_threshold(calibration, calibration.prior),
+                             0.0, 1.0))
     # Keep every point: dropping collinear ones never removes the optimum, but keeping them makes
     # the tie-break (first = highest threshold = most conservative) independent of sklearn's
     # pruning heuristics.
@@ -108,6 +133,57 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
         best = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))
     # thresholds[0] is +inf ("predict nothing positive"); a probability threshold lives in [0, 1].
     return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def operating_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str,
+                        target_sensitivity: float | None = None) -> tuple[float, str]:
+    """(threshold, threshold_method) of a model, as model_info.json records them: the
+    method is ``sensitivity>=X`` when a target sensitivity wins, else the rule. Validation
+    scores that do not rise with the positive class have no Platt fit: ``platt`` then falls
+    back to Youden's J, with a warning, and says so in the method it returns."""
+    if target_sensitivity is not None:
+        return (choose_threshold(y_true, scores, target_sensitivity, rule),
+                f"sensitivity>={target_sensitivity}")
+    try:
+        return choose_threshold(y_true, scores, rule=rule), rule
+    except DataError as exc:
+        if rule != "platt":
+            raise
+        log.warning("threshold rule platt: %s; Youden's J instead", exc)
+        return choose_threshold(y_true, scores, rule="youden"), "youden"
+
+
+def rule_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    """Every threshold rule's threshold on the same (validation) scores; None where a rule
+    has none (Platt on scores that fall with the positive class)."""
+    found: dict[str, float | None] = {}
+    for rule in THRESHOLD_RULES:
+        try:
+            found[rule] = choose_threshold(y_true, scores, rule=rule)
+        except DataError:
+            found[rule] = None
+    return found
+
+
+RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity")
+
+
+def rates_at(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, balanced accuracy, sensitivity and specificity of ``scores >= threshold``."""
+    y = _as_labels(y_true, 2)
+    pred = (np.asarray(scores, dtype=float) >= threshold).astype(int)
+    with warnings.catch_warnings():  # one class present: sklearn warns, the values are defined
+        warnings.simplefilter("ignore", UserWarning)
+        counts = _binary_counts(y, pred)
+    return {k: counts[k] for k in RATES}
+
+
+def threshold_rules_block(thresholds: dict[str, float | None], split: str,
+                          y_true: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Evidence for choosing a rule: ``{rule: {"threshold": t, split: rates_at(t)}}``, each
+    ``t`` chosen on validation (:func:`rule_thresholds`), the rates on this split."""
+    return {rule: {"threshold": t, split: None if t is None else rates_at(y_true, scores, t)}
+            for rule, t in thresholds.items()}
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:

@@ -29,14 +29,23 @@ def _counts(trial: Trial, split: str) -> str:
     return ", ".join(f"{name} {int(counts.get(i, 0))}" for i, name in enumerate(trial.class_names))
 
 
+# The threshold rules (lungxray.artifacts.THRESHOLD_RULES) in words.
+RULE_WORDS = {
+    "youden": "Youden's J (sensitivity + specificity - 1) maximised on validation",
+    "balanced": "the class-balanced rule: 0.5, the balanced-prior operating point of the "
+                "class-weighted training, not fitted to validation",
+    "platt": "Platt scaling fitted on validation: the score where the calibrated P(positive) "
+             "is 0.5",
+}
+
+
 def _threshold_text(info: dict) -> str:
     if info.get("threshold") is None:
         return "none: the class with the highest probability is predicted (more than two classes)"
     method = str(info.get("threshold_method") or "unknown method")
     target = target_sensitivity_of(info)
     how = (f"the highest threshold reaching sensitivity {target} on validation" if target
-           else "Youden's J (sensitivity + specificity - 1) maximised on validation"
-           if method == "youden" else f"{method}, on validation")
+           else RULE_WORDS.get(method, f"{method}, on validation"))
     positive = info["class_names"][1]
     return f"P({positive}) >= {float(info['threshold']):.4f}, chosen by {how}"
 

@@ -30,6 +30,7 @@ from lungxray.artifacts import (
     CURVES_FILE,
     DEFAULT_ENSEMBLE_K,
     DEFAULT_SELECT_METRIC,
+    DEFAULT_THRESHOLD_RULE,
     ENSEMBLE_EVAL_DIR,
     HEADLINE_METRICS,
     LOWER_IS_BETTER,
@@ -77,20 +78,21 @@ TITLE = "lungxray model comparison"
 
 
 def compare(trial_dirs: list[Path], output: Path, select_metric: str = DEFAULT_SELECT_METRIC,
-            ensemble_k: int = DEFAULT_ENSEMBLE_K, target_sensitivity: float | None = None) -> dict:
+            ensemble_k: int = DEFAULT_ENSEMBLE_K, target_sensitivity: float | None = None,
+            threshold_rule: str = DEFAULT_THRESHOLD_RULE) -> dict:
     """Compare trials (plus an ensemble of the top ``ensemble_k``), pick the best on a
     validation metric, write the report; return the summary.
 
     ``target_sensitivity`` sets how the ensemble's threshold is chosen on validation (default:
-    as its members' were, else Youden's J). Everything is loaded and validated before anything
-    is written, and the report is assembled in a sibling temp dir that replaces ``output`` only
-    when complete, so a failure never leaves a half-written report behind.
+    as its members' were, else ``threshold_rule``). Everything is loaded and validated before
+    anything is written, and the report is assembled in a sibling temp dir that replaces
+    ``output`` only when complete, so a failure never leaves a half-written report behind.
     """
-    check_options(select_metric, trial_dirs, target_sensitivity)
+    check_options(select_metric, trial_dirs, target_sensitivity, threshold_rule)
     output = Path(output)
     staging.check_replaceable(output, REPORT_MARKERS)
     chosen = select([load_trial(Path(d)) for d in trial_dirs], select_metric, ensemble_k,
-                    target_sensitivity)
+                    target_sensitivity, threshold_rule)
     # Built in a locked sibling folder, removed on errors, SIGTERM and SIGINT; one left by a
     # SIGKILLed run is swept here by the next run on the same output.
     with staging.staging_dir(output.parent, f".{output.name[:100]}.build-",
@@ -301,11 +303,14 @@ NOT_A_DEVICE = ("Research software, not a medical device: not for diagnosis, tri
 def _ensemble_text(summary: dict[str, Any]) -> str:
     ens = summary.get("ensemble") or {}
     if ens.get("model_name"):
+        how = {"balanced": "threshold 0.5 (the balanced rule)",
+               "platt": "threshold where its posterior, Platt-calibrated on its own validation "
+                        "predictions, is 0.5"}.get(
+            ens.get("threshold_method"), "threshold chosen on its own validation predictions")
         return (f"Ensemble candidate {ens['model_name']}: mean probability of "
                 f"{', '.join(ens['members'])} (top {len(ens['members'])} on "
-                f"{summary['select_metric']}), threshold chosen on its own validation "
-                "predictions. Its members were picked on validation, so its validation score "
-                "is slightly optimistic.")
+                f"{summary['select_metric']}), {how}. Its members were picked on validation, "
+                "so its validation score is slightly optimistic.")
     return f"No ensemble candidate: {ens.get('skipped', 'not requested')}."
 
 

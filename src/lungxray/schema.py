@@ -19,7 +19,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lungxray.artifacts import DEFAULT_ENSEMBLE_K, DEFAULT_SELECT_METRIC
+from lungxray.artifacts import (
+    DEFAULT_ENSEMBLE_K,
+    DEFAULT_SELECT_METRIC,
+    DEFAULT_THRESHOLD_RULE,
+    THRESHOLD_RULES,
+)
 from lungxray.errors import ConfigError, quote, quote_repr
 from lungxray.limits import DEFAULT, Limits
 
@@ -126,6 +131,12 @@ class PipelineParams(BaseModel):
         0.0,
         description="0 = threshold by Youden's J on val; else the highest threshold whose val "
                     "sensitivity reaches it.")
+    threshold_rule: Literal[THRESHOLD_RULES] = Field(
+        DEFAULT_THRESHOLD_RULE,
+        description="How each model's and the ensemble's threshold is chosen when "
+                    "target_sensitivity is 0: youden (Youden's J on val), balanced (0.5, the "
+                    "class-weighted training's balanced-prior point) or platt (where the "
+                    "val-fitted Platt posterior is 0.5).")
     data_version: _text() = Field(
         "",
         description="Not read; part of the cache key: change it when the data behind "

@@ -30,6 +30,7 @@ from lungxray.artifacts import (
     BEST_HPARAMS_FILE,
     DEFAULT_ENSEMBLE_K,
     DEFAULT_SELECT_METRIC,
+    DEFAULT_THRESHOLD_RULE,
     HISTORY_FILE,
     INFO_FILE,
     LOWER_IS_BETTER,
@@ -462,26 +463,30 @@ def break_ties(ranked: pd.DataFrame, candidates: list[Trial],
 
 
 def check_options(select_metric: str, trials: list[Any],
-                  target_sensitivity: float | None) -> None:
+                  target_sensitivity: float | None,
+                  threshold_rule: str = DEFAULT_THRESHOLD_RULE) -> None:
     """What :func:`select` is asked, refused before any file is read: a validation metric to
-    select on, at least one trial (or trial dir), a target sensitivity in (0, 1) or None."""
+    select on, at least one trial (or trial dir), a target sensitivity in (0, 1) or None, a
+    known threshold rule."""
     check_select_metric(select_metric)
     if not trials:
         raise ConfigError("compare needs at least one trial dir")
     metrics_lib.check_target_sensitivity(target_sensitivity)
+    metrics_lib.check_threshold_rule(threshold_rule)
 
 
 def select(trials: list[Trial], select_metric: str = DEFAULT_SELECT_METRIC,
            ensemble_k: int = DEFAULT_ENSEMBLE_K,
-           target_sensitivity: float | None = None) -> Selection:
+           target_sensitivity: float | None = None,
+           threshold_rule: str = DEFAULT_THRESHOLD_RULE) -> Selection:
     """Rank ``trials`` and an ensemble of the top ``ensemble_k`` (0 or 1: none) on a validation
     metric and pick the best; nothing is written.
 
     ``target_sensitivity`` sets how the ensemble's threshold is chosen on validation (default:
-    as its members' were, else Youden's J). The folders the winner's model folder will be copied
-    from are checked here (links out, size), before any work is done on them.
+    as its members' were, else ``threshold_rule``). The folders the winner's model folder will
+    be copied from are checked here (links out, size), before any work is done on them.
     """
-    check_options(select_metric, trials, target_sensitivity)
+    check_options(select_metric, trials, target_sensitivity, threshold_rule)
     validate_trials(trials, select_metric)
     singles = rank_models(build_table(trials), select_metric)
     ensemble, ensemble_note = None, {}
@@ -492,7 +497,7 @@ def select(trials: list[Trial], select_metric: str = DEFAULT_SELECT_METRIC,
     else:
         try:
             ensemble = build_ensemble(trials, singles, select_metric, ensemble_k,
-                                      target_sensitivity)
+                                      target_sensitivity, threshold_rule)
         except EnsembleSkipped as err:
             ensemble_note = {"skipped": str(err)}
         else:

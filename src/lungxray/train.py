@@ -49,6 +49,7 @@ OUTPUT_FILES = frozenset({artifacts.MODEL_FILE, artifacts.INFO_FILE, artifacts.H
 def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = None,
           epochs: int = 5, weights: str = "none", batch_size: int = 32, seed: int = 42,
           patience: int = 3, target_sensitivity: float | None = None,
+          threshold_rule: str = schema.DEFAULTS.threshold_rule,
           mixed_precision: bool | None = None, jit_compile: bool | None = None,
           state_dir: Path | None = None, cache_dir: Path | None = None) -> dict:
     """Train ``model_name`` on ``data_dir`` and write the model, its info and curves to
@@ -57,13 +58,14 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     Re-running with the same ``output`` (or ``state_dir``) after a kill resumes from the last
     finished epoch, optimizer state included (:mod:`lungxray.resume`); a state that cannot be
     used, or of other settings, is discarded with a note. The decision threshold is chosen on
-    validation: Youden's J, or the highest one reaching ``target_sensitivity``. A full disk
-    is one error naming the file and the bytes it needs.
+    validation by ``threshold_rule`` (:func:`lungxray.metrics.choose_threshold`), or as the
+    highest one reaching ``target_sensitivity`` when given. A full disk is one error naming
+    the file and the bytes it needs.
     """
     # Every argument, the weights file and the data are checked, and the model built, before
     # the state dir exists: a refused run never blocks its corrected re-run.
     job = check_job(data_dir, model_name, hparams, epochs, weights, batch_size, seed, patience,
-                    target_sensitivity, mixed_precision, jit_compile, cache_dir)
+                    target_sensitivity, mixed_precision, jit_compile, cache_dir, threshold_rule)
     hp, model, output = job.hp, job.build(), Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
 
@@ -97,7 +99,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
             model = job.build()
             done = fit_phases(fit, model)
         train_seconds = time.time() - started
-        info = _write_outputs(model, output, done, fit.val_ds, job, target_sensitivity)
+        info = _write_outputs(model, output, done, fit.val_ds, job, target_sensitivity,
+                              threshold_rule)
         info.update(job.record(model, done, train_seconds))
         # Written last: its presence marks a complete model directory.
         safeio.write_text_atomic(output / artifacts.INFO_FILE, json.dumps(info, indent=2))
@@ -196,13 +199,15 @@ class Job:
 def check_job(data_dir: Path, model_name: str, hparams: dict | None, epochs: int, weights: str,
               batch_size: int, seed: int, patience: int, target_sensitivity: float | None,
               mixed_precision: bool | None, jit_compile: bool | None,
-              cache_dir: Path | None) -> Job:
+              cache_dir: Path | None,
+              threshold_rule: str = schema.DEFAULTS.threshold_rule) -> Job:
     """:func:`train`'s arguments checked, the weights file found and the data read: a
     :class:`Job`, or an error before anything is written."""
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     schema.check_training(epochs=epochs, batch_size=batch_size, seed=seed, patience=patience)
     metrics.check_target_sensitivity(target_sensitivity)
+    metrics.check_threshold_rule(threshold_rule)
     weights = models.get_spec(model_name).weights_for(weights)  # SmallCNN: always 'none'
     strategy, mixed, jit = configure_devices(mixed_precision, jit_compile)
     resolved = models.resolve_weights(weights, cache_dir)
@@ -274,7 +279,7 @@ class Fit:
 
 
 def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_ds: object,
-                   job: Job, target_sensitivity: float | None) -> dict:
+                   job: Job, target_sensitivity: float | None, threshold_rule: str) -> dict:
     """The model, its history and curves (each written whole or not at all); returns the
     start of the model info, with the threshold and calibration chosen on validation."""
     phases = [{"name": r["name"], "epochs": r["epochs"]} for r in done.values()]
@@ -284,10 +289,10 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
             history.setdefault(key, []).extend(values)
     val_labels: np.ndarray = job.val_split.labels
     val_probs = model.predict(val_ds, verbose=0)
-    threshold = calibration = None
+    threshold = method = calibration = None
     if job.num_classes == 2:
-        threshold = metrics.choose_threshold(val_labels, val_probs[:, 1],
-                                             target_sensitivity=target_sensitivity)
+        threshold, method = metrics.operating_threshold(val_labels, val_probs[:, 1],
+                                                        threshold_rule, target_sensitivity)
         fitted = prevalence.calibration_or_none(val_labels, val_probs[:, 1], "split 'val'")
         calibration = fitted.as_dict() if fitted else None
 
@@ -305,8 +310,7 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
         "class_names": job.manifest["class_names"],
         "positive_class": 1 if job.num_classes == 2 else None,
         "threshold": threshold,
-        "threshold_method": (None if threshold is None else "youden" if target_sensitivity is None
-                             else f"sensitivity>={target_sensitivity}"),
+        "threshold_method": method,
         "target_sensitivity": target_sensitivity,
         # Platt scaling on val: `lungxray predict` estimates a target set's prevalence with it.
         "calibration": calibration,

@@ -23,10 +23,11 @@ def test_compare_picks_the_best_and_writes_report_card_and_model(evaluated_trial
     compare(models=[m for m, _ in evaluated_trials],
             evaluations=[o["evaluation"] for _, o in evaluated_trials], tunings=[tuning],
             select_metric="val_roc_auc", report=report, summary=summary, model_card=card,
-            best_model=best, metrics=scores, ensemble_k=2)
+            best_model=best, metrics=scores, ensemble_k=2, threshold_rule="balanced")
     page = Path(report.path).read_text()
     assert "NetA" in page and "external (n=20" in page and "Ensemble-top2" in page
     assert Path(summary.path).read_text().startswith("# lungxray model comparison")
+    assert "threshold 0.5 (the balanced rule)" in Path(summary.path).read_text()  # the ensemble's
     text = Path(card.path).read_text()
     assert "Not a medical device" in text
     assert "Evaluated on data from elsewhere: external" in text

@@ -23,12 +23,12 @@ def test_train_reads_the_tuned_hparams_and_keeps_its_state_on_the_pvc(small_data
     settings = {"model_name": "SmallCNN", "epochs": 1, "weights": "none", "batch_size": 64,
                 "seed": 0}
     train(dataset=dataset, tuning=tuning, **settings, model=model, metrics=metrics,
-          target_sensitivity=0.9, state_root=str(tmp_path / "pvc"))
+          target_sensitivity=0.9, threshold_rule="platt", state_root=str(tmp_path / "pvc"))
     folder = Path(model.path)
     info = json.loads((folder / artifacts.INFO_FILE).read_text())
     assert (folder / artifacts.MODEL_FILE).is_file() and info["model_name"] == "SmallCNN"
     assert info["hparams"]["learning_rate"] == 2e-3  # the tuned value, not the default
-    assert info["threshold_method"] == "sensitivity>=0.9"
+    assert info["threshold_method"] == "sensitivity>=0.9"  # a target wins over the rule
     assert model.metadata == {**{k: info[k] for k in ("model_name", "threshold", "params",
                                                       "weights")}, "framework": "keras"}
     assert metrics.metadata == {k: info[k] for k in ("train_seconds", "params", "epochs")}

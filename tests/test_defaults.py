@@ -170,3 +170,38 @@ def test_the_library_reads_the_schemas_defaults():
 
     assert schema.DEFAULTS.robustness_samples == robustness.DEFAULT_SAMPLES
     assert pipeline_defaults() == schema.DEFAULTS.model_dump()
+
+
+# The library function each component calls, and the library defaults that differ on purpose.
+LIBRARY = {"preprocess": ("lungxray.prepare", "preprocess"), "tune": ("lungxray.tune", "tune"),
+           "train": ("lungxray.train", "train"), "evaluate": ("lungxray.evaluate", "evaluate"),
+           "compare": ("lungxray.report", "compare"),
+           "challenge": ("lungxray.champion", "run_challenge"),
+           "promote": ("lungxray.promotion", "promote"), "predict": ("lungxray.predict", "predict")}
+LIBRARY_DIFFERENT = {
+    ("preprocess", "shifted_test_fraction"): "a library call carves no shift proxy unless asked",
+    ("tune", "weights"): "a library call never downloads ImageNet weights unasked",
+    ("train", "weights"): "a library call never downloads ImageNet weights unasked",
+}
+
+
+def test_every_library_default_is_the_schemas(tmp_path):
+    # What a component passes under a parameter's name, the library function it calls takes
+    # under the same name: its default must be the run parameter's (or differ on purpose).
+    import importlib
+
+    checked = set()
+    for component, name, parameter in _component_inputs(tmp_path):
+        module, function = LIBRARY[component]
+        signature = inspect.signature(getattr(importlib.import_module(module), function))
+        given = signature.parameters.get(name)
+        if given is None or given.default is inspect.Parameter.empty:
+            continue
+        want = getattr(schema.DEFAULTS, parameter)
+        # None in the library is the pipeline's unset value, "" or 0 (e.g. target_sensitivity)
+        same = given.default == want or (given.default is None and want in ("", 0)
+                                          and not isinstance(want, bool))
+        assert same != ((component, name) in LIBRARY_DIFFERENT), (component, name, want)
+        checked.add((component, name))
+    assert {("train", "epochs"), ("tune", "hyperband_factor"), ("tune", "fine_tune_trials"),
+            *LIBRARY_DIFFERENT} <= checked

@@ -43,6 +43,7 @@ from lungxray.champion_store import (  # noqa: F401 - the champion API, as befor
 )
 from lungxray.errors import ConfigError, DataError, ModelError, quote
 from lungxray.limits import DEFAULT
+from lungxray.schema import DEFAULTS
 
 DEFAULT_N_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
@@ -261,7 +262,8 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def run_challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: str,
-                  run_id: str, output: Path | str, margin: float = 0.0, seed: int = 0,
+                  run_id: str, output: Path | str,
+                  margin: float = DEFAULTS.promotion_margin, seed: int = DEFAULTS.seed,
                   cache_dir: Path | None = None,
                   model_card: Path | str | None = None) -> dict[str, Any]:
     """:func:`challenge`, then its outputs in ``output``: the section (champion.md), ``model_card``

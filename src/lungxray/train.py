@@ -47,7 +47,8 @@ OUTPUT_FILES = frozenset({artifacts.MODEL_FILE, artifacts.INFO_FILE, artifacts.H
 
 
 def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = None,
-          epochs: int = 5, weights: str = "none", batch_size: int = 32, seed: int = 42,
+          epochs: int = schema.DEFAULTS.epochs, weights: str = "none",
+          batch_size: int = schema.DEFAULTS.batch_size, seed: int = schema.DEFAULTS.seed,
           patience: int = 3, target_sensitivity: float | None = None,
           threshold_rule: str = schema.DEFAULTS.threshold_rule,
           mixed_precision: bool | None = None, jit_compile: bool | None = None,

@@ -327,10 +327,14 @@ def remove_checkpoints(state: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def tune(data_dir: Path, model_name: str, output: Path, max_trials: int = 3, epochs: int = 2,
-         weights: str = "none", batch_size: int = 32, seed: int = 42, train_samples: int = 0,
-         cache_dir: Path | None = None, *, algorithm: str = "hyperband",
-         hyperband_factor: int = 3, fine_tune_trials: int = 2, state_dir: Path | None = None,
+def tune(data_dir: Path, model_name: str, output: Path,
+         max_trials: int = schema.DEFAULTS.tune_trials, epochs: int = schema.DEFAULTS.tune_epochs,
+         weights: str = "none", batch_size: int = schema.DEFAULTS.batch_size,
+         seed: int = schema.DEFAULTS.seed, train_samples: int = schema.DEFAULTS.tune_train_samples,
+         cache_dir: Path | None = None, *, algorithm: str = schema.DEFAULTS.tune_algorithm,
+         hyperband_factor: int = schema.DEFAULTS.tune_hyperband_factor,
+         fine_tune_trials: int = schema.DEFAULTS.tune_fine_tune_trials,
+         state_dir: Path | None = None,
          feature_cache: Path | None = None, verbose: int = 2) -> dict:
     """Search, then write ``best_hparams.json``, ``trials.csv``, ``tuning.png`` and
     ``summary.html`` to ``output``; returns what ``best_hparams.json`` holds.

@@ -22,9 +22,6 @@ SLOW_MODULES = frozenset({
     "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps
-# The files that took longest in a full run (over 2 minutes each), started first of all.
-LONGEST = frozenset({"test_local_run.py", "test_train.py", "test_evaluate.py",
-                     "test_resume.py", "test_cli.py", "test_tune.py"})
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 # A second site: 1000 adult NIH radiographs (256 px PNGs), manifest.csv with patient ids.
 SHARED_NIH = ROOT.parent / "shared" / "data" / "nih_cxr_1000" / "manifest.csv"
@@ -64,15 +61,8 @@ def trained_model(tmp_path_factory, small_dataset) -> Path:
     return output
 
 
-def _slow(item: pytest.Item) -> bool:
-    return item.path.name in SLOW_MODULES or item.path.parent.name in SLOW_FOLDERS
-
-
 def pytest_collection_modifyitems(config, items):
-    """Mark the slow tier (see SLOW_MODULES) and run it first: pytest-xdist hands out whole
-    files in this order, so the long ones start early instead of leaving one worker alone
-    with the last of them (the longest file first, then the rest, each keeping its order)."""
+    """Mark the slow tier (see SLOW_MODULES)."""
     for item in items:
-        if _slow(item):
+        if item.path.name in SLOW_MODULES or item.path.parent.name in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: (not _slow(item), item.path.name not in LONGEST))

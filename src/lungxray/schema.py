@@ -129,7 +129,7 @@ class PipelineParams(BaseModel):
                     "COVID-19=pneumonia,NORMAL=normal (- drops a class).")
     target_sensitivity: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.0,
-        description="0 = threshold by Youden's J on val; else the highest threshold whose val "
+        description="0 = threshold by threshold_rule; else the highest threshold whose val "
                     "sensitivity reaches it.")
     threshold_rule: Literal[THRESHOLD_RULES] = Field(
         DEFAULT_THRESHOLD_RULE,

@@ -289,23 +289,6 @@ def test_the_data_steps_limits_apply(model_dir, folder, tmp_path, monkeypatch):
     assert bad["problem"].str.contains("max_image_pixels").all()
 
 
-@pytest.fixture(scope="module")
-def emulator_host():
-    import socket
-
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.mark.timeout(180)
 def test_gs_folder_and_csv_sources(model_dir, folder, emulator_host, monkeypatch, tmp_path):
     from google.auth.credentials import AnonymousCredentials

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import pytest
-from gcp_storage_emulator.server import create_server
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from PIL import Image
@@ -23,19 +20,6 @@ from lungxray.errors import DataError
 from tests.data_helpers import csv_source, folder_source, real_images
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def emulator_host() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -16,11 +16,12 @@ from components.evaluate import evaluate
 from components.predict import predict
 from components.preprocess import preprocess
 from components.promote import promote
+from components.refit import refit
 from components.train import train
 from components.tune import tune
 
-FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, challenge,
-                                      promote, predict)}
+FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, refit,
+                                      challenge, promote, predict)}
 LOCAL_IMAGE = "lungxray:local"  # kfp.local's SubprocessRunner ignores the image
 
 

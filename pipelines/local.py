@@ -85,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipelines.local: error: {message} (the step's own error is in its log above)",
               file=sys.stderr)
         return 1
-    print(f"\nReport: {report}\nBest model: {report.parent / 'best_model'}")
-    summary = report.parent / "summary"  # report.md: the pick per site and held-out sites
+    print(f"\nReport: {report}\nShipped model: {report.parent / 'model'}")
+    summary = report.parent / "summary"  # report.md: the pick per site, held-out sites, refit
     if summary.is_file():
-        for line in summary.read_text(encoding="utf-8").splitlines():
+        text = summary.read_text(encoding="utf-8")
+        for line in text.splitlines():
             if line.startswith((site_report.PICK_PREFIX, site_report.HELD_PREFIX)):
                 print(line)
+        refit_section = text.rfind(f"## {artifacts.REFIT_SECTION_TITLE}")
+        if refit_section >= 0:  # the pick as measured beside the model shipped
+            print(text[refit_section:].rstrip())
     decision = report.parent.parent / "challenge" / "decision" / "decision.json"
     if decision.is_file():  # champion/challenger: what this run did with champion_uri
         record = json.loads(decision.read_text())

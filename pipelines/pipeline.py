@@ -51,7 +51,7 @@ class Platform:
     #                                                         "nvidia-l4")
     gcs_secret: str | None = None  # Secret holding a service-account `key.json`, if no WI
     cache_pvc: str | None = None  # PVC for tuner/training state that survives retries
-    heavy: Resources = Resources()  # tune and train
+    heavy: Resources = Resources()  # tune, train and refit
     light: Resources = Resources()  # preprocess, evaluate, compare
 
     @property
@@ -73,7 +73,7 @@ def _set_resources(task: dsl.PipelineTask, res: Resources) -> None:
 
 def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool) -> None:
     """Resources and credentials on every step; accelerator, node selector, retries and the
-    state volume on the heavy ones (tune, train)."""
+    state volume on the heavy ones (tune, train, refit)."""
     _set_resources(task, platform.heavy if heavy else platform.light)
     if heavy and platform.retries:
         task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
@@ -113,6 +113,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         keep_aspect: bool = DEFAULTS.keep_aspect,
         skip_bad: bool = DEFAULTS.skip_bad,
         shifted_test_fraction: float = DEFAULTS.shifted_test_fraction,
+        refit: bool = DEFAULTS.refit,
         weights: str = DEFAULTS.weights,
         epochs: int = DEFAULTS.epochs,
         tune_trials: int = DEFAULTS.tune_trials,
@@ -171,25 +172,35 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               target_sensitivity=target_sensitivity,
                               threshold_rule=threshold_rule)
         _apply(compare, platform, heavy=False)
+        # Chosen on held-out shift, shipped trained on everything: the pick again, with the
+        # carved test_shifted back in (or a copy of the pick when refit is off).
+        refit_task = ops.refit(dataset=dataset, best_model=compare.outputs["best_model"],
+                               report_in=compare.outputs["report"],
+                               summary_in=compare.outputs["summary"],
+                               model_card_in=compare.outputs["model_card"], refit=refit,
+                               epochs=epochs, external_data=external_data,
+                               class_map=class_map)
+        _apply(refit_task, platform, heavy=True)
+        shipped = refit_task.outputs["model"]
         # Never cached: the champion behind the same champion_uri changes from run to run.
-        challenge = ops.challenge(dataset=dataset, best_model=compare.outputs["best_model"],
-                                  model_card=compare.outputs["model_card"],
+        challenge = ops.challenge(dataset=dataset, best_model=shipped,
+                                  model_card=refit_task.outputs["model_card"],
                                   champion_uri=champion_uri,
                                   run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                   promotion_margin=promotion_margin,
                                   seed=seed).set_caching_options(False)
         _apply(challenge, platform, heavy=False)
         # The pick on the target site's unlabelled images: its prevalence there (EM).
-        target = ops.predict(model=compare.outputs["best_model"], source=target_data,
+        target = ops.predict(model=shipped, source=target_data,
                              skip_bad=skip_bad).set_display_name("target-prevalence")
         _apply(target, platform, heavy=False)
         with dsl.If(challenge.outputs["Output"] == "promote", name="promote-champion"):
-            promote = ops.promote(best_model=compare.outputs["best_model"],
+            promote = ops.promote(best_model=shipped,
                                   card=challenge.outputs["card"],
                                   decision=challenge.outputs["decision"],
                                   champion_uri=champion_uri).set_caching_options(False)
             _apply(promote, platform, heavy=False)
-        return compare.outputs["report"]
+        return refit_task.outputs["report"]
 
     # KFP reads each parameter's help (the Kubeflow UI's) from the docstring's Args.
     lungxray.__doc__ = schema.pipeline_docstring(

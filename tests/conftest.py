@@ -19,7 +19,7 @@ SLOW_MODULES = frozenset({
     "test_smallcnn.py", "test_models.py", "test_features.py", "test_gradcam.py",
     "test_evaluate.py", "test_evaluate_robustness.py", "test_champion.py", "test_predict.py",
     "test_export.py", "test_report.py", "test_selection.py", "test_ensemble.py",
-    "test_metrics.py", "test_cli.py", "test_site_metrics.py",
+    "test_metrics.py", "test_cli.py", "test_site_metrics.py", "test_refit.py",
     "test_local_run.py", "test_gpu_bench.py", "test_gpu_profile.py",
 })
 SLOW_FOLDERS = frozenset({"components"})  # every component test runs real steps
@@ -59,6 +59,27 @@ def trained_model(tmp_path_factory, small_dataset) -> Path:
 
     output = tmp_path_factory.mktemp("model") / "VGG16"
     train.train(small_dataset, "VGG16", output, epochs=2, weights="none", seed=0)
+    return output
+
+
+@pytest.fixture(scope="session")
+def carved(tmp_path_factory, shared_npz) -> Path:
+    """A 32 px real subset with a carved test_shifted split."""
+    from lungxray import prepare
+
+    output = tmp_path_factory.mktemp("carved") / "data"
+    prepare.preprocess(str(shared_npz), output, image_size=32, max_per_split=80, seed=0,
+                       shifted_test_fraction=0.1)
+    return output
+
+
+@pytest.fixture(scope="session")
+def pick(tmp_path_factory, carved) -> Path:
+    """SmallCNN trained one epoch on train alone, thresholded by the platt rule."""
+    from lungxray import train
+
+    output = tmp_path_factory.mktemp("pick") / "SmallCNN"
+    train.train(carved, "SmallCNN", output, epochs=1, seed=3, threshold_rule="platt")
     return output
 
 

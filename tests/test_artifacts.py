@@ -97,3 +97,12 @@ def test_split_order():
     names = ["test_shifted", "external", "test", "val"]
     assert sorted(names, key=artifacts.split_order) == ["val", "test", "external",
                                                         "test_shifted"]
+
+
+def test_trained_splits_names_what_a_refit_learnt_from():
+    assert artifacts.trained_splits({}) == {"train"}
+    assert artifacts.trained_splits({"train_splits": ["train", "test_shifted"]}) == {
+        "train", "test_shifted"}
+    ensemble = {"ensemble": True, "refit": {"added_splits": {"test_shifted": 40}}}
+    assert artifacts.trained_splits(ensemble) == {"train", "test_shifted"}
+    assert artifacts.trained_splits({"refit": {"refit": False, "reason": "off"}}) == {"train"}

@@ -53,6 +53,10 @@ SAME_PARAMETER = {
     ("compare", "ensemble_k"): "ensemble_k",
     ("compare", "target_sensitivity"): "target_sensitivity",
     ("compare", "threshold_rule"): "threshold_rule",
+    ("refit", "refit"): "refit",
+    ("refit", "epochs"): "epochs",
+    ("refit", "external_data"): "external_data",
+    ("refit", "external_class_map"): "class_map",
     ("predict", "skip_bad"): "skip_bad",
     ("challenge", "champion"): "champion_uri",
     ("challenge", "margin"): "promotion_margin",
@@ -69,6 +73,7 @@ OWN_OPTIONS = {
     "evaluate": {"model", "data", "output", "split", "class_map", "no_gradcam", "reference",
                  "cache_dir"},
     "compare": {"trials", "output"},
+    "refit": {"data", "compare", "output", "cache_dir"},
     "predict": {"model", "source", "output", "batch_size", "gradcam", "workers", "cache_dir"},
     "export": {"model", "output", "version", "force"},
     "challenge": {"model", "data", "run_id", "model_card", "output", "cache_dir"},
@@ -175,7 +180,7 @@ def test_the_library_reads_the_schemas_defaults():
 # The library function each component calls, and the library defaults that differ on purpose.
 LIBRARY = {"preprocess": ("lungxray.prepare", "preprocess"), "tune": ("lungxray.tune", "tune"),
            "train": ("lungxray.train", "train"), "evaluate": ("lungxray.evaluate", "evaluate"),
-           "compare": ("lungxray.report", "compare"),
+           "compare": ("lungxray.report", "compare"), "refit": ("lungxray.refit", "refit"),
            "challenge": ("lungxray.champion", "run_challenge"),
            "promote": ("lungxray.promotion", "promote"), "predict": ("lungxray.predict", "predict")}
 LIBRARY_DIFFERENT = {

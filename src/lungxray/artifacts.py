@@ -66,6 +66,7 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 MODEL_CARD_FILE = "model_card.md"
 SUMMARY_FILE = "summary.json"
+REFIT_SECTION_TITLE = "Refit: the shipped model"  # report.md, model card (lungxray.refit)
 BEST_MODEL_DIR = "best_model"  # a model folder: a copy of the winner's, or a saved ensemble
 ENSEMBLE_EVAL_DIR = "ensemble"  # the ensemble candidate's <split>/ files, as evaluate writes
 # Files whose presence marks an existing directory as an earlier comparison that may be replaced.
@@ -106,6 +107,16 @@ def target_sensitivity_of(info: dict) -> float | None:
         return float(info["target_sensitivity"])
     method = str(info.get("threshold_method") or "")
     return float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
+
+
+def trained_splits(info: dict) -> set[str]:
+    """The splits of its dataset a model learnt from: train, and what a refit added
+    (``train_splits``, or an ensemble's ``refit.added_splits``). A score there is no estimate."""
+    found = {"train", *(info.get("train_splits") or [])}
+    refit = info.get("refit")
+    if isinstance(refit, dict) and isinstance(refit.get("added_splits"), dict):
+        found.update(refit["added_splits"])
+    return found
 
 
 # --------------------------------------------------------------------------- trials

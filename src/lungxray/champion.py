@@ -32,7 +32,7 @@ from scipy.stats import mannwhitneyu
 
 from lungxray import champion_store as store
 from lungxray import metrics, safeio, staging
-from lungxray.artifacts import CHALLENGE_SECTION_FILE
+from lungxray.artifacts import CHALLENGE_SECTION_FILE, trained_splits
 from lungxray.champion_store import (  # noqa: F401 - the champion API, as before #34
     CARD_FILE,
     DECISION_FILE,
@@ -224,8 +224,10 @@ def challenge(challenger_dir: Path | str, data_dir: Path | str, champion_uri: st
     check_compatible(champion_info, challenger_info, where=f"champion {champion_uri}")
     predictors = [model_loader.load(d) for d in (champion_dir, challenger_dir)]
     compared: dict[str, Any] = {}
+    # A split either model learnt from (a refit's test_shifted) is no evidence.
+    learnt = trained_splits(challenger_info) | trained_splits(champion_info)
     for split in [DECISION_SPLIT, *(s for s in manifest["splits"] if s != DECISION_SPLIT)]:
-        if split == "train":
+        if split in learnt:
             continue
         images = integrity.load_checked_split(Path(data_dir), split, manifest)
         old, new = (p.predict(images.images)[0] for p in predictors)

@@ -263,6 +263,39 @@ def _compare(args: argparse.Namespace) -> dict:
                           threshold_rule=args.threshold_rule)
 
 
+def add_refit_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray refit``, run by :func:`_refit`."""
+    p = sub.add_parser("refit", help="train the pick again with the carved test_shifted back in",
+                       description="Train a `lungxray compare` output's best_model again (each "
+                       "ensemble member, the same settings and seed) on train + test_shifted, "
+                       "score it beside the pick on the splits neither trained on, and write "
+                       "the compare layout with a refit section added to the report and card.")
+    p.add_argument("--data", type=_local_path, required=True, help="prepared dataset directory")
+    p.add_argument("--compare", type=_local_path, required=True,
+                   help="a `lungxray compare` output directory")
+    p.add_argument("--output", type=_local_path, required=True, help="output directory")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                   help=f"epochs planned, as the pick's training (default {DEFAULTS.epochs})")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=DEFAULTS.refit,
+                   help="--no-refit ships the pick as measured (the report says so); default "
+                   f"{'on' if DEFAULTS.refit else 'off'}")
+    p.add_argument("--external-data", default=None,
+                   help="another labelled source to score the pick and the refit on")
+    p.add_argument("--external-class-map", default=None, metavar="SRC=CLASS,...",
+                   help="relabel --external-data's classes")
+    _common(p, seed=False)  # the pick's own seed
+    p.set_defaults(func=_refit)
+
+
+def _refit(args: argparse.Namespace) -> dict:
+    from lungxray import refit
+
+    return refit.refit_compare_output(args.data, args.compare, args.output, enabled=args.refit,
+                                      epochs=args.epochs, cache_dir=args.cache_dir,
+                                      external=args.external_data,
+                                      external_class_map=args.external_class_map)
+
+
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """The options of ``lungxray predict``, run by :func:`_predict`."""
     p = sub.add_parser("predict", help="apply a model to unlabeled images: predictions.csv",
@@ -448,8 +481,8 @@ def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
 
 # In the order `lungxray --help` lists them.
 COMMANDS = (add_preprocess_parser, add_tune_parser, add_train_parser, add_evaluate_parser,
-            add_compare_parser, add_predict_parser, add_export_parser, add_challenge_parser,
-            add_promote_parser, add_models_parser)
+            add_compare_parser, add_refit_parser, add_predict_parser, add_export_parser,
+            add_challenge_parser, add_promote_parser, add_models_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,14 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
 
+def concatenate(parts: list[Split]) -> Split:
+    """The rows of ``parts``, one after the other (one part: itself, no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Split(np.concatenate([p.images for p in parts]),
+                 np.concatenate([p.labels for p in parts]))
+
+
 def stratified_sample(split: Split, limit: int, seed: int) -> Split:
     """At most ``limit`` samples, keeping class proportions (for quick local runs)."""
     if limit <= 0 or len(split) <= limit:

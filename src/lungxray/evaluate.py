@@ -43,6 +43,7 @@ from lungxray.artifacts import (
     ROBUSTNESS_FILE,
     ROC_FILE,
     split_order,
+    trained_splits,
 )
 from lungxray.errors import ConfigError, DataError, quote, quote_repr
 from lungxray.evaluation_report import write_report
@@ -438,6 +439,15 @@ def evaluate_external(model_dir: Path, source: str, output: Path,
                 name, explain, options.check())
 
 
+def _check_not_trained_on(info: dict, splits: list[str], model_dir: Path) -> None:
+    """A split the model learnt from (beside train: what a refit added) is refused: its score
+    there would read as an estimate and is none."""
+    learnt = sorted((set(splits) & trained_splits(info)) - {"train"})
+    if learnt:
+        raise ConfigError(f"{quote(str(model_dir))} was trained on split {learnt[0]!r} (a "
+                          f"refit); its score there is no estimate: leave it out of --split")
+
+
 def _run(model_dir: Path, source: str, output: Path, splits: list[str],
          cache_dir: Path | None, class_map: dict[str, str], merge_as: str | None,
          explain: bool, options: EvalOptions = EvalOptions(),
@@ -445,6 +455,7 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
     """Evaluate and publish the sets of one source; ``report``: also its report.html (else
     the caller writes one report of every source, and an older one is removed first)."""
     predictor = model_loader.load(model_dir)
+    _check_not_trained_on(predictor.info, splits if merge_as is None else [], model_dir)
     with staging.stop_on_signals(), tempfile.TemporaryDirectory(prefix="lungxray-eval-") as workdir:
         # Everything is loaded and checked before the first output is written.
         sets = _eval_sets(str(source), predictor.info, Path(workdir), splits, class_map,

@@ -90,6 +90,11 @@ class PipelineParams(BaseModel):
         0.1,
         description="Share of train held out as test_shifted, whole clusters of image "
                     "statistics: the shift proxy, never trained or chosen on; 0 = none.")
+    refit: bool = Field(
+        True,
+        description="After the pick is chosen, train it again (each ensemble member, the same "
+                    "settings) on train + test_shifted and ship that; the report scores both "
+                    "on the splits neither trained on. Off: ship the pick as measured.")
     weights: _text(1) = Field(
         "imagenet",
         description="imagenet, none (from scratch) or a local or gs:// weights file.")

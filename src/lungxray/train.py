@@ -31,6 +31,7 @@ from lungxray import (
     resume,
     safeio,
     schema,
+    sites,
 )
 from lungxray.batches import class_weights, make_dataset, with_mixing
 from lungxray.devices import OneDevice, configure_devices, gpu_count
@@ -42,6 +43,7 @@ from lungxray.resume import STATE_FORMAT, PhaseState, StateUnusable
 if TYPE_CHECKING:
     import tensorflow as tf
 
+TRAIN_SPLIT = "train"
 OUTPUT_FILES = frozenset({artifacts.MODEL_FILE, artifacts.INFO_FILE, artifacts.HISTORY_FILE,
                           artifacts.CURVES_FILE})
 
@@ -52,9 +54,14 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
           patience: int = 3, target_sensitivity: float | None = None,
           threshold_rule: str = schema.DEFAULTS.threshold_rule,
           mixed_precision: bool | None = None, jit_compile: bool | None = None,
-          state_dir: Path | None = None, cache_dir: Path | None = None) -> dict:
+          state_dir: Path | None = None, cache_dir: Path | None = None,
+          train_splits: tuple[str, ...] = (TRAIN_SPLIT,)) -> dict:
     """Train ``model_name`` on ``data_dir`` and write the model, its info and curves to
     ``output``. Returns the model info (also written as ``model_info.json``).
+
+    ``train_splits``: the splits trained on, together (default train alone; a refit adds the
+    carved ``test_shifted``, :mod:`lungxray.refit`). Validation is never one of them: it stops
+    early and sets the threshold.
 
     Re-running with the same ``output`` (or ``state_dir``) after a kill resumes from the last
     finished epoch, optimizer state included (:mod:`lungxray.resume`); a state that cannot be
@@ -66,7 +73,8 @@ def train(data_dir: Path, model_name: str, output: Path, hparams: dict | None = 
     # Every argument, the weights file and the data are checked, and the model built, before
     # the state dir exists: a refused run never blocks its corrected re-run.
     job = check_job(data_dir, model_name, hparams, epochs, weights, batch_size, seed, patience,
-                    target_sensitivity, mixed_precision, jit_compile, cache_dir, threshold_rule)
+                    target_sensitivity, mixed_precision, jit_compile, cache_dir, threshold_rule,
+                    train_splits)
     hp, model, output = job.hp, job.build(), Path(output)
     state = PhaseState(Path(state_dir) if state_dir else output / ".state")
 
@@ -127,7 +135,7 @@ class Job:
     resolved: str | None  # what the backbone constructor takes; None from scratch
     hp: dict
     manifest: dict
-    train_split: data.Split
+    train_split: data.Split  # every split in ``train_splits``, in that order
     val_split: data.Split
     strategy: tf.distribute.Strategy | OneDevice
     mixed: bool
@@ -136,6 +144,7 @@ class Job:
     batch_size: int
     seed: int
     patience: int
+    train_splits: tuple[str, ...] = (TRAIN_SPLIT,)
 
     @property
     def pretrained(self) -> bool:
@@ -161,7 +170,7 @@ class Job:
             "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
             "weights": features.weights_identity(self.resolved) if self.resolved else "none",
             "image_size": self.manifest["image_size"], "channels": self.manifest["channels"],
-            "data_sha256": self.digests,
+            "data_sha256": self.digests, "train_splits": list(self.train_splits),
         }
 
     def build(self) -> keras.Model:
@@ -194,6 +203,8 @@ class Job:
                         "mixed_precision": self.mixed, "xla": bool(model.jit_compile)},
             "seed": self.seed,
             "data_sha256": self.digests,
+            "train_splits": list(self.train_splits),
+            "train_images": len(self.train_split),
         }
 
 
@@ -201,7 +212,8 @@ def check_job(data_dir: Path, model_name: str, hparams: dict | None, epochs: int
               batch_size: int, seed: int, patience: int, target_sensitivity: float | None,
               mixed_precision: bool | None, jit_compile: bool | None,
               cache_dir: Path | None,
-              threshold_rule: str = schema.DEFAULTS.threshold_rule) -> Job:
+              threshold_rule: str = schema.DEFAULTS.threshold_rule,
+              train_splits: tuple[str, ...] = (TRAIN_SPLIT,)) -> Job:
     """:func:`train`'s arguments checked, the weights file found and the data read: a
     :class:`Job`, or an error before anything is written."""
     if epochs < 1:
@@ -214,10 +226,18 @@ def check_job(data_dir: Path, model_name: str, hparams: dict | None, epochs: int
     resolved = models.resolve_weights(weights, cache_dir)
     hp = merge_hparams(hparams, pretrained=resolved is not None, model_name=model_name)
     manifest = integrity.read_manifest(data_dir)
-    return Job(model_name, weights, resolved, hp, manifest,
-               integrity.load_checked_split(data_dir, "train", manifest),
+    train_splits = tuple(train_splits)
+    # Validation chooses; a held-out site is the off-site estimate: neither is trained on.
+    allowed = [s for s in manifest["splits"]
+               if s != "val" and not s.startswith(sites.HOLDOUT_PREFIX)]
+    if not train_splits or set(train_splits) - set(allowed) or len(set(train_splits)) < len(
+            train_splits):
+        raise ConfigError(f"train_splits {list(train_splits)} must name distinct splits of "
+                          f"{allowed}")
+    parts = [integrity.load_checked_split(data_dir, name, manifest) for name in train_splits]
+    return Job(model_name, weights, resolved, hp, manifest, data.concatenate(parts),
                integrity.load_checked_split(data_dir, "val", manifest),
-               strategy, mixed, jit, epochs, batch_size, seed, patience)
+               strategy, mixed, jit, epochs, batch_size, seed, patience, train_splits)
 
 
 class Fit:

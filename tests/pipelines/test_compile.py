@@ -27,8 +27,8 @@ def load(path):
 def test_cluster_pipeline_shape(tmp_path):
     spec, platform = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=True))
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"preprocess", "for-loop-1", "compare", "challenge", "condition-2",
-                         "predict"}
+    assert set(root) == {"preprocess", "for-loop-1", "compare", "refit", "challenge",
+                         "condition-2", "predict"}
     loop = root["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--base_models"
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -40,11 +40,13 @@ def test_cluster_pipeline_shape(tmp_path):
     for name in ("models", "evaluations", "tunings"):
         assert compare_inputs[name]["isArtifactList"] is True
     assert root["compare"]["dependentTasks"] == ["for-loop-1"]
-    # The champion gate: challenge after compare, promote only under its "promote" verdict.
-    assert sorted(root["challenge"]["dependentTasks"]) == ["compare", "preprocess"]
+    # The shipped model: the pick refit on train + test_shifted, on a GPU like train.
+    assert sorted(root["refit"]["dependentTasks"]) == ["compare", "preprocess"]
+    # The champion gate: challenge the shipped model, promote only under a "promote" verdict.
+    assert sorted(root["challenge"]["dependentTasks"]) == ["preprocess", "refit"]
     assert root["challenge"]["cachingOptions"] == {}  # caching off: the champion changes
-    # The target site's prevalence: the pick predicts target_data after compare.
-    assert root["predict"]["dependentTasks"] == ["compare"]
+    # The target site's prevalence: the shipped model predicts target_data.
+    assert root["predict"]["dependentTasks"] == ["refit"]
     assert root["predict"]["taskInfo"]["name"] == "target-prevalence"
     assert (root["predict"]["inputs"]["parameters"]["source"]["componentInputParameter"]
             == "target_data")
@@ -54,16 +56,16 @@ def test_cluster_pipeline_shape(tmp_path):
 
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
-    for name in ("exec-tune", "exec-train"):
+    for name in ("exec-tune", "exec-train", "exec-refit"):
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
         assert accelerator["resourceCount"] == "1"  # GPUS, fixed at compile time
-        assert "retryPolicy" in inner[name.removeprefix("exec-")]
+        assert "retryPolicy" in {**inner, **root}[name.removeprefix("exec-")]
     for name in ("exec-preprocess", "exec-evaluate", "exec-compare"):
         assert "accelerator" not in executors[name]["container"]["resources"]
 
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-tune", "exec-train"):
+    for name in ("exec-tune", "exec-train", "exec-refit"):
         assert {"key": "nvidia.com/gpu", "operator": "Exists",
                 "effect": "NoSchedule"} in k8s[name]["tolerations"]
 
@@ -205,7 +207,7 @@ def test_every_step_has_cpu_and_memory_requests_and_limits(tmp_path, gpu):
     spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=gpu))
     sizes = {k: parse_resources(v) for k, v in RESOURCES["gpu" if gpu else "cpu"].items()}
     for step, res in resources(spec).items():
-        want = sizes["heavy" if step in ("tune", "train") else "light"]
+        want = sizes["heavy" if step in ("tune", "train", "refit") else "light"]
         assert res["resourceCpuRequest"] == want.cpu_request, step
         assert res["resourceCpuLimit"] == want.cpu_limit, step
         assert res["resourceMemoryRequest"] == want.memory_request, step

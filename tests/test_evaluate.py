@@ -26,6 +26,7 @@ from lungxray import (
     prepare,
     report,
     selection,
+    shift,
     train,
 )
 from lungxray.errors import ModelError
@@ -50,6 +51,12 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
         _check_threshold_rules(metrics, split, tmp_path)
         assert np.sum(metrics["confusion_matrix"]) == metrics["n"]
         predictions = pd.read_csv(tmp_path / split / evaluate.PREDICTIONS_FILE)
+        # val's rows carry their worst_group groups (image-statistics clusters: one site).
+        assert (artifacts.GROUP_COLUMN in predictions) == (split == "val")
+        if split == "val":  # the groups train finds on the same images
+            groups = shift.val_groups(data.load_split(small_dataset, "val").images)
+            assert predictions[artifacts.GROUP_COLUMN].tolist() == groups.tolist()
+            assert len(set(groups)) == shift.VAL_CLUSTERS
         assert metrics["roc_auc"] == pytest.approx(
             roc_auc_score(predictions["y_true"], predictions["prob_pneumonia"]))
         called = (predictions["prob_pneumonia"] >= 0.5).astype(int)
@@ -94,12 +101,16 @@ def test_val_and_test_metrics_at_the_models_own_threshold(trained_model, small_d
 
 
 def _check_threshold_rules(metrics: dict, split: str, out: Path) -> None:
-    """Every rule's threshold chosen on val's predictions, its rates counted on ``split``."""
+    """Every rule's threshold chosen on val's predictions (worst_group on its group column,
+    one group without it), its rates counted on ``split``."""
     val = pd.read_csv(out / "val" / evaluate.PREDICTIONS_FILE)
     rules = metrics["threshold_rules"]
     assert set(rules) == set(artifacts.THRESHOLD_RULES)
     assert rules["balanced"]["threshold"] == 0.5
     assert rules["youden"]["threshold"] == choose_threshold(val["y_true"], val["prob_pneumonia"])
+    groups = val.get(artifacts.GROUP_COLUMN)
+    assert rules["worst_group"]["threshold"] == choose_threshold(
+        val["y_true"], val["prob_pneumonia"], rule="worst_group", groups=groups)
     here = pd.read_csv(out / split / evaluate.PREDICTIONS_FILE)
     y, score = here["y_true"].to_numpy(), here["prob_pneumonia"].to_numpy()
     for rule in artifacts.THRESHOLD_RULES:
@@ -288,6 +299,9 @@ def test_re_evaluation_replaces_splits_whole_and_a_failure_changes_nothing(
     out = tmp_path / "eval"
     evaluate.evaluate(trained_model, str(small_dataset), out, ["val", "test"])
     assert (out / "test" / "gradcam.png").is_file()
+    # A val predictions.csv written before the worst_group rule has no group column.
+    val_csv = out / "val" / evaluate.PREDICTIONS_FILE
+    pd.read_csv(val_csv).drop(columns=artifacts.GROUP_COLUMN).to_csv(val_csv, index=False)
     evaluate.evaluate(trained_model, str(small_dataset), out, ["test"], explain=False)
     assert not (out / "test" / "gradcam.png").exists()  # no stale grid beside "no grid"
     # The rules' thresholds come from the val predictions already in the output.

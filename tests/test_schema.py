@@ -60,7 +60,7 @@ def test_the_schema_owns_the_pipelines_defaults():
     ({"shifted_test_fraction": 0.6}, "parameter shifted_test_fraction must be between 0.0 and "
                                      "0.5, got 0.6"),
     ({"threshold_rule": "median"}, "parameter threshold_rule must be one of youden, balanced, "
-                                   "platt, got 'median'"),
+                                   "platt, worst_group, got 'median'"),
     # The first refused one in the order given, not in the schema's order.
     ({"seed": -1, "epochs": 0}, "parameter seed must be between 0"),
 ])

@@ -17,6 +17,7 @@ from lungxray import (
     prepare,
     prevalence,
     resume,
+    shift,
     train,
 )
 from lungxray.errors import ConfigError
@@ -244,3 +245,20 @@ def test_model_info_records_the_threshold_rule(tmp_path, small_dataset):
         train.train(small_dataset, "SmallCNN", tmp_path / "bad", epochs=1,
                     threshold_rule="median")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_worst_group_rule_chooses_on_val_groups(tmp_path, small_dataset):
+    info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=1, seed=0,
+                       threshold_rule="worst_group")
+    assert info["threshold_method"] == "worst_group"
+    # The threshold maximises the lowest balanced accuracy over the groups evaluate writes
+    # beside val's predictions, recomputed from the saved model's val predictions.
+    val = data.load_split(small_dataset, "val")
+    model = models.load_model(tmp_path / "model" / artifacts.MODEL_FILE)
+    scores = model.predict(val.images.astype("float32"), verbose=0)[:, 1]
+    groups = shift.val_groups(val.images)
+    assert info["threshold"] == pytest.approx(metrics.choose_threshold(
+        val.labels, scores, rule="worst_group", groups=groups), abs=1e-6)
+    best = metrics.worst_group_accuracy(val.labels, scores, info["threshold"], groups)
+    youden = metrics.choose_threshold(val.labels, scores)
+    assert best >= metrics.worst_group_accuracy(val.labels, scores, youden, groups) - 1e-9

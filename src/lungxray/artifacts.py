@@ -95,9 +95,12 @@ def split_order(name: str) -> tuple[int, str]:
 # How a binary model's decision threshold is chosen (model_info.json's ``threshold_method``,
 # unless a target sensitivity wins: ``sensitivity>=X``). youden: Youden's J on validation;
 # balanced: 0.5, the class-weighted training's balanced-prior point; platt: where the
-# validation-fitted Platt posterior is 0.5.
-THRESHOLD_RULES = ("youden", "balanced", "platt")
+# validation-fitted Platt posterior is 0.5; worst_group: the highest lowest balanced accuracy
+# over validation's groups (site x image-statistics cluster, lungxray.shift.val_groups).
+THRESHOLD_RULES = ("youden", "balanced", "platt", "worst_group")
 DEFAULT_THRESHOLD_RULE = "youden"  # the schema's default; changed only on measured evidence
+# predictions.csv of val: each row's group for the worst_group rule (absent: one group)
+GROUP_COLUMN = "group"
 
 
 def target_sensitivity_of(info: dict) -> float | None:

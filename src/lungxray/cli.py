@@ -251,7 +251,9 @@ def _threshold_rule(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=DEFAULTS.threshold_rule,
                    help=f"how {what} is chosen without a target sensitivity: youden (Youden's J "
                    "on validation), balanced (0.5, the class-weighted training's balanced "
-                   "point) or platt (where the validation-fitted Platt posterior is 0.5); "
+                   "point), platt (where the validation-fitted Platt posterior is 0.5) or "
+                   "worst_group (the highest lowest balanced accuracy over validation's site x "
+                   "image-statistics-cluster groups); "
                    f"default {DEFAULTS.threshold_rule}")
 
 

@@ -23,6 +23,7 @@ from lungxray.artifacts import (
     DEFAULT_THRESHOLD_RULE,
     ENSEMBLE_FILE,
     ENSEMBLE_KIND,
+    GROUP_COLUMN,
     INFO_FILE,
     MEMBERS_DIR,
     METRICS_FILE,
@@ -61,7 +62,8 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
 
     Members: the ``k`` best single models on ``select_metric`` (validation). Probabilities: the
     members' mean, from their saved predictions.csv. Threshold: chosen on the ensemble's own
-    validation predictions by ``threshold_rule`` (or ``target_sensitivity``), like any trial's;
+    validation predictions by ``threshold_rule`` (or ``target_sensitivity``), like any trial's,
+    ``worst_group`` on the groups in the first member's val predictions.csv (none: one group);
     every rule's threshold and rates are in each split's ``threshold_rules``. Raises
     EnsembleSkipped with the reason when it cannot be built.
     """
@@ -92,10 +94,12 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
              for s in splits}
     target = _common_target_sensitivity(infos, target_sensitivity)
     threshold, method, calibration, rules = None, None, None, {}
+    groups = None
     if len(classes) == 2:
+        groups = _val_groups(members[0])
         threshold, method = metrics_lib.operating_threshold(
-            labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], threshold_rule, target)
-        rules = metrics_lib.rule_thresholds(labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1])
+            labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], threshold_rule, target, groups)
+        rules = metrics_lib.rule_thresholds(labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], groups)
         calibration = prevalence.calibration_or_none(
             labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], "ensemble validation")
     name = f"Ensemble-top{len(names)}"
@@ -135,6 +139,8 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
             site_metrics.add_per_site(m, labels[s], probs[s], sites, classes, threshold,
                                       n_bootstrap=n_bootstrap, seed=seed)
             preds[site_metrics.SITE_COLUMN] = sites
+        if s == VAL_SPLIT and groups is not None:
+            preds[GROUP_COLUMN] = groups
         robust = _ensemble_robustness(members, s, cols)
         if robust is not None:
             m["robustness"] = robustness.summarize(robust, classes)
@@ -145,6 +151,15 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
     if calibration is not None:
         _ensemble_prevalence(split_data, members, labels, probs, threshold, calibration)
     return Ensemble(model_info=info, splits=split_data, member_names=names)
+
+
+def _val_groups(member: Trial) -> np.ndarray | None:
+    """The group of each val row for the worst_group rule, from a member's val predictions
+    (the members were evaluated on the same rows); None for older ones without the column."""
+    table = member.splits[VAL_SPLIT].predictions
+    if GROUP_COLUMN not in table.columns:
+        return None
+    return table[GROUP_COLUMN].astype(str).to_numpy(dtype=object)
 
 
 def _ensemble_robustness(members: list[Trial], split: str, cols: list[str]

@@ -32,12 +32,14 @@ from lungxray import (
     prevalence,
     safeio,
     schema,
+    shift,
     site_metrics,
     staging,
 )
 from lungxray import robustness as suite  # module name; `robustness` is an option below
 from lungxray.artifacts import EVAL_REPORT_FILE as REPORT_FILE
 from lungxray.artifacts import (
+    GROUP_COLUMN,
     METRICS_FILE,
     PREDICTIONS_FILE,
     ROBUSTNESS_FILE,
@@ -236,9 +238,11 @@ class EvalOptions:
 # --------------------------------------------------------------------------- calibration
 
 
-def _val_scores_from(reference: Path, model_name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(labels, positive-class scores) of ``reference/val/predictions.csv`` written for
-    ``model_name``, or None when there is none."""
+def _val_scores_from(reference: Path, model_name: str
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(labels, positive-class scores, groups) of ``reference/val/predictions.csv`` written
+    for ``model_name``, or None when there is none; groups None when it has no group column
+    (written before the worst_group rule: one group)."""
     val_dir = reference / "val"
     if not (val_dir / PREDICTIONS_FILE).is_file() or not (val_dir / METRICS_FILE).is_file():
         return None
@@ -251,14 +255,17 @@ def _val_scores_from(reference: Path, model_name: str) -> tuple[np.ndarray, np.n
     column = f"prob_{classes[1]}" if len(classes) == 2 else None
     if column not in table.columns or "y_true" not in table.columns:
         raise DataError(f"{val_dir / PREDICTIONS_FILE} lacks y_true or {column}")
-    return table["y_true"].to_numpy(), table[column].to_numpy()
+    groups = table[GROUP_COLUMN].astype(str).to_numpy() if GROUP_COLUMN in table else None
+    return table["y_true"].to_numpy(), table[column].to_numpy(), groups
 
 
 def _validation_scores(info: dict, probs: dict[str, np.ndarray],
-                       labels: dict[str, np.ndarray], options: EvalOptions, output: Path
-                       ) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """(labels, positive-class scores, where) of a two-class model's validation predictions:
-    the val split evaluated now, else ``reference`` (or an earlier evaluation in ``output``).
+                       labels: dict[str, np.ndarray], options: EvalOptions, output: Path,
+                       groups: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None] | None:
+    """(labels, positive-class scores, where, groups) of a two-class model's validation
+    predictions: the val split evaluated now (``groups``: its rows' groups), else
+    ``reference`` (or an earlier evaluation in ``output``) with the groups saved there.
     None for multi-class models or without validation data; an error then only if a
     deployment prevalence was asked for."""
     if len(info["class_names"]) != 2:
@@ -266,11 +273,11 @@ def _validation_scores(info: dict, probs: dict[str, np.ndarray],
             raise ConfigError("--deployment-prevalence needs a two-class model")
         return None
     if "val" in probs:
-        return labels["val"], probs["val"][:, 1], "split 'val'"
+        return labels["val"], probs["val"][:, 1], "split 'val'", groups
     for ref in (options.reference, output):
         found = _val_scores_from(Path(ref), info["model_name"]) if ref is not None else None
         if found is not None:
-            return *found, f"{ref}/val/{PREDICTIONS_FILE}"
+            return found[0], found[1], f"{ref}/val/{PREDICTIONS_FILE}", found[2]
     if options.reference is not None:
         raise ConfigError(f"--reference {options.reference}: no val/{PREDICTIONS_FILE} there")
     if options.deployment_prevalence:
@@ -338,14 +345,17 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
                    predicted: tuple[np.ndarray, float] | None = None,
                    calibration: prevalence.Calibration | None = None,
                    sites: np.ndarray | None = None,
-                   rule_thresholds: dict[str, float | None] | None = None) -> dict:
+                   rule_thresholds: dict[str, float | None] | None = None,
+                   groups: np.ndarray | None = None) -> dict:
     """Predict one split (unless ``predicted`` gives (probabilities, latency)) and write its
     metrics, predictions, ROC points and plots, plus robustness, TTA and prevalence evidence as
     ``options`` ask. ``sites`` (the site of each row) adds per-site numbers
     (:mod:`lungxray.site_metrics`) when the split holds more than one site.
     ``rule_thresholds`` (each threshold rule's threshold on validation) adds
     ``threshold_rules``: the split's accuracy, balanced accuracy, sensitivity and specificity
-    at each, the evidence for choosing a rule; the headline metrics stay at the model's own."""
+    at each, the evidence for choosing a rule; the headline metrics stay at the model's own.
+    ``groups`` (val's rows' groups for the worst_group rule) become predictions.csv's
+    ``group`` column, so compare chooses an ensemble's threshold on the same groups."""
     info = predictor.info
     class_names = list(info["class_names"])
     probs, latency_ms = predicted if predicted is not None else predictor.predict(split.images)
@@ -362,6 +372,8 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
         predictions[f"prob_{name}"] = probs[:, i]
     if sites is not None:
         predictions[site_metrics.SITE_COLUMN] = sites
+    if groups is not None:
+        predictions[GROUP_COLUMN] = groups
     predictions.to_csv(output / PREDICTIONS_FILE, index=False)
     if len(class_names) == 2:
         (output / ROC_FILE).write_text(json.dumps(roc_points(split.labels, probs[:, 1])))
@@ -462,12 +474,15 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
                           cache_dir, merge_as)
         # Predicted first: validation's scores calibrate every split's prevalence evidence.
         predicted = {name: predictor.predict(split.images) for name, (split, _, _) in sets.items()}
+        # Val's groups (site x image-statistics cluster) for the worst_group rule.
+        groups = (shift.val_groups(sets["val"][0].images, sets["val"][2])
+                  if "val" in sets and len(predictor.info["class_names"]) == 2 else None)
         val = _validation_scores(predictor.info, {n: p[0] for n, p in predicted.items()},
                                  {n: s.labels for n, (s, _, _) in sets.items()}, options,
-                                 output)
-        calibration = prevalence.calibration_or_none(*val) if val else None
+                                 output, groups)
+        calibration = prevalence.calibration_or_none(*val[:3]) if val else None
         # Every threshold rule chosen on the same validation scores, for the rules' evidence.
-        rules = metrics.rule_thresholds(*val[:2]) if val else None
+        rules = metrics.rule_thresholds(val[0], val[1], val[3]) if val else None
         output.mkdir(parents=True, exist_ok=True)
         # Written into a staging dir and moved into place once complete: a failure leaves no
         # half-evaluated split, a re-run no stale file (an old Grad-CAM grid).
@@ -475,7 +490,7 @@ def _run(model_dir: Path, source: str, output: Path, splits: list[str],
         with staging.staging_dir(output, ".eval-build-", "lungxray evaluate") as build:
             results = {name: evaluate_split(predictor, split, name, Path(build) / name, prov,
                                             explain, options, predicted[name], calibration,
-                                            sites, rules)
+                                            sites, rules, groups if name == "val" else None)
                        for name, (split, prov, sites) in sets.items()}
             if report:
                 write_report(results, Path(build))

@@ -40,6 +40,7 @@ DEFAULT_SEED = 0
 CI_LEVEL = 0.95
 ECE_BINS = 10
 PROB_TOLERANCE = 1e-3
+MIN_GROUP_SIZE = 10  # worst_group: smaller groups are too noisy to decide on, left out
 # The metrics with a bootstrap CI (CI_METRICS) and those repeated at 0.5 (AT_HALF) are named,
 # with their labels, in lungxray.artifacts.
 # Headline metrics without an interval: the plug-in ECE is biased upwards and so is every
@@ -86,18 +87,24 @@ def check_threshold_rule(rule: str) -> str:
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
-                     target_sensitivity: float | None = None, rule: str = "youden") -> float:
+                     target_sensitivity: float | None = None, rule: str = "youden",
+                     groups: np.ndarray | None = None) -> float:
     """Pick the decision threshold on (validation) scores.
 
     ``rule`` (:data:`lungxray.artifacts.THRESHOLD_RULES`): ``youden`` maximises Youden's J
     (TPR - FPR); ``balanced`` is 0.5 whatever the scores (the models train with class weights,
     so 0.5 is their balanced-prior operating point); ``platt`` fits Platt scaling on the scores
     (:func:`lungxray.prevalence.fit_calibration`) and returns the score where the calibrated
-    P(positive) is 0.5. ``target_sensitivity`` (e.g. 0.95), when given, wins over the rule: the
-    highest threshold whose sensitivity reaches the target, i.e. the best specificity that still
-    misses at most the allowed share of positives. ``scores`` are P(positive); a sample is
-    positive when ``score >= threshold``, the convention ``roc_curve`` uses, so the value
-    reproduces its point.
+    P(positive) is 0.5; ``worst_group`` maximises the lowest balanced accuracy over ``groups``
+    (the group of each row, :func:`lungxray.shift.val_groups`; see
+    :func:`worst_group_accuracy`), ties broken by the higher pooled Youden's J, then the
+    higher threshold. Without ``groups`` (or without a group of MIN_GROUP_SIZE rows) the rows
+    are one group and ``worst_group`` is Youden's J (balanced accuracy = (J + 1) / 2); the
+    other rules ignore ``groups``. ``target_sensitivity`` (e.g. 0.95), when given, wins over
+    the rule: the highest threshold whose sensitivity reaches the target, i.e. the best
+    specificity that still misses at most the allowed share of positives. ``scores`` are
+    P(positive); a sample is positive when ``score >= threshold``, the convention
+    ``roc_curve`` uses, so the value reproduces its point.
     """
     check_threshold_rule(rule)
     y = _as_labels(y_true, 2)
@@ -123,7 +130,13 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
     # the tie-break (first = highest threshold = most conservative) independent of sklearn's
     # pruning heuristics.
     fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
-    if target_sensitivity is None:
+    if target_sensitivity is None and rule == "worst_group":
+        candidates = np.clip(thresholds[1:], 0.0, 1.0)
+        worst = _worst_group_curve(y, s, _as_groups(groups, y), candidates)
+        tied = np.flatnonzero(worst >= worst.max() - 1e-12)
+        # argmax takes the first of equal J: the highest threshold, as roc_curve descends.
+        best = 1 + int(tied[np.argmax((tpr - fpr)[1:][tied])])
+    elif target_sensitivity is None:
         # thresholds[0] (+inf, "nothing positive") is left out: clipped to 1.0 it would turn
         # into "positive where P == 1", which a float32 softmax reaches.
         best = 1 + int(np.argmax((tpr - fpr)[1:]))
@@ -136,16 +149,18 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
 
 
 def operating_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str,
-                        target_sensitivity: float | None = None) -> tuple[float, str]:
+                        target_sensitivity: float | None = None,
+                        groups: np.ndarray | None = None) -> tuple[float, str]:
     """(threshold, threshold_method) of a model, as model_info.json records them: the
-    method is ``sensitivity>=X`` when a target sensitivity wins, else the rule. Validation
-    scores that do not rise with the positive class have no Platt fit: ``platt`` then falls
-    back to Youden's J, with a warning, and says so in the method it returns."""
+    method is ``sensitivity>=X`` when a target sensitivity wins, else the rule (``groups``:
+    for ``worst_group``). Validation scores that do not rise with the positive class have no
+    Platt fit: ``platt`` then falls back to Youden's J, with a warning, and says so in the
+    method it returns."""
     if target_sensitivity is not None:
         return (choose_threshold(y_true, scores, target_sensitivity, rule),
                 f"sensitivity>={target_sensitivity}")
     try:
-        return choose_threshold(y_true, scores, rule=rule), rule
+        return choose_threshold(y_true, scores, rule=rule, groups=groups), rule
     except DataError as exc:
         if rule != "platt":
             raise
@@ -153,16 +168,56 @@ def operating_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str,
         return choose_threshold(y_true, scores, rule="youden"), "youden"
 
 
-def rule_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
-    """Every threshold rule's threshold on the same (validation) scores; None where a rule
-    has none (Platt on scores that fall with the positive class)."""
+def rule_thresholds(y_true: np.ndarray, scores: np.ndarray,
+                    groups: np.ndarray | None = None) -> dict[str, float | None]:
+    """Every threshold rule's threshold on the same (validation) scores (``groups``: their
+    rows' groups, for ``worst_group``); None where a rule has none (Platt on scores that fall
+    with the positive class)."""
     found: dict[str, float | None] = {}
     for rule in THRESHOLD_RULES:
         try:
-            found[rule] = choose_threshold(y_true, scores, rule=rule)
+            found[rule] = choose_threshold(y_true, scores, rule=rule, groups=groups)
         except DataError:
             found[rule] = None
     return found
+
+
+def _as_groups(groups: np.ndarray | None, y: np.ndarray) -> np.ndarray:
+    """The group of each row as strings; one group when ``groups`` is None."""
+    if groups is None:
+        return np.zeros(len(y), dtype=str)
+    found = np.asarray(groups).astype(str)
+    if found.shape != y.shape:
+        raise DataError(f"groups shape {found.shape} does not match y_true shape {y.shape}")
+    return found
+
+
+def _worst_group_curve(y: np.ndarray, s: np.ndarray, groups: np.ndarray,
+                       thresholds: np.ndarray) -> np.ndarray:
+    """At each threshold, the lowest balanced accuracy (mean recall over the classes present:
+    a one-class group counts that class's recall) of the groups of at least MIN_GROUP_SIZE
+    rows; all rows as one group when no group is that large."""
+    rows = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    kept = [r for r in rows if len(r) >= MIN_GROUP_SIZE] or [np.arange(len(y))]
+    worst = np.full(len(thresholds), np.inf)
+    for r in kept:
+        recalls = []
+        for c in np.unique(y[r]):
+            ranked = np.sort(s[r][y[r] == c])
+            called = (len(ranked) - np.searchsorted(ranked, thresholds, side="left")) / len(ranked)
+            recalls.append(called if c == 1 else 1.0 - called)
+        worst = np.minimum(worst, np.mean(recalls, axis=0))
+    return worst
+
+
+def worst_group_accuracy(y_true: np.ndarray, scores: np.ndarray, threshold: float,
+                         groups: np.ndarray | None = None) -> float:
+    """The lowest balanced accuracy of ``scores >= threshold`` over the groups of at least
+    MIN_GROUP_SIZE rows (smaller ones are left out; none that large: all rows as one): what
+    ``worst_group`` maximises."""
+    y = _as_labels(y_true, 2)
+    s = np.asarray(scores, dtype=float)
+    return float(_worst_group_curve(y, s, _as_groups(groups, y), np.array([threshold]))[0])
 
 
 RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity")

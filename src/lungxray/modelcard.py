@@ -36,6 +36,8 @@ RULE_WORDS = {
                 "class-weighted training, not fitted to validation",
     "platt": "Platt scaling fitted on validation: the score where the calibrated P(positive) "
              "is 0.5",
+    "worst_group": "the worst-group rule: the threshold with the highest lowest balanced "
+                   "accuracy over validation's groups (site x image-statistics cluster)",
 }
 
 

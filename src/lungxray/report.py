@@ -305,7 +305,9 @@ def _ensemble_text(summary: dict[str, Any]) -> str:
     if ens.get("model_name"):
         how = {"balanced": "threshold 0.5 (the balanced rule)",
                "platt": "threshold where its posterior, Platt-calibrated on its own validation "
-                        "predictions, is 0.5"}.get(
+                        "predictions, is 0.5",
+               "worst_group": "threshold with the highest lowest balanced accuracy over its "
+                              "own validation predictions' groups (the worst-group rule)"}.get(
             ens.get("threshold_method"), "threshold chosen on its own validation predictions")
         return (f"Ensemble candidate {ens['model_name']}: mean probability of "
                 f"{', '.join(ens['members'])} (top {len(ens['members'])} on "

@@ -140,8 +140,9 @@ class PipelineParams(BaseModel):
         DEFAULT_THRESHOLD_RULE,
         description="How each model's and the ensemble's threshold is chosen when "
                     "target_sensitivity is 0: youden (Youden's J on val), balanced (0.5, the "
-                    "class-weighted training's balanced-prior point) or platt (where the "
-                    "val-fitted Platt posterior is 0.5).")
+                    "class-weighted training's balanced-prior point), platt (where the "
+                    "val-fitted Platt posterior is 0.5) or worst_group (the highest lowest "
+                    "balanced accuracy over val's site x image-statistics-cluster groups).")
     data_version: _text() = Field(
         "",
         description="Not read; part of the cache key: change it when the data behind "

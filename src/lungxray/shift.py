@@ -138,3 +138,32 @@ def statistics_of(images: np.ndarray, rows: np.ndarray, chunk: int
     parts = [image_statistics(np.asarray(images[rows[i:i + chunk]]))
              for i in range(0, len(rows), chunk)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+VAL_CLUSTERS = 4  # image-statistics clusters of val for the worst_group threshold rule
+GROUP_SEED = 0  # fixed: train, evaluate and compare must all find the same groups
+GROUP_CHUNK = 256
+
+
+def val_groups(images: np.ndarray, sites: np.ndarray | None = None, seed: int = GROUP_SEED,
+               k: int = VAL_CLUSTERS) -> np.ndarray:
+    """The group of each validation image for the ``worst_group`` threshold rule
+    (:func:`lungxray.metrics.choose_threshold`): which of ``k`` seeded k-means clusters of
+    its image statistics (:func:`shift_features`, fitted on these images) it falls in,
+    ``c0``..; with ``sites`` naming more than one site, its site too (``nih/c2``).
+
+    Validation is where choices are made, so clustering it is allowed; a test split is never
+    grouped. Deterministic for the same images, so every step finds the same groups."""
+    n = len(images)
+    k = min(k, n)
+    if k < 2:
+        clusters = np.zeros(n, int)
+    else:
+        stats, thumbnails = statistics_of(images, np.arange(n), GROUP_CHUNK)
+        clusters = KMeans(k, n_init=10, random_state=seed).fit_predict(
+            shift_features(stats, thumbnails, seed))
+    names = np.array([f"c{c}" for c in clusters], dtype=object)
+    if sites is not None and len(set(np.asarray(sites).tolist())) > 1:
+        names = np.array([f"{site}/{name}" for site, name in zip(sites, names, strict=True)],
+                         dtype=object)
+    return names

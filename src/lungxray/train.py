@@ -31,6 +31,8 @@ from lungxray import (
     resume,
     safeio,
     schema,
+    shift,
+    site_metrics,
     sites,
 )
 from lungxray.batches import class_weights, make_dataset, with_mixing
@@ -312,8 +314,14 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
     val_probs = model.predict(val_ds, verbose=0)
     threshold = method = calibration = None
     if job.num_classes == 2:
+        groups = None
+        if threshold_rule == "worst_group" and target_sensitivity is None:
+            # The groups evaluate writes beside val's predictions (compare's ensemble uses them).
+            groups = shift.val_groups(job.val_split.images,
+                                      site_metrics.site_rows(job.manifest, "val", "training data"))
         threshold, method = metrics.operating_threshold(val_labels, val_probs[:, 1],
-                                                        threshold_rule, target_sensitivity)
+                                                        threshold_rule, target_sensitivity,
+                                                        groups)
         fitted = prevalence.calibration_or_none(val_labels, val_probs[:, 1], "split 'val'")
         calibration = fitted.as_dict() if fitted else None
 

@@ -131,7 +131,19 @@ def accuracy(run_dir: Path, workdir: Path) -> dict:
                                options=options)
     pick = {"model": best["model_name"], "threshold": best["threshold"],
             **{split: _split_row(picked[split]) for split in splits}}
-    return {"models": rows, "pick": pick, "published_test": PUBLISHED}
+    result = {"models": rows, "pick": pick, "published_test": PUBLISHED}
+    shipped_dir = run_dir / "refit" / "model"
+    if (shipped_dir / artifacts.INFO_FILE).is_file():
+        # The shipped model (the pick refit on train + test_shifted), on what it never saw.
+        info = json.loads((shipped_dir / artifacts.INFO_FILE).read_text())
+        unseen = [s for s in splits if s not in artifacts.trained_splits(info)]
+        scored = evaluate.evaluate(shipped_dir, str(dataset), workdir / "shipped", unseen,
+                                   explain=False, options=options)
+        refit = bool((info.get("refit") or {}).get("refit"))
+        result["shipped"] = {"model": f"{info['model_name']} ({'refit' if refit else 'as picked'})",
+                             "threshold": info["threshold"],
+                             **{split: _split_row(scored[split]) for split in unseen}}
+    return result
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -143,13 +155,22 @@ def _auc(split: dict) -> str:
     return _fmt(split["auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _rows(section: dict) -> list[dict]:
+    """Every model, the pick as measured, and the model shipped (when the run refit it)."""
+    rows = [*section["models"], {**section["pick"],
+                                 "model": f"**pick: {section['pick']['model']}**"}]
+    if "shipped" in section:
+        rows.append({**section["shipped"], "model": f"**shipped: {section['shipped']['model']}**"})
+    return rows
+
+
 def accuracy_markdown(section: dict) -> list[str]:
     """One table: every model, the pick, then the published official-test numbers."""
     lines = ["| model | val ACC@0.5 | val ACC@thr | val AUC [95% CI] | test ACC@0.5 | "
              "test ACC@thr | test ACC@thr, official mix | test AUC [95% CI] | threshold |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     pick = section["pick"]
-    for row in [*section["models"], {**pick, "model": f"**pick: {pick['model']}**"}]:
+    for row in _rows(section):
         v, t = row["val"], row["test"]
         lines.append(f"| {row['model']} | {_fmt(v['acc_at_0.5'])} | {_fmt(v['acc'])} | "
                      f"{_auc(v)} | {_fmt(t['acc_at_0.5'])} | {_fmt(t['acc'])} | "
@@ -177,7 +198,7 @@ def shift_markdown(section: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]
     pick = section["pick"]
     empty: dict = {}
-    for row in [*section["models"], {**pick, "model": f"**pick: {pick['model']}**"}]:
+    for row in _rows(section):
         v, t, s = row["val"], row.get("test", empty), row.get("test_shifted", empty)
         worst = _fmt(v.get("worst_corrupted_auc"))
         if v.get("worst_corruption"):

@@ -89,16 +89,21 @@ def _check_same_data(pick_dir: Path, member_infos: dict[str, dict], manifest: di
                                   f"dataset (its {split} split differs from this one's)")
 
 
-def _ensemble_info(pick: dict, output: Path, val: Any, member_infos: dict[str, dict]) -> dict:
+def _ensemble_info(pick: dict, output: Path, data_dir: Path, manifest: dict,
+                   member_infos: dict[str, dict]) -> dict:
     """The pick's ensemble info with the threshold and calibration chosen again on the refit
-    members' mean validation probabilities, by the ensemble's own rule."""
+    members' mean validation probabilities, by the ensemble's own rule (``worst_group`` on
+    the groups train and evaluate use)."""
+    val = integrity.load_checked_split(data_dir, "val", manifest)
     probs = np.mean([model_loader.load(output / artifacts.MEMBERS_DIR / name)
                      .predict(val.images)[0] for name in member_infos], axis=0)
     rule, target = _rule_of(pick)
     info = dict(pick)
     if probs.shape[1] == 2:
+        groups = (shift.val_groups(val.images, site_metrics.site_rows(manifest, "val", "data"))
+                  if rule == "worst_group" and target is None else None)
         info["threshold"], info["threshold_method"] = metrics.operating_threshold(
-            val.labels, probs[:, 1], rule, target)
+            val.labels, probs[:, 1], rule, target, groups)
         fitted = prevalence.calibration_or_none(val.labels, probs[:, 1], "refit ensemble's val")
         info["calibration"] = fitted.as_dict() if fitted else None
     info["train_seconds"] = round(sum(float(i.get("train_seconds") or 0)
@@ -145,8 +150,7 @@ def refit(data_dir: Path, pick_dir: Path, output: Path, enabled: bool = True,
     }
     ensemble = bool(pick.get("ensemble"))
     if ensemble:
-        val = integrity.load_checked_split(data_dir, "val", manifest)
-        shipped = _ensemble_info(pick, output, val, refit_infos)
+        shipped = _ensemble_info(pick, output, data_dir, manifest, refit_infos)
         _write_info(output, shipped, record, ensemble)  # loadable, so it can be scored
     else:
         shipped = model_loader.read_model_info(output)

@@ -25,7 +25,7 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
         "target_data": str(tmp_path / "target.npz"),
     })
     report = run_local(params, tmp_path / "root")
-    run_dir = report.parent.parent  # <root>/<run>/compare/report
+    run_dir = report.parent.parent  # <root>/<run>/refit/report
     html = report.read_text()
     for name in MODELS:
         assert name in html
@@ -73,6 +73,15 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
         assert abs(table["pick"][split]["robust_auc"] - rows[expected][split]["robust_auc"]) < 1e-6
     assert table["pick"]["val"]["n"] == table["pick"]["test"]["n"] == 120
 
+    # The shipped model: the pick refit on train + test_shifted, scored only where it did not
+    # learn, beside the pick as measured in the report's refit section.
+    shipped = json.loads((run_dir / "refit" / "model" / "model_info.json").read_text())
+    assert shipped["model_name"] == expected
+    assert shipped["train_splits"] == ["train", "test_shifted"]
+    assert shipped["refit"]["scores"]["measured"]["val"]["roc_auc"] == val_auc[expected]
+    assert sorted(table["shipped"]) == ["model", "test", "threshold", "val"]
+    assert "Refit: the shipped model" in html
+
     # No champion yet: challenge says promote, and promote (under dsl.If) makes the pick the
     # champion, with the model card and the decision beside it.
     decision = json.loads((run_dir / "challenge" / "decision" / "decision.json").read_text())
@@ -81,13 +90,14 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     record = json.loads((home / "champion.json").read_text())
     assert record["run_id"] == decision["run_id"] and record["model_name"] == expected
     entry = home / record["history"]
-    assert json.loads((entry / "model" / "model_info.json").read_text())["model_name"] == expected
+    champion_info = json.loads((entry / "model" / "model_info.json").read_text())
+    assert champion_info["train_splits"] == shipped["train_splits"]  # the shipped model
     assert "## Champion vs challenger" in (entry / "model_card.md").read_text()
 
-    # The pick predicted the target site's images and estimated their prevalence by EM.
+    # The shipped model predicted the target site's images and estimated their prevalence.
     target = run_dir / "predict" / "predictions"
     assert len((target / "predictions.csv").read_text().splitlines()) == 51
-    assert best_info["calibration"] is not None, val_auc
+    assert shipped["calibration"] is not None, val_auc
     estimate = json.loads((target / "prevalence.json").read_text())
     assert estimate["n"] == 50 and estimate["ci"][0] <= estimate["estimate"] <= estimate["ci"][1]
-    assert estimate["validation_prevalence"] == best_info["calibration"]["prior"]
+    assert estimate["validation_prevalence"] == shipped["calibration"]["prior"]

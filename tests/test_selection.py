@@ -342,6 +342,26 @@ def test_ties_on_validation_auc_go_to_the_more_robust_candidate(tmp_path: Path) 
     assert brier["ties"]["tested"] is False
 
 
+def test_ties_go_first_to_the_better_score_on_the_shift_proxy(tmp_path: Path) -> None:
+    y = np.tile([0, 1], 150)
+    labels = {"val": y, "test": y, "test_shifted": y}
+    root = tmp_path / "trials"
+    # A a hair ahead on val and more robust to corruptions; B better on test_shifted.
+    a = make_trial(root, "A", {"val": _scores(y, 1.6, 0), "test": _scores(y, 1.6, 1),
+                               "test_shifted": _scores(y, 6.0, 2)}, labels=labels)
+    b = make_trial(root, "B", {"val": _scores(y, 1.6, 11), "test": _scores(y, 1.6, 12),
+                               "test_shifted": _scores(y, 1.6, 13)}, labels=labels)
+    for trial, corrupted in ((a, _scores(y, 1.7, 5)), (b, _scores(y, 12.0, 6))):
+        add_robustness(trial, "val", corrupted)
+    out = tmp_path / "report"
+    summary = compare([a, b], out, ensemble_k=0)
+    assert summary["ties"]["tied"] == ["A", "B"] and summary["ties"]["break"] == (
+        "test_shifted_roc_auc")
+    assert summary["best_model"] == "B"
+    assert "broken on test_shifted_roc_auc (AUC on the shift proxy" in (
+        out / "model_card.md").read_text()
+
+
 def test_select_decides_without_writing(trials: list[Path], tmp_path: Path) -> None:
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     loaded = [load_trial(t) for t in trials]

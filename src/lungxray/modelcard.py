@@ -130,6 +130,14 @@ def _prevalence_section(best: Trial, splits: list[str]) -> list[str]:
     return lines
 
 
+# What each tie-break score is (lungxray.selection.TIE_BREAKS), by its name without "val_".
+TIE_BREAK_WORDS = {
+    "test_shifted_roc_auc": "AUC on the shift proxy, whole clusters of atypical images held out "
+                            "of training; the shipped model is refit with them",
+    "robust_auc": "mean AUC under simulated acquisition shifts",
+}
+
+
 def tie_text(summary: dict[str, Any]) -> str:
     """What the tie test found: "tied" and how it was broken, or that the pick stands alone."""
     ties = summary.get("ties") or {}
@@ -142,8 +150,9 @@ def tie_text(summary: dict[str, Any]) -> str:
     text = (f"Tied on validation AUC: {', '.join(tied)} (paired bootstrap 95% CI of each "
             f"difference to {ties['leader']} covers 0)")
     if ties.get("winner"):
-        return (f"{text}; the tie is broken on {ties['break']} (mean AUC under simulated "
-                f"acquisition shifts): {ties['winner']}.")
+        meaning = (TIE_BREAK_WORDS.get(ties["break"].removeprefix("val_"))
+                   or "a score under shift")
+        return f"{text}; the tie is broken on {ties['break']} ({meaning}): {ties['winner']}."
     return f"{text}; {ties['break']}, so the validation order stands."
 
 

@@ -61,8 +61,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install lungxray with CPU TensorFlow and the dev tools
 
-local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, SITES, HOLDOUT_SITE, WEIGHTS, PROFILE, MODELS, PARAMS, CHAMPION_URI)
+local: $(STAMP) ## Run the whole pipeline on this machine via kfp.local (DATA, SITES, HOLDOUT_SITE, WEIGHTS, PROFILE, MODELS, PARAMS, CHAMPION_URI, PARALLELISM)
 	$(PY) -m pipelines.local --profile $(PROFILE) --pipeline-root $(PIPELINE_ROOT) \
+		$(if $(PARALLELISM),--parallelism $(PARALLELISM)) \
 		$(if $(DATA),--set 'data_source=$(DATA)') $(if $(WEIGHTS),--set 'weights=$(WEIGHTS)') \
 		$(if $(SITES),--set 'sites=$(SITES)') $(if $(HOLDOUT_SITE),--set 'holdout_site=$(HOLDOUT_SITE)') \
 		$(if $(MODELS),--set 'base_models=$(MODELS)') $(if $(PARAMS),--params $(PARAMS)) \

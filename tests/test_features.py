@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lungxray import data, features, models
+from lungxray import data, features, integrity, models
 
 
 def save_weights(name: str, size: int, path):
@@ -68,7 +68,7 @@ def test_features_are_computed_once_then_read_from_the_cache(tmp_path, monkeypat
     rng = np.random.default_rng(1)
     train = data.Split(rng.integers(0, 256, (10, 32, 32, 1), np.uint8), np.arange(10) % 2)
     val = data.Split(rng.integers(0, 256, (4, 32, 32, 1), np.uint8), np.arange(4) % 2)
-    splits = {name: (split, features.split_sha256(split))
+    splits = {name: (split, integrity.split_sha256(split))
               for name, split in (("train", train), ("val", val))}
     cache = tmp_path / "cache"
 
@@ -92,4 +92,4 @@ def test_features_are_computed_once_then_read_from_the_cache(tmp_path, monkeypat
     subset = train.subset(np.arange(6))
     with pytest.raises(AssertionError, match="backbone ran"):
         features.cached_features("MobileNetV3Small", 32, 1, weights,
-                                 {"train": (subset, features.split_sha256(subset))}, cache)
+                                 {"train": (subset, integrity.split_sha256(subset))}, cache)

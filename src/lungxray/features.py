@@ -22,7 +22,6 @@ import keras
 import numpy as np
 
 from lungxray import data, download, models, safeio
-from lungxray.integrity import split_sha256  # noqa: F401 - the cache key's split identity
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -373,7 +373,7 @@ def tune(data_dir: Path, model_name: str, output: Path,
     val_split = integrity.load_checked_split(data_dir, "val", manifest)
     digests = {
         "train": (manifest["splits"]["train"]["sha256"] if train_split is full_train
-                  else features.split_sha256(train_split)),
+                  else integrity.split_sha256(train_split)),
         "val": manifest["splits"]["val"]["sha256"],
     }
     resolved = models.resolve_weights(weights, cache_dir)

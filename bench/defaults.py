@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[(setup, variant, seed)] = one_run(args.work, setup, variant, seed)
                 args.output.write_text(json.dumps(list(runs.values()), indent=1,
                                                   default=_plain) + "\n")
-    print(summary([row for run in runs.values() for row in run["rows"]]).round(3).to_markdown())
+    table = summary([row for run in runs.values() for row in run["rows"]]).round(3)
+    print(table.reset_index().to_markdown(index=False))
     return 0
 
 

@@ -31,33 +31,49 @@ def cli(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def prepared(data: Path, setup: str, seed: int, *extra: str) -> list[str]:
+    """``data`` preprocessed once for this setup and seed (kept when it exists; ``extra`` are
+    further preprocess options); the names of its held-out splits."""
+    if not data.exists():
+        cli("preprocess", "--source", str(NPZ), "--output", str(data), "--seed", str(seed),
+            "--site-name", "pneumoniamnist", "--site", f"nih={NIH}", *SETUPS[setup], *extra)
+    manifest = json.loads((data / "manifest.json").read_text())
+    return [s for s in manifest["splits"] if s != "train"]
+
+
+def evaluated(model: Path, data: Path, evaluation: Path, splits: list[str]) -> None:
+    """``model`` evaluated once on ``splits`` of ``data`` into ``evaluation``."""
+    if not evaluation.exists():
+        cli("evaluate", "--model", str(model), "--data", str(data), "--output",
+            str(evaluation), "--split", *splits, "--no-robustness", "--no-gradcam")
+
+
+def site_parts(evaluation: Path, split: str) -> tuple[dict, list[tuple[str, pd.DataFrame]]]:
+    """A split's metrics.json and its predictions: all of them ("all") and, where the split
+    holds several sites, each site's; a part with one class only is left out."""
+    result = json.loads((evaluation / split / "metrics.json").read_text())
+    table = pd.read_csv(evaluation / split / "predictions.csv")
+    groups = [("all", table)]
+    if "site" in table and table["site"].nunique() > 1:
+        groups += list(table.groupby("site"))
+    return result, [(site, part) for site, part in groups if part["y_true"].nunique() >= 2]
+
+
 def one_run(work: Path, setup: str, seed: int) -> dict:
     """Preprocess, train and evaluate once; the rules' rates per split and per site."""
     run = work / f"{setup.replace(' ', '_')}-{seed}"
     data, model, evaluation = run / "data", run / "model", run / "eval"
     start = time.time()
-    if not data.exists():
-        cli("preprocess", "--source", str(NPZ), "--output", str(data), "--seed", str(seed),
-            "--site-name", "pneumoniamnist", "--site", f"nih={NIH}", *SETUPS[setup])
+    splits = prepared(data, setup, seed)
     if not model.exists():
         cli("train", "--data", str(data), "--model", "SmallCNN", "--output", str(model),
             "--seed", str(seed))
-    manifest = json.loads((data / "manifest.json").read_text())
-    splits = [s for s in manifest["splits"] if s != "train"]
-    if not evaluation.exists():
-        cli("evaluate", "--model", str(model), "--data", str(data), "--output",
-            str(evaluation), "--split", *splits, "--no-robustness", "--no-gradcam")
+    evaluated(model, data, evaluation, splits)
     rows = []
     for split in splits:
-        result = json.loads((evaluation / split / "metrics.json").read_text())
-        table = pd.read_csv(evaluation / split / "predictions.csv")
-        groups = [("all", table)]
-        if "site" in table and table["site"].nunique() > 1:
-            groups += list(table.groupby("site"))
+        result, parts = site_parts(evaluation, split)
         for rule, block in result["threshold_rules"].items():
-            for site, part in groups:
-                if part["y_true"].nunique() < 2:
-                    continue
+            for site, part in parts:
                 rates = metrics.rates_at(part["y_true"].to_numpy(),
                                          part["prob_pneumonia"].to_numpy(), block["threshold"])
                 rows.append({"setup": setup, "seed": seed, "split": split, "site": site,

@@ -81,6 +81,11 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     assert shipped["refit"]["scores"]["measured"]["val"]["roc_auc"] == val_auc[expected]
     assert sorted(table["shipped"]) == ["model", "test", "threshold", "val"]
     assert "Refit: the shipped model" in html
+    refit_step = json.loads((run_dir / "refit" / "executor_output.json").read_text())
+    logged = refit_step["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert logged["refit"] == 1.0 and logged["refit_added_images"] > 0
+    assert {"measured_test_shifted_roc_auc", "refit_val_roc_auc", "refit_test_roc_auc"} <= set(
+        logged) and "refit_test_shifted_roc_auc" not in logged  # it learnt those images
 
     # No champion yet: challenge says promote, and promote (under dsl.If) makes the pick the
     # champion, with the model card and the decision beside it.

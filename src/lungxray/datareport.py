@@ -151,7 +151,8 @@ def _shift_lines(manifest: dict) -> tuple[str, list[list[Any]]]:
     text = (f"`test_shifted` ({info['n']} images) holds out {len(info['held_out_clusters'])} of "
             f"{info['n_clusters']} k-means clusters of image statistics, around a seeded anchor "
             f"cluster on the edge of that space: a proxy for images from another machine. It is "
-            f"never trained, tuned or thresholded on. Mean difference, held out minus kept, in "
+            f"never tuned or thresholded on; candidates trained without it, only the refit of "
+            f"the pick learns from it. Mean difference, held out minus kept, in "
             f"standard deviations:")
     rows = sorted(([name, f"{value:+.2f}"] for name, value in info["mean_shift_sd"].items()),
                   key=lambda row: -abs(float(row[1])))

@@ -107,9 +107,10 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
 
     ``shifted_test_fraction`` > 0 first carves a ``test_shifted`` split of whole image-statistics
     clusters from train (``lungxray.shift``: a proxy for data from another machine, evaluated,
-    never trained or tuned on). Missing val/test splits are carved from train (stratified,
-    seeded, duplicate- and patient-grouped) unless ``carve_missing`` is False (evaluation of an
-    external set uses the splits as given; a source without splits becomes one ``test`` set).
+    never tuned on; only the pick's refit trains on it). Missing val/test splits are carved from
+    train (stratified, seeded, duplicate- and patient-grouped) unless ``carve_missing`` is False
+    (evaluation of an external set uses the splits as given; a source without splits becomes
+    one ``test`` set).
     Bad files stop the run with an error naming every one of them, or with ``skip_bad`` are left
     out and listed in the manifest and report. ``keep_aspect`` pads instead of stretching; source
     images whose smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below

@@ -89,7 +89,8 @@ class PipelineParams(BaseModel):
     shifted_test_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
         0.1,
         description="Share of train held out as test_shifted, whole clusters of image "
-                    "statistics: the shift proxy, never trained or chosen on; 0 = none.")
+                    "statistics: the shift proxy that breaks ties on val AUC; only the refit "
+                    "trains on it; 0 = none.")
     refit: bool = Field(
         True,
         description="After the pick is chosen, train it again (each ensemble member, the same "

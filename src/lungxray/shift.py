@@ -6,8 +6,9 @@ adult set 0.727). Lacking such data, ``test_shifted`` holds out a region of *ima
 space: every training image is described by acquisition-like statistics (intensity, contrast,
 histogram percentiles, edge density, border darkness, a few PCA components of a thumbnail),
 the standardised descriptions are clustered with k-means, and whole clusters around a seeded
-anchor cluster on the edge of that space are held out. Training, tuning and thresholds never
-see those images, so they differ systematically from everything the model learnt from.
+anchor cluster on the edge of that space are held out. The candidates' training, tuning and
+thresholds never see those images, so they differ systematically from everything those models
+learnt from; only the pick's refit (:mod:`lungxray.refit`) learns from them afterwards.
 """
 
 from __future__ import annotations

@@ -130,25 +130,24 @@ def refit(data_dir: Path, pick_dir: Path, output: Path, enabled: bool = True,
     if reason:
         safeio.copy_model_folder(pick_dir, output)
         return {"refit": False, "reason": reason}
-    splits = [*added] + ["train"]
+    ensemble = bool(pick.get("ensemble"))
     refit_infos = {}
     for name, info in member_infos.items():
         rule, target = _rule_of(info)
-        dest = output / artifacts.MEMBERS_DIR / name if pick.get("ensemble") else output
+        dest = output / artifacts.MEMBERS_DIR / name if ensemble else output
         refit_infos[name] = train.train(
             data_dir, str(info["model_name"]), dest, hparams=info.get("hparams") or None,
             epochs=epochs, weights=str(info.get("weights") or "none"),
             batch_size=int(info["batch_size"]),
             seed=int(info["seed"]), target_sensitivity=target, threshold_rule=rule,
             cache_dir=cache_dir, train_splits=("train", *added))
-    held = [s for s in evaluate.dataset_splits(data_dir) if s not in splits]
+    held = [s for s in evaluate.dataset_splits(data_dir) if s not in {"train", *added}]
     record: dict[str, Any] = {
         "refit": True, "added_splits": added, "epochs": epochs,
         "train_images": next(iter(refit_infos.values()))["train_images"],
         "measured": {"model_name": pick["model_name"], "threshold": pick.get("threshold"),
                      "threshold_method": pick.get("threshold_method")},
     }
-    ensemble = bool(pick.get("ensemble"))
     if ensemble:
         shipped = _ensemble_info(pick, output, data_dir, manifest, refit_infos)
         _write_info(output, shipped, record, ensemble)  # loadable, so it can be scored

@@ -26,12 +26,18 @@ from pipelines.params import (
 from pipelines.pipeline import build_pipeline
 from pipelines.profiles import PROFILES, resolve_params
 
+# One model's training keeps about 1.5 of 2 cores busy at 32 px; two at once fill them.
+# Measured on 2026-12-07 (bench/local_runs.md): PROFILE=full with the NIH site took 28.8 min
+# at 149% CPU one model at a time and 24.5 min at 171% two at a time, the same results, peak
+# RSS 2.3 GB per step either way.
+LOCAL_PARALLELISM = 2
+
 
 def run_local(params: dict, pipeline_root: Path, parallelism: int = 1) -> Path:
     """Run the whole pipeline locally; returns the path of the comparison report.
 
-    ``parallelism`` defaults to 1: TensorFlow already uses every core, and two large backbones
-    training at once would only fight over memory.
+    ``parallelism``: base models trained at once (the command line's default is
+    :data:`LOCAL_PARALLELISM`).
     """
     from kfp import local
 
@@ -69,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="one pipeline parameter (overrides --params); repeatable")
     parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
                         help="where kfp.local keeps artifacts (default ./local_outputs)")
-    parser.add_argument("--parallelism", type=int, default=1,
-                        help="base models run at once (default 1)")
+    parser.add_argument("--parallelism", type=int, default=LOCAL_PARALLELISM,
+                        help=f"base models run at once (default {LOCAL_PARALLELISM}; 1 where "
+                        "memory is short, e.g. large images)")
     args = parser.parse_args(argv)
     try:
         params = cli_params(args.profile, args.params, args.set)

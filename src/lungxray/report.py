@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungxray import pages, site_report, staging
+from lungxray import pages, shift, site_report, staging
 from lungxray.artifacts import (
     BAR_METRICS,
     BEST_MODEL_DIR,
@@ -386,7 +386,9 @@ def _split_n(trials: list[Trial], split: str) -> int | None:
 
 def _split_title(split: str, trials: list[Trial]) -> str:
     role = {"val": "validation: selection happens here",
-            "test": "test: held out, the unbiased estimate"}.get(
+            "test": "test: held out, the unbiased estimate",
+            shift.SPLIT: "shift proxy: whole clusters of atypical images held out of training; "
+                         "breaks ties on validation, then the pick's refit learns from it"}.get(
         split, site_report.split_role(split) or "external / other data")
     return f"{split} (n={_split_n(trials, split)}; {role})"
 

@@ -1,14 +1,16 @@
 """Training defaults measured (issue 33 item 5): SmallCNN, the from-scratch baseline every
 profile runs, trained with `lungxray train` defaults at the profiles' prepared size (32 px)
-against one changed default at a time, with the NIH site either held out whole
-(``--holdout-site nih``) or in training, as in bench/thresholds.py. Per split and site: ROC AUC,
+(geometric augmentation on, as it was: ``STUDY_BASE``) against one changed default at a time,
+with the NIH site either held out whole (``--holdout-site nih``) or in training, as in
+bench/thresholds.py. Per split and site: ROC AUC,
 accuracy and balanced accuracy at the model's own threshold (model_info.json) and at 0.5.
 
     python -m bench.defaults --seeds 42 --work /tmp/defaults
 
 Runs already in ``--work`` are reused; variants that change training only share one prepared
 dataset per setup, size and seed. Writes bench/defaults.json after every run (runs recorded
-there before are kept) and prints a Markdown table (mean over seeds)."""
+there before are kept) and prints two Markdown tables (means over seeds): the variants, and
+mean-probability ensembles of the top-k variants by val AUC (:func:`ensembles`)."""
 
 from __future__ import annotations
 
@@ -24,37 +26,61 @@ from bench.thresholds import ROOT, SETUPS, cli, evaluated, prepared, site_parts
 from lungxray import metrics
 
 SIZE = 32  # the prepared size of the quick and full profiles (pipelines/profiles.py)
-# name: (prepared size, extra train options, hyperparameters over the defaults)
-VARIANTS: dict[str, tuple[int, list[str], dict]] = {
-    "baseline": (SIZE, [], {}),
-    "class_weighting=false": (SIZE, [], {"class_weighting": False}),
-    "label_smoothing=0.1": (SIZE, [], {"label_smoothing": 0.1}),
-    "epochs=9": (SIZE, ["--epochs", "9"], {}),
-    "size=28": (28, [], {}),
-    "size=48": (48, [], {}),
+# The baseline of this study is train's defaults as they were when it ran: SmallCNN has since
+# dropped the geometric augmentation on its evidence (variant augment=0), so every variant
+# pins it, and a re-run measures the same settings.
+STUDY_BASE = {"augment": 1.0}
+NO_CARVE = ["--shifted-test-fraction", "0"]
+# name: (prepared size, extra train options, hyperparameters over the defaults, extra
+# preprocess options)
+VARIANTS: dict[str, tuple[int, list[str], dict, list[str]]] = {
+    "baseline": (SIZE, [], {}, []),
+    "class_weighting=false": (SIZE, [], {"class_weighting": False}, []),
+    "label_smoothing=0.1": (SIZE, [], {"label_smoothing": 0.1}, []),
+    "epochs=9": (SIZE, ["--epochs", "9"], {}, []),
+    "size=28": (28, [], {}, []),
+    "size=48": (48, [], {}, []),
+    # The augmentation levers (bench/levers.md measured them on test_shifted only).
+    "augment=0": (SIZE, [], {"augment": 0.0}, []),
+    "augment=0.5": (SIZE, [], {"augment": 0.5}, []),
+    "intensity_augment=1": (SIZE, [], {"intensity_augment": 1.0}, []),
+    "randaugment=0.2": (SIZE, [], {"randaugment": 0.2}, []),
+    "mixup=0.2": (SIZE, [], {"mixup": 0.2}, []),
+    # No shift carve: its images stay in train (no test_shifted to score).
+    "shifted_test_fraction=0": (SIZE, [], {}, NO_CARVE),
 }
+# Variants trained on one prepared dataset (same images, same rows): their predictions can be
+# averaged into ensembles.
+SAME_DATA = [name for name, (size, _, _, prep) in VARIANTS.items() if size == SIZE and not prep]
 
 
 def slug(text: str) -> str:
     return text.replace(" ", "_").replace("=", "-")
 
 
+def trained(run: Path, data: Path, variant: str, seed: int) -> Path:
+    """SmallCNN trained once on ``data`` with ``variant``'s options into ``run``/model."""
+    _, options, hparams, _ = VARIANTS[variant]
+    model = run / "model"
+    if not model.exists():
+        options = [*options, "--hparams", str(run / "hparams.json")]
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "hparams.json").write_text(json.dumps({**STUDY_BASE, **hparams}) + "\n")
+        cli("train", "--data", str(data), "--model", "SmallCNN", "--output", str(model),
+            "--seed", str(seed), *options)
+    return model
+
+
 def one_run(work: Path, setup: str, variant: str, seed: int) -> dict:
     """Preprocess (once per setup, size and seed), train and evaluate one variant; its rows per
     split and site."""
-    size, options, hparams = VARIANTS[variant]
+    size, _, _, prep = VARIANTS[variant]
     run = work / f"{slug(setup)}-{slug(variant)}-{seed}"
-    data = work / f"data-{slug(setup)}-{size}-{seed}"
+    data = work / f"data-{slug(setup)}-{size}{'-nocarve' if prep else ''}-{seed}"
     model, evaluation, timing = run / "model", run / "eval", run / "seconds.json"
     start = time.time()
-    splits = prepared(data, setup, seed, "--image-size", str(size))
-    if not model.exists():
-        if hparams:
-            options = [*options, "--hparams", str(run / "hparams.json")]
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "hparams.json").write_text(json.dumps(hparams) + "\n")
-        cli("train", "--data", str(data), "--model", "SmallCNN", "--output", str(model),
-            "--seed", str(seed), *options)
+    splits = prepared(data, setup, seed, "--image-size", str(size), *prep)
+    trained(run, data, variant, seed)
     evaluated(model, data, evaluation, splits)
     if not timing.exists():  # a reused run keeps the seconds it took (preprocess included)
         timing.write_text(json.dumps(time.time() - start) + "\n")
@@ -95,7 +121,49 @@ def summary(rows: list[dict]) -> pd.DataFrame:
             columns[f"{name} bal. acc."] = part["balanced_accuracy"].mean()
             columns[f"{name} bal. acc. @0.5"] = part["balanced_accuracy_at_0.5"].mean()
     seeds = frame.groupby(["setup", "variant"], sort=False)["seed"].nunique()
-    return pd.DataFrame({**columns, "seeds": seeds})
+    table = pd.DataFrame({**columns, "seeds": seeds})
+    order = [(setup, variant) for setup in SETUPS for variant in VARIANTS
+             if (setup, variant) in table.index]
+    return table.loc[order]
+
+
+def ensembles(work: Path, runs: dict) -> pd.DataFrame:
+    """Mean-probability ensembles of the SAME_DATA variants measured for each setup and seed:
+    the top k by val AUC (k = 1, 2, 3, 5, all), as compare builds its candidates. Mean over seeds
+    of val, test_shifted and NIH AUC (NIH as in :func:`summary`)."""
+    rows = []
+    for setup, seed in sorted({(s, seed) for s, _, seed in runs}):
+        members = [v for v in SAME_DATA if (setup, v, seed) in runs]
+        scored = {v: {split: pd.read_csv(work / f"{slug(setup)}-{slug(v)}-{seed}" / "eval" / split
+                                         / "predictions.csv")
+                      for split in ("val", "test", "test_shifted", "test_site_nih")
+                      if (work / f"{slug(setup)}-{slug(v)}-{seed}" / "eval" / split).is_dir()}
+                  for v in members}
+        by_val = sorted(members, key=lambda v: -_auc(scored[v]["val"]))
+        for k in sorted({1, 2, 3, 5, len(members)} & set(range(1, len(members) + 1))):
+            top = by_val[:k]
+            row = {"setup": setup, "seed": seed, "members": k, "first": top[0]}
+            for name, split, site in (("val", "val", None), ("test_shifted", "test_shifted", None),
+                                      ("NIH", "test_site_nih" if "test_site_nih" in scored[top[0]]
+                                       else "test", "nih")):
+                tables = [scored[v][split] for v in top]
+                if any(not t["y_true"].equals(tables[0]["y_true"]) for t in tables):
+                    raise SystemExit(f"{setup} seed {seed}: {split} rows differ between members")
+                mean = tables[0].assign(prob_pneumonia=np.mean(
+                    [t["prob_pneumonia"] for t in tables], axis=0))
+                if site and split == "test":
+                    mean = mean[mean["site"] == site]
+                row[f"{name} AUC"] = _auc(mean)
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["setup", "members"], sort=False).agg(
+        {"val AUC": "mean", "test_shifted AUC": "mean", "NIH AUC": "mean",
+         "seed": "nunique"}).rename(columns={"seed": "seeds"})
+
+
+def _auc(table: pd.DataFrame) -> float:
+    probs = np.stack([1 - table["prob_pneumonia"], table["prob_pneumonia"]], axis=1)
+    return metrics.roc_auc(table["y_true"].to_numpy(), probs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   default=_plain) + "\n")
     table = summary([row for run in runs.values() for row in run["rows"]]).round(3)
     print(table.reset_index().to_markdown(index=False))
+    print(ensembles(args.work, runs).round(3).reset_index().to_markdown(index=False))
     return 0
 
 

@@ -54,11 +54,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> dict:
-    """`make local` as a user runs it: wall time and peak RSS of its largest process (each run
-    in its own wrapper process, so one run's peak never leaks into the next one's)."""
+def run_local(profile: str, data: Path, weights: str, pipeline_root: Path,
+              sites: str = "") -> dict:
+    """`make local` as a user runs it (``sites``: its SITES, more sites beside ``data``): wall
+    time and peak RSS of its largest process (each run in its own wrapper process, so one
+    run's peak never leaks into the next one's)."""
     command = ["make", "-C", str(ROOT), "local", f"PROFILE={profile}", f"DATA={data}",
-               f"WEIGHTS={weights}", f"PIPELINE_ROOT={pipeline_root}"]
+               f"WEIGHTS={weights}", f"PIPELINE_ROOT={pipeline_root}", f"SITES={sites}"]
     wrapper = ("import resource, subprocess, sys\n"
                "subprocess.run(sys.argv[1:], check=True)\n"
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -71,7 +73,8 @@ def run_local(profile: str, data: Path, weights: str, pipeline_root: Path) -> di
     peak_kib = int(done.stdout.strip().splitlines()[-1])
     runs = sorted(pipeline_root.glob("lungxray-*"), key=lambda p: p.stat().st_mtime)
     return {"profile": profile, "weights": weights, "data": os.path.relpath(data, ROOT),
-            "params": PROFILES[profile], "started": start_utc, "wall_seconds": round(wall, 1),
+            "sites": sites, "params": PROFILES[profile], "started": start_utc,
+            "wall_seconds": round(wall, 1),
             "peak_rss_mib": round(peak_kib / 1024),
             "run_dir": str(runs[-1])}
 
@@ -255,7 +258,8 @@ def markdown(results: dict) -> str:
                   for r in results["train_throughput"]]
         lines.append("")
     for profile, run in results.get("make_local", {}).items():
-        lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}`", "",
+        sites = f" SITES={run['sites']}" if run.get("sites") else ""
+        lines += [f"## `make local PROFILE={profile} WEIGHTS={run['weights']}{sites}`", "",
                   f"Started {run.get('started', '?')}. "
                   f"Wall time **{run['wall_seconds'] / 60:.1f} min** ({run['wall_seconds']} s), "
                   f"peak RSS of the largest process **{run['peak_rss_mib']} MiB**. "
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["quick", "full"],
                         help="profiles of the `make local` runs (default quick full)")
     parser.add_argument("--weights", default="none", help="weights of the `make local` runs")
+    parser.add_argument("--sites", default="", metavar="NAME=SOURCE,...",
+                        help="more sites in the `make local` runs (make local's SITES), e.g. "
+                        "nih=../shared/data/nih_cxr_1000/manifest.csv")
     parser.add_argument("--output", type=Path, default=BENCH)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the runs and prepared data here (default: a temporary "
@@ -327,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if "local" in wanted:
             for profile in args.profiles:
-                local = run_local(profile, args.data, args.weights, work / f"runs-{profile}")
+                local = run_local(profile, args.data, args.weights, work / f"runs-{profile}",
+                                  args.sites)
                 results.setdefault("make_local", {})[profile] = {
                     k: v for k, v in local.items() if k != "run_dir"}
                 results.setdefault("accuracy", {})[profile] = accuracy(

@@ -1,4 +1,5 @@
-"""bench.run: its command line refuses a mistyped section; its accuracy table's derived figures."""
+"""bench.run: its command line refuses a mistyped section; its accuracy table's derived figures;
+the heading of a `make local` section names its sites."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def test_official_mix_accuracy_reweights_the_classes_to_the_official_test_counts
     assert run.official_mix_accuracy(result) != pytest.approx(result["accuracy"])
     other = metrics.compute_metrics(y, probs, ["benign", "malignant"], 0.5)
     assert run.official_mix_accuracy(other) is None  # only for PneumoniaMNIST's classes
+
+
+def test_a_make_local_section_names_the_sites_it_ran_with():
+    machine = {"cpu": "cpu", "cores": 2, "gpus": 0, "python": "3.11", "tensorflow": "2.21",
+               "date": "today"}
+    run_entry = {"weights": "none", "started": "now", "wall_seconds": 1470.0,
+                 "peak_rss_mib": 2300, "data": "d.npz", "params": {}}
+    page = run.markdown({"machine": machine, "make_local": {
+        "full": {**run_entry, "sites": "nih=m.csv"}, "quick": run_entry}})
+    assert "## `make local PROFILE=full WEIGHTS=none SITES=nih=m.csv`" in page
+    assert "## `make local PROFILE=quick WEIGHTS=none`\n" in page  # no sites: as before
+    assert "**24.5 min**" in page

@@ -66,7 +66,7 @@ SAME_PARAMETER = {
 # A command's own options (paths, caches, settings the pipeline does not expose).
 OWN_OPTIONS = {
     "preprocess": {"output", "channels", "val_fraction", "test_fraction", "min_size", "workers",
-                   "max_image_pixels", "limit", "site_name", "cache_dir"},
+                   "max_image_pixels", "limit", "site_name", "shift_fold", "cache_dir"},
     "tune": {"data", "model", "output", "state_dir", "feature_cache", "cache_dir"},
     "train": {"data", "model", "output", "hparams", "patience", "mixed_precision", "xla",
               "cache_dir"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sklearn import metrics as skm
 
 from lungxray.artifacts import CI_METRICS
 from lungxray.metrics import (
+    binary_rates,
     bootstrap_indices,
     choose_threshold,
     compute_metrics,
@@ -438,6 +440,27 @@ def test_bootstrap_ci_equals_percentiles_of_sklearn_on_each_resample(multiclass:
                        for idx in resamples]
             assert m["per_class"][name]["ci"]["recall"] == pytest.approx(
                 np.percentile(recalls, [2.5, 97.5]))
+
+
+@pytest.mark.parametrize("counts", [c for c in itertools.product(range(3), repeat=4) if sum(c)])
+def test_binary_rates_are_sklearns_on_every_small_confusion(counts: tuple[int, ...]) -> None:
+    """The bootstrap's rates from confusion counts equal sklearn's, zero divisions and one-class
+    splits included."""
+    tn, fp, fn, tp = counts
+    y = np.array([0] * (tn + fp) + [1] * (fn + tp))
+    pred = np.array([0] * tn + [1] * fp + [0] * fn + [1] * tp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = {
+            "accuracy": skm.accuracy_score(y, pred),
+            "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+            "precision": skm.precision_score(y, pred, zero_division=0),
+            "sensitivity": skm.recall_score(y, pred, zero_division=0),
+            "specificity": skm.recall_score(1 - y, 1 - pred, zero_division=0),
+            "npv": skm.precision_score(1 - y, 1 - pred, zero_division=0),
+            "f1": skm.f1_score(y, pred, zero_division=0),
+            "mcc": skm.matthews_corrcoef(y, pred)}
+    assert binary_rates(*counts) == pytest.approx(expected, abs=1e-12)
 
 
 def test_bootstrap_is_stratified_and_seeded() -> None:

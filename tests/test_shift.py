@@ -1,10 +1,12 @@
-"""The shifted test split: whole image-statistics clusters held out of train (lungxray.shift)."""
+"""The shifted test split: whole image-statistics clusters held out of train (lungxray.shift),
+one region or one of K folds."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lungxray import integrity, prepare, shift
@@ -100,3 +102,66 @@ def test_fractions_that_leave_no_train_are_refused(tmp_path, shared_npz):
         prepare.preprocess(str(shared_npz), tmp_path / "out", val_fraction=0.4,
                            test_fraction=0.4, shifted_test_fraction=0.3)
     assert not (tmp_path / "out").exists()
+
+
+def test_folds_hold_every_image_out_once_and_keep_groups_and_blocked_images():
+    images, labels, _ = _two_machines(400)
+    features = _features(images)
+    groups = np.arange(len(labels)) // 2
+    blocked = np.zeros(len(labels), bool)
+    blocked[:10] = True  # copies in val: never held out
+    masks = [shift.fold_mask(features, labels, groups, (i, 3), 5, blocked)[0]
+             for i in (1, 2, 3)]
+    # Every image but the blocked ones in exactly one fold, each fold with both classes.
+    np.testing.assert_array_equal(np.sum(masks, axis=0), ~blocked)
+    for mask in masks:
+        assert set(labels[mask].tolist()) == {0, 1}
+        assert all(len(set(mask[groups == g].tolist())) == 1 for g in np.unique(groups))
+    _, info = shift.fold_mask(features, labels, groups, (2, 3), 5, blocked)
+    assert info["fold"] == 2 and info["folds"] == 3 and info["n"] == masks[1].sum()
+    assert sum(info["fold_sizes"]) == (~blocked).sum()
+    np.testing.assert_array_equal(
+        shift.fold_mask(features, labels, groups, (2, 3), 5, blocked)[0], masks[1])
+
+
+@pytest.mark.parametrize("fold", [(0, 4), (5, 4), (1, 1), (1, 11)])
+def test_a_fold_outside_its_range_is_refused(fold):
+    images, labels, _ = _two_machines(60)
+    with pytest.raises(DataError, match="shift fold must be I/K"):
+        shift.fold_mask(_features(images), labels, np.arange(60), fold, 0)
+
+
+def test_preprocessing_each_fold_holds_every_training_image_out_once(tmp_path, shared_npz):
+    source = tmp_path / "real.npz"
+    with np.load(shared_npz) as npz:  # 600 real training images, val/test carved from them
+        labels = npz["train_labels"].ravel()
+        rows = np.r_[np.flatnonzero(labels == 0)[:200], np.flatnonzero(labels == 1)[:400]]
+        np.savez(source, train_images=npz["train_images"][rows],
+                 train_labels=npz["train_labels"][rows])
+    held, trained = [], []
+    for i in (1, 2):
+        manifest = prepare.preprocess(str(source), tmp_path / f"fold{i}", seed=0,
+                                      shift_fold=(i, 2))
+        assert manifest["shift"]["fold"] == i and manifest["shift"]["folds"] == 2
+        index = pd.read_csv(tmp_path / f"fold{i}" / "files.csv")
+        held.append(set(index.loc[index["split"] == "test_shifted", "file"]))
+        trained.append(set(index.loc[index["split"] != "test_shifted", "file"]))
+    assert not held[0] & held[1]  # no image held out twice
+    assert held[0] | held[1] == trained[0] | held[0]  # every image held out once
+    assert held[1] <= trained[0] and held[0] <= trained[1]
+
+
+def test_a_bad_fold_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from lungxray import cli
+
+    for text, message in (("x", "expected I/K"), ("3/2", "shift fold must be I/K")):
+        argv = ["preprocess", "--source", "unused.npz", "--output", str(tmp_path / "o"),
+                "--shift-fold", text]
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_info:  # argparse's own refusal
+            code = exit_info.code
+        assert code != 0
+        err = capsys.readouterr().err
+        assert message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "o").exists()

@@ -90,10 +90,14 @@ def test_tune_then_train_smallcnn_with_imagenet_weights_runs_from_scratch(
                      weights="imagenet", seed=0)
     assert best["phases"].keys() == {"scratch"} and best["feature_cache"] is None
     assert {"intensity_augment", "standardize"} <= set(best["hparams"])
-    # One trial is the default point: SmallCNN's own learning rate (hparams.MODEL_DEFAULTS).
+    # One trial is the default point: SmallCNN's own learning rate and no geometric
+    # augmentation (hparams.MODEL_DEFAULTS).
     assert best["hparams"]["learning_rate"] == pytest.approx(1e-3)
+    assert best["hparams"]["augment"] == 0.0
     assert merge_hparams({}, False, "SmallCNN")["learning_rate"] == 1e-3
+    assert merge_hparams({}, False, "SmallCNN")["augment"] == 0.0
     assert merge_hparams({}, False, "VGG16")["learning_rate"] == 1e-4
+    assert merge_hparams({}, False, "VGG16")["augment"] == 1.0
     info = train.train(small_dataset, "SmallCNN", tmp_path / "model", epochs=2,
                        weights="imagenet", seed=0,
                        hparams={**read_best_hparams(tmp_path / "tune" / tune.BEST_FILE),

@@ -53,9 +53,9 @@ def test_scratch_training_writes_a_complete_model_dir(trained_model, small_datas
 
 @pytest.mark.slow
 def test_short_real_training_learns(tmp_path, shared_npz):
-    """Two epochs on 600 real images lift validation AUC well above chance."""
+    """Two epochs on 300 real images lift validation AUC well above chance."""
     prepared = tmp_path / "data"
-    prepare.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=600, seed=3)
+    prepare.preprocess(str(shared_npz), prepared, image_size=32, max_per_split=300, seed=3)
     info = train.train(prepared, "VGG16", tmp_path / "model", epochs=2, weights="none", seed=3)
     history = json.loads((tmp_path / "model" / artifacts.HISTORY_FILE).read_text())["history"]
     assert max(history["val_auc"]) > 0.85, history["val_auc"]

@@ -42,6 +42,10 @@ def add_preprocess_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of train held out first as 'test_shifted': whole k-means "
                    "clusters of image statistics, a proxy for another machine's images "
                    f"(default {DEFAULTS.shifted_test_fraction}, as the pipeline; 0: none)")
+    p.add_argument("--shift-fold", type=_fold, default=None, metavar="I/K",
+                   help="make test_shifted fold I of K image-statistics folds instead of one "
+                   "carved region: preparing with 1/K .. K/K holds every training image out "
+                   "once (bench/folds.py)")
     p.add_argument("--max-per-split", type=int, default=DEFAULTS.max_per_split,
                    help="keep at most N images per split, stratified (0 = all; for quick runs)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable files (corrupt, empty, "
@@ -88,7 +92,15 @@ def _preprocess(args: argparse.Namespace) -> dict:
                               min_size=args.min_size, workers=args.workers, limits=limits,
                               shifted_test_fraction=args.shifted_test_fraction,
                               sites=_sites(args.site), site_name=args.site_name,
-                              holdout_site=args.holdout_site)
+                              holdout_site=args.holdout_site, shift_fold=args.shift_fold)
+
+
+def _fold(text: str) -> tuple[int, int]:
+    """``I/K`` as (I, K)."""
+    i, sep, k = text.partition("/")
+    if not (sep and i.strip().isdigit() and k.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected I/K (e.g. 1/4), got {text!r}")
+    return int(i), int(k)
 
 
 def _sites(entries: list[str]) -> list[tuple[str, str]]:

@@ -6,8 +6,11 @@ turns the results into plain JSON-serialisable Python values.
 
 Confidence intervals are stratified percentile bootstraps (each class resampled within itself, as
 pROC's ``ci.auc`` does by default): the class mix of the split stays fixed, so AUC is defined in
-every resample and PPV/NPV keep the split's prevalence. Each resample goes through the same
-sklearn calls as the point estimate.
+every resample and PPV/NPV keep the split's prevalence. A binary resample's ranking metrics (ROC
+AUC, average precision, Brier) are the same sklearn calls as the point estimate; its
+threshold-dependent rates are read off the resample's four confusion counts
+(:func:`binary_rates`, held equal to sklearn's by tests), which makes the CIs several times
+faster: the bootstrap dominated evaluation and comparison time.
 
 Expected calibration error is not in sklearn: it is the bin-size-weighted gap between the observed
 frequencies and mean confidences that ``sklearn.calibration.calibration_curve`` returns.
@@ -35,7 +38,7 @@ from lungxray.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_N_BOOTSTRAP = 200  # sklearn per resample: ~7 ms for a binary split, ~11 ms for 3 classes
+DEFAULT_N_BOOTSTRAP = 200
 DEFAULT_SEED = 0
 CI_LEVEL = 0.95
 ECE_BINS = 10
@@ -347,14 +350,46 @@ def _interval(values: list[float | None]) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def binary_rates(tn: int, fp: int, fn: int, tp: int) -> dict[str, float]:
+    """sklearn's threshold-dependent binary metrics from the four confusion counts, with its
+    conventions: a ratio with an empty denominator is 0 (``zero_division=0``), balanced
+    accuracy averages the recalls of the classes present, MCC is 0 when undefined."""
+    def ratio(num: float, den: float) -> float:
+        return num / den if den else 0.0
+
+    recalls = [r for r, present in ((tp / (tp + fn) if tp + fn else 0.0, tp + fn),
+                                    (tn / (tn + fp) if tn + fp else 0.0, tn + fp)) if present]
+    mcc_den = float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return {"accuracy": ratio(tp + tn, tp + tn + fp + fn),
+            "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+            "precision": ratio(tp, tp + fp), "sensitivity": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "npv": ratio(tn, tn + fn),
+            "f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "mcc": (float(tp) * tn - float(fp) * fn) / math.sqrt(mcc_den) if mcc_den else 0.0}
+
+
 def _bootstrap(y: np.ndarray, p: np.ndarray, class_names: list[str], threshold: float | None,
                n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
-    """The same sklearn metrics on every resample (at the same threshold). The inputs were
-    checked once for the point estimates; skipping sklearn's per-call validation on the
-    resamples makes the CIs several times faster with the same numbers."""
+    """The metrics with a CI on every resample (at the same threshold). The inputs were checked
+    once for the point estimates, so sklearn's per-call validation is skipped; a binary
+    resample's rates come from its confusion counts (:func:`binary_rates`)."""
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        return [_point_metrics(y[idx], p[idx], class_names, threshold, at_half=False)[0]
-                for idx in bootstrap_indices(y, n_bootstrap, seed)]
+        if p.shape[1] != 2:
+            return [_point_metrics(y[idx], p[idx], class_names, threshold, at_half=False)[0]
+                    for idx in bootstrap_indices(y, n_bootstrap, seed)]
+        score = p[:, 1]
+        # 2 * truth + call: 0 = TN, 1 = FP, 2 = FN, 3 = TP.
+        cell = 2 * y + (score >= (DEFAULT_THRESHOLD if threshold is None else threshold))
+        reps = []
+        for idx in bootstrap_indices(y, n_bootstrap, seed):
+            ys, ss = y[idx], score[idx]
+            both = ys.min() != ys.max()
+            reps.append({**binary_rates(*np.bincount(cell[idx], minlength=4).tolist()),
+                         "roc_auc": _float_or_none(skm.roc_auc_score(ys, ss)) if both else None,
+                         "pr_auc": _float_or_none(skm.average_precision_score(ys, ss))
+                         if ys.max() == 1 else None,
+                         "brier": float(skm.brier_score_loss(ys, ss, labels=[0, 1]))})
+        return reps
 
 
 def _check_bootstrap(n_bootstrap: int, seed: int) -> None:

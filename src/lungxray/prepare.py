@@ -102,7 +102,8 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
                keep_aspect: bool = False, min_size: int = MIN_IMAGE_SIZE,
                workers: int = 0, limits: Limits | None = None,
                shifted_test_fraction: float = 0.0, sites: list[tuple[str, str]] | None = None,
-               site_name: str | None = None, holdout_site: str | None = None) -> dict:
+               site_name: str | None = None, holdout_site: str | None = None,
+               shift_fold: tuple[int, int] | None = None) -> dict:
     """Prepare ``source`` into ``output`` and return the manifest.
 
     ``shifted_test_fraction`` > 0 first carves a ``test_shifted`` split of whole image-statistics
@@ -110,7 +111,9 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
     never tuned on; only the pick's refit trains on it). Missing val/test splits are carved from
     train (stratified, seeded, duplicate- and patient-grouped) unless ``carve_missing`` is False
     (evaluation of an external set uses the splits as given; a source without splits becomes
-    one ``test`` set).
+    one ``test`` set). ``shift_fold`` (i, k) makes ``test_shifted`` fold i of k image-statistics
+    folds instead of the carve's one region (:func:`lungxray.shift.fold_mask`): preparing
+    once per fold holds every training image out once.
     Bad files stop the run with an error naming every one of them, or with ``skip_bad`` are left
     out and listed in the manifest and report. ``keep_aspect`` pads instead of stretching; source
     images whose smaller side is below ``min_size`` px (at least 8), and an ``image_size`` below
@@ -136,6 +139,10 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
         raise DataError(f"val_fraction + test_fraction + shifted_test_fraction must be below 1 "
                         f"(train keeps the rest), got {val_fraction} + {test_fraction} + "
                         f"{shifted_test_fraction}")
+    if shift_fold is not None:
+        shift.check_fold(shift_fold)
+        if not carve_missing:
+            raise DataError("shift_fold needs splits carved from train (carve_missing)")
     if max_per_split < 0 or workers < 0:
         raise DataError(f"max_per_split and workers must be 0 or more, got {max_per_split} and "
                         f"{workers}")
@@ -170,11 +177,11 @@ def preprocess(source: str, output: Path, image_size: int | None = None, seed: i
         if opened is not None:
             manifest = site_prepare.prepare_sites(
                 opened, holdout_site, staging, settings, seed=seed, skip_bad=skip_bad,
-                max_per_split=max_per_split, fractions=fractions)
+                max_per_split=max_per_split, fractions=fractions, shift_fold=shift_fold)
         else:
             manifest = _prepare(src, source, staging, settings, seed=seed, skip_bad=skip_bad,
                                 carve_missing=carve_missing, max_per_split=max_per_split,
-                                fractions=fractions)
+                                fractions=fractions, shift_fold=shift_fold)
         _check_output(output)  # still ours to replace after the (long) preparation
         with signals_blocked():  # never half-replaced: old output gone, new one not in place
             if output.exists():
@@ -195,7 +202,7 @@ def _space_needed(src: sources.Source, settings: Settings, max_per_split: int) -
 
 def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings, *,
              seed: int, skip_bad: bool, carve_missing: bool, max_per_split: int,
-             fractions: dict[str, float]) -> dict:
+             fractions: dict[str, float], shift_fold: tuple[int, int] | None = None) -> dict:
     """Both passes into ``staging``; returns the manifest (written last)."""
     pools, bad, source_sha, dropped = steps.decode_checked(src, source, staging / ".pools",
                                                            settings, skip_bad)
@@ -208,7 +215,7 @@ def _prepare(src: sources.Source, source: str, staging: Path, settings: Settings
         steps.check_coverage(source, pools, src.class_names)
     by_patient = any((pool.groups != "").any() for pool in pools.values())
     plan, carved, shift_info = steps.plan_splits(pools, carve_missing, fractions, seed,
-                                                 max_per_split, by_patient, settings)
+                                                 max_per_split, by_patient, settings, shift_fold)
     written, histograms = _write_all(pools, plan, staging, settings, len(src.class_names))
     shutil.rmtree(staging / ".pools")
     steps.write_index(staging / FILES_INDEX, written, src.class_names)

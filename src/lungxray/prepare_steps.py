@@ -136,25 +136,31 @@ def _train_groups(pools: dict[str, Pool], plan: dict[str, tuple[str, np.ndarray]
 
 
 def plan_splits(pools: dict[str, Pool], carve_missing: bool, fractions: dict[str, float],
-                seed: int, max_per_split: int, by_patient: bool, settings: Settings | None = None
+                seed: int, max_per_split: int, by_patient: bool, settings: Settings | None = None,
+                shift_fold: tuple[int, int] | None = None
                 ) -> tuple[dict[str, tuple[str, np.ndarray]], dict, dict | None]:
     """Per output split: (pool name, sorted row indices), which splits were carved, and how the
     shifted test split was carved (None without one). ``fractions["test_shifted"]`` > 0 carves
     it first, as whole image-statistics clusters (``lungxray.shift``), so val and test stay
-    random samples of the images left to train on."""
+    random samples of the images left to train on; ``shift_fold`` (i, k) carves fold i of k
+    such folds instead (:func:`lungxray.shift.fold_mask`)."""
     plan = {name: (name, np.flatnonzero(pool.ok)) for name, pool in pools.items()}
     carved: dict[str, str] = {}
     shift_info = None
     if carve_missing:
         given = len(plan["train"][1])  # each fraction is a share of train as given
-        if fractions.get(shift.SPLIT, 0.0) > 0:
+        if fractions.get(shift.SPLIT, 0.0) > 0 or shift_fold:
             train = pools["train"]
             rows, groups, forced = _train_groups(pools, plan, by_patient)
             chunk = settings.rows if settings else 4096
             features = shift.shift_features(*shift.statistics_of(train.images(), rows, chunk),
                                             seed)
-            mask, shift_info = shift.carve_shifted(features, train.labels[rows], groups,
-                                                   fractions[shift.SPLIT], seed, forced)
+            if shift_fold:
+                mask, shift_info = shift.fold_mask(features, train.labels[rows], groups,
+                                                   shift_fold, seed, forced)
+            else:
+                mask, shift_info = shift.carve_shifted(features, train.labels[rows], groups,
+                                                       fractions[shift.SPLIT], seed, forced)
             plan["train"], plan[shift.SPLIT] = ("train", rows[~mask]), ("train", rows[mask])
             carved[shift.SPLIT] = "train"
         for name in ("test", "val"):

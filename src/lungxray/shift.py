@@ -9,6 +9,9 @@ the standardised descriptions are clustered with k-means, and whole clusters aro
 anchor cluster on the edge of that space are held out. The candidates' training, tuning and
 thresholds never see those images, so they differ systematically from everything those models
 learnt from; only the pick's refit (:mod:`lungxray.refit`) learns from them afterwards.
+
+:func:`fold_mask` cuts the same space into K folds instead of one region, so that preparing once
+per fold holds every training image out once (``lungxray preprocess --shift-fold I/K``).
 """
 
 from __future__ import annotations
@@ -116,6 +119,61 @@ def carve_shifted(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
             return mask, describe(features, mask, chosen, clusters.labels_, k, seed, anchor)
     raise DataError(f"cannot carve a shifted test split: no region of {k} image-statistics "
                     f"clusters holds every class (each at least {MIN_CLASS_SHARE:.0%})")
+
+
+FOLD_CLUSTERS = 3  # k-means clusters per fold
+MAX_FOLDS = 10
+
+
+def check_fold(fold: tuple[int, int]) -> None:
+    """``(i, k)``: fold i (1..k) of k (2..MAX_FOLDS), or a one-line error."""
+    i, k = fold
+    if not 2 <= k <= MAX_FOLDS or not 1 <= i <= k:
+        raise DataError(f"shift fold must be I/K with 2 <= K <= {MAX_FOLDS} and 1 <= I <= K, "
+                        f"got {i}/{k}")
+
+
+def fold_mask(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+              fold: tuple[int, int], seed: int, blocked: np.ndarray | None = None
+              ) -> tuple[np.ndarray, dict]:
+    """Fold ``i`` of ``k`` image-statistics folds (``fold = (i, k)``) as the images to hold out
+    as ``test_shifted``, and a description. ``FOLD_CLUSTERS * k`` k-means clusters are ordered
+    by distance from a seeded anchor on the edge of the data (as :func:`carve_shifted` picks
+    one) and cut into ``k`` runs of about equal image counts, so each fold is a band of
+    neighbouring clusters. The same features and seed give the same folds, so preparing once
+    per fold holds every training image out exactly once (but ``blocked`` ones: copies in a
+    given split never move). A group (duplicates, a patient) goes with its first image."""
+    check_fold(fold)
+    i, k = fold
+    blocked = np.zeros(len(labels), bool) if blocked is None else blocked
+    n_clusters = FOLD_CLUSTERS * k
+    if len(labels) < 2 * n_clusters:
+        raise DataError(f"cannot cut {k} shift folds from {len(labels)} images: need at least "
+                        f"{2 * n_clusters} for {n_clusters} clusters")
+    clusters = KMeans(n_clusters, n_init=10, random_state=seed).fit(features)
+    centres = clusters.cluster_centers_
+    radius = np.linalg.norm(centres, axis=1)
+    outer = np.flatnonzero(radius >= np.median(radius))
+    anchor = int(np.random.default_rng(seed).permutation(outer)[0])
+    order = np.argsort(np.linalg.norm(centres - centres[anchor], axis=1), kind="stable")
+    sizes = np.bincount(clusters.labels_, minlength=n_clusters)[order]
+    # A cluster joins the fold its middle image falls in.
+    middle = np.cumsum(sizes) - sizes / 2
+    fold_of_cluster = np.empty(n_clusters, int)
+    fold_of_cluster[order] = np.minimum((middle / sizes.sum() * k).astype(int), k - 1)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    folds = fold_of_cluster[clusters.labels_][first][inverse]
+    free = ~np.isin(groups, np.unique(groups[blocked]))
+    mask = (folds == i - 1) & free
+    missing = [str(c) for c in np.unique(labels) if not (labels[mask] == c).any()]
+    if missing:
+        raise DataError(f"shift fold {i}/{k} holds no images of class(es) {missing}: fewer "
+                        f"folds, or another seed")
+    chosen = np.flatnonzero(fold_of_cluster == i - 1)
+    return mask, {**describe(features, mask, chosen, clusters.labels_, n_clusters, seed, anchor),
+                  "method": "kmeans on image statistics, one fold of whole clusters",
+                  "fold": i, "folds": k,
+                  "fold_sizes": np.bincount(folds[free], minlength=k).astype(int).tolist()}
 
 
 def describe(features: np.ndarray, mask: np.ndarray, chosen: np.ndarray, assigned: np.ndarray,

@@ -123,7 +123,8 @@ def open_sites(named: list[tuple[str, str]], main: sources.Source, output: Path,
 
 
 def _site_plan(site: OpenSite, pools: dict[str, Pool], holdout: bool, settings: Settings,
-               seed: int, fractions: dict[str, float], by_patient: bool
+               seed: int, fractions: dict[str, float], by_patient: bool,
+               shift_fold: tuple[int, int] | None = None
                ) -> tuple[dict[str, list[Segment]], dict, dict | None]:
     """One site's output splits as segments, what it carved and its shift carve. A held-out
     site keeps every usable image, in one split of its own."""
@@ -144,7 +145,7 @@ def _site_plan(site: OpenSite, pools: dict[str, Pool], holdout: bool, settings: 
     steps.check_coverage(site.where, pools, classes)
     try:
         plan, carved, shift_info = steps.plan_splits(pools, True, fractions, seed, 0,
-                                                     by_patient, settings)
+                                                     by_patient, settings, shift_fold)
     except DataError as err:  # e.g. too few patients to carve val from: name the site
         raise DataError(f"{site.where}: {err}") from None
     segments = {split: [Segment(site.name, pools[pool], rows)]
@@ -221,8 +222,10 @@ def _patients_across(written: dict[str, dict]) -> dict:
 
 def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
                   settings: Settings, *, seed: int, skip_bad: bool, max_per_split: int,
-                  fractions: dict[str, float]) -> dict:
-    """Both passes for every site into ``staging``; returns the manifest (written last)."""
+                  fractions: dict[str, float], shift_fold: tuple[int, int] | None = None
+                  ) -> dict:
+    """Both passes for every site into ``staging``; returns the manifest (written last).
+    ``shift_fold`` carves that fold of each site's shift folds as its test_shifted."""
     classes = opened[0].src.class_names
     names = [site.name for site in opened]
     segments: dict[str, list[Segment]] = {}
@@ -233,7 +236,7 @@ def prepare_sites(opened: list[OpenSite], holdout: str | None, staging: Path,
             site.src, site.where, staging / f".pools-{i}", settings, skip_bad)
         by_patient = any((pool.groups != "").any() for pool in pools.values())
         plan, carved, shift_info = _site_plan(site, pools, site.name == holdout, settings,
-                                              seed, fractions, by_patient)
+                                              seed, fractions, by_patient, shift_fold)
         for split, parts in plan.items():
             segments.setdefault(split, []).extend(parts)
         bad_all += [{"site": site.name, **b} for b in bad]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
     assert html.count("data:image/png;base64,") == len(MODELS) * (1 + 3 * 6) + 3 * 5 + 8
 
     # One tune -> train -> evaluate chain per model, each with real outputs.
-    val_auc = {}
+    val_auc, shifted_auc = {}, {}
     for iteration in sorted(run_dir.glob("for-loop-*-iteration-*")):
         info = json.loads((iteration / "train" / "model" / "model_info.json").read_text())
         best = json.loads((iteration / "tune" / "tuning" / "best_hparams.json").read_text())
@@ -47,13 +48,28 @@ def test_pipeline_runs_end_to_end_locally(shared_npz, tmp_path):
         assert val["n"] == 120 and test["n"] == 120
         assert val["threshold"] == test["threshold"] == info["threshold"]
         val_auc[info["model_name"]] = val["roc_auc"]
+        shifted_auc[info["model_name"]] = json.loads(
+            (iteration / "evaluate" / "evaluation" / "test_shifted" / "metrics.json")
+            .read_text())["roc_auc"]
         assert not list((iteration / "tune").rglob("checkpoint*"))
     assert sorted(val_auc) == sorted(MODELS)
 
-    # The best model is the one with the highest validation AUC (ties: by name).
+    # The best model has the highest validation AUC, unless candidates are tied there (paired
+    # bootstrap CI covers 0): then compare's summary names the tied and the one with the better
+    # shift-proxy AUC wins.
     best_info = json.loads((run_dir / "compare" / "best_model" / "model_info.json").read_text())
-    expected = sorted(val_auc, key=lambda name: (-val_auc[name], name))[0]
-    assert best_info["model_name"] == expected
+    leader = sorted(val_auc, key=lambda name: (-val_auc[name], name))[0]
+    expected = best_info["model_name"]
+    tie = re.search(r"Tied on validation AUC: (.+?) \(paired.*?the tie is broken on "
+                    r"test_shifted_roc_auc \(.*?\): ([\w-]+)\.",
+                    (run_dir / "compare" / "summary").read_text())
+    if tie:
+        tied = tie.group(1).split(", ")
+        assert leader in tied and expected == tie.group(2) and expected in tied
+        assert all(shifted_auc[expected] >= shifted_auc[name] for name in tied
+                   if name in shifted_auc and expected in shifted_auc)
+    else:
+        assert expected == leader
     executor = json.loads((run_dir / "compare" / "executor_output.json").read_text())
     best_artifact = executor["artifacts"]["best_model"]["artifacts"][0]
     assert best_artifact["metadata"]["model_name"] == expected

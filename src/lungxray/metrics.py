@@ -357,8 +357,7 @@ def binary_rates(tn: int, fp: int, fn: int, tp: int) -> dict[str, float]:
     def ratio(num: float, den: float) -> float:
         return num / den if den else 0.0
 
-    recalls = [r for r, present in ((tp / (tp + fn) if tp + fn else 0.0, tp + fn),
-                                    (tn / (tn + fp) if tn + fp else 0.0, tn + fp)) if present]
+    recalls = [hit / total for hit, total in ((tp, tp + fn), (tn, tn + fp)) if total]
     mcc_den = float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     return {"accuracy": ratio(tp + tn, tp + tn + fp + fn),
             "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,

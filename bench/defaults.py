@@ -2,8 +2,8 @@
 profile runs, trained with `lungxray train` defaults at the profiles' prepared size (32 px)
 (geometric augmentation on, as it was: ``STUDY_BASE``) against one changed default at a time,
 with the NIH site either held out whole (``--holdout-site nih``) or in training, as in
-bench/thresholds.py. Per split and site: ROC AUC,
-accuracy and balanced accuracy at the model's own threshold (model_info.json) and at 0.5.
+bench/thresholds.py. Per split and site: ROC AUC, accuracy and balanced accuracy at the model's
+own threshold (model_info.json) and at 0.5.
 
     python -m bench.defaults --seeds 42 --work /tmp/defaults
 
@@ -59,10 +59,11 @@ def slug(text: str) -> str:
 
 
 def trained(run: Path, data: Path, variant: str, seed: int) -> Path:
-    """SmallCNN trained once on ``data`` with ``variant``'s options into ``run``/model."""
+    """SmallCNN trained once on ``data`` with ``variant``'s options into ``run``/model (a run
+    killed before its model_info.json, written last, is resumed by train)."""
     _, options, hparams, _ = VARIANTS[variant]
     model = run / "model"
-    if not model.exists():
+    if not (model / "model_info.json").exists():
         options = [*options, "--hparams", str(run / "hparams.json")]
         run.mkdir(parents=True, exist_ok=True)
         (run / "hparams.json").write_text(json.dumps({**STUDY_BASE, **hparams}) + "\n")
@@ -134,10 +135,10 @@ def ensembles(work: Path, runs: dict) -> pd.DataFrame:
     rows = []
     for setup, seed in sorted({(s, seed) for s, _, seed in runs}):
         members = [v for v in SAME_DATA if (setup, v, seed) in runs]
-        scored = {v: {split: pd.read_csv(work / f"{slug(setup)}-{slug(v)}-{seed}" / "eval" / split
-                                         / "predictions.csv")
+        evals = {v: work / f"{slug(setup)}-{slug(v)}-{seed}" / "eval" for v in members}
+        scored = {v: {split: pd.read_csv(evals[v] / split / "predictions.csv")
                       for split in ("val", "test", "test_shifted", "test_site_nih")
-                      if (work / f"{slug(setup)}-{slug(v)}-{seed}" / "eval" / split).is_dir()}
+                      if (evals[v] / split).is_dir()}
                   for v in members}
         by_val = sorted(members, key=lambda v: -_auc(scored[v]["val"]))
         for k in sorted({1, 2, 3, 5, len(members)} & set(range(1, len(members) + 1))):
@@ -161,9 +162,14 @@ def ensembles(work: Path, runs: dict) -> pd.DataFrame:
          "seed": "nunique"}).rename(columns={"seed": "seeds"})
 
 
-def _auc(table: pd.DataFrame) -> float:
-    probs = np.stack([1 - table["prob_pneumonia"], table["prob_pneumonia"]], axis=1)
-    return metrics.roc_auc(table["y_true"].to_numpy(), probs)
+def auc_of(y: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of P(pneumonia) scores, as evaluation reports it."""
+    score = np.asarray(score, dtype=float)
+    return metrics.roc_auc(np.asarray(y), np.column_stack([1 - score, score]))
+
+
+def _auc(table: pd.DataFrame) -> float | None:
+    return auc_of(table["y_true"], table["prob_pneumonia"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.defaults import SAME_DATA, SIZE, slug, trained
+from bench.defaults import SAME_DATA, SIZE, auc_of, slug, trained
 from bench.thresholds import ROOT, SETUPS, evaluated, prepared, site_parts
 from lungxray import metrics
 
@@ -49,10 +49,6 @@ def fold_run(work: Path, setup: str, variant: str, seed: int, fold: int, folds: 
             "site": held["site"].tolist() if "site" in held else ["all"] * len(held)}
 
 
-def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    return metrics.roc_auc(y, np.column_stack([1 - score, score]))
-
-
 def summary(runs: list[dict], carve: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The variants' table (AUCs) and the threshold rules' table (balanced accuracy), each
     over the folds of every setup, variant and seed (means over seeds)."""
@@ -62,12 +58,12 @@ def summary(runs: list[dict], carve: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         y = np.concatenate(part["y_true"].tolist())
         score = np.concatenate(part["prob_pneumonia"].tolist())
         site = np.concatenate(part["site"].tolist())
-        fold_auc = [_auc(np.asarray(r.y_true), np.asarray(r.prob_pneumonia))
+        fold_auc = [auc_of(np.asarray(r.y_true), np.asarray(r.prob_pneumonia))
                     for r in part.itertuples()]
         row = {"setup": setup, "variant": variant, "seed": seed,
-               "val AUC": part["val_auc"].mean(), "out-of-fold AUC": _auc(y, score)}
+               "val AUC": part["val_auc"].mean(), "out-of-fold AUC": auc_of(y, score)}
         for name in sorted(set(site.tolist()) - {"all"}):
-            row[f"out-of-fold AUC {name}"] = _auc(y[site == name], score[site == name])
+            row[f"out-of-fold AUC {name}"] = auc_of(y[site == name], score[site == name])
         row["mean fold AUC"] = float(np.mean(fold_auc))
         row["worst fold AUC"] = float(np.min(fold_auc))
         row["carve test_shifted AUC"] = carve.get((setup, variant, seed))
@@ -86,7 +82,7 @@ def summary(runs: list[dict], carve: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table.drop(columns="seed"), rule_table.drop(columns="seed")
 
 
-def carve_auc(path: Path) -> dict:
+def carveauc_of(path: Path) -> dict:
     """bench/defaults.json's single-carve test_shifted AUC (all sites) per setup, variant and
     seed."""
     if not path.exists():
@@ -109,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = [fold_run(args.work, setup, variant, seed, fold, args.folds)
             for seed in args.seeds for setup in args.setups for variant in args.variants
             for fold in range(1, args.folds + 1)]
-    table, rules = summary(runs, carve_auc(ROOT / "bench" / "defaults.json"))
+    table, rules = summary(runs, carveauc_of(ROOT / "bench" / "defaults.json"))
     # The predictions stay in --work; the record keeps each fold's figures and the tables.
     folds = [{**{k: run[k] for k in ("setup", "variant", "seed", "fold", "folds", "val_auc",
                                      "thresholds")},
               "n": len(run["y_true"]),
-              "auc": _auc(np.asarray(run["y_true"]), np.asarray(run["prob_pneumonia"]))}
+              "auc": auc_of(np.asarray(run["y_true"]), np.asarray(run["prob_pneumonia"]))}
              for run in runs]
     args.output.write_text(json.dumps(
         {"folds": folds, "variants": table.reset_index().to_dict("records"),

@@ -42,8 +42,9 @@ def prepared(data: Path, setup: str, seed: int, *extra: str) -> list[str]:
 
 
 def evaluated(model: Path, data: Path, evaluation: Path, splits: list[str]) -> None:
-    """``model`` evaluated once on ``splits`` of ``data`` into ``evaluation``."""
-    if not evaluation.exists():
+    """``model`` evaluated once on ``splits`` of ``data`` into ``evaluation`` (again when a
+    split's metrics.json is missing, e.g. after a kill)."""
+    if not all((evaluation / split / "metrics.json").exists() for split in splits):
         cli("evaluate", "--model", str(model), "--data", str(data), "--output",
             str(evaluation), "--split", *splits, "--no-robustness", "--no-gradcam")
 

@@ -12,6 +12,7 @@ from kfp import dsl
 
 from components.challenge import challenge
 from components.compare import compare
+from components.crossfold import crossfold
 from components.evaluate import evaluate
 from components.predict import predict
 from components.preprocess import preprocess
@@ -20,8 +21,8 @@ from components.refit import refit
 from components.train import train
 from components.tune import tune
 
-FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, evaluate, compare, refit,
-                                      challenge, promote, predict)}
+FUNCTIONS = {f.__name__: f for f in (preprocess, tune, train, crossfold, evaluate, compare,
+                                      refit, challenge, promote, predict)}
 LOCAL_IMAGE = "lungxray:local"  # kfp.local's SubprocessRunner ignores the image
 
 

@@ -17,6 +17,7 @@ from kfp.dsl import (
 def evaluate(
     dataset: Input[Dataset],
     model: Input[Model],
+    folds: Input[Artifact],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     test_classification: Output[ClassificationMetrics],
@@ -40,7 +41,7 @@ def evaluate(
     images per split (0 = all); ``tta``: also the AUC of test-time augmentation;
     ``deployment_prevalence`` (0 = none): the Bayes operating point and PPV/NPV there. The
     external set's prevalence is also estimated without its labels (EM on scores calibrated on
-    val)."""
+    val). ``folds`` (crossfold's output) adds its ``shift_folds`` split, when it has one."""
     from lungxray.quiet import quiet_native_logs
 
     quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
@@ -48,8 +49,8 @@ def evaluate(
     import shutil
     from pathlib import Path
 
+    from lungxray import crossfold, evaluation_report
     from lungxray import evaluate as evaluation_lib
-    from lungxray import evaluation_report
 
     output = Path(evaluation.path)
     options = evaluation_lib.EvalOptions(robustness=robustness,
@@ -60,6 +61,9 @@ def evaluate(
                                       splits=evaluation_lib.dataset_splits(dataset.path),
                                       options=options, external=external_data or None,
                                       external_class_map=class_map or None)
+    if crossfold.copy_split(Path(folds.path), output):
+        results[crossfold.SPLIT] = json.loads(
+            (output / crossfold.SPLIT / evaluation_lib.METRICS_FILE).read_text())
     for name, value in evaluation_report.scalar_metrics(results).items():
         metrics.log_metric(name, value)
     test = results["test"]

@@ -1,4 +1,5 @@
-"""The lungxray DAG: preprocess -> ParallelFor(base models){tune -> train -> evaluate} -> compare.
+"""The lungxray DAG: preprocess -> ParallelFor(base models){tune -> train -> crossfold ->
+evaluate} -> compare -> refit -> challenge/promote.
 
 Only the graph lives here; everything that reads parameter values runs inside components. Each
 parameter's type, default, range and description is lungxray.schema's (``DEFAULTS``).
@@ -51,7 +52,7 @@ class Platform:
     #                                                         "nvidia-l4")
     gcs_secret: str | None = None  # Secret holding a service-account `key.json`, if no WI
     cache_pvc: str | None = None  # PVC for tuner/training state that survives retries
-    heavy: Resources = Resources()  # tune, train and refit
+    heavy: Resources = Resources()  # tune, train, crossfold and refit
     light: Resources = Resources()  # preprocess, evaluate, compare
 
     @property
@@ -73,7 +74,7 @@ def _set_resources(task: dsl.PipelineTask, res: Resources) -> None:
 
 def _apply(task: dsl.PipelineTask, platform: Platform, heavy: bool) -> None:
     """Resources and credentials on every step; accelerator, node selector, retries and the
-    state volume on the heavy ones (tune, train, refit)."""
+    state volume on the heavy ones (tune, train, crossfold, refit)."""
     _set_resources(task, platform.heavy if heavy else platform.light)
     if heavy and platform.retries:
         task.set_retry(num_retries=platform.retries, backoff_duration="60s", backoff_factor=2.0)
@@ -113,6 +114,7 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
         keep_aspect: bool = DEFAULTS.keep_aspect,
         skip_bad: bool = DEFAULTS.skip_bad,
         shifted_test_fraction: float = DEFAULTS.shifted_test_fraction,
+        shift_folds: int = DEFAULTS.shift_folds,
         refit: bool = DEFAULTS.refit,
         weights: str = DEFAULTS.weights,
         epochs: int = DEFAULTS.epochs,
@@ -158,12 +160,16 @@ def build_pipeline(image: str = components.LOCAL_IMAGE, platform: Platform = Pla
                               epochs=epochs, weights=weights, batch_size=batch_size, seed=seed,
                               target_sensitivity=target_sensitivity,
                               threshold_rule=threshold_rule, state_root=platform.state_root)
+            # The recipe on K image-statistics folds: out-of-fold predictions, one more split.
+            folds = ops.crossfold(dataset=dataset, model=train.outputs["model"],
+                                  shift_folds=shift_folds, epochs=epochs)
             evaluate = ops.evaluate(dataset=dataset, model=train.outputs["model"],
+                                    folds=folds.outputs["folds"],
                                     external_data=external_data, class_map=class_map,
                                     robustness=robustness,
                                     robustness_samples=robustness_samples, tta=tta,
                                     deployment_prevalence=deployment_prevalence)
-            for task, heavy in ((tune, True), (train, True), (evaluate, False)):
+            for task, heavy in ((tune, True), (train, True), (folds, True), (evaluate, False)):
                 _apply(task, platform, heavy)
         compare = ops.compare(models=dsl.Collected(train.outputs["model"]),
                               evaluations=dsl.Collected(evaluate.outputs["evaluation"]),

@@ -12,8 +12,19 @@ def artifact(cls, tmp_path: Path, name: str):
     return cls(name=name, uri=str(tmp_path / name))
 
 
-def run_evaluate(model: Model, dataset: Dataset, tmp_path: Path, tag: str, **params) -> dict:
-    """The evaluate component on ``model``; returns its output artifacts by parameter name."""
+def no_folds(tmp_path: Path, tag: str) -> Artifact:
+    """crossfold's output when shift_folds is 0: only folds.json saying so."""
+    from lungxray import crossfold
+
+    folds = artifact(Artifact, tmp_path, f"{tag}_folds")
+    crossfold.write_record(Path(folds.path), None)
+    return folds
+
+
+def run_evaluate(model: Model, dataset: Dataset, tmp_path: Path, tag: str,
+                 folds: Artifact | None = None, **params) -> dict:
+    """The evaluate component on ``model`` (with crossfold's ``folds``, none by default);
+    returns its output artifacts by parameter name."""
     from components.evaluate import evaluate
 
     outputs = {
@@ -23,7 +34,8 @@ def run_evaluate(model: Model, dataset: Dataset, tmp_path: Path, tag: str, **par
         "summary": artifact(Markdown, tmp_path, f"{tag}_md"),
         "report": artifact(HTML, tmp_path, f"{tag}_html"),
     }
-    evaluate(dataset=dataset, model=model, **outputs, **params)
+    evaluate(dataset=dataset, model=model, folds=folds or no_folds(tmp_path, tag), **outputs,
+             **params)
     return outputs
 
 

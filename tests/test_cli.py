@@ -129,6 +129,10 @@ def test_challenge_stopped_by_sigterm_leaves_no_staging(tmp_path):
     (["train", "--data", "DATA", "--model", "VGG16", "--output", "OUT"], "not a prepared"),
     (["compare", "--trials", "DATA", "--output", "OUT", "--select-metric", "test_roc_auc"],
      "never select on the test split"),
+    (["crossfold", "--data", "DATA", "--model", "DATA", "--folds", "1", "--output", "OUT"],
+     "shift_folds must be 0 (none) or 2..10, got '1'"),
+    (["crossfold", "--data", "DATA", "--model", "DATA", "--folds", "3", "--output", "OUT"],
+     "no model_info.json"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, tmp_path):
     args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]

@@ -30,8 +30,8 @@ def test_the_diagram_names_every_step(tmp_path):
     shown = {task["componentRef"]["name"]: task["taskInfo"]["name"]
              for dag in dags for task in dag.get("dag", {}).get("tasks", {}).values()
              if "executorLabel" in spec["components"][task["componentRef"]["name"]]}
-    # preprocess tune train evaluate compare refit challenge promote predict
-    assert len(shown) == 9
+    # preprocess tune train crossfold evaluate compare refit challenge promote predict
+    assert len(shown) == 10
     diagram = README.split("```", 2)[1]
     missing = [name for name in shown.values() if not re.search(rf"\b{name}\b", diagram)]
     assert missing == []

@@ -362,6 +362,39 @@ def test_ties_go_first_to_the_better_score_on_the_shift_proxy(tmp_path: Path) ->
         out / "model_card.md").read_text()
 
 
+def test_shift_folds_break_ties_before_the_carve_and_can_select(tmp_path: Path) -> None:
+    y = np.tile([0, 1], 150)
+    labels = {"val": y, "test": y, "test_shifted": y, "shift_folds": y}
+    root = tmp_path / "trials"
+    # Tied on val; A better on the one carved region, B on the out-of-fold predictions of
+    # every training image.
+    a = make_trial(root, "A", {"val": _scores(y, 1.6, 0), "test": _scores(y, 1.6, 1),
+                               "test_shifted": _scores(y, 1.6, 2),
+                               "shift_folds": _scores(y, 6.0, 3)}, labels=labels)
+    b = make_trial(root, "B", {"val": _scores(y, 1.6, 11), "test": _scores(y, 1.6, 12),
+                               "test_shifted": _scores(y, 6.0, 13),
+                               "shift_folds": _scores(y, 1.6, 14)}, labels=labels)
+    out = tmp_path / "report"
+    summary = compare([a, b], out, ensemble_k=0)
+    assert summary["ties"]["break"] == "shift_folds_roc_auc", summary["ties"]
+    assert summary["best_model"] == "B"
+    assert "out-of-fold AUC over image-statistics folds" in (out / "model_card.md").read_text()
+    # Selecting on the folds themselves: no paired test, the folds' order; the ensemble's
+    # out-of-fold predictions are its members' mean, row by row.
+    chosen = selection.select([load_trial(a), load_trial(b)], "shift_folds_roc_auc",
+                              ensemble_k=2)
+    assert chosen.summary["ties"]["tested"] is False
+    assert chosen.ranked["model_name"].tolist()[0] in ("B", "Ensemble-top2")
+    members = [load_trial(t).splits["shift_folds"].predictions["prob_pneumonia"] for t in (b, a)]
+    assert np.allclose(chosen.ensemble.splits["shift_folds"].predictions["prob_pneumonia"],
+                       np.mean(members, axis=0))
+    plain = make_trial(root, "C", {"val": _scores(y, 1.6, 0), "test": _scores(y, 1.6, 1)},
+                       labels=labels)
+    with pytest.raises(ConfigError, match="shift_folds >= 2"):
+        selection.select([load_trial(plain)], "shift_folds_roc_auc")  # measured where run
+    selection.check_select_metric("shift_folds_worst_site_auc")
+
+
 def test_select_decides_without_writing(trials: list[Path], tmp_path: Path) -> None:
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     loaded = [load_trial(t) for t in trials]

@@ -87,6 +87,12 @@ CHAMPION_FILE = "champion.json"  # written last: which run's files are the curre
 CHAMPION_HISTORY_DIR = "history"
 
 
+# Out-of-fold predictions of image-statistics folds (lungxray.crossfold): one more evaluated
+# split, and its metrics.json block of per-fold figures.
+FOLDS_SPLIT = "shift_folds"
+FOLDS_KEY = "folds"
+
+
 def split_order(name: str) -> tuple[int, str]:
     """Sort key of split names: val first, then test, then any other split alphabetically."""
     return ({VAL_SPLIT: 0, TEST_SPLIT: 1}.get(name, 2), name)

@@ -277,6 +277,36 @@ def _compare(args: argparse.Namespace) -> dict:
                           threshold_rule=args.threshold_rule)
 
 
+def add_crossfold_parser(sub: argparse._SubParsersAction) -> None:
+    """The options of ``lungxray crossfold``, run by :func:`_crossfold`."""
+    p = sub.add_parser("crossfold", help="the model's recipe on K image-statistics folds: "
+                       "out-of-fold predictions as the split shift_folds",
+                       description="Train a model's recipe (network, hyperparameters, weights, "
+                       "seed, threshold rule) once per fold of train + test_shifted cut into K "
+                       "image-statistics folds, each predicting the fold it left out; writes "
+                       "OUTPUT/shift_folds/ as an evaluated split (put it beside `lungxray "
+                       "evaluate`'s splits; compare breaks ties on it first).")
+    p.add_argument("--data", type=_local_path, required=True, help="prepared dataset directory")
+    p.add_argument("--model", type=_local_path, required=True,
+                   help="a trained model directory (one network)")
+    p.add_argument("--folds", type=int, required=True, help="K, 2..10 (0: nothing to do)")
+    p.add_argument("--output", type=_local_path, required=True,
+                   help="evaluation directory to add shift_folds/ to")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                   help=f"epochs per fold, as the model's training (default {DEFAULTS.epochs})")
+    _common(p, seed=False)  # the model's own seed
+    p.set_defaults(func=_crossfold)
+
+
+def _crossfold(args: argparse.Namespace) -> dict:
+    from lungxray import crossfold, fold_report
+
+    result = crossfold.crossfold(args.data, args.model, args.folds, args.output,
+                                 epochs=args.epochs, cache_dir=args.cache_dir)
+    written = str(args.output / crossfold.SPLIT) if result else None  # --folds 0: nothing
+    return {"output": written, **fold_report.scalar_metrics(result)}
+
+
 def add_refit_parser(sub: argparse._SubParsersAction) -> None:
     """The options of ``lungxray refit``, run by :func:`_refit`."""
     p = sub.add_parser("refit", help="train the pick again with the carved test_shifted back in",
@@ -495,8 +525,8 @@ def _training(parser: argparse.ArgumentParser, epochs: int) -> None:
 
 # In the order `lungxray --help` lists them.
 COMMANDS = (add_preprocess_parser, add_tune_parser, add_train_parser, add_evaluate_parser,
-            add_compare_parser, add_refit_parser, add_predict_parser, add_export_parser,
-            add_challenge_parser, add_promote_parser, add_models_parser)
+            add_crossfold_parser, add_compare_parser, add_refit_parser, add_predict_parser,
+            add_export_parser, add_challenge_parser, add_promote_parser, add_models_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,8 @@ def _prevalence_section(best: Trial, splits: list[str]) -> list[str]:
 
 # What each tie-break score is (lungxray.selection.TIE_BREAKS), by its name without "val_".
 TIE_BREAK_WORDS = {
+    "shift_folds_roc_auc": "out-of-fold AUC over image-statistics folds, every training image "
+                           "held out once by a model trained on the others",
     "test_shifted_roc_auc": "AUC on the shift proxy, whole clusters of atypical images held out "
                             "of training; the shipped model is refit with them",
     "robust_auc": "mean AUC under simulated acquisition shifts",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungxray import pages, shift, site_report, staging
+from lungxray import fold_report, pages, shift, site_report, staging
 from lungxray.artifacts import (
     BAR_METRICS,
     BEST_MODEL_DIR,
@@ -317,6 +317,12 @@ def _ensemble_text(summary: dict[str, Any]) -> str:
 
 
 
+def _chosen_on(select_metric: str) -> str:
+    where = ("the shift folds' out-of-fold predictions"
+             if select_metric.startswith(f"{fold_report.SPLIT}_") else "validation")
+    return f"chosen on {where}, never on test"
+
+
 def _summary_html(summary: dict[str, Any], ranked: pd.DataFrame) -> str:
     best, metric = summary["best_model"], summary["select_metric"]
     direction = "lowest" if metric.split("_", 1)[1] in LOWER_IS_BETTER else "highest"
@@ -332,7 +338,7 @@ def _summary_html(summary: dict[str, Any], ranked: pd.DataFrame) -> str:
         '<section class="best"><h2>Summary</h2>',
         f"<p><b>Best model: {html.escape(best)}</b>, selected by the {direction} "
         f"<code>{html.escape(metric)}</code> = {_fmt(summary['select_value'])} "
-        "(chosen on validation, never on test).</p>",
+        f"({html.escape(_chosen_on(metric))}).</p>",
         "<p>The test split plays no part in the choice; its numbers are the unbiased estimate of "
         "how the chosen model performs on unseen data.</p>",
     ]
@@ -388,7 +394,10 @@ def _split_title(split: str, trials: list[Trial]) -> str:
     role = {"val": "validation: selection happens here",
             "test": "test: held out, the unbiased estimate",
             shift.SPLIT: "shift proxy: whole clusters of atypical images held out of training; "
-                         "breaks ties on validation, then the pick's refit learns from it"}.get(
+                         "breaks ties on validation, then the pick's refit learns from it",
+            fold_report.SPLIT: "shift folds: every image of train + test_shifted predicted by the "
+                         "model's recipe trained on the other image-statistics folds; breaks "
+                         "ties first"}.get(
         split, site_report.split_role(split) or "external / other data")
     return f"{split} (n={_split_n(trials, split)}; {role})"
 
@@ -431,6 +440,7 @@ def _report_html(
         f'<p class="note">{html.escape(_ci_note(trials))}</p>',
         *headline,
         *site_report.comparison_html(trials, splits, order),
+        *_folds_html(trials, order),
         "<h2>Size, speed and cost</h2>",
         f'<div class="scroll">{facts_table(ranked).to_html(index=False)}</div>',
         '<p class="note">Latency: wall-clock model.predict time per image after a warm-up, on '
@@ -453,13 +463,21 @@ def _report_html(
     ])
 
 
+def _folds_html(trials: list[Trial], order: list[str]) -> list[str]:
+    header, body = fold_report.table(trials, order)
+    if not body:
+        return []
+    return ["<h2>Shift folds</h2>", f'<p class="note">{html.escape(fold_report.FOLD_NOTE)}</p>',
+            f'<div class="scroll">{site_report.html_table(header, body)}</div>']
+
+
 def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame, trials: list[Trial],
                     best: Trial | None = None) -> str:
     """The report's text: summary, headline tables with CIs, size and speed."""
     metric = summary["select_metric"]
     lines = [f"# {TITLE}", "", f"> {NOT_A_DEVICE}", "",
              f"**Best model: {summary['best_model']}**, selected on `{metric}` = "
-             f"{_fmt(summary['select_value'])} (chosen on validation, never on test).", "",
+             f"{_fmt(summary['select_value'])} ({_chosen_on(metric)}).", "",
              *(line for text in (site_report.pick_lines(best) if best else [])
                for line in (text, "")),
              *([tie_text(summary), ""] if tie_text(summary) else []),
@@ -467,8 +485,12 @@ def report_markdown(summary: dict[str, Any], ranked: pd.DataFrame, trials: list[
     for split in _splits(trials):
         lines += [f"### {_split_title(split, trials)}", "",
                   to_markdown(headline_table(ranked, split))]
-    lines += site_report.comparison_markdown(trials, _splits(trials),
-                                             [str(n) for n in ranked["model_name"]])
+    order = [str(n) for n in ranked["model_name"]]
+    lines += site_report.comparison_markdown(trials, _splits(trials), order)
+    header, body = fold_report.table(trials, order)
+    if body:
+        lines += ["## Shift folds", "", fold_report.FOLD_NOTE, "",
+                  *site_report.markdown(header, body), ""]
     lines += ["## Size, speed and cost", "", to_markdown(facts_table(ranked)),
               f"All columns: `{RESULTS_CSV}` / `{RESULTS_MD}`.", ""]
     return "\n".join(lines)

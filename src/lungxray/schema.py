@@ -91,6 +91,13 @@ class PipelineParams(BaseModel):
         description="Share of train held out as test_shifted, whole clusters of image "
                     "statistics: the shift proxy that breaks ties on val AUC; only the refit "
                     "trains on it; 0 = none.")
+    shift_folds: _zero_or(int, 2, 10) = Field(
+        0,
+        description="K >= 2: each model's recipe is also trained K times, each time holding "
+                    "out one of K image-statistics folds of train + test_shifted and predicting "
+                    "it: the split shift_folds, every image held out once. Its out-of-fold AUC "
+                    "breaks ties first, select_metric=shift_folds_roc_auc selects on it; K "
+                    "more trainings per model. 0 = none.")
     refit: bool = Field(
         True,
         description="After the pick is chosen, train it again (each ensemble member, the same "
@@ -122,7 +129,8 @@ class PipelineParams(BaseModel):
         42, description="Seed for splits, subsets, initialisation and tuning.")
     select_metric: _text(1, 100) = Field(
         DEFAULT_SELECT_METRIC,
-        description="Validation metric that picks the best model (val_*; test_* is refused).")
+        description="Metric that picks the best model: val_*, or shift_folds_* with "
+                    "shift_folds (test_* is refused).")
     ensemble_k: Annotated[int, Field(ge=0, le=MAX_MODELS)] = Field(
         DEFAULT_ENSEMBLE_K,
         description="The ensemble candidate averages the top-k models; 0 or 1 = none.")

@@ -31,6 +31,7 @@ from lungxray.artifacts import (
     DEFAULT_ENSEMBLE_K,
     DEFAULT_SELECT_METRIC,
     DEFAULT_THRESHOLD_RULE,
+    FOLDS_SPLIT,
     HISTORY_FILE,
     INFO_FILE,
     LOWER_IS_BETTER,
@@ -61,8 +62,13 @@ SELECT_SPLIT = VAL_SPLIT  # models, thresholds and the ensemble's members are ch
 # validation. Ties on the point estimate alone are noise. Issue 33 measured why: the pick and
 # the ensemble 0.0003 apart on val, the one better on test_shifted (0.969 vs 0.962) was the
 # better on the hidden official test (0.949 vs 0.940) and lost.
+# With shift folds (lungxray.crossfold: every training image held out once, by image-statistics
+# clusters) their out-of-fold AUC breaks the tie first: the carve is one of those regions.
 TIE_METRIC = "roc_auc"
-TIE_BREAKS = (f"{shift.SPLIT}_roc_auc", f"{SELECT_SPLIT}_robust_auc")
+TIE_BREAKS = (f"{FOLDS_SPLIT}_roc_auc", f"{shift.SPLIT}_roc_auc", f"{SELECT_SPLIT}_robust_auc")
+# Splits a selection may rank on: validation, or the out-of-fold predictions of shift folds
+# (held-out shift in the training pool; never a test split).
+SELECTABLE_SPLITS = (SELECT_SPLIT, FOLDS_SPLIT)
 TIE_N_BOOTSTRAP = 1000
 FIXED_COLUMNS = ["model_name", "members", "weights", "params", "size_mb", "train_seconds",
                  "epochs", "latency_ms", "latency_device"]
@@ -296,15 +302,18 @@ def build_table(trials: list[Trial]) -> pd.DataFrame:
 
 
 def check_select_metric(select_metric: str) -> str:
-    """The metric name inside ``select_metric`` (``val_<metric>``); refuses test_* and unknowns."""
-    if not select_metric.startswith(f"{SELECT_SPLIT}_"):
+    """The metric name inside ``select_metric`` (``val_<metric>`` or
+    ``shift_folds_<metric>``); refuses test_* and unknowns."""
+    split = next((s for s in SELECTABLE_SPLITS if select_metric.startswith(f"{s}_")), None)
+    if split is None:
         if select_metric.startswith("test_"):
             raise ConfigError(
                 f"select_metric={quote(select_metric, 60)}: never select on the test split; "
                 "use a val_* metric"
             )
-        raise ConfigError(f"select_metric={quote(select_metric, 60)} must start with 'val_'")
-    metric = select_metric[len(SELECT_SPLIT) + 1:]
+        raise ConfigError(f"select_metric={quote(select_metric, 60)} must start with 'val_' "
+                          f"or '{FOLDS_SPLIT}_'")
+    metric = select_metric[len(split) + 1:]
     if metric not in SELECTABLE:
         raise ConfigError(f"select_metric={quote(select_metric, 60)}: {quote(metric, 60)} is "
                           f"not one of "
@@ -318,7 +327,9 @@ def rank_models(table: pd.DataFrame, select_metric: str) -> pd.DataFrame:
     metric = check_select_metric(select_metric)
     if select_metric not in table.columns:
         hint = (" (only a split of more than one site has it: prepare with --site NAME=SOURCE)"
-                if metric == "worst_site_auc" else "")
+                if metric == "worst_site_auc" else
+                " (only models run with shift folds have it: shift_folds >= 2)"
+                if select_metric.startswith(f"{FOLDS_SPLIT}_") else "")
         raise ConfigError(f"no trial reports {select_metric!r}{hint}; columns: "
                           f"{quote_repr(list(table.columns), 300)}")
     values = pd.to_numeric(table[select_metric], errors="coerce").astype(float)
@@ -395,7 +406,7 @@ def _json_value(value: Any) -> Any:
 
 def _summary(ranked: pd.DataFrame, select_metric: str, splits: list[str]) -> dict[str, Any]:
     best = ranked.iloc[0]
-    metric = select_metric[len(SELECT_SPLIT) + 1:]
+    metric = check_select_metric(select_metric)
     # The winner's score on every split, so the held-out estimate sits next to the choice.
     score_cols = [f"{s}_{metric}" for s in splits if f"{s}_{metric}" in ranked.columns]
     return {

@@ -133,23 +133,18 @@ def check_fold(fold: tuple[int, int]) -> None:
                         f"got {i}/{k}")
 
 
-def fold_mask(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-              fold: tuple[int, int], seed: int, blocked: np.ndarray | None = None
-              ) -> tuple[np.ndarray, dict]:
-    """Fold ``i`` of ``k`` image-statistics folds (``fold = (i, k)``) as the images to hold out
-    as ``test_shifted``, and a description. ``FOLD_CLUSTERS * k`` k-means clusters are ordered
-    by distance from a seeded anchor on the edge of the data (as :func:`carve_shifted` picks
-    one) and cut into ``k`` runs of about equal image counts, so each fold is a band of
-    neighbouring clusters. The same features and seed give the same folds, so preparing once
-    per fold holds every training image out exactly once (but ``blocked`` ones: copies in a
-    given split never move). A group (duplicates, a patient) goes with its first image."""
-    check_fold(fold)
-    i, k = fold
-    blocked = np.zeros(len(labels), bool) if blocked is None else blocked
+def fold_bands(features: np.ndarray, groups: np.ndarray, k: int, seed: int
+               ) -> tuple[np.ndarray, KMeans, np.ndarray, int]:
+    """The fold (0..k-1) of every image: ``FOLD_CLUSTERS * k`` k-means clusters ordered by
+    distance from a seeded anchor on the edge of the data (as :func:`carve_shifted` picks one)
+    and cut into ``k`` runs of about equal image counts, so each fold is a band of neighbouring
+    clusters; a group (duplicates, a patient) goes with its first image. Also the fitted
+    clusters, each cluster's fold and the anchor cluster. Deterministic for the same features
+    and seed."""
     n_clusters = FOLD_CLUSTERS * k
-    if len(labels) < 2 * n_clusters:
-        raise DataError(f"cannot cut {k} shift folds from {len(labels)} images: need at least "
-                        f"{2 * n_clusters} for {n_clusters} clusters")
+    if len(features) < 2 * n_clusters:
+        raise DataError(f"cannot cut {k} shift folds from {len(features)} images: need at "
+                        f"least {2 * n_clusters} for {n_clusters} clusters")
     clusters = KMeans(n_clusters, n_init=10, random_state=seed).fit(features)
     centres = clusters.cluster_centers_
     radius = np.linalg.norm(centres, axis=1)
@@ -162,7 +157,20 @@ def fold_mask(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     fold_of_cluster = np.empty(n_clusters, int)
     fold_of_cluster[order] = np.minimum((middle / sizes.sum() * k).astype(int), k - 1)
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    folds = fold_of_cluster[clusters.labels_][first][inverse]
+    return fold_of_cluster[clusters.labels_][first][inverse], clusters, fold_of_cluster, anchor
+
+
+def fold_mask(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+              fold: tuple[int, int], seed: int, blocked: np.ndarray | None = None
+              ) -> tuple[np.ndarray, dict]:
+    """Fold ``i`` of ``k`` image-statistics folds (``fold = (i, k)``, :func:`fold_bands`) as
+    the images to hold out as ``test_shifted``, and a description. The same features and seed
+    give the same folds, so preparing once per fold holds every training image out exactly
+    once (but ``blocked`` ones: copies in a given split never move)."""
+    check_fold(fold)
+    i, k = fold
+    blocked = np.zeros(len(labels), bool) if blocked is None else blocked
+    folds, clusters, fold_of_cluster, anchor = fold_bands(features, groups, k, seed)
     free = ~np.isin(groups, np.unique(groups[blocked]))
     mask = (folds == i - 1) & free
     missing = [str(c) for c in np.unique(labels) if not (labels[mask] == c).any()]
@@ -170,7 +178,8 @@ def fold_mask(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
         raise DataError(f"shift fold {i}/{k} holds no images of class(es) {missing}: fewer "
                         f"folds, or another seed")
     chosen = np.flatnonzero(fold_of_cluster == i - 1)
-    return mask, {**describe(features, mask, chosen, clusters.labels_, n_clusters, seed, anchor),
+    return mask, {**describe(features, mask, chosen, clusters.labels_, FOLD_CLUSTERS * k, seed,
+                             anchor),
                   "method": "kmeans on image statistics, one fold of whole clusters",
                   "fold": i, "folds": k,
                   "fold_sizes": np.bincount(folds[free], minlength=k).astype(int).tolist()}

@@ -32,9 +32,13 @@ def test_cluster_pipeline_shape(tmp_path):
     loop = root["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--base_models"
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner) == {"tune", "train", "evaluate"}
+    assert set(inner) == {"tune", "train", "crossfold", "evaluate"}
     assert inner["train"]["dependentTasks"] == ["tune"]
-    assert inner["evaluate"]["dependentTasks"] == ["train"]
+    # The recipe on the shift folds, then evaluate adds their split to the evaluation.
+    assert inner["crossfold"]["dependentTasks"] == ["train"]
+    assert sorted(inner["evaluate"]["dependentTasks"]) == ["crossfold", "train"]
+    assert (inner["crossfold"]["inputs"]["parameters"]["shift_folds"]["componentInputParameter"]
+            == "pipelinechannel--shift_folds")
     # compare fans in over every iteration's outputs (dsl.Collected).
     compare_inputs = spec["components"]["comp-compare"]["inputDefinitions"]["artifacts"]
     for name in ("models", "evaluations", "tunings"):
@@ -56,7 +60,7 @@ def test_cluster_pipeline_shape(tmp_path):
 
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
-    for name in ("exec-tune", "exec-train", "exec-refit"):
+    for name in ("exec-tune", "exec-train", "exec-crossfold", "exec-refit"):
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
         assert accelerator["resourceCount"] == "1"  # GPUS, fixed at compile time
@@ -65,7 +69,7 @@ def test_cluster_pipeline_shape(tmp_path):
         assert "accelerator" not in executors[name]["container"]["resources"]
 
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-tune", "exec-train", "exec-refit"):
+    for name in ("exec-tune", "exec-train", "exec-crossfold", "exec-refit"):
         assert {"key": "nvidia.com/gpu", "operator": "Exists",
                 "effect": "NoSchedule"} in k8s[name]["tolerations"]
 
@@ -207,7 +211,7 @@ def test_every_step_has_cpu_and_memory_requests_and_limits(tmp_path, gpu):
     spec, _ = load(compile_pipeline(tmp_path / "p.yaml", IMAGE, gpu=gpu))
     sizes = {k: parse_resources(v) for k, v in RESOURCES["gpu" if gpu else "cpu"].items()}
     for step, res in resources(spec).items():
-        want = sizes["heavy" if step in ("tune", "train", "refit") else "light"]
+        want = sizes["heavy" if step in ("tune", "train", "crossfold", "refit") else "light"]
         assert res["resourceCpuRequest"] == want.cpu_request, step
         assert res["resourceCpuLimit"] == want.cpu_limit, step
         assert res["resourceMemoryRequest"] == want.memory_request, step

@@ -53,6 +53,8 @@ SAME_PARAMETER = {
     ("compare", "ensemble_k"): "ensemble_k",
     ("compare", "target_sensitivity"): "target_sensitivity",
     ("compare", "threshold_rule"): "threshold_rule",
+    ("crossfold", "folds"): "shift_folds",
+    ("crossfold", "epochs"): "epochs",
     ("refit", "refit"): "refit",
     ("refit", "epochs"): "epochs",
     ("refit", "external_data"): "external_data",
@@ -73,6 +75,7 @@ OWN_OPTIONS = {
     "evaluate": {"model", "data", "output", "split", "class_map", "no_gradcam", "reference",
                  "cache_dir"},
     "compare": {"trials", "output"},
+    "crossfold": {"data", "model", "output", "cache_dir"},
     "refit": {"data", "compare", "output", "cache_dir"},
     "predict": {"model", "source", "output", "batch_size", "gradcam", "workers", "cache_dir"},
     "export": {"model", "output", "version", "force"},
@@ -181,6 +184,7 @@ def test_the_library_reads_the_schemas_defaults():
 LIBRARY = {"preprocess": ("lungxray.prepare", "preprocess"), "tune": ("lungxray.tune", "tune"),
            "train": ("lungxray.train", "train"), "evaluate": ("lungxray.evaluate", "evaluate"),
            "compare": ("lungxray.report", "compare"), "refit": ("lungxray.refit", "refit"),
+           "crossfold": ("lungxray.crossfold", "crossfold"),
            "challenge": ("lungxray.champion", "run_challenge"),
            "promote": ("lungxray.promotion", "promote"), "predict": ("lungxray.predict", "predict")}
 LIBRARY_DIFFERENT = {

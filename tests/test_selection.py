@@ -395,6 +395,27 @@ def test_shift_folds_break_ties_before_the_carve_and_can_select(tmp_path: Path) 
     selection.check_select_metric("shift_folds_worst_site_auc")
 
 
+def test_a_split_of_several_sites_breaks_ties_on_its_worst_site_first(tmp_path: Path) -> None:
+    y = np.tile([0, 1], 150)
+    labels = {"val": y, "test": y, "test_shifted": y}
+    root = tmp_path / "trials"
+    # Tied on val; A better on test_shifted pooled, B on its worst site (as evaluate writes
+    # worst_site_auc for a split of several sites).
+    trials = {name: make_trial(root, name, {"val": _scores(y, 1.6, seed),
+                                            "test": _scores(y, 1.6, seed + 1),
+                                            "test_shifted": _scores(y, noise, seed + 2)},
+                               labels=labels)
+              for name, noise, seed in (("A", 1.6, 0), ("B", 3.0, 11))}
+    for name, worst in (("A", 0.61), ("B", 0.74)):
+        path = trials[name] / "eval" / "test_shifted" / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "worst_site_auc": worst}))
+    summary = compare(list(trials.values()), tmp_path / "report", ensemble_k=0)
+    assert summary["ties"]["break"] == "test_shifted_worst_site_auc"
+    assert summary["best_model"] == "B"
+    assert "the lowest per-site AUC on the shift proxy" in (
+        tmp_path / "report" / "model_card.md").read_text()
+
+
 def test_select_decides_without_writing(trials: list[Path], tmp_path: Path) -> None:
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     loaded = [load_trial(t) for t in trials]

@@ -134,8 +134,12 @@ def _prevalence_section(best: Trial, splits: list[str]) -> list[str]:
 TIE_BREAK_WORDS = {
     "shift_folds_roc_auc": "out-of-fold AUC over image-statistics folds, every training image "
                            "held out once by a model trained on the others",
+    "shift_folds_worst_site_auc": "the lowest per-site out-of-fold AUC over image-statistics "
+                                  "folds",
     "test_shifted_roc_auc": "AUC on the shift proxy, whole clusters of atypical images held out "
                             "of training; the shipped model is refit with them",
+    "test_shifted_worst_site_auc": "the lowest per-site AUC on the shift proxy, whole clusters "
+                                   "of atypical images held out of training",
     "robust_auc": "mean AUC under simulated acquisition shifts",
 }
 

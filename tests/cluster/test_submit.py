@@ -196,13 +196,13 @@ def test_real_pipeline_compiles_and_submits(fake_kfp: FakeKfp, tmp_path: Path) -
     assert spec["pipelineInfo"]["name"] == "lungxray"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {image}
-    # gpu=True: tune, train and refit, and only they, ask for NVIDIA GPUs.
+    # gpu=True: tune, train, crossfold and refit, and only they, ask for NVIDIA GPUs.
     gpu_steps = {
         name for name, e in spec["deploymentSpec"]["executors"].items()
         if e["container"].get("resources", {}).get("accelerator", {}).get("resourceType")
         == "nvidia.com/gpu"
     }
-    assert gpu_steps == {"exec-tune", "exec-train", "exec-refit"}
+    assert gpu_steps == {"exec-tune", "exec-train", "exec-crossfold", "exec-refit"}
     assert fake_kfp.runs[run_id]["display_name"] == "real"
 
 

@@ -147,14 +147,17 @@ def pool_folds(data_dir: Path, manifest: dict, folds: int, seed: int) -> Pool:
                 labels, table["site"].to_numpy(dtype=object), fold)
 
 
-def _write_split(out: Path, name: str, images: np.ndarray, labels: np.ndarray) -> str:
-    """One split's arrays in ``out``; returns its sha256 as the manifest records it."""
-    target = new_array_file(out / data.images_file(name), images.shape)
-    target[:] = images
+def _write_split(out: Path, name: str, n: int, images_of: Any, labels: np.ndarray) -> str:
+    """One split's arrays in ``out``, ``images_of(start, stop)`` copied a chunk at a time (a
+    large pool never has to fit in memory); returns its sha256 as the manifest records it."""
+    shape = images_of(0, 1).shape[1:]
+    target = new_array_file(out / data.images_file(name), (n, *shape))
+    for start in range(0, n, CHUNK):
+        target[start:start + CHUNK] = images_of(start, min(start + CHUNK, n))
     target.flush()
     del target
     np.save(out / data.labels_file(name), labels)
-    return integrity.split_sha256(data.Split(images, labels))
+    return integrity.split_sha256(data.load_split_files(out, name))
 
 
 def _split_record(labels: np.ndarray, sites: np.ndarray, class_names: list[str],
@@ -179,10 +182,11 @@ def write_fold(data_dir: Path, manifest: dict, pool: Pool, fold: int, out: Path)
     records = {}
     for name, rows in (("train", np.flatnonzero(pool.fold != fold)),
                        (shift.SPLIT, np.flatnonzero(pool.fold == fold))):
-        digest = _write_split(out, name, pool.images(rows), pool.labels[rows])
+        digest = _write_split(out, name, len(rows),
+                              lambda a, b, rows=rows: pool.images(rows[a:b]), pool.labels[rows])
         records[name] = _split_record(pool.labels[rows], pool.sites[rows],
                                       manifest["class_names"], digest, with_sites)
-    _write_split(out, "val", np.asarray(val.images), val.labels)
+    _write_split(out, "val", len(val), lambda a, b: np.asarray(val.images[a:b]), val.labels)
     records["val"] = manifest["splits"]["val"]
     kept = {k: v for k, v in manifest.items() if k not in ("files", "report")}
     fold_manifest = {**kept, "splits": {s: records[s] for s in ("train", "val",
@@ -251,7 +255,9 @@ def crossfold(data_dir: Path, model_dir: Path, folds: int, output: Path,
             seconds += float(fitted.get("train_seconds") or 0.0)
             predictor = model_loader.load(fold_model)
             held = np.flatnonzero(pool.fold == i)
-            probs[held] = predictor.predict(pool.images(held))[0]
+            for start in range(0, len(held), CHUNK):
+                chunk = held[start:start + CHUNK]
+                probs[chunk] = predictor.predict(pool.images(chunk))[0]
             entry = {"fold": i + 1, "n": len(held), "train_images": fitted["train_images"],
                      "roc_auc": metrics.roc_auc(pool.labels[held], probs[held]),
                      "threshold": fitted.get("threshold")}

@@ -4,6 +4,7 @@ prepared dataset, the recipe trained on each and its out-of-fold predictions one
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -125,3 +126,23 @@ def test_a_site_too_small_to_fold_is_named(shared_npz, shared_nih, tmp_path):
     with pytest.raises(DataError, match=r"^site 'nih': cannot cut 2 shift folds from \d+ "):
         crossfold.pool_folds(data, integrity.read_manifest(data), 2, 3)
 
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.iloc[:-3], "files.csv lists"),
+    (lambda t: t.drop(columns="sha1"), r"lacks column\(s\) \['sha1'\]"),
+    (None, "not a regular file"),
+])
+def test_a_damaged_files_index_is_refused_before_any_training(carved, pick, tmp_path, damage,
+                                                                 message):
+    data = tmp_path / "data"
+    shutil.copytree(carved, data)
+    index = data / "files.csv"
+    if damage is None:  # a FIFO in its place: refused, never read (nothing would ever write it)
+        index.unlink()
+        os.mkfifo(index)
+    else:
+        damage(pd.read_csv(index)).to_csv(index, index=False)
+    with pytest.raises(DataError, match=message):
+        crossfold.crossfold(data, pick, 2, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ distribution. Headline rates on the split are at the measured model's threshold.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ from lungxray import (
     train,
 )
 from lungxray.errors import ConfigError, DataError, quote
+from lungxray.limits import DEFAULT as LIMITS
 from lungxray.pools import new_array_file
 from lungxray.predictor import Predictor
 
@@ -89,16 +91,27 @@ class Pool:
         return gathered
 
 
-def _index(data_dir: Path, manifest: dict, name: str) -> pd.DataFrame:
-    """files.csv's rows of split ``name`` in row order (hashes, patients)."""
+def _files_index(data_dir: Path) -> pd.DataFrame:
+    """files.csv of a prepared dataset (size-bounded), with the columns the folds need."""
     path = Path(data_dir) / artifacts.FILES_INDEX
-    if not path.is_file():
-        raise DataError(f"{quote(str(data_dir))}: has no {path.name}; prepare it again")
-    table = pd.read_csv(path, dtype={"split": str, "sha1": str, "patient_id": str},
-                        keep_default_na=False)
-    rows = table[table["split"] == name].sort_values("index")
+    content = safeio.read_bounded(path, path.name, LIMITS.max_csv_bytes, DataError)
+    try:
+        table = pd.read_csv(io.BytesIO(content), keep_default_na=False,
+                            dtype={"split": str, "sha1": str, "patient_id": str})
+    except (ValueError, pd.errors.ParserError) as err:
+        raise DataError(f"{quote(str(path))}: not a readable CSV ({quote(str(err), 120)})"
+                        ) from None
+    lacking = [c for c in ("split", "index", "sha1", "patient_id") if c not in table.columns]
+    if lacking:
+        raise DataError(f"{quote(str(path))}: lacks column(s) {lacking}; prepare it again")
+    return table
+
+
+def _index(files: pd.DataFrame, manifest: dict, name: str, where: str) -> pd.DataFrame:
+    """files.csv's rows of split ``name`` in row order (hashes, patients)."""
+    rows = files[files["split"] == name].sort_values("index")
     if len(rows) != manifest["splits"][name]["n"]:
-        raise DataError(f"{quote(str(path))}: lists {len(rows)} rows of split {name!r}, the "
+        raise DataError(f"{where}: files.csv lists {len(rows)} rows of split {name!r}, the "
                         f"manifest {manifest['splits'][name]['n']}; the dataset was changed "
                         f"after preprocess")
     return rows
@@ -109,9 +122,9 @@ def pool_folds(data_dir: Path, manifest: dict, folds: int, seed: int) -> Pool:
     (its own clusters; patients and copies whole); every fold must hold every class."""
     present = [s for s in POOL_SPLITS if s in manifest["splits"]]
     parts = {s: integrity.load_checked_split(data_dir, s, manifest) for s in present}
-    frames = []
+    files, frames = _files_index(data_dir), []
     for name in present:
-        index = _index(data_dir, manifest, name)
+        index = _index(files, manifest, name, quote(str(data_dir)))
         sites = site_metrics.site_rows(manifest, name, quote(str(data_dir)))
         frames.append(pd.DataFrame({
             "source": name, "row": np.arange(len(index)), "label": parts[name].labels,

@@ -14,6 +14,7 @@ def predict(
     batch_size: int = 64,
     skip_bad: bool = False,
     gradcam: bool = False,
+    site: str = "",
 ):
     """Writes predictions.csv (path, prob_<class>..., predicted_index, predicted_class at the
     model's saved threshold) into ``predictions``; with ``skip_bad`` unreadable files go to
@@ -21,7 +22,9 @@ def predict(
     two-class model with its validation calibration also writes prevalence.json (EM estimate of
     these images' prevalence, logged as ``prevalence_em`` with its 95% interval).
     ``source``: an image folder, a CSV with a 'path' column, an .npz, or a gs:// URI of any;
-    empty: nothing to predict (the pipeline's default ``target_data``), the step only says so."""
+    empty: nothing to predict (the pipeline's default ``target_data``), the step only says so.
+    ``site``: decide at that training site's own validation threshold (the model's
+    ``site_thresholds``) instead of the pooled one; empty: the pooled one."""
     from lungxray.quiet import quiet_native_logs
 
     quiet_native_logs()  # TensorFlow's native start-up lines are not this step's log
@@ -35,10 +38,11 @@ def predict(
         return
 
     result = prediction.predict(Path(model.path), source, Path(predictions.path),
-                                batch_size=batch_size, skip_bad=skip_bad, explain=gradcam)
+                                batch_size=batch_size, skip_bad=skip_bad, explain=gradcam,
+                                site=site or None)
     predictions.metadata.update({"model_name": result["model_name"], "source": source,
                                  "n": result["n"], "n_bad": result["n_bad"],
-                                 "threshold": result["threshold"]})
+                                 "threshold": result["threshold"], "site": result["site"]})
     metrics.log_metric("n_predicted", result["n"])
     metrics.log_metric("n_unreadable", result["n_bad"])
     for name, count in result["counts"].items():

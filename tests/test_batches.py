@@ -1,5 +1,5 @@
 """The batches training reads: one-hot labels, the tf.data and PyDataset paths giving the same
-batches, seeded shuffling, MixUp/CutMix blending and the balanced class weights."""
+batches, seeded shuffling, MixUp/CutMix blending and the balanced class and site weights."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lungxray import data
 from lungxray.batches import (
     MixedBatches,
     SplitBatches,
+    balanced_weights,
     class_weights,
     gather_batch,
     make_dataset,
@@ -115,3 +116,35 @@ def test_a_class_absent_from_training_gets_weight_one():
     weights = class_weights(np.array([0, 0, 2, 2, 2, 2]), 3)
     assert weights[1] == 1.0 and weights[0] == pytest.approx(6 / (2 * 2))
     assert sorted(weights) == [0, 1, 2]
+
+
+def test_site_weights_give_every_site_and_class_group_the_same_total():
+    sites = np.array(["big"] * 80 + ["small"] * 20)
+    labels = np.r_[np.zeros(20, int), np.ones(60, int), np.zeros(10, int), np.ones(10, int)]
+    for by_class, groups in ((False, [sites == "big", sites == "small"]),
+                             (True, [(sites == s) & (labels == c)
+                                     for s in ("big", "small") for c in (0, 1)])):
+        weights = balanced_weights(labels, sites, by_class)
+        assert weights.dtype == np.float32 and weights.shape == (100,)
+        assert weights.mean() == pytest.approx(1.0)
+        totals = [weights[group].sum() for group in groups]
+        assert totals == pytest.approx([100 / len(groups)] * len(groups))
+    # One site, by class: the image weights Keras' class weights would give.
+    one = balanced_weights(labels[:80], sites[:80], by_class=True)
+    by_label = class_weights(labels[:80], 2)
+    assert one == pytest.approx([by_label[c] for c in labels[:80]])
+    assert balanced_weights(labels, None, by_class=True) is None
+
+
+def test_sample_weights_travel_with_their_images_on_both_paths():
+    split = _split(10)
+    weights = np.arange(10, dtype=np.float32) / 10
+    images, _, batch_weights = gather_batch(split, 2, np.array([7, 2, 4]), weights)
+    assert batch_weights.tolist() == pytest.approx([0.2, 0.4, 0.7])
+    for batches in (list(make_dataset(split, 2, 4, shuffle=True, seed=1,
+                                      weights=weights).as_numpy_iterator()),
+                    list(SplitBatches(split, 2, 4, shuffle=True, seed=1, weights=weights))):
+        for x, _, w in batches:
+            np.testing.assert_allclose(w, x[:, 0, 0, 0] / 10, rtol=1e-6)
+    mixed = with_mixing(make_dataset(split, 2, 4, weights=weights), 0.4, 0.0, seed=0)
+    assert [len(batch) for batch in mixed.as_numpy_iterator()] == [3, 3, 3]

@@ -122,3 +122,31 @@ def test_ensemble_multiclass(tmp_path: Path) -> None:
     assert ens["accuracy"] == pytest.approx(np.mean(pred == y))
     assert set(ens["per_class"]) == set(classes)
     assert ens["per_class"]["viral"]["ci"]["recall"] is not None
+
+
+def test_an_ensemble_of_two_sites_chooses_each_sites_threshold_on_its_mean(tmp_path: Path
+                                                                           ) -> None:
+    from lungxray import site_metrics
+
+    rng = np.random.default_rng(5)
+    sites = np.array(["a"] * 30 + ["b"] * 30, dtype=object)
+    labels = np.tile(np.r_[np.zeros(15, int), np.ones(15, int)], 2)
+    scores, trials = {}, []
+    for name in ("NetA", "NetB"):
+        # Site b's scores sit higher: its own cut is not the pooled one.
+        score = np.clip(rng.normal(0.3 + 0.3 * labels + 0.25 * (sites == "b"), 0.12), 0, 1)
+        scores[name] = score
+        trial = make_trial(tmp_path, name, {s: score.tolist() for s in ("val", "test")},
+                           labels={s: labels for s in ("val", "test")})
+        for split in ("val", "test"):
+            preds = trial / "eval" / split / "predictions.csv"
+            pd.read_csv(preds).assign(site=sites).to_csv(preds, index=False)
+        trials.append(trial)
+    out = tmp_path / "report"
+    compare(trials, out)
+    mean = (scores["NetA"] + scores["NetB"]) / 2
+    want = site_metrics.site_thresholds(labels, mean, sites, "youden")
+    assert set(want) == {"a", "b"} and want["b"] > want["a"]
+    test = json.loads((out / "ensemble" / "test" / "metrics.json").read_text())
+    assert {s: b["at_site_threshold"]["threshold"] for s, b in test["per_site"].items()} == \
+        pytest.approx(want)

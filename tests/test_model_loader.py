@@ -203,6 +203,11 @@ def test_missing_and_unusable_model_info(model):
                             ({"clas_names": CLASSES, "class_names": None}, "'class_names'"),
                             ({"class_names": ["a", "a"]}, "2 to 1000 distinct names"),
                             ({"threshold": 2}, "'threshold' must be a number in 0..1"),
+                            ({"site_thresholds": [0.5]}, "must map at most 16 site names"),
+                            ({"site_thresholds": {"../x": 0.5}}, "site name '../x' must be"),
+                            ({"site_thresholds": {"nih": True}},
+                             "the threshold of site 'nih' must be a number in 0..1"),
+                            ({"site_thresholds": {"nih": 1.5}}, "must be a number in 0..1"),
                             ({"model_name": ["x"]}, "'model_name' must be text")]:
         (model / INFO_FILE).write_text(json.dumps({**info, **change}))
         _refused(model, message)

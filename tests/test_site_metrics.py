@@ -9,9 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from lungxray import evaluate, evaluation_report, prepare, report, selection, site_metrics
+from lungxray import (
+    data,
+    evaluate,
+    evaluation_report,
+    prepare,
+    report,
+    selection,
+    site_metrics,
+)
 from lungxray.errors import ConfigError, DataError
 from tests.trial_helpers import SITE_X, SITE_Y, site_trial
 
@@ -177,3 +186,74 @@ def test_per_site_cis_are_the_pooled_recipes_on_each_sites_rows():
             assert found[name]["ci"][key] == pytest.approx(pooled["ci"][key])
 
 
+
+
+# --------------------------------------------------------------------------- site thresholds
+
+
+def test_each_site_gets_the_rules_threshold_on_its_own_rows():
+    from lungxray import metrics
+
+    rng = np.random.default_rng(1)
+    y = np.r_[rng.integers(0, 2, 300), rng.integers(0, 2, 100), np.zeros(30, int), [1] * 5]
+    # Site b's scores sit higher than a's: the pooled cut is a's, b needs its own.
+    sites = np.array(["a"] * 300 + ["b"] * 100 + ["c"] * 35, dtype=object)
+    score = np.clip(rng.normal(0.2 + 0.3 * y + 0.3 * (sites == "b"), 0.1), 0, 1)
+    for rule in ("youden", "balanced", "platt"):
+        found = site_metrics.site_thresholds(y, score, sites, rule)
+        assert list(found) == ["a", "b"]  # c: 5 positives, under MIN_SITE_CLASS
+        for name in found:
+            rows = sites == name
+            assert found[name] == pytest.approx(
+                metrics.operating_threshold(y[rows], score[rows], rule)[0])
+    found = site_metrics.site_thresholds(y, score, sites, "youden")
+    assert found["b"] > found["a"] + 0.15
+    assert site_metrics.site_thresholds(y, score, None, "youden") is None
+    assert site_metrics.site_thresholds(y[:300], score[:300], sites[:300], "youden") is None
+    # Each site's rates at its own threshold beside those at the pooled one.
+    pooled = metrics.choose_threshold(y, score)
+    result = {}
+    site_metrics.add_per_site(result, y, np.column_stack([1 - score, score]), sites, ["n", "p"],
+                              pooled, found, n_bootstrap=0)
+    b = result["per_site"]["b"]
+    own = b[site_metrics.AT_SITE_THRESHOLD]
+    assert own["threshold"] == found["b"]
+    assert own == {"threshold": found["b"], **metrics.rates_at(y[sites == "b"],
+                                                                score[sites == "b"], found["b"])}
+    assert own["balanced_accuracy"] > (b["sensitivity"] + b["specificity"]) / 2
+    assert site_metrics.AT_SITE_THRESHOLD not in result["per_site"]["c"]
+
+
+def test_a_model_of_several_sites_carries_their_thresholds_to_evaluate_and_predict(
+        tiny_model, evaluated, two_site_data, tmp_path):
+    from lungxray import metrics, predict
+
+    info = json.loads((tiny_model / "model_info.json").read_text())
+    val = pd.read_csv(evaluated[0] / "val" / "predictions.csv")
+    # Chosen on each site's own val rows by the model's rule (val here has both sites with
+    # enough images of each class).
+    assert list(info["site_thresholds"]) == ["pneumoniamnist", "nih"]
+    for site, threshold in info["site_thresholds"].items():
+        rows = val[val["site"] == site]
+        assert threshold == pytest.approx(metrics.choose_threshold(
+            rows["y_true"].to_numpy(), rows["prob_pneumonia"].to_numpy()), abs=1e-6)
+    test = json.loads((evaluated[0] / "test" / "metrics.json").read_text())
+    for site, block in test["per_site"].items():
+        assert block["at_site_threshold"]["threshold"] == info["site_thresholds"][site]
+    # predict --site decides at that site's threshold; a site without one is refused before
+    # anything is written.
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, pixels in enumerate(data.load_split(two_site_data, "test").images[:6]):
+        Image.fromarray(pixels[..., 0]).save(images / f"{i}.png")
+    site = "nih"
+    summary = predict.predict(tiny_model, str(images), tmp_path / "out", site=site)
+    assert summary["site"] == site and summary["threshold"] == info["site_thresholds"][site]
+    preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    positive = preds["prob_pneumonia"] >= info["site_thresholds"][site]
+    assert (preds["predicted_class"] == np.where(positive, "pneumonia", "normal")).all()
+    with pytest.raises(ConfigError, match=r"^--site 'elsewhere': the model has no threshold of "
+                                          r"its own for that site; sites with one: nih, "
+                                          r"pneumoniamnist$"):
+        predict.predict(tiny_model, str(images), tmp_path / "refused", site="elsewhere")
+    assert not (tmp_path / "refused").exists()

@@ -11,13 +11,15 @@ SPLIT = {"n": 10, "worst_site_auc": 0.5, "per_site": {
     "a": {"n": 5, "prevalence": 0.2, "roc_auc": 0.5, "accuracy": 0.8, "sensitivity": None,
           "specificity": 1.0, "ci": {"roc_auc": [0.25, 0.75], "specificity": [0.9, 1.0]}},
     "b|c": {"n": 5, "prevalence": 0.8, "roc_auc": 1.0, "accuracy": 1.0, "sensitivity": 1.0,
-            "specificity": 1.0, "ci": {}}}}
+            "specificity": 1.0, "ci": {},
+            "at_site_threshold": {"threshold": 0.25, "balanced_accuracy": 0.875}}}}
 
 
 def test_one_row_per_site_with_its_cis_and_none_for_one_site():
     assert site_report.rows(SPLIT) == [
-        ["a", "5", "0.2000", "0.5000 [0.2500, 0.7500]", "0.8000", "—", "1.0000 [0.9000, 1.0000]"],
-        ["b|c", "5", "0.8000", "1.0000", "1.0000", "1.0000", "1.0000"]]
+        ["a", "5", "0.2000", "0.5000 [0.2500, 0.7500]", "0.8000", "—", "1.0000 [0.9000, 1.0000]",
+         "—"],
+        ["b|c", "5", "0.8000", "1.0000", "1.0000", "1.0000", "1.0000", "0.2500: 0.8750"]]
     assert site_report.rows({"n": 10, "roc_auc": 0.9}) == []
     lines = site_report.evaluation_markdown({"val": SPLIT, "test": {"n": 3}})
     assert lines[1] == "Per site on **val** (worst-site ROC AUC 0.5000):"

@@ -262,3 +262,36 @@ def test_the_worst_group_rule_chooses_on_val_groups(tmp_path, small_dataset):
     best = metrics.worst_group_accuracy(val.labels, scores, info["threshold"], groups)
     youden = metrics.choose_threshold(val.labels, scores)
     assert best >= metrics.worst_group_accuracy(val.labels, scores, youden, groups) - 1e-9
+
+
+def test_site_weighting_balances_the_sites_of_every_split_trained_on(tmp_path, shared_npz,
+                                                                    shared_nih):
+    two = tmp_path / "two"
+    manifest = prepare.preprocess(str(shared_npz), two, image_size=16, seed=0,
+                                  max_per_split=200, shifted_test_fraction=0.1,
+                                  sites=[("nih", str(shared_nih))])
+    splits = ("train", shift.SPLIT)  # a refit's: each split's sites, in order
+    job = train.check_job(two, "SmallCNN", {"site_weighting": True}, 1, "none", 32, 0, 3, None,
+                          None, None, None, train_splits=splits)
+    counts = [(site, part["n"]) for name in splits
+              for site, part in manifest["splits"][name]["sites"].items()]
+    assert job.train_sites.tolist() == [site for site, n in counts for _ in range(n)]
+    fit = train.Fit(job, resume.PhaseState(tmp_path / "state"))
+    assert fit.weights_by_class is None  # the per-image weights balance the classes too
+    # Every site x class group carries a quarter of the total weight, and the batches carry
+    # every image's weight once an epoch.
+    groups = [(job.train_sites == site) & (job.train_split.labels == c)
+              for site in ("nih", "pneumoniamnist") for c in (0, 1)]
+    assert [fit.image_weights[g].sum() for g in groups] == pytest.approx(
+        [len(job.train_sites) / 4] * 4, rel=1e-4)
+    batches = list(fit.train_ds.as_numpy_iterator())
+    assert {len(batch) for batch in batches} == {3}
+    assert sum(batch[2].sum() for batch in batches) == pytest.approx(
+        fit.image_weights.sum(), rel=1e-4)
+    # The same seed and data, only the weighting changed: another model, the setting recorded.
+    infos = {on: train.train(two, "SmallCNN", tmp_path / f"m{on}", epochs=1, seed=0,
+                             hparams={"site_weighting": on}) for on in (True, False)}
+    assert [infos[on]["hparams"]["site_weighting"] for on in (True, False)] == [True, False]
+    loaded = [models.load_model(tmp_path / f"m{on}" / artifacts.MODEL_FILE).get_weights()
+              for on in (True, False)]
+    assert any(not np.allclose(a, b) for a, b in zip(*loaded, strict=True))

@@ -19,7 +19,8 @@ HEAD = {"dense_units", "dropout", "learning_rate", "label_smoothing", "class_wei
 FINE_TUNE = {"unfreeze", "fine_tune_learning_rate", "augment", "intensity_augment"}
 # Train-only for pretrained backbones: standardize (cached features are computed without it);
 # ema and the levers that measured no gain on the shift proxies (bench/levers.md).
-NOT_SEARCHED_PRETRAINED = {"standardize", "ema", "randaugment", "augmix", "mixup", "cutmix"}
+NOT_SEARCHED_PRETRAINED = {"standardize", "ema", "randaugment", "augmix", "mixup", "cutmix",
+                           "site_weighting"}
 
 
 @pytest.fixture(scope="module")

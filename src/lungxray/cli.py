@@ -365,6 +365,9 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    "each image's predicted class at the image's own resolution (gradcam/)")
     p.add_argument("--workers", type=int, default=0,
                    help="decoding threads (default 0: one per CPU, at most 8)")
+    p.add_argument("--site", default=None,
+                   help="decide at this training site's own validation threshold "
+                   "(model_info.json's site_thresholds) instead of the pooled one")
     _common(p, seed=False)
     p.set_defaults(func=_predict)
 
@@ -374,7 +377,7 @@ def _predict(args: argparse.Namespace) -> dict:
 
     return predict.predict(args.model, args.source, args.output, batch_size=args.batch_size,
                            skip_bad=args.skip_bad, explain=args.gradcam,
-                           cache_dir=args.cache_dir, workers=args.workers)
+                           cache_dir=args.cache_dir, workers=args.workers, site=args.site)
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -93,12 +93,16 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
     probs = {s: np.mean([m.splits[s].predictions[cols].to_numpy() for m in members], axis=0)
              for s in splits}
     target = _common_target_sensitivity(infos, target_sensitivity)
-    threshold, method, calibration, rules = None, None, None, {}
+    threshold, method, calibration, rules, by_site = None, None, None, {}, None
     groups = None
     if len(classes) == 2:
-        groups = _val_groups(members[0])
+        groups = _column(members[0], VAL_SPLIT, GROUP_COLUMN)  # worst_group's groups
         threshold, method = metrics_lib.operating_threshold(
             labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], threshold_rule, target, groups)
+        by_site = site_metrics.site_thresholds(
+            labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], _column(members[0], VAL_SPLIT,
+                                                                site_metrics.SITE_COLUMN),
+            threshold_rule, target, groups)
         rules = metrics_lib.rule_thresholds(labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], groups)
         calibration = prevalence.calibration_or_none(
             labels[VAL_SPLIT], probs[VAL_SPLIT][:, 1], "ensemble validation")
@@ -109,6 +113,7 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
         "model_name": name, "ensemble": True, "kind": ENSEMBLE_KIND, "members": names,
         "class_names": classes, "positive_class": 1 if len(classes) == 2 else None,
         "threshold": threshold, "threshold_method": method, "target_sensitivity": target,
+        site_metrics.SITE_THRESHOLDS: by_site,
         # as train saves it for a single model: predict estimates a target's prevalence with it
         "calibration": calibration.as_dict() if calibration else None,
         "image_size": infos[0].get("image_size"), "channels": infos[0].get("channels"),
@@ -133,11 +138,10 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
         preds = pd.DataFrame({"y_true": labels[s], **{c: probs[s][:, i]
                                                       for i, c in enumerate(cols)}})
         # The members were evaluated on the same rows: the first one's sites are theirs.
-        first = members[0].splits[s].predictions
-        if site_metrics.SITE_COLUMN in first.columns:
-            sites = first[site_metrics.SITE_COLUMN].astype(str).to_numpy(dtype=object)
+        sites = _column(members[0], s, site_metrics.SITE_COLUMN)
+        if sites is not None:
             site_metrics.add_per_site(m, labels[s], probs[s], sites, classes, threshold,
-                                      n_bootstrap=n_bootstrap, seed=seed)
+                                      by_site, n_bootstrap=n_bootstrap, seed=seed)
             preds[site_metrics.SITE_COLUMN] = sites
         if s == VAL_SPLIT and groups is not None:
             preds[GROUP_COLUMN] = groups
@@ -153,13 +157,13 @@ def build_ensemble(trials: list[Trial], ranked: pd.DataFrame, select_metric: str
     return Ensemble(model_info=info, splits=split_data, member_names=names)
 
 
-def _val_groups(member: Trial) -> np.ndarray | None:
-    """The group of each val row for the worst_group rule, from a member's val predictions
-    (the members were evaluated on the same rows); None for older ones without the column."""
-    table = member.splits[VAL_SPLIT].predictions
-    if GROUP_COLUMN not in table.columns:
+def _column(member: Trial, split: str, column: str) -> np.ndarray | None:
+    """A column of a member's predictions.csv on ``split`` as strings (the members were
+    evaluated on the same rows); None for older ones without it."""
+    table = member.splits[split].predictions
+    if column not in table.columns:
         return None
-    return table[GROUP_COLUMN].astype(str).to_numpy(dtype=object)
+    return table[column].astype(str).to_numpy(dtype=object)
 
 
 def _ensemble_robustness(members: list[Trial], split: str, cols: list[str]

@@ -365,7 +365,7 @@ def evaluate_split(predictor: Predictor, split: data.Split, split_name: str, out
                    "latency_ms": latency_ms, "latency_batch_size": PREDICT_BATCH,
                    "latency_device": device_name(), **(extra or {})})
     site_metrics.add_per_site(result, split.labels, probs, sites, class_names,
-                              info["threshold"])
+                              info["threshold"], info.get(site_metrics.SITE_THRESHOLDS))
     output.mkdir(parents=True, exist_ok=True)
     predictions = pd.DataFrame({"y_true": split.labels})
     for i, name in enumerate(class_names):

@@ -23,6 +23,9 @@ DEFAULT_HPARAMS: dict[str, float | int | bool] = {
     "unfreeze": 0.3,  # share of backbone layers unfrozen in the fine-tune phase
     "fine_tune_learning_rate": 1e-5,
     "class_weighting": True,
+    # Every site carries the same total weight in training (with class_weighting: every site x
+    # class group); a no-op on one site. batches.balanced_weights.
+    "site_weighting": False,
     # Acquisition-like intensity augmentation (gamma, brightness, contrast, blur, noise;
     # models.augmentation_layers), 0 = off.
     "intensity_augment": 0.0,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lungxray import limits as limiting
-from lungxray import safeio, schema
+from lungxray import safeio, schema, site_metrics, sites
 from lungxray.artifacts import ENSEMBLE_FILE, INFO_FILE, MEMBERS_DIR, MODEL_FILE
 from lungxray.errors import LungxrayError, ModelError, quote, quote_repr
 from lungxray.limits import Limits
@@ -195,10 +195,27 @@ def _checked_info(info: dict[str, Any], model_dir: Path, limits: Limits) -> dict
                                   or isinstance(threshold, bool) or not 0 <= threshold <= 1):
         raise ModelError(f"{where}: 'threshold' must be a number in 0..1 or null, got "
                          f"{quote_repr(threshold, 40)}")
+    _check_site_thresholds(info.get(site_metrics.SITE_THRESHOLDS), where)
     name = info.get("model_name", model_dir.name)
     if not isinstance(name, str) or not isinstance(info.get("keep_aspect", False), bool):
         raise ModelError(f"{where}: 'model_name' must be text and 'keep_aspect' true or false")
     return {**info, "threshold": threshold, "model_name": name}
+
+
+def _check_site_thresholds(found: Any, where: str) -> None:
+    """``site_thresholds``: absent, null or {site name: number in 0..1}, at most MAX_SITES."""
+    if found is None:
+        return
+    what = f"{where}: '{site_metrics.SITE_THRESHOLDS}'"
+    if not isinstance(found, dict) or len(found) > sites.MAX_SITES:
+        raise ModelError(f"{what} must map at most {sites.MAX_SITES} site names to thresholds, "
+                         f"got {quote_repr(found, 80)}")
+    for name, value in found.items():
+        sites.check_name(name, what, ModelError)
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not 0 <= value <= 1):
+            raise ModelError(f"{what}: the threshold of site {name!r} must be a number in 0..1, "
+                             f"got {quote_repr(value, 40)}")
 
 
 def _expected_input(info: dict[str, Any], model_dir: Path) -> InputShape:

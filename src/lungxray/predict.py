@@ -29,10 +29,19 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
-from lungxray import artifacts, manifest_csv, prevalence, raw_source, safeio, sources, staging
+from lungxray import (
+    artifacts,
+    manifest_csv,
+    prevalence,
+    raw_source,
+    safeio,
+    site_metrics,
+    sources,
+    staging,
+)
 from lungxray import images as imaging
 from lungxray import limits as limiting
-from lungxray.errors import ConfigError, DataError, ModelError, safe_name
+from lungxray.errors import ConfigError, DataError, ModelError, quote, safe_name
 from lungxray.limits import Limits
 from lungxray.model_loader import load as _load
 from lungxray.overlays import write_overlays
@@ -333,11 +342,13 @@ def _bad_error(where: str, named: list[str], n_bad: int, done: int,
 def predict(model_dir: Path | str, source: str, output: Path | str, *,
             batch_size: int = BATCH_SIZE, skip_bad: bool = False, explain: bool = False,
             cache_dir: Path | None = None, workers: int = 0,
-            progress: TextIO | None = None) -> dict[str, Any]:
+            progress: TextIO | None = None, site: str | None = None) -> dict[str, Any]:
     """Predict every image of ``source`` with the model in ``model_dir`` (a `lungxray train`
     output or a saved ensemble) into ``<output>/predictions.csv`` (and ``bad_files.csv``,
     ``gradcam/`` with ``explain``). Unreadable files fail the run, naming them, unless
-    ``skip_bad``. Returns a summary (also what the CLI prints)."""
+    ``skip_bad``. ``site``: decide at that training site's own validation threshold
+    (``site_thresholds`` in model_info.json) instead of the pooled one. Returns a summary
+    (also what the CLI prints)."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ConfigError(f"batch size must be between 1 and {MAX_BATCH_SIZE}, got "
                           f"{batch_size}")
@@ -351,7 +362,7 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
     predictor = _load(Path(model_dir))
     info = predictor.info
     class_names = [str(c) for c in info["class_names"]]
-    threshold = info.get("threshold")
+    threshold = info.get("threshold") if site is None else site_threshold(info, site)
     calibration = _saved_calibration(info, Path(model_dir))
     settings = settings_for(info, workers, limits)  # the input load checked the network has
     # A failed or stopped run leaves nothing that looks like a result, nor a folder it created
@@ -368,13 +379,24 @@ def predict(model_dir: Path | str, source: str, output: Path | str, *,
             "predictions": safe_name(str(output / PREDICTIONS_FILE)),
             "n": sum(counts.values()), "n_bad": n_bad,
             "bad_files": safe_name(str(output / BAD_FILES)) if n_bad else None,
-            "threshold": threshold, "counts": counts,
+            "threshold": threshold, "site": site, "counts": counts,
             "gradcam": safe_name(str(output / GRADCAM_DIR)) if explain else None,
             "prevalence": (None if estimate is None else
                            {k: estimate[k] for k in ("estimate", "ci",
                                                      "bayes_threshold_at_estimate")}),
             "prevalence_file": (None if estimate is None else
                                 safe_name(str(output / PREVALENCE_FILE)))}
+
+
+def site_threshold(info: dict[str, Any], site: str) -> float:
+    """The threshold chosen on ``site``'s own validation rows, or a ConfigError naming the
+    sites that have one."""
+    own = info.get(site_metrics.SITE_THRESHOLDS) or {}
+    if site not in own:
+        have = ", ".join(sorted(own)) or "none (one training site, or too few validation images)"
+        raise ConfigError(f"--site {quote(str(site), 60)}: the model has no threshold of its own "
+                          f"for that site; sites with one: {have}")
+    return float(own[site])
 
 
 def _saved_calibration(info: dict[str, Any], model_dir: Path) -> Any:

@@ -91,19 +91,22 @@ def _check_same_data(pick_dir: Path, member_infos: dict[str, dict], manifest: di
 
 def _ensemble_info(pick: dict, output: Path, data_dir: Path, manifest: dict,
                    member_infos: dict[str, dict]) -> dict:
-    """The pick's ensemble info with the threshold and calibration chosen again on the refit
-    members' mean validation probabilities, by the ensemble's own rule (``worst_group`` on
-    the groups train and evaluate use)."""
+    """The pick's ensemble info with the threshold, each site's and the calibration chosen
+    again on the refit members' mean validation probabilities, by the ensemble's own rule
+    (``worst_group`` on the groups train and evaluate use)."""
     val = integrity.load_checked_split(data_dir, "val", manifest)
     probs = np.mean([model_loader.load(output / artifacts.MEMBERS_DIR / name)
                      .predict(val.images)[0] for name in member_infos], axis=0)
     rule, target = _rule_of(pick)
     info = dict(pick)
     if probs.shape[1] == 2:
-        groups = (shift.val_groups(val.images, site_metrics.site_rows(manifest, "val", "data"))
+        val_sites = site_metrics.site_rows(manifest, "val", "data")
+        groups = (shift.val_groups(val.images, val_sites)
                   if rule == "worst_group" and target is None else None)
         info["threshold"], info["threshold_method"] = metrics.operating_threshold(
             val.labels, probs[:, 1], rule, target, groups)
+        info[site_metrics.SITE_THRESHOLDS] = site_metrics.site_thresholds(
+            val.labels, probs[:, 1], val_sites, rule, target, groups)
         fitted = prevalence.calibration_or_none(val.labels, probs[:, 1], "refit ensemble's val")
         info["calibration"] = fitted.as_dict() if fitted else None
     info["train_seconds"] = round(sum(float(i.get("train_seconds") or 0)

@@ -390,6 +390,7 @@ HPARAM_RULES: dict[str, tuple[type, float, float]] = {
     "unfreeze": (float, 0.0, 1.0),
     "fine_tune_learning_rate": (float, 1e-12, 10.0),
     "class_weighting": (bool, 0, 1),
+    "site_weighting": (bool, 0, 1),
     "intensity_augment": (float, 0.0, 10.0),
     "randaugment": (float, 0.0, 1.0),
     "augmix": (float, 0.0, 1.0),

@@ -6,6 +6,11 @@ site's rows), and ``worst_site_auc``, the lowest of the sites' AUCs.
 A pooled AUC can hide a site where the model is no better than chance; these numbers cannot.
 The site of each row comes from the prepared dataset's manifest (:func:`site_rows`), and is
 written into ``predictions.csv`` (column ``site``) so compare can score an ensemble per site.
+
+The pooled threshold is chosen on a validation split that the largest site dominates. A site
+with enough validation images of each class also gets its own (:func:`site_thresholds`, by
+the model's rule on that site's rows: ``site_thresholds`` in model_info.json, used by
+``lungxray predict --site``), and each site's numbers at it beside those at the pooled one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ PER_SITE = "per_site"  # metrics.json
 WORST = "worst_site_auc"  # metrics.json and <split>_worst_site_auc in tables
 # Per site, each with its CI.
 SITE_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+SITE_THRESHOLDS = "site_thresholds"  # model_info.json: {site: threshold}
+AT_SITE_THRESHOLD = "at_site_threshold"  # a site's rates at its own threshold, metrics.json
+# Fewer validation images of either class at a site than this: no threshold of its own (a
+# Youden cut on a handful of images is noise).
+MIN_SITE_CLASS = 10
 
 
 def site_rows(manifest: dict, split: str, where: str) -> np.ndarray | None:
@@ -124,15 +134,46 @@ def worst_auc(sites: dict[str, dict[str, Any]] | None) -> float | None:
     return min(values) if values else None
 
 
+def site_thresholds(y: np.ndarray, scores: np.ndarray, sites: np.ndarray | None, rule: str,
+                    target_sensitivity: float | None = None,
+                    groups: np.ndarray | None = None) -> dict[str, float] | None:
+    """Each site's threshold, chosen on its own validation rows by the model's ``rule`` (or
+    ``target_sensitivity``; ``groups``: the rows' worst_group groups), for the sites of a
+    split of several that have :data:`MIN_SITE_CLASS` images of each class; None otherwise."""
+    if sites is None or len(_ordered(np.asarray(sites))) < 2:
+        return None
+    y, scores, sites = np.asarray(y), np.asarray(scores, dtype=float), np.asarray(sites)
+    found = {}
+    for name in _ordered(sites):
+        rows = sites == name
+        if min(int((y[rows] == 0).sum()), int((y[rows] == 1).sum())) < MIN_SITE_CLASS:
+            continue
+        found[name] = float(metrics_lib.operating_threshold(
+            y[rows], scores[rows], rule, target_sensitivity,
+            None if groups is None else np.asarray(groups)[rows])[0])
+    return found or None
+
+
 def add_per_site(result: dict, y: np.ndarray, probs: np.ndarray, sites: np.ndarray | None,
-                 class_names: list[str], threshold: float | None, **bootstrap: Any) -> None:
-    """``per_site`` and ``worst_site_auc`` into a split's metrics when it holds several sites."""
+                 class_names: list[str], threshold: float | None,
+                 own_thresholds: dict[str, float] | None = None, **bootstrap: Any) -> None:
+    """``per_site`` and ``worst_site_auc`` into a split's metrics when it holds several sites;
+    a site in ``own_thresholds`` (the model's ``site_thresholds``) also gets its threshold and
+    its accuracy, balanced accuracy, sensitivity and specificity there."""
     if sites is None:
         return
     found = per_site(y, probs, sites, class_names, threshold, **bootstrap)
-    if found is not None:
-        result[PER_SITE] = found
-        result[WORST] = worst_auc(found)
+    if found is None:
+        return
+    for name, block in found.items():
+        if name in (own_thresholds or {}) and len(class_names) == 2:
+            rows = np.asarray(sites) == name
+            block[AT_SITE_THRESHOLD] = {
+                "threshold": float(own_thresholds[name]),
+                **metrics_lib.rates_at(np.asarray(y)[rows], np.asarray(probs)[rows, 1],
+                                       float(own_thresholds[name]))}
+    result[PER_SITE] = found
+    result[WORST] = worst_auc(found)
 
 
 def scalar_metrics(split: str, result: dict) -> dict[str, float]:

@@ -11,12 +11,14 @@ import html
 from typing import Any
 
 from lungxray import sites as siting
-from lungxray.site_metrics import PER_SITE
+from lungxray.site_metrics import AT_SITE_THRESHOLD, PER_SITE
 
 HEADER = ["site", "n", "prevalence", "ROC AUC [95% CI]", "accuracy", "sensitivity [95% CI]",
-          "specificity [95% CI]"]
+          "specificity [95% CI]", "site's own threshold: balanced accuracy"]
 NOTE = ("Per site: the same model at the same threshold on each site's images alone; the "
-        "pooled numbers can hide a site where the model is no better than chance.")
+        "pooled numbers can hide a site where the model is no better than chance. The last "
+        "column: the threshold chosen on that site's own validation rows (`lungxray predict "
+        "--site`) and the balanced accuracy there.")
 
 
 def _f(value: Any) -> str:
@@ -29,10 +31,19 @@ def _with_ci(values: dict, name: str) -> str:
     return f"{text} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci and values.get(name) is not None else text
 
 
+def _own(values: dict) -> str:
+    """'threshold: balanced accuracy' at a site's own threshold, or '—' without one."""
+    own = values.get(AT_SITE_THRESHOLD)
+    if not isinstance(own, dict):
+        return "—"
+    return f"{_f(own.get('threshold'))}: {_f(own.get('balanced_accuracy'))}"
+
+
 def rows(metrics: dict) -> list[list[str]]:
     """One row per site of a split's metrics (none for a split of one site)."""
     return [[site, str(v.get("n")), _f(v.get("prevalence")), _with_ci(v, "roc_auc"),
-             _f(v.get("accuracy")), _with_ci(v, "sensitivity"), _with_ci(v, "specificity")]
+             _f(v.get("accuracy")), _with_ci(v, "sensitivity"), _with_ci(v, "specificity"),
+             _own(v)]
             for site, v in (metrics.get(PER_SITE) or {}).items()]
 
 

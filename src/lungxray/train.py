@@ -35,7 +35,7 @@ from lungxray import (
     site_metrics,
     sites,
 )
-from lungxray.batches import class_weights, make_dataset, with_mixing
+from lungxray.batches import balanced_weights, class_weights, make_dataset, with_mixing
 from lungxray.devices import OneDevice, configure_devices, gpu_count
 from lungxray.errors import ConfigError
 from lungxray.fitting import ValidationAUC, compile_model
@@ -138,6 +138,7 @@ class Job:
     hp: dict
     manifest: dict
     train_split: data.Split  # every split in ``train_splits``, in that order
+    train_sites: np.ndarray | None  # the site of each of its rows; None without sites
     val_split: data.Split
     strategy: tf.distribute.Strategy | OneDevice
     mixed: bool
@@ -237,7 +238,10 @@ def check_job(data_dir: Path, model_name: str, hparams: dict | None, epochs: int
         raise ConfigError(f"train_splits {list(train_splits)} must name distinct splits of "
                           f"{allowed}")
     parts = [integrity.load_checked_split(data_dir, name, manifest) for name in train_splits]
-    return Job(model_name, weights, resolved, hp, manifest, data.concatenate(parts),
+    site_parts = [site_metrics.site_rows(manifest, name, "training data") for name in train_splits]
+    train_sites = (None if any(part is None for part in site_parts)
+                   else np.concatenate(site_parts))
+    return Job(model_name, weights, resolved, hp, manifest, data.concatenate(parts), train_sites,
                integrity.load_checked_split(data_dir, "val", manifest),
                strategy, mixed, jit, epochs, batch_size, seed, patience, train_splits)
 
@@ -249,13 +253,19 @@ class Fit:
     def __init__(self, job: Job, state: PhaseState):
         self.job, self.state, hp = job, state, job.hp
         global_batch = job.batch_size * job.strategy.num_replicas_in_sync
+        # Site weighting: per-image weights balance sites (x classes); Keras' class weights
+        # otherwise.
+        self.image_weights = (balanced_weights(job.train_split.labels, job.train_sites,
+                                               bool(hp["class_weighting"]))
+                              if hp["site_weighting"] else None)
         self.train_ds = with_mixing(
             make_dataset(job.train_split, job.num_classes, global_batch, shuffle=True,
-                         seed=job.seed),
+                         seed=job.seed, weights=self.image_weights),
             hp["mixup"], hp["cutmix"], job.seed)
         self.val_ds = make_dataset(job.val_split, job.num_classes, global_batch)
         self.weights_by_class = (class_weights(job.train_split.labels, job.num_classes)
-                                 if hp["class_weighting"] else None)
+                                 if hp["class_weighting"] and self.image_weights is None
+                                 else None)
 
     def finished(self) -> dict[str, dict]:
         """The records of the phases the state holds as finished, by name."""
@@ -312,16 +322,18 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
             history.setdefault(key, []).extend(values)
     val_labels: np.ndarray = job.val_split.labels
     val_probs = model.predict(val_ds, verbose=0)
-    threshold = method = calibration = None
+    threshold = method = calibration = by_site = None
     if job.num_classes == 2:
         groups = None
+        val_sites = site_metrics.site_rows(job.manifest, "val", "training data")
         if threshold_rule == "worst_group" and target_sensitivity is None:
             # The groups evaluate writes beside val's predictions (compare's ensemble uses them).
-            groups = shift.val_groups(job.val_split.images,
-                                      site_metrics.site_rows(job.manifest, "val", "training data"))
+            groups = shift.val_groups(job.val_split.images, val_sites)
         threshold, method = metrics.operating_threshold(val_labels, val_probs[:, 1],
                                                         threshold_rule, target_sensitivity,
                                                         groups)
+        by_site = site_metrics.site_thresholds(val_labels, val_probs[:, 1], val_sites,
+                                               threshold_rule, target_sensitivity, groups)
         fitted = prevalence.calibration_or_none(val_labels, val_probs[:, 1], "split 'val'")
         calibration = fitted.as_dict() if fitted else None
 
@@ -341,6 +353,8 @@ def _write_outputs(model: keras.Model, output: Path, done: dict[str, dict], val_
         "threshold": threshold,
         "threshold_method": method,
         "target_sensitivity": target_sensitivity,
+        # Each site's own, on its val rows (site_metrics.site_thresholds); None on one site.
+        site_metrics.SITE_THRESHOLDS: by_site,
         # Platt scaling on val: `lungxray predict` estimates a target set's prevalence with it.
         "calibration": calibration,
     }

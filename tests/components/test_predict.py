@@ -12,7 +12,7 @@ from PIL import Image
 import components
 from components.predict import predict
 from lungxray import predict as prediction
-from lungxray.errors import DataError
+from lungxray.errors import ConfigError, DataError
 from tests.data_helpers import real_images
 from tests.test_predict import tiny_model_dir
 
@@ -36,6 +36,13 @@ def test_predict_component_writes_predictions_and_counts(shared_npz, tmp_path):
     assert metrics.metadata["n_unreadable"] == 1
     assert metrics.metadata["n_normal"] + metrics.metadata["n_pneumonia"] == 6
     assert np.isclose(table[["prob_normal", "prob_pneumonia"]].sum(axis=1), 1.0).all()
+    assert out.metadata["site"] is None  # the pooled threshold
+    # A model of one site has no site thresholds: asking for one is refused, nothing written.
+    refused = Artifact(name="predictions", uri=str(tmp_path / "refused"))
+    with pytest.raises(ConfigError, match="^--site 'nih': the model has no threshold of its own"):
+        predict(model=model, source=str(images), predictions=refused, metrics=metrics,
+                skip_bad=True, site="nih")
+    assert not Path(refused.path).exists()
 
 
 def test_without_a_source_the_step_only_says_so(tmp_path):
@@ -52,5 +59,5 @@ def test_predict_component_builds_for_an_image():
     op = components.build("registry.example/lungxray:abc").predict
     spec = op.component_spec
     assert spec.implementation.container.image == "registry.example/lungxray:abc"
-    assert set(spec.inputs) == {"model", "source", "batch_size", "skip_bad", "gradcam"}
+    assert set(spec.inputs) == {"model", "source", "batch_size", "skip_bad", "gradcam", "site"}
     assert set(spec.outputs) == {"predictions", "metrics"}

@@ -53,6 +53,18 @@ def small_dataset(tmp_path_factory, shared_npz) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_sites(tmp_path_factory, shared_npz, shared_nih) -> Path:
+    """A 16 px real subset of both sites (at most 200 images per split and site) with a carved
+    test_shifted split."""
+    from lungxray import prepare
+
+    output = tmp_path_factory.mktemp("two_sites") / "data"
+    prepare.preprocess(str(shared_npz), output, image_size=16, seed=0, max_per_split=200,
+                       shifted_test_fraction=0.1, sites=[("nih", str(shared_nih))])
+    return output
+
+
+@pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, small_dataset) -> Path:
     """VGG16 trained from scratch for two epochs on the small real subset."""
     from lungxray import train

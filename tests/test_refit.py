@@ -98,10 +98,13 @@ def _ensemble_of_two(pick: Path, ensemble: Path) -> Path:
     return ensemble
 
 
-def test_an_ensemble_pick_refits_each_member_and_chooses_its_threshold_again(carved, pick,
-                                                                            tmp_path):
-    ensemble = _ensemble_of_two(pick, tmp_path / "ensemble")
-    record = refit.refit(carved, ensemble, tmp_path / "shipped", epochs=1)
+def test_an_ensemble_pick_refits_each_member_and_chooses_its_thresholds_again(two_sites,
+                                                                             tmp_path):
+    from lungxray import data, site_metrics
+
+    train.train(two_sites, "SmallCNN", tmp_path / "pick", epochs=1, seed=0)
+    ensemble = _ensemble_of_two(tmp_path / "pick", tmp_path / "ensemble")
+    record = refit.refit(two_sites, ensemble, tmp_path / "shipped", epochs=1)
     shipped = tmp_path / "shipped"
     for name in ("a", "b"):
         member = model_loader.read_model_info(shipped / artifacts.MEMBERS_DIR / name)
@@ -110,29 +113,16 @@ def test_an_ensemble_pick_refits_each_member_and_chooses_its_threshold_again(car
     assert saved == json.loads((shipped / artifacts.INFO_FILE).read_text())
     assert saved["threshold_method"] == "youden" and saved["threshold"] != 0.5
     assert saved[refit.REFIT_KEY]["threshold"] == saved["threshold"]
-    assert model_loader.load(shipped).is_ensemble and set(record["scores"]["refit"]) == {
-        "val", "test"}
-
-
-def test_a_refit_ensemble_of_two_sites_chooses_each_sites_threshold_again(
-        shared_npz, shared_nih, tmp_path):
-    from lungxray import data, prepare, site_metrics
-
-    two = tmp_path / "two"
-    manifest = prepare.preprocess(str(shared_npz), two, image_size=16, seed=0,
-                                  max_per_split=200, shifted_test_fraction=0.1,
-                                  sites=[("nih", str(shared_nih))])
-    train.train(two, "SmallCNN", tmp_path / "pick", epochs=1, seed=0)
-    ensemble = _ensemble_of_two(tmp_path / "pick", tmp_path / "ensemble")
-    refit.refit(two, ensemble, tmp_path / "shipped", epochs=1)
-    saved = json.loads((tmp_path / "shipped" / artifacts.INFO_FILE).read_text())
-    val = data.load_split(two, "val")
-    mean = np.mean([model_loader.load(tmp_path / "shipped" / artifacts.MEMBERS_DIR / name)
+    assert model_loader.load(shipped).is_ensemble
+    assert {s for s in record["scores"]["refit"] if " " not in s} == {"val", "test"}
+    # Each site's threshold chosen again, on the refit members' mean val probabilities.
+    val = data.load_split(two_sites, "val")
+    mean = np.mean([model_loader.load(shipped / artifacts.MEMBERS_DIR / name)
                     .predict(val.images)[0][:, 1] for name in ("a", "b")], axis=0)
-    sites = site_metrics.site_rows(manifest, "val", "data")
+    sites = site_metrics.site_rows(_manifest(two_sites), "val", "data")
+    assert set(saved["site_thresholds"]) == {"pneumoniamnist", "nih"}
     assert saved["site_thresholds"] == pytest.approx(
         site_metrics.site_thresholds(val.labels, mean, sites, "youden"))
-    assert set(saved["site_thresholds"]) == {"pneumoniamnist", "nih"}
 
 
 def test_a_pick_of_another_dataset_is_refused_before_anything_is_written(carved, trained_model,

@@ -264,12 +264,8 @@ def test_the_worst_group_rule_chooses_on_val_groups(tmp_path, small_dataset):
     assert best >= metrics.worst_group_accuracy(val.labels, scores, youden, groups) - 1e-9
 
 
-def test_site_weighting_balances_the_sites_of_every_split_trained_on(tmp_path, shared_npz,
-                                                                    shared_nih):
-    two = tmp_path / "two"
-    manifest = prepare.preprocess(str(shared_npz), two, image_size=16, seed=0,
-                                  max_per_split=200, shifted_test_fraction=0.1,
-                                  sites=[("nih", str(shared_nih))])
+def test_site_weighting_balances_the_sites_of_every_split_trained_on(tmp_path, two_sites):
+    two, manifest = two_sites, json.loads((two_sites / "manifest.json").read_text())
     splits = ("train", shift.SPLIT)  # a refit's: each split's sites, in order
     job = train.check_job(two, "SmallCNN", {"site_weighting": True}, 1, "none", 32, 0, 3, None,
                           None, None, None, train_splits=splits)

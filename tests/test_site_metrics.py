@@ -186,8 +186,6 @@ def test_per_site_cis_are_the_pooled_recipes_on_each_sites_rows():
             assert found[name]["ci"][key] == pytest.approx(pooled["ci"][key])
 
 
-
-
 # --------------------------------------------------------------------------- site thresholds
 
 
@@ -217,7 +215,6 @@ def test_each_site_gets_the_rules_threshold_on_its_own_rows():
                               pooled, found, n_bootstrap=0)
     b = result["per_site"]["b"]
     own = b[site_metrics.AT_SITE_THRESHOLD]
-    assert own["threshold"] == found["b"]
     assert own == {"threshold": found["b"], **metrics.rates_at(y[sites == "b"],
                                                                 score[sites == "b"], found["b"])}
     assert own["balanced_accuracy"] > (b["sensitivity"] + b["specificity"]) / 2

@@ -265,10 +265,10 @@ def test_the_worst_group_rule_chooses_on_val_groups(tmp_path, small_dataset):
 
 
 def test_site_weighting_balances_the_sites_of_every_split_trained_on(tmp_path, two_sites):
-    two, manifest = two_sites, json.loads((two_sites / "manifest.json").read_text())
+    manifest = json.loads((two_sites / "manifest.json").read_text())
     splits = ("train", shift.SPLIT)  # a refit's: each split's sites, in order
-    job = train.check_job(two, "SmallCNN", {"site_weighting": True}, 1, "none", 32, 0, 3, None,
-                          None, None, None, train_splits=splits)
+    job = train.check_job(two_sites, "SmallCNN", {"site_weighting": True}, 1, "none", 32, 0, 3,
+                          None, None, None, None, train_splits=splits)
     counts = [(site, part["n"]) for name in splits
               for site, part in manifest["splits"][name]["sites"].items()]
     assert job.train_sites.tolist() == [site for site, n in counts for _ in range(n)]
@@ -285,7 +285,7 @@ def test_site_weighting_balances_the_sites_of_every_split_trained_on(tmp_path, t
     assert sum(batch[2].sum() for batch in batches) == pytest.approx(
         fit.image_weights.sum(), rel=1e-4)
     # The same seed and data, only the weighting changed: another model, the setting recorded.
-    infos = {on: train.train(two, "SmallCNN", tmp_path / f"m{on}", epochs=1, seed=0,
+    infos = {on: train.train(two_sites, "SmallCNN", tmp_path / f"m{on}", epochs=1, seed=0,
                              hparams={"site_weighting": on}) for on in (True, False)}
     assert [infos[on]["hparams"]["site_weighting"] for on in (True, False)] == [True, False]
     loaded = [models.load_model(tmp_path / f"m{on}" / artifacts.MODEL_FILE).get_weights()

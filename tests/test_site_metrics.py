@@ -87,8 +87,10 @@ def test_kubeflow_metrics_and_pages_show_the_sites(evaluated):
     scalars = evaluation_report.scalar_metrics(results)
     for split in ("val", "test"):
         for site in ("pneumoniamnist", "nih"):
-            assert scalars[f"{split}_{site}_roc_auc"] == results[split]["per_site"][site][
-                "roc_auc"]
+            block = results[split]["per_site"][site]
+            assert scalars[f"{split}_{site}_roc_auc"] == block["roc_auc"]
+            assert scalars[f"{split}_{site}_own_balanced_accuracy"] == block[
+                "at_site_threshold"]["balanced_accuracy"]
         assert scalars[f"{split}_worst_site_auc"] == results[split]["worst_site_auc"]
     summary = evaluation_report.describe(results)
     assert "Per site on **val**" in summary and "| nih |" in summary

@@ -177,10 +177,14 @@ def add_per_site(result: dict, y: np.ndarray, probs: np.ndarray, sites: np.ndarr
 
 
 def scalar_metrics(split: str, result: dict) -> dict[str, float]:
-    """``<split>_<site>_<metric>`` for the Kubeflow UI (undefined values left out)."""
+    """``<split>_<site>_<metric>`` for the Kubeflow UI (undefined values left out), and
+    ``<split>_<site>_own_balanced_accuracy`` at a site's own threshold."""
     out = {}
     for site, values in (result.get(PER_SITE) or {}).items():
         for name in ("roc_auc", "sensitivity", "specificity"):
             if values.get(name) is not None:
                 out[f"{split}_{site}_{name}"] = float(values[name])
+        own = values.get(AT_SITE_THRESHOLD) or {}
+        if own.get("balanced_accuracy") is not None:
+            out[f"{split}_{site}_own_balanced_accuracy"] = float(own["balanced_accuracy"])
     return out

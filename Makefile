@@ -20,7 +20,7 @@ PIPELINE_ROOT ?= local_outputs
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2#                  pytest-xdist workers for test/test-fast (1 = one process)
 # whole files per worker: a module's fixtures (a trained model, a server) are built once
-XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 BENCH_ARGS ?=#                     e.g. --only tuning input, --profiles full
 
 # Cluster ---------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Iterator
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,14 +45,34 @@ def shared_nih() -> Path:
     return SHARED_NIH
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], object]) -> Path:
+    """``<this run's temp dir>/built/<name>``, made by ``build`` once per test run: the first
+    xdist worker to ask builds it under a lock, the other waits for it and reads the same files
+    (each would otherwise prepare and train its own copy of a session fixture). A build that
+    failed is started again from nothing."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above every worker's own
+    output = base / "built" / name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = output.with_name(output.name + ".done")
+    with open(output.with_name(output.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(output, ignore_errors=True)
+            build(output)
+            done.touch()
+    return output
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory, shared_npz) -> Path:
     """A prepared, stratified 32 px subset of the real data (at most 160 images per split)."""
     from lungxray import prepare
 
-    output = tmp_path_factory.mktemp("data") / "small"
-    prepare.preprocess(str(shared_npz), output, image_size=32, max_per_split=160, seed=0)
-    return output
+    return built_once(tmp_path_factory, "data/small", lambda output: prepare.preprocess(
+        str(shared_npz), output, image_size=32, max_per_split=160, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +81,9 @@ def two_sites(tmp_path_factory, shared_npz, shared_nih) -> Path:
     test_shifted split."""
     from lungxray import prepare
 
-    output = tmp_path_factory.mktemp("two_sites") / "data"
-    prepare.preprocess(str(shared_npz), output, image_size=16, seed=0, max_per_split=200,
-                       shifted_test_fraction=0.1, sites=[("nih", str(shared_nih))])
-    return output
+    return built_once(tmp_path_factory, "two_sites/data", lambda output: prepare.preprocess(
+        str(shared_npz), output, image_size=16, seed=0, max_per_split=200,
+        shifted_test_fraction=0.1, sites=[("nih", str(shared_nih))]))
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +91,8 @@ def trained_model(tmp_path_factory, small_dataset) -> Path:
     """VGG16 trained from scratch for two epochs on the small real subset."""
     from lungxray import train
 
-    output = tmp_path_factory.mktemp("model") / "VGG16"
-    train.train(small_dataset, "VGG16", output, epochs=2, weights="none", seed=0)
-    return output
+    return built_once(tmp_path_factory, "model/VGG16", lambda output: train.train(
+        small_dataset, "VGG16", output, epochs=2, weights="none", seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +100,9 @@ def carved(tmp_path_factory, shared_npz) -> Path:
     """A 32 px real subset with a carved test_shifted split."""
     from lungxray import prepare
 
-    output = tmp_path_factory.mktemp("carved") / "data"
-    prepare.preprocess(str(shared_npz), output, image_size=32, max_per_split=80, seed=0,
-                       shifted_test_fraction=0.1)
-    return output
+    return built_once(tmp_path_factory, "carved/data", lambda output: prepare.preprocess(
+        str(shared_npz), output, image_size=32, max_per_split=80, seed=0,
+        shifted_test_fraction=0.1))
 
 
 @pytest.fixture(scope="session")
@@ -90,16 +110,27 @@ def pick(tmp_path_factory, carved) -> Path:
     """SmallCNN trained one epoch on train alone, thresholded by the platt rule."""
     from lungxray import train
 
-    output = tmp_path_factory.mktemp("pick") / "SmallCNN"
-    train.train(carved, "SmallCNN", output, epochs=1, seed=3, threshold_rule="platt")
-    return output
+    return built_once(tmp_path_factory, "pick/SmallCNN", lambda output: train.train(
+        carved, "SmallCNN", output, epochs=1, seed=3, threshold_rule="platt"))
+
+
+# `make test` deals whole modules to its two xdist workers in collection order (--dist loadfile
+# --no-loadscope-reorder). By default xdist deals the modules with the most tests first, which
+# left the whole-pipeline run (one test, about a quarter of a worker's time) to start last, with
+# the other worker idle for minutes at the end; so it starts first, and the rest keep xdist's
+# order.
+FIRST = "pipelines/test_local_run.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the slow tier (see SLOW_MODULES)."""
+    """Mark the slow tier (see SLOW_MODULES) and deal the whole-pipeline run first."""
+    tests_in = Counter(item.path for item in items)
     for item in items:
         if item.path.name in SLOW_MODULES or item.path.parent.name in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+    # Stable: every module keeps its own order and stays in one piece.
+    items.sort(key=lambda item: (not item.path.as_posix().endswith(f"tests/{FIRST}"),
+                                 -tests_in[item.path]))
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ VARIANTS: dict[str, tuple[int, list[str], dict, list[str]]] = {
     # No shift carve: its images stay in train (no test_shifted to score).
     "shifted_test_fraction=0": (SIZE, [], {}, NO_CARVE),
 }
-# Measured after the ensemble study (over augment 0 on two or four seeds); left out of its
+# Measured after the ensemble study (over augment 0, on four seeds); left out of its
 # members so that its table re-runs as recorded.
 LATER = {name for name in VARIANTS if name.startswith(("site_weighting", "augment=0,"))}
 # Variants trained on one prepared dataset (same images, same rows): their predictions can be
